@@ -1,0 +1,185 @@
+"""The one table of exported components: wrapper, named inputs/outputs with symbolic dims, dtypes.
+
+Dynamic axes, sample inputs, validation shapes and manifest entries are all derived from it.
+A dim is either a model constant (resolved from the pipeline: ``clap_dim``, ``t5_dim`` …) or one of
+the dynamic names in ``DYNAMIC_DIMS``, whose sizes come from a ``SampleShape``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import wrappers
+
+DYNAMIC_DIMS = ("batch", "clap_seq", "t5_seq", "lm_seq", "frames", "mel_frames", "samples")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "float32" | "int64"
+    dims: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    build: Callable  # (pipeline, constants) -> torch.nn.Module
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            t.name: {i: d for i, d in enumerate(t.dims) if d in DYNAMIC_DIMS}
+            for t in self.inputs + self.outputs
+        }
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """Sizes of the dynamic dims for one export/validation sample.
+
+    ``seq`` is the token count of both text encoders; ``frames`` the latent frame count.
+    """
+
+    batch: int
+    seq: int
+    frames: int
+
+    def sizes(self, c: dict) -> dict[str, int]:
+        return {
+            "batch": self.batch, "clap_seq": self.seq, "t5_seq": self.seq,
+            "lm_seq": self.seq + 5, "frames": self.frames,
+            "mel_frames": self.frames * c["vae_scale"], "samples": self.frames * c["vae_scale"] * c["hop_length"],
+        }
+
+
+def _t(name, dtype, *dims):
+    return TensorSpec(name, dtype, dims)
+
+
+COMPONENTS: tuple[ComponentSpec, ...] = (
+    ComponentSpec(
+        "clap_text", lambda p, c: wrappers.ClapText(p.text_encoder),
+        (_t("input_ids", "int64", "batch", "clap_seq"), _t("attention_mask", "int64", "batch", "clap_seq")),
+        (_t("text_embeds", "float32", "batch", "clap_dim"),),
+    ),
+    ComponentSpec(
+        "t5_encoder", lambda p, c: wrappers.T5Encoder(p.text_encoder_2),
+        (_t("input_ids", "int64", "batch", "t5_seq"), _t("attention_mask", "int64", "batch", "t5_seq")),
+        (_t("last_hidden_state", "float32", "batch", "t5_seq", "t5_dim"),),
+    ),
+    ComponentSpec(
+        "projection", lambda p, c: wrappers.Projection(p.projection_model),
+        (
+            _t("text_embeds", "float32", "batch", "clap_dim"),
+            _t("t5_hidden_states", "float32", "batch", "t5_seq", "t5_dim"),
+            _t("t5_attention_mask", "int64", "batch", "t5_seq"),
+        ),
+        (_t("inputs_embeds", "float32", "batch", "lm_seq", "lm_dim"), _t("attention_mask", "int64", "batch", "lm_seq")),
+    ),
+    ComponentSpec(
+        "gpt2", lambda p, c: wrappers.Gpt2GenerateKV(p.language_model, c["max_new_tokens"]),
+        (_t("inputs_embeds", "float32", "batch", "lm_seq", "lm_dim"), _t("attention_mask", "int64", "batch", "lm_seq")),
+        (_t("generated", "float32", "batch", "max_new_tokens", "lm_dim"),),
+    ),
+    ComponentSpec(
+        "unet", lambda p, c: wrappers.UNet(p.unet),
+        (
+            _t("sample", "float32", "batch", "latent_channels", "frames", "latent_bins"),
+            _t("timestep", "int64", "one"),
+            _t("encoder_hidden_states", "float32", "batch", "max_new_tokens", "lm_dim"),
+            _t("encoder_hidden_states_1", "float32", "batch", "t5_seq", "t5_dim"),
+            _t("encoder_attention_mask_1", "int64", "batch", "t5_seq"),
+        ),
+        (_t("noise_pred", "float32", "batch", "latent_channels", "frames", "latent_bins"),),
+    ),
+    ComponentSpec(
+        "vae_decoder", lambda p, c: wrappers.VaeDecoder(p.vae),
+        (_t("latents", "float32", "batch", "latent_channels", "frames", "latent_bins"),),
+        (_t("mel", "float32", "batch", "one", "mel_frames", "mel_bins"),),
+    ),
+    ComponentSpec(
+        "vocoder", lambda p, c: wrappers.Vocoder(p.vocoder),
+        (_t("mel", "float32", "batch", "one", "mel_frames", "mel_bins"),),
+        (_t("waveform", "float32", "batch", "samples"),),
+    ),
+    ComponentSpec(
+        "clap_audio", lambda p, c: wrappers.ClapAudio(p.text_encoder),
+        (_t("input_features", "float32", "batch", "one", "clap_frames", "clap_mel_bins"),),
+        (_t("audio_embeds", "float32", "batch", "clap_dim"),),
+    ),
+)
+
+BY_NAME = {c.name: c for c in COMPONENTS}
+
+
+def pipeline_constants(pipe) -> dict:
+    """Every number the runtime needs about a pipeline, read from its configs."""
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    voc = pipe.vocoder.config
+    hop = 1
+    for r in voc.upsample_rates:
+        hop *= int(r)
+    fe = pipe.feature_extractor
+    lm = pipe.language_model.config
+    return {
+        "clap_dim": int(pipe.text_encoder.config.projection_dim),
+        "t5_dim": int(pipe.text_encoder_2.config.d_model),
+        "lm_dim": int(lm.n_embd),
+        "lm_max_positions": int(lm.n_positions),
+        "max_new_tokens": int(getattr(lm, "max_new_tokens", 8) or 8),
+        "latent_channels": int(pipe.unet.config.in_channels),
+        "unet_sample_size": int(pipe.unet.config.sample_size),
+        "vae_scale": vae_scale,
+        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+        "mel_bins": int(voc.model_in_dim),
+        "latent_bins": int(voc.model_in_dim) // vae_scale,
+        "hop_length": hop,
+        "sampling_rate": int(voc.sampling_rate),
+        "clap_vocab": int(pipe.text_encoder.config.text_config.vocab_size),
+        "t5_vocab": int(pipe.text_encoder_2.config.vocab_size),
+        "clap_model_max_length": int(pipe.tokenizer.model_max_length),
+        "t5_model_max_length": int(pipe.tokenizer_2.model_max_length),
+        "clap_sampling_rate": int(fe.sampling_rate),
+        "clap_frames": int(fe.nb_max_samples // fe.hop_length + 1),
+        "clap_mel_bins": int(fe.feature_size),
+        "one": 1,
+    }
+
+
+def feature_extractor_config(pipe) -> dict:
+    fe = pipe.feature_extractor
+    keys = ("feature_size", "sampling_rate", "hop_length", "max_length_s", "fft_window_size",
+            "frequency_min", "frequency_max", "top_db", "truncation", "padding")
+    return {k: getattr(fe, k) for k in keys}
+
+
+def sample_inputs(spec: ComponentSpec, consts: dict, shape: SampleShape, seed: int = 0) -> dict:
+    """Random inputs of the right dtypes and shapes; masks pad the tail of every row but the first,
+    so that masking is exercised. Returns {input name: torch tensor}."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = {**consts, **shape.sizes(consts)}
+    out = {}
+    for t in spec.inputs:
+        dims = [sizes[d] for d in t.dims]
+        if "mask" in t.name:
+            mask = torch.ones(dims, dtype=torch.int64)
+            for row in range(1, dims[0]):
+                mask[row, dims[1] - min(row, dims[1] - 1):] = 0
+            out[t.name] = mask
+        elif t.name == "input_ids":
+            vocab = consts["clap_vocab"] if spec.name == "clap_text" else consts["t5_vocab"]
+            out[t.name] = torch.randint(3, vocab, dims, generator=gen)
+        elif t.name == "timestep":
+            out[t.name] = torch.randint(0, 1000, dims, generator=gen)
+        else:
+            out[t.name] = torch.randn(dims, generator=gen)
+    if spec.name == "clap_text":  # RoBERTa framing: <s> … </s>, padding with <pad>=1 where masked
+        ids, mask = out["input_ids"], out["attention_mask"]
+        ids[:, 0] = 0
+        ids[mask == 0] = 1
+    return out

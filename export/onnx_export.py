@@ -1,0 +1,175 @@
+"""The single export loop: pipeline → one ONNX file per component + tokenizers + manifest.json.
+
+The folder is built under ``<out>.partial`` and renamed into place only when everything (manifest
+last) is written, so an interrupted or failed export never leaves a folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..runtime.artifacts import COMPONENTS as COMPONENT_NAMES
+from ..runtime.artifacts import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES
+from ..runtime.errors import ExportError
+from .components import BY_NAME, SampleShape, feature_extractor_config, pipeline_constants, sample_inputs
+from .sources import Source, load_pipeline
+
+log = logging.getLogger("audioldm2_trt.export")
+
+OPSET = 17
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph itself
+EXPORT_SHAPE = SampleShape(batch=2, seq=7, frames=16)
+
+
+def prepare_output(out: Path, overwrite: bool) -> Path:
+    """Check that ``out`` can be written; return the staging folder next to it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {str(out)!r} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace it")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create output folder {str(out)!r}: {err.strerror}") from err
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"output location {str(parent)!r} is not writable")
+    staging = parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def export(source: Source, out: str | Path, overwrite: bool = False, components=COMPONENT_NAMES) -> Path:
+    """Export every component of ``source``'s pipeline into the artefact folder ``out``."""
+    out = Path(out)
+    staging = prepare_output(out, overwrite)
+    try:
+        pipe = load_pipeline(source)
+        consts = pipeline_constants(pipe)
+        entries = {}
+        for name in components:
+            t0 = time.perf_counter()
+            entries[name] = export_component(pipe, consts, name, staging)
+            log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
+        tokenizers = save_tokenizers(pipe, staging)
+        manifest = build_manifest(pipe, source, consts, entries, tokenizers)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+def export_component(pipe, consts: dict, name: str, folder: Path) -> dict:
+    """Export one component with the TorchScript exporter; move weights to external data if large."""
+    import onnx
+    import torch
+
+    spec = BY_NAME[name]
+    module = spec.build(pipe, consts).eval()
+    if name == "unet":
+        # ORT's attention fusion matches the classic processor, not SDPA (shared/reference/ort-cuda-facts.md).
+        from diffusers.models.attention_processor import AttnProcessor
+
+        module.unet.set_attn_processor(AttnProcessor())
+    inputs = sample_inputs(spec, consts, EXPORT_SHAPE)
+    scratch = folder / f".{name}.tmp"  # the exporter may scatter weights as files for > 2 GB models
+    scratch.mkdir()
+    with torch.no_grad():
+        torch.onnx.export(
+            module, tuple(inputs.values()), str(scratch / "model.onnx"),
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+    model = onnx.load(str(scratch / "model.onnx"))
+    path = folder / f"{name}.onnx"
+    weight_bytes = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    external = f"{name}.onnx.data" if weight_bytes > EXTERNAL_DATA_BYTES else None
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    shutil.rmtree(scratch)
+    return {
+        "file": path.name,
+        "external_data": external,
+        "inputs": [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims)} for t in spec.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims)} for t in spec.outputs],
+        "dynamic_axes": {k: {str(i): d for i, d in v.items()} for k, v in spec.dynamic_axes().items()},
+        "opset": OPSET,
+        "sha256": _sha256(path, folder / external if external else None),
+        "bytes": path.stat().st_size + ((folder / external).stat().st_size if external else 0),
+    }
+
+
+def save_tokenizers(pipe, folder: Path) -> dict:
+    """Write both tokenizers as ``tokenizers``-library JSON (what the torch-free runtime loads)."""
+    entries = {}
+    for which, tok in (("clap", pipe.tokenizer), ("t5", pipe.tokenizer_2)):
+        backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+        if backend is None:
+            raise ExportError(f"the {which} tokenizer ({type(tok).__name__}) has no fast (tokenizers) backend")
+        path = folder / TOKENIZER_FILES[which]
+        backend.save(str(path))
+        entries[which] = {
+            "file": path.name,
+            "model_max_length": int(tok.model_max_length),
+            "pad_token_id": int(tok.pad_token_id),
+            "sha256": _sha256(path),
+        }
+    return entries
+
+
+def build_manifest(pipe, source: Source, consts: dict, entries: dict, tokenizers: dict) -> dict:
+    import diffusers
+    import onnx
+    import torch
+    import transformers
+
+    content = hashlib.sha256()
+    for name in sorted(entries):
+        content.update(entries[name]["sha256"].encode())
+    for which in sorted(tokenizers):
+        content.update(tokenizers[which]["sha256"].encode())
+    return {
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source.describe(),
+        "precision": "fp32",
+        "versions": {
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+        },
+        "language_model_class": type(pipe.language_model).__name__,
+        "constants": consts,
+        "scheduler": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+        "feature_extractor": feature_extractor_config(pipe),
+        "tokenizers": tokenizers,
+        "components": entries,
+        "content_hash": content.hexdigest(),
+    }
+
+
+def _sha256(*paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        if p is None:
+            continue
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

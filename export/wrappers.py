@@ -1,0 +1,198 @@
+"""Thin torch modules giving each AudioLDM 2 submodel a flat, named, tensor-only signature for ONNX.
+
+Each wrapper does what diffusers' ``AudioLDM2Pipeline`` does around the submodel, and nothing more;
+the component table (``components.py``) names their inputs, outputs and dynamic axes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Additive mask value: large enough to zero a softmax weight, finite in fp16 (fp16 conversion later).
+MASK_VALUE = -65504.0
+
+
+def _pooled(output):
+    """transformers 5 returns BaseModelOutputWithPooling from get_*_features, 4.x a tensor."""
+    return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
+class ClapText(nn.Module):
+    """input_ids, attention_mask int64 [B, S] → text_embeds float32 [B, P] (L2-normalised)."""
+
+    def __init__(self, clap):
+        super().__init__()
+        self.clap = clap
+
+    def forward(self, input_ids, attention_mask):
+        return _pooled(self.clap.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+class ClapAudio(nn.Module):
+    """input_features float32 [B, 1, T, M] (CLAP log-mel) → audio_embeds float32 [B, P] (L2-normalised)."""
+
+    def __init__(self, clap):
+        super().__init__()
+        self.clap = clap
+
+    def forward(self, input_features):
+        return _pooled(self.clap.get_audio_features(input_features=input_features))
+
+
+class T5Encoder(nn.Module):
+    """input_ids, attention_mask int64 [B, S] → last_hidden_state float32 [B, S, D_t5]."""
+
+    def __init__(self, t5):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, input_ids, attention_mask):
+        return self.t5(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+class Projection(nn.Module):
+    """CLAP [B, P] + T5 [B, S, D_t5] with mask [B, S] → GPT-2 input [B, S + 5, D_lm] and mask [B, S + 5].
+
+    As diffusers: CLAP becomes one token, each stream is framed by learned SOS/EOS embeddings.
+    """
+
+    def __init__(self, projection_model):
+        super().__init__()
+        self.proj = projection_model
+
+    def forward(self, text_embeds, t5_hidden_states, t5_attention_mask):
+        clap = text_embeds[:, None, :]
+        clap_mask = torch.ones_like(t5_attention_mask[:, :1])
+        out = self.proj(
+            hidden_states=clap, hidden_states_1=t5_hidden_states,
+            attention_mask=clap_mask, attention_mask_1=t5_attention_mask,
+        )
+        return out.hidden_states, out.attention_mask
+
+
+def gpt2_base(language_model):
+    """The GPT-2 trunk of a ``GPT2Model`` or a ``GPT2LMHeadModel`` (diffusers issue #12630)."""
+    base = getattr(language_model, "transformer", language_model)
+    cfg = base.config
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
+        raise NotImplementedError("GPT-2 variants with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn")
+    return base
+
+
+class Gpt2GenerateKV(nn.Module):
+    """The 8-step hidden-state generation of diffusers' ``generate_language_model``, one graph.
+
+    inputs_embeds float32 [B, L, D], attention_mask int64 [B, L] → generated float32 [B, N, D]
+    (N = max_new_tokens). Step 0 runs the prompt and keeps each layer's keys/values; steps 1..N-1
+    run one token against that cache (an explicit KV cache, unrolled). Positions count from 0 over
+    padding, as transformers' GPT-2 does when no position_ids are given.
+    """
+
+    def __init__(self, language_model, max_new_tokens: int):
+        super().__init__()
+        self.gpt2 = gpt2_base(language_model)
+        self.max_new_tokens = max_new_tokens
+        self.n_head = self.gpt2.config.n_head
+
+    def _attend(self, attn, x, cache_k, cache_v, bias):
+        b, t, d = x.shape
+        hd = d // self.n_head
+        q, k, v = attn.c_attn(x).split(d, dim=2)
+        q, k, v = (z.reshape(b, t, self.n_head, hd).transpose(1, 2) for z in (q, k, v))
+        if cache_k is not None:
+            k = torch.cat([cache_k, k], dim=2)
+            v = torch.cat([cache_v, v], dim=2)
+        w = torch.matmul(q, k.transpose(-1, -2)) / (hd**0.5) + bias
+        o = torch.matmul(torch.softmax(w, dim=-1), v).transpose(1, 2).reshape(b, t, d)
+        return attn.c_proj(o), k, v
+
+    def _forward(self, x, positions, caches, bias):
+        h = x + self.gpt2.wpe(positions)
+        new_caches = []
+        for i, block in enumerate(self.gpt2.h):
+            ck, cv = caches[i] if caches else (None, None)
+            a, k, v = self._attend(block.attn, block.ln_1(h), ck, cv, bias)
+            h = h + a
+            h = h + block.mlp(block.ln_2(h))
+            new_caches.append((k, v))
+        return self.gpt2.ln_f(h)[:, -1:, :], new_caches
+
+    def forward(self, inputs_embeds, attention_mask):
+        b, length, _ = inputs_embeds.shape
+        keep = attention_mask.to(inputs_embeds.dtype)  # [B, L]
+        idx = torch.arange(length, device=inputs_embeds.device)
+        causal = (idx[None, :] <= idx[:, None]).to(inputs_embeds.dtype)  # [L, L]
+        allowed = causal[None, None] * keep[:, None, None, :]
+        bias = (1.0 - allowed) * MASK_VALUE
+        out, caches = self._forward(inputs_embeds, idx[None], None, bias)
+        generated = [out]
+        ones = torch.ones_like(keep[:, :1])
+        for step in range(1, self.max_new_tokens):
+            keep = torch.cat([keep, ones], dim=1)  # the new token is attended, as diffusers extends the mask
+            bias = ((1.0 - keep) * MASK_VALUE)[:, None, None, :]
+            pos = (idx[-1:] + step)[None]
+            out, caches = self._forward(out, pos, caches, bias)
+            generated.append(out)
+        return torch.cat(generated, dim=1)
+
+
+class Gpt2GenerateRecompute(nn.Module):
+    """Same contract as ``Gpt2GenerateKV``, recomputing the whole sequence at every step with the
+    transformers module itself (kept for the CPU measurement that chose the KV-cache graph)."""
+
+    def __init__(self, language_model, max_new_tokens: int):
+        super().__init__()
+        self.gpt2 = gpt2_base(language_model)
+        self.max_new_tokens = max_new_tokens
+
+    def forward(self, inputs_embeds, attention_mask):
+        x, mask = inputs_embeds, attention_mask
+        for _ in range(self.max_new_tokens):
+            h = self.gpt2(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+            x = torch.cat([x, h[:, -1:, :]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return x[:, -self.max_new_tokens:, :]
+
+
+class UNet(nn.Module):
+    """sample float32 [B, C, F, M], timestep int64 [1], encoder_hidden_states (GPT-2) [B, N, D_lm],
+    encoder_hidden_states_1 (T5) [B, S, D_t5], encoder_attention_mask_1 int64 [B, S] → noise_pred
+    float32 [B, C, F, M]."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_hidden_states_1, encoder_attention_mask_1):
+        return self.unet(
+            sample, timestep[0],
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states_1=encoder_hidden_states_1,
+            encoder_attention_mask_1=encoder_attention_mask_1,
+            return_dict=False,
+        )[0]
+
+
+class VaeDecoder(nn.Module):
+    """latents float32 [B, C, F, M] → mel float32 [B, 1, F·s, M·s]. Applies ``1/scaling_factor``
+    inside the graph, as the pipeline does before ``vae.decode``: the runtime passes raw latents."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.inv_scale = 1.0 / float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        return self.vae.decode(latents * self.inv_scale).sample
+
+
+class Vocoder(nn.Module):
+    """mel float32 [B, 1, T, M] (the VAE's output as is) → waveform float32 [B, T · hop]."""
+
+    def __init__(self, vocoder):
+        super().__init__()
+        self.vocoder = vocoder
+
+    def forward(self, mel):
+        return self.vocoder(mel[:, 0])

@@ -1,0 +1,102 @@
+"""The artefact folder: its manifest schema, and reading + verifying it.
+
+The export stage writes ``manifest.json`` with these names; the runtime reads them. Layout::
+
+    DIR/manifest.json            format version, source, versions, constants, per-component entries
+    DIR/<component>.onnx         one per component in COMPONENTS (+ <component>.onnx.data if > 2 GB)
+    DIR/tokenizer_clap.json      tokenizers-library files of the CLAP (RoBERTa) and Flan-T5 tokenizers
+    DIR/tokenizer_t5.json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ArtifactError
+
+FORMAT_VERSION = 1  # bump when a component's contract (names, shapes, meaning) changes
+MANIFEST = "manifest.json"
+TOKENIZER_FILES = {"clap": "tokenizer_clap.json", "t5": "tokenizer_t5.json"}
+COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_audio")
+
+
+def rebuild_hint(folder: Path | str, source: dict | None = None) -> str:
+    src = "--model <hub id or folder>"
+    if source and source.get("kind") == "random":
+        src = f"--random-weights {source.get('config')}"
+    elif source and source.get("model"):
+        src = f"--model {source['model']}"
+    return f"audioldm2-trt export {src} --out {folder} --overwrite"
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """A verified artefact folder. ``constants`` holds the pipeline numbers the runtime needs."""
+
+    folder: Path
+    manifest: dict
+
+    @property
+    def constants(self) -> dict:
+        return self.manifest["constants"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    def component_file(self, name: str) -> Path:
+        return self.folder / self.manifest["components"][name]["file"]
+
+    def component(self, name: str) -> dict:
+        return self.manifest["components"][name]
+
+    def tokenizer_file(self, which: str) -> Path:
+        return self.folder / self.manifest["tokenizers"][which]["file"]
+
+
+def load_artifacts(folder: str | Path) -> Artifacts:
+    """Read ``manifest.json`` and check that every file it names is there.
+
+    Raises ArtifactError naming the folder, the problem and the command that rebuilds it.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ArtifactError(f"artefact folder {str(folder)!r} does not exist; build one with: {rebuild_hint(folder)}")
+    if not path.is_file():
+        raise ArtifactError(
+            f"{str(folder)!r} has no {MANIFEST}: not an artefact folder, or an interrupted export; "
+            f"rebuild with: {rebuild_hint(folder)}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); rebuild with: {rebuild_hint(folder)}") from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{str(folder)!r} was exported with artefact format {version!r}, this runtime reads format "
+            f"{FORMAT_VERSION}; rebuild with: {rebuild_hint(folder, manifest.get('source'))}"
+        )
+    art = Artifacts(folder=folder, manifest=manifest)
+    missing = [n for n in COMPONENTS if n not in manifest.get("components", {})]
+    missing += [
+        str(f.relative_to(folder)) for f in _listed_files(art) if not f.is_file()
+    ]
+    if missing:
+        raise ArtifactError(
+            f"{str(folder)!r} is missing {', '.join(missing)}; rebuild with: "
+            f"{rebuild_hint(folder, manifest.get('source'))}"
+        )
+    return art
+
+
+def _listed_files(art: Artifacts) -> list[Path]:
+    files = [art.tokenizer_file(w) for w in TOKENIZER_FILES]
+    for name, entry in art.manifest["components"].items():
+        files.append(art.folder / entry["file"])
+        if entry.get("external_data"):
+            files.append(art.folder / entry["external_data"])
+    return files

@@ -1,0 +1,1 @@
+"""Backends run one exported component at a time behind the small ``Session`` interface."""
