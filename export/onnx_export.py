@@ -25,7 +25,9 @@ log = logging.getLogger("audioldm2_trt.export")
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph itself
-EXPORT_SHAPE = SampleShape(batch=2, seq=7, frames=16)
+# An odd frame count makes the UNet trace its `upsample_size` path, so the graph accepts latent
+# lengths that are not a multiple of its down-sampling factor (2.5 s → 63 frames, as diffusers allows).
+EXPORT_SHAPE = SampleShape(batch=2, seq=7, frames=15)
 
 
 def prepare_output(out: Path, overwrite: bool) -> Path:
@@ -48,15 +50,15 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
     return staging
 
 
-def export(source: Source, out: str | Path, overwrite: bool = False, components=COMPONENT_NAMES) -> Path:
-    """Export every component of ``source``'s pipeline into the artefact folder ``out``."""
+def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None) -> Path:
+    """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``."""
     out = Path(out)
     staging = prepare_output(out, overwrite)
     try:
-        pipe = load_pipeline(source)
+        pipe = pipe if pipe is not None else load_pipeline(source)
         consts = pipeline_constants(pipe)
         entries = {}
-        for name in components:
+        for name in COMPONENT_NAMES:
             t0 = time.perf_counter()
             entries[name] = export_component(pipe, consts, name, staging)
             log.info("exported %s in %.1f s", name, time.perf_counter() - t0)

@@ -18,7 +18,7 @@ from .sources import Source, load_pipeline
 
 log = logging.getLogger("audioldm2_trt.export")
 
-VALIDATION_SHAPES = (SampleShape(batch=1, seq=5, frames=16), SampleShape(batch=3, seq=12, frames=24))
+VALIDATION_SHAPES = (SampleShape(batch=1, seq=5, frames=16), SampleShape(batch=3, seq=12, frames=25))
 FP32_TOLERANCE = 1e-4
 
 

@@ -1,0 +1,62 @@
+"""The text stage: CLAP + Flan-T5 → projection → GPT-2's 8 generated states, prompt and negative in one batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import NonFiniteError
+from .tokenization import PromptTokens, Tokens
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """UNet conditioning rows in diffusers' order: [negatives…, positives…] under CFG, else positives.
+
+    generated   float32 [R, N, D_lm]   GPT-2 states (encoder_hidden_states)
+    t5          float32 [R, S, D_t5]   Flan-T5 states (encoder_hidden_states_1)
+    t5_mask     int64   [R, S]         their mask (encoder_attention_mask_1)
+    clap_text   float32 [P, D_clap]    the positive prompts' CLAP embeddings (for ranking)
+    """
+
+    generated: np.ndarray
+    t5: np.ndarray
+    t5_mask: np.ndarray
+    clap_text: np.ndarray
+
+    def repeat_rows(self, n: int) -> "Conditioning":
+        """Each row n times in a row (prompt-major), as diffusers' ``repeat(1, n, 1).view`` does."""
+        rep = lambda a: np.repeat(a, n, axis=0)  # noqa: E731
+        return Conditioning(rep(self.generated), rep(self.t5), rep(self.t5_mask), self.clap_text)
+
+
+def _stack(a: Tokens, b: Tokens | None, pad_id: int) -> Tokens:
+    if b is None:
+        return a
+    width = max(a.length, b.length)
+    pad = lambda t, v: np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=v)  # noqa: E731
+    return Tokens(np.concatenate([pad(b.input_ids, pad_id), pad(a.input_ids, pad_id)]),
+                  np.concatenate([pad(b.attention_mask, 0), pad(a.attention_mask, 0)]))
+
+
+def check_finite(stage: str, array: np.ndarray) -> np.ndarray:
+    if not np.isfinite(array).all():
+        raise NonFiniteError(f"{stage} produced non-finite values (NaN or Inf) in an array of shape {array.shape}")
+    return array
+
+
+def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int) -> Conditioning:
+    """Run the four text components once over [negative; positive] rows."""
+    clap = _stack(tokens.clap, tokens.clap_negative, clap_pad_id)
+    t5 = _stack(tokens.t5, tokens.t5_negative, 0)  # same width already: negatives take the positive length
+    clap_embeds = sessions["clap_text"].run({"input_ids": clap.input_ids, "attention_mask": clap.attention_mask})["text_embeds"]
+    t5_states = sessions["t5_encoder"].run({"input_ids": t5.input_ids, "attention_mask": t5.attention_mask})["last_hidden_state"]
+    check_finite("t5_encoder", t5_states)
+    proj = sessions["projection"].run({
+        "text_embeds": check_finite("clap_text", clap_embeds), "t5_hidden_states": t5_states,
+        "t5_attention_mask": t5.attention_mask,
+    })
+    generated = sessions["gpt2"].run({"inputs_embeds": proj["inputs_embeds"], "attention_mask": proj["attention_mask"]})["generated"]
+    n_pos = tokens.clap.input_ids.shape[0]
+    return Conditioning(check_finite("gpt2", generated), t5_states, t5.attention_mask, clap_embeds[-n_pos:])

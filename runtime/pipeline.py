@@ -1,0 +1,128 @@
+"""``AudioLDM2Runtime``: prompt → embeddings → latents → mel → waveform, over exported components.
+
+Shared state (sessions, tokenizers, constants) is read-only after ``load``; everything a request
+needs (RNG, scheduler state, buffers) lives in the call, so one runtime serves many threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .artifacts import Artifacts, load_artifacts
+from .audio import ClapFeatures
+from .backends.base import Device
+from .backends.ort import OrtSessionFactory
+from .conditioning import Conditioning, check_finite, encode_text
+from .errors import ArtifactError
+from .ranking import rank_per_prompt
+from .requests import Request, build_request
+from .schedulers import SolverState, make_plan
+from .tokenization import TextTokenizer, tokenize_prompts
+
+log = logging.getLogger("audioldm2_trt.runtime")
+
+StepCallback = Callable[[int, int], None]  # (step index, number of steps)
+
+
+@dataclass(frozen=True)
+class AudioOutput:
+    """audios float32 [prompts × waveforms, samples], prompt-major, each prompt's best first;
+    ``seed`` the seed of numpy's PCG64 generator that drew the initial latents (None if given)."""
+
+    audios: np.ndarray
+    sample_rate: int
+    seed: int | None
+    scores: np.ndarray | None = None  # CLAP cosine similarity per row when ranked
+
+
+class AudioLDM2Runtime:
+    def __init__(self, artifacts: Artifacts, sessions: dict, device: Device):
+        self.artifacts = artifacts
+        self.constants = artifacts.constants
+        self.device = device
+        self.sample_rate = self.constants["sampling_rate"]
+        self._sessions = sessions
+        toks = artifacts.manifest["tokenizers"]
+        self._clap_tok = TextTokenizer(artifacts.tokenizer_file("clap"), toks["clap"]["model_max_length"],
+                                       toks["clap"]["pad_token_id"], "CLAP")
+        self._t5_tok = TextTokenizer(artifacts.tokenizer_file("t5"), toks["t5"]["model_max_length"],
+                                     toks["t5"]["pad_token_id"], "T5")
+        self._clap_features = ClapFeatures.from_config(artifacts.manifest["feature_extractor"])
+        self._scheduler_config = artifacts.manifest["scheduler"]
+
+    @classmethod
+    def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0) -> "AudioLDM2Runtime":
+        """Open an artefact folder written by ``audioldm2-trt export``.
+
+        device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
+        execution providers to use instead of the device's default; threads: intra-op threads (0 = ORT default).
+        """
+        art = load_artifacts(folder)
+        if art.precision != "fp32":
+            raise ArtifactError(f"{folder}: precision {art.precision!r} is not supported by this runtime (fp32)")
+        factory = OrtSessionFactory(device, providers, threads)
+        sessions = {name: factory.create(name, art.component_file(name)) for name in art.manifest["components"]}
+        return cls(art, sessions, factory.device)
+
+    def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.5,
+                 audio_length_in_s: float | None = None, num_waveforms_per_prompt: int = 1, seed: int | None = None,
+                 latents: np.ndarray | None = None, scheduler: str = "dpmsolver++",
+                 callback: StepCallback | None = None) -> AudioOutput:
+        """Generate audio; arguments as diffusers' ``AudioLDM2Pipeline.__call__`` (see README)."""
+        # 1. Check the request once, up front.
+        req = build_request(self.constants, self._scheduler_config, prompt, negative_prompt, num_inference_steps,
+                            guidance_scale, audio_length_in_s, num_waveforms_per_prompt, seed, latents, scheduler)
+        # 2. Prompt → conditioning (CLAP, T5, projection, GPT-2), negatives first under CFG.
+        tokens = tokenize_prompts(self._clap_tok, self._t5_tok, req.prompts, req.negative_prompts)
+        cond = encode_text(self._sessions, tokens, self._clap_tok.pad_token_id).repeat_rows(req.waveforms_per_prompt)
+        # 3. Initial latents.
+        latents, seed = self._initial_latents(req)
+        # 4. Denoising loop.
+        latents = self._denoise(req, cond, latents, callback)
+        # 5. Latents → mel → waveform, trimmed to the requested length.
+        mel = check_finite("vae_decoder", self._sessions["vae_decoder"].run({"latents": latents})["mel"])
+        audio = check_finite("vocoder", self._sessions["vocoder"].run({"mel": mel})["waveform"])
+        audio = np.ascontiguousarray(audio[:, : req.shape.samples], dtype=np.float32)
+        # 6. Rank each prompt's waveforms by CLAP similarity.
+        scores = None
+        if req.waveforms_per_prompt > 1:
+            order, scores = rank_per_prompt(audio, cond.clap_text, req.waveforms_per_prompt, self.sample_rate,
+                                            self._clap_features, self._sessions["clap_audio"])
+            audio = audio[order]
+        return AudioOutput(audio, self.sample_rate, seed, scores)
+
+    def _initial_latents(self, req: Request) -> tuple[np.ndarray, int | None]:
+        """float32 [B, C, F, M] from ``np.random.default_rng(seed).standard_normal`` (PCG64), or the given latents."""
+        if req.latents is not None:
+            return req.latents.copy(), None
+        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
+        shape = (req.batch, self.constants["latent_channels"], req.shape.latent_frames, self.constants["latent_bins"])
+        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32), seed
+
+    def _denoise(self, req: Request, cond: Conditioning, latents: np.ndarray,
+                 callback: StepCallback | None) -> np.ndarray:
+        plan = make_plan(req.scheduler, self._scheduler_config, req.steps)
+        state = SolverState()
+        latents = latents * np.float32(plan.init_noise_sigma)
+        unet = self._sessions["unet"]
+        feeds = {"encoder_hidden_states": cond.generated, "encoder_hidden_states_1": cond.t5,
+                 "encoder_attention_mask_1": cond.t5_mask}
+        for i, t in enumerate(plan.timesteps):
+            sample = np.concatenate([latents, latents]) if req.do_cfg else latents
+            eps = unet.run({**feeds, "sample": sample, "timestep": np.array([t], dtype=np.int64)})["noise_pred"]
+            if req.do_cfg:
+                uncond, text = np.split(eps, 2)
+                eps = uncond + np.float32(req.guidance_scale) * (text - uncond)
+            latents = plan.step(i, check_finite(f"unet (step {i})", eps), latents, state)
+            if callback is not None:
+                callback(i, req.steps)
+        return latents
+
+    def close(self) -> None:
+        """Release the sessions; the runtime cannot be used afterwards."""
+        self._sessions.clear()

@@ -1,0 +1,26 @@
+"""Rank each prompt's waveforms by CLAP audio–text similarity.
+
+diffusers ranks every waveform against every prompt and keeps the top ``n`` per prompt across the
+whole batch, so with several prompts one prompt can receive another prompt's audio (diffusers PR
+review #13602). Here each prompt's own ``n`` waveforms are ranked among themselves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .audio import ClapFeatures, resample
+
+
+def rank_per_prompt(audios: np.ndarray, text_embeds: np.ndarray, n: int, rate: int,
+                    features: ClapFeatures, clap_audio) -> tuple[np.ndarray, np.ndarray]:
+    """audios float32 [P·n, samples] (prompt-major), text_embeds [P, D] (normalised).
+
+    Returns (order [P·n] row indices, best first within each prompt; scores [P·n] cosine similarity).
+    """
+    feats = features(resample(audios, rate, features.sampling_rate))
+    audio_embeds = clap_audio.run({"input_features": feats})["audio_embeds"]
+    scores = np.einsum("pnd,pd->pn", audio_embeds.reshape(len(text_embeds), n, -1), text_embeds)
+    local = np.argsort(-scores, axis=1, kind="stable")
+    order = (local + np.arange(len(text_embeds))[:, None] * n).reshape(-1)
+    return order, np.take_along_axis(scores, local, axis=1).reshape(-1)

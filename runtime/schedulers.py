@@ -1,0 +1,137 @@
+"""DPM-Solver++ (multistep, order 2) and DDIM in numpy, matching diffusers' schedulers.
+
+A *plan* holds the timesteps and per-step coefficients for one (config, steps) pair: immutable, shared
+between requests. A request keeps its own ``SolverState`` (the previous data prediction for DPM).
+The coefficients follow diffusers' ``DPMSolverMultistepScheduler.from_config(<DDIM config>)`` —
+algorithm dpmsolver++, solver_order 2, midpoint, lower_order_final, final_sigmas_type "zero" — and
+``DDIMScheduler`` with eta 0; the noise schedule is computed in float32 as diffusers does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidRequestError
+
+SCHEDULERS = ("dpmsolver++", "ddim")
+
+
+def alphas_cumprod(cfg: dict) -> np.ndarray:
+    """ᾱ_t for t = 0 … T-1, float32 like diffusers (``scaled_linear`` or ``linear`` betas)."""
+    n = cfg["num_train_timesteps"]
+    if cfg["beta_schedule"] == "scaled_linear":
+        betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=np.float64).astype(np.float32) ** 2
+    elif cfg["beta_schedule"] == "linear":
+        betas = np.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=np.float64).astype(np.float32)
+    else:
+        raise InvalidRequestError(f"beta_schedule {cfg['beta_schedule']!r} is not one of scaled_linear, linear")
+    return np.cumprod((np.float32(1.0) - betas).astype(np.float32), dtype=np.float32)
+
+
+def max_steps(kind: str, cfg: dict) -> int:
+    # DPM's leading spacing uses T // (steps + 1): beyond T - 1 steps every timestep collapses.
+    return cfg["num_train_timesteps"] - 1 if kind == "dpmsolver++" else cfg["num_train_timesteps"]
+
+
+@dataclass
+class SolverState:
+    """Per-request state: the previous step's data prediction (DPM-Solver++ only)."""
+
+    prev_x0: np.ndarray | None = None
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Timesteps and update coefficients. Step i maps (x, ε) to x_next as
+
+        x0      = (x - sig_s[i] · ε) / alp_s[i]
+        x_next  = cx[i] · x + c0[i] · x0 + c1[i] · prev_x0
+    """
+
+    kind: str
+    timesteps: np.ndarray  # int64 [steps]
+    alp_s: np.ndarray
+    sig_s: np.ndarray
+    cx: np.ndarray
+    c0: np.ndarray
+    c1: np.ndarray
+
+    init_noise_sigma: float = 1.0
+
+    def step(self, i: int, eps: np.ndarray, x: np.ndarray, state: SolverState) -> np.ndarray:
+        """One update; ``eps`` and ``x`` are [B, C, F, M]; returns x_next in x's dtype."""
+        x0 = (x - self.sig_s[i] * eps) / self.alp_s[i]
+        out = self.cx[i] * x + self.c0[i] * x0
+        if self.c1[i] != 0.0:
+            out = out + self.c1[i] * state.prev_x0
+        state.prev_x0 = x0
+        state.step = i + 1
+        return out.astype(x.dtype, copy=False)
+
+
+def make_plan(kind: str, cfg: dict, steps: int) -> Plan:
+    if kind == "dpmsolver++":
+        return _dpm_plan(cfg, steps)
+    if kind == "ddim":
+        return _ddim_plan(cfg, steps)
+    raise InvalidRequestError(f"scheduler {kind!r} is not one of {', '.join(SCHEDULERS)}")
+
+
+def timesteps(kind: str, cfg: dict, steps: int) -> np.ndarray:
+    """The int64 timesteps diffusers' ``set_timesteps(steps)`` gives for this scheduler and config."""
+    n = cfg["num_train_timesteps"]
+    spacing = cfg.get("timestep_spacing", "leading")
+    if spacing == "leading":
+        # DPM-Solver divides by steps + 1 and drops the last entry; DDIM divides by steps.
+        count = steps + 1 if kind == "dpmsolver++" else steps
+        t = (np.arange(0, count) * (n // count)).round()[::-1][:steps]
+        return t.astype(np.int64) + cfg.get("steps_offset", 0)
+    if spacing == "trailing":
+        return (np.round(np.arange(n, 0, -n / steps)) - 1).astype(np.int64)
+    if spacing == "linspace":
+        if kind == "dpmsolver++":
+            return np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        return np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+    raise InvalidRequestError(f"timestep_spacing {spacing!r} is not one of leading, trailing, linspace")
+
+
+def _dpm_plan(cfg: dict, steps: int) -> Plan:
+    acp = alphas_cumprod(cfg)
+    t = timesteps("dpmsolver++", cfg, steps)
+    table = ((1 - acp) / acp) ** 0.5  # float32, as diffusers
+    sigmas = np.concatenate([table[t], [0.0]]).astype(np.float32).astype(np.float64)
+    alpha = 1.0 / np.sqrt(sigmas**2 + 1.0)
+    sigma = sigmas * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)  # +inf at the final sigma 0
+    cx, c0, c1 = np.zeros(steps), np.zeros(steps), np.zeros(steps)
+    for i in range(steps):
+        phi = -np.expm1(-(lam[i + 1] - lam[i])) if np.isfinite(lam[i + 1]) else 1.0  # 1 - e^{-h}
+        cx[i] = sigma[i + 1] / sigma[i]
+        first_order = i == 0 or i == steps - 1  # lower_order_final with final sigma 0: last step is 1st order
+        if first_order:
+            c0[i] = alpha[i + 1] * phi
+        else:
+            r0 = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+            c0[i] = alpha[i + 1] * phi * (1.0 + 0.5 / r0)
+            c1[i] = -alpha[i + 1] * phi * 0.5 / r0
+    return Plan("dpmsolver++", t, alpha[:steps], sigma[:steps], cx, c0, c1)
+
+
+def _ddim_plan(cfg: dict, steps: int) -> Plan:
+    acp = alphas_cumprod(cfg).astype(np.float64)
+    n = cfg["num_train_timesteps"]
+    t = timesteps("ddim", cfg, steps)
+    final = 1.0 if cfg.get("set_alpha_to_one", True) else acp[0]
+    prev = t - n // steps
+    a_t = acp[t]
+    a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, None)], final)
+    # x_prev = sqrt(ā_prev)·x0 + sqrt(1-ā_prev)·ε, with ε = (x - sqrt(ā_t)·x0)/sqrt(1-ā_t)
+    sq_a, sq_b = np.sqrt(a_t), np.sqrt(1.0 - a_t)
+    cx = np.sqrt(1.0 - a_prev) / sq_b
+    c0 = np.sqrt(a_prev) - np.sqrt(1.0 - a_prev) * sq_a / sq_b
+    return Plan("ddim", t, sq_a, sq_b, cx, c0, np.zeros(steps))

@@ -1,0 +1,52 @@
+"""Seconds ↔ mel frames ↔ latent frames ↔ samples, exactly as diffusers' AudioLDM2Pipeline computes them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import InvalidRequestError
+
+# ONNX graphs have no fixed maximum length; beyond 4× the trained length (40.96 s for AudioLDM 2)
+# the model is far out of distribution and memory grows linearly, so requests stop there.
+MAX_LENGTH_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class AudioShape:
+    """One request's lengths: ``latent_frames`` F of latents [B, C, F, M], ``mel_frames`` F·vae_scale,
+    ``samples`` the trimmed waveform length int(seconds · rate)."""
+
+    seconds: float
+    latent_frames: int
+    mel_frames: int
+    samples: int
+
+
+def seconds_per_mel_frame(c: dict) -> float:
+    return c["hop_length"] / c["sampling_rate"]
+
+
+def default_seconds(c: dict) -> float:
+    return c["unet_sample_size"] * c["vae_scale"] * seconds_per_mel_frame(c)
+
+
+def length_range(c: dict) -> tuple[float, float]:
+    """(shortest, longest) request in seconds: one latent frame … MAX_LENGTH_FACTOR × default."""
+    return seconds_per_mel_frame(c) * c["vae_scale"], MAX_LENGTH_FACTOR * default_seconds(c)
+
+
+def audio_shape(c: dict, seconds: float | None) -> AudioShape:
+    """diffusers: height = int(s / hop_s), rounded up to a multiple of the VAE scale; trim to int(s · rate)."""
+    if seconds is None:
+        seconds = default_seconds(c)
+    lo, hi = length_range(c)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        raise InvalidRequestError(f"audio_length_in_s must be a finite number, got {seconds!r}")
+    if not lo <= seconds <= hi:
+        raise InvalidRequestError(f"audio_length_in_s={seconds} is outside the supported range [{lo:g}, {hi:g}] s")
+    height = int(seconds / seconds_per_mel_frame(c))
+    scale = c["vae_scale"]
+    if height % scale:
+        height = int(math.ceil(height / scale)) * scale
+    return AudioShape(float(seconds), height // scale, height, int(seconds * c["sampling_rate"]))
