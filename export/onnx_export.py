@@ -12,7 +12,10 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from .. import __version__
 from ..runtime.artifacts import COMPONENTS as COMPONENT_NAMES
@@ -89,7 +92,8 @@ def export_component(pipe, consts: dict, name: str, folder: Path) -> dict:
     inputs = sample_inputs(spec, consts, EXPORT_SHAPE)
     scratch = folder / f".{name}.tmp"  # the exporter may scatter weights as files for > 2 GB models
     scratch.mkdir()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about shape-dependent Python branches; validation covers it
         torch.onnx.export(
             module, tuple(inputs.values()), str(scratch / "model.onnx"),
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
@@ -125,7 +129,10 @@ def save_tokenizers(pipe, folder: Path) -> dict:
         if backend is None:
             raise ExportError(f"the {which} tokenizer ({type(tok).__name__}) has no fast (tokenizers) backend")
         path = folder / TOKENIZER_FILES[which]
-        backend.save(str(path))
+        clean = Tokenizer.from_str(backend.to_str())
+        clean.no_padding()  # transformers leaves the last call's padding/truncation on its backend
+        clean.no_truncation()
+        clean.save(str(path))
         entries[which] = {
             "file": path.name,
             "model_max_length": int(tok.model_max_length),

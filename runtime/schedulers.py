@@ -31,8 +31,10 @@ def alphas_cumprod(cfg: dict) -> np.ndarray:
 
 
 def max_steps(kind: str, cfg: dict) -> int:
-    # DPM's leading spacing uses T // (steps + 1): beyond T - 1 steps every timestep collapses.
-    return cfg["num_train_timesteps"] - 1 if kind == "dpmsolver++" else cfg["num_train_timesteps"]
+    """Most steps whose timesteps stay inside [0, T): leading spacing adds ``steps_offset`` to
+    multiples of T // steps (DDIM) or T // (steps + 1) (DPM-Solver, which also needs steps + 1 ≤ T)."""
+    offset = cfg.get("steps_offset", 0) if cfg.get("timestep_spacing", "leading") == "leading" else 0
+    return cfg["num_train_timesteps"] - offset - (1 if kind == "dpmsolver++" else 0)
 
 
 @dataclass

@@ -1,0 +1,56 @@
+"""Sub-commands of the export stage: ``export`` and ``validate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..runtime.errors import ExportError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("export", help="export an AudioLDM 2 pipeline to an ONNX artefact folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="hub id (needs network) or local diffusers AudioLDM2Pipeline folder")
+    src.add_argument("--random-weights", metavar="NAME", help="random weights from a shipped config: tiny, audioldm2")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--out", required=True, help="artefact folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artefact folder")
+    p.add_argument("--validate", action="store_true", help="validate every component after exporting")
+    p.set_defaults(run=run_export)
+
+    v = sub.add_parser("validate", help="compare every exported component with PyTorch (ONNX Runtime)")
+    v.add_argument("artifacts", help="artefact folder")
+    v.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    v.set_defaults(run=run_validate)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .onnx_export import export
+    from .sources import Source, random_config_names
+
+    if args.random_weights and args.random_weights not in random_config_names():
+        raise ExportError(f"unknown random-weights config {args.random_weights!r}; choose one of "
+                          f"{', '.join(random_config_names())}")
+    source = Source(model=args.model, random_config=args.random_weights, seed=args.seed)
+    t0 = time.perf_counter()
+    out = export(source, args.out, overwrite=args.overwrite)
+    print(f"exported {source.describe()} to {out} in {time.perf_counter() - t0:.1f} s")
+    return run_validate(argparse.Namespace(artifacts=out, device="cpu")) if args.validate else 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from .validate import FP32_TOLERANCE, validate
+
+    checks = validate(args.artifacts, device=args.device)
+    print(f"{'component':<12} {'batch':>5} {'seq':>4} {'frames':>6} {'output':<18} {'rel-L2':>9} {'max-abs':>9}")
+    for c in checks:
+        print(f"{c.component:<12} {c.shape.batch:>5} {c.shape.seq:>4} {c.shape.frames:>6} {c.output:<18} "
+              f"{c.rel_l2:>9.2e} {c.max_abs:>9.2e} {'ok' if c.passed else 'FAIL'}")
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        print(f"{len(failed)} of {len(checks)} outputs exceed rel-L2 {FP32_TOLERANCE:g}", file=sys.stderr)
+        return 1
+    print(f"all {len(checks)} outputs within rel-L2 {FP32_TOLERANCE:g}")
+    return 0

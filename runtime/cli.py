@@ -1,0 +1,99 @@
+"""Sub-commands of the runtime: ``generate`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEMO_DIR = Path.home() / ".cache" / "audioldm2-trt" / "tiny-random"
+
+
+def add_commands(sub) -> None:
+    g = sub.add_parser("generate", help="generate audio from a prompt with an exported artefact folder")
+    g.add_argument("prompt")
+    g.add_argument("--artifacts", required=True, help="artefact folder written by `audioldm2-trt export`")
+    g.add_argument("-o", "--output", default="out.wav", help="WAV file (16-bit PCM); with --waveforms N > 1, "
+                   "files are numbered out_0.wav … best first")
+    _generation_options(g)
+    g.set_defaults(run=run_generate)
+
+    d = sub.add_parser("demo", help="offline default: tiny random pipeline → export (cached) → generate → WAV")
+    d.add_argument("prompt", nargs="?", default="a hammer hitting a wooden surface")
+    d.add_argument("-o", "--output", default="demo.wav")
+    d.add_argument("--cache", default=str(DEMO_DIR), help="where the tiny artefacts are kept")
+    _generation_options(d)
+    d.set_defaults(run=run_demo)
+
+
+def _generation_options(p) -> None:
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--seconds", type=float, default=None, help="audio length (default: the model's, 10.24 s)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--waveforms", type=int, default=1, help="waveforms per prompt, ranked by CLAP")
+    p.add_argument("--scheduler", default="dpmsolver++", choices=["dpmsolver++", "ddim"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+
+
+def _progress(total_label: str):
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:  # tqdm is optional: plain dots instead
+        return lambda i, n: print("." if i + 1 < n else ".\n", end="", file=sys.stderr, flush=True)
+    bar = {}
+
+    def update(i: int, n: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=n, desc=total_label, unit="step")
+        bar["bar"].update(1)
+        if i + 1 == n:
+            bar["bar"].close()
+
+    return update
+
+
+def _generate(args, folder) -> int:
+    from .audio import write_wav
+    from .pipeline import AudioLDM2Runtime
+
+    t0 = time.perf_counter()
+    rt = AudioLDM2Runtime.load(folder, device=args.device)
+    t1 = time.perf_counter()
+    out = rt(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+             guidance_scale=args.guidance, audio_length_in_s=args.seconds, num_waveforms_per_prompt=args.waveforms,
+             seed=args.seed, scheduler=args.scheduler, callback=_progress("denoising"))
+    t2 = time.perf_counter()
+    path = Path(args.output)
+    paths = [path] if len(out.audios) == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(out.audios))]
+    for p, audio in zip(paths, out.audios):
+        write_wav(p, audio, out.sample_rate)
+    seconds = out.audios.shape[1] / out.sample_rate
+    print(f"wrote {', '.join(map(str, paths))}: {seconds:.2f} s at {out.sample_rate} Hz, seed {out.seed} "
+          f"(load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s)")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    return _generate(args, args.artifacts)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .artifacts import load_artifacts
+    from .errors import ArtifactError
+
+    folder = Path(args.cache)
+    try:
+        load_artifacts(folder)
+    except ArtifactError:
+        try:
+            from ..export.onnx_export import export
+            from ..export.sources import Source
+        except ModuleNotFoundError as err:
+            raise ArtifactError(f"no cached demo artefacts in {folder} and the export extra is missing ({err.name}); "
+                                "pip install 'audioldm2-trt[export]'") from err
+        print(f"exporting the tiny random pipeline to {folder} (once) …", file=sys.stderr)
+        export(Source(random_config="tiny"), folder, overwrite=True)
+    return _generate(args, folder)

@@ -1,0 +1,196 @@
+"""Export stage: every component against PyTorch, the GPT-2 graph against diffusers' loop, sources, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from audioldm2_trt.runtime.artifacts import COMPONENTS, load_artifacts
+from audioldm2_trt.runtime.errors import ArtifactError
+
+from .conftest import needs_export
+
+pytestmark = needs_export
+
+
+def test_every_component_matches_pytorch(tiny_pipe, tiny_artifacts):
+    from audioldm2_trt.export.validate import FP32_TOLERANCE, validate
+
+    checks = validate(tiny_artifacts, pipe=tiny_pipe)
+    assert {c.component for c in checks} == set(COMPONENTS)
+    assert {(c.shape.batch, c.shape.frames) for c in checks} == {(1, 16), (3, 25)}
+    worst = max(checks, key=lambda c: c.rel_l2)
+    assert worst.rel_l2 <= FP32_TOLERANCE, worst
+
+
+def test_manifest_records_what_the_runtime_needs(tiny_artifacts):
+    art = load_artifacts(tiny_artifacts)
+    m = art.manifest
+    assert m["precision"] == "fp32" and m["source"] == {"kind": "random", "config": "tiny", "seed": 0}
+    assert set(m["versions"]) == {"torch", "diffusers", "transformers", "onnx"}
+    unet = m["components"]["unet"]
+    assert [i["name"] for i in unet["inputs"]] == [
+        "sample", "timestep", "encoder_hidden_states", "encoder_hidden_states_1", "encoder_attention_mask_1"]
+    assert unet["dynamic_axes"]["sample"] == {"0": "batch", "2": "frames"}
+    assert len(m["content_hash"]) == 64 and m["constants"]["hop_length"] == 160
+
+
+def test_onnx_graph_inputs_are_the_declared_ones(tiny_artifacts):
+    import onnx
+
+    from audioldm2_trt.export.components import BY_NAME
+
+    for name in COMPONENTS:
+        model = onnx.load(str(tiny_artifacts / f"{name}.onnx"), load_external_data=False)
+        assert [i.name for i in model.graph.input] == [t.name for t in BY_NAME[name].inputs], name
+        assert [o.name for o in model.graph.output] == [t.name for t in BY_NAME[name].outputs], name
+
+
+def test_clap_text_at_real_length_equals_diffusers_max_length_padding(tiny_pipe, tiny_artifacts):
+    """diffusers pads CLAP input to model_max_length; the runtime feeds the real length."""
+    import torch
+
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+
+    prompts = ["a hammer hitting a wooden surface", "thunder"]
+    session = OrtSessionFactory("cpu").create("clap_text", tiny_artifacts / "clap_text.onnx")
+    real = tiny_pipe.tokenizer(prompts, padding=True, return_tensors="np")
+    padded = tiny_pipe.tokenizer(prompts, padding="max_length", max_length=tiny_pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt")
+    assert padded.input_ids.shape[1] > real.input_ids.shape[1]
+    got = session.run({"input_ids": real.input_ids.astype(np.int64), "attention_mask": real.attention_mask.astype(np.int64)})
+    with torch.no_grad():
+        ref = tiny_pipe.text_encoder.get_text_features(padded.input_ids, attention_mask=padded.attention_mask)
+    ref = getattr(ref, "pooler_output", ref).numpy()
+    assert np.linalg.norm(got["text_embeds"] - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def _diffusers_gpt2_reference(pipe, embeds, mask, n):
+    import torch
+
+    with torch.no_grad():
+        return pipe.generate_language_model(embeds, attention_mask=mask, max_new_tokens=n).numpy()
+
+
+def test_gpt2_graph_equals_diffusers_generation_loop(tiny_pipe, tiny_artifacts):
+    import torch
+
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+
+    session = OrtSessionFactory("cpu").create("gpt2", tiny_artifacts / "gpt2.onnx")
+    gen = torch.Generator().manual_seed(3)
+    embeds = torch.randn(2, 11, tiny_pipe.language_model.config.n_embd, generator=gen)
+    mask = torch.ones(2, 11, dtype=torch.int64)
+    mask[1, 7:10] = 0  # padding inside the sequence, before the T5 stream's EOS, as projection makes it
+    ref = _diffusers_gpt2_reference(tiny_pipe, embeds, mask, 8)
+    got = session.run({"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy()})["generated"]
+    assert got.shape == ref.shape == (2, 8, embeds.shape[-1])
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_gpt2_wrapper_handles_gpt2model_and_lmhead_alike(tiny_pipe):
+    """diffusers #12630: real checkpoints hold a GPT2Model; our wrapper takes either."""
+    import torch
+    from transformers import GPT2Model
+
+    from audioldm2_trt.export.wrappers import Gpt2GenerateKV, Gpt2GenerateRecompute
+
+    lm_head = tiny_pipe.language_model
+    trunk = GPT2Model(lm_head.config).eval()
+    trunk.load_state_dict(lm_head.transformer.state_dict())
+    x = torch.randn(2, 9, lm_head.config.n_embd, generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[0, 4:6] = 0
+    with torch.no_grad():
+        a = Gpt2GenerateKV(trunk, 8)(x, mask)
+        b = Gpt2GenerateKV(lm_head, 8)(x, mask)
+        c = Gpt2GenerateRecompute(trunk, 8)(x, mask)
+    assert torch.equal(a, b)
+    assert torch.linalg.norm(a - c) / torch.linalg.norm(c) < 1e-5
+
+
+def test_export_from_a_saved_diffusers_folder(tiny_pipe, tiny_artifacts, tmp_path):
+    """save_pretrained → export --model FOLDER gives the same graphs as the in-memory export."""
+    from audioldm2_trt.export.onnx_export import export
+    from audioldm2_trt.export.sources import Source
+
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    out = export(Source(model=str(tmp_path / "pipe")), tmp_path / "art")
+    m = load_artifacts(out).manifest
+    ref = load_artifacts(tiny_artifacts).manifest
+    assert m["source"]["kind"] == "local"
+    assert m["constants"] == ref["constants"] and m["scheduler"] == ref["scheduler"]
+    for name in ("unet", "vae_decoder", "vocoder", "gpt2", "t5_encoder"):
+        assert m["components"][name]["sha256"] == ref["components"][name]["sha256"], name
+    from tokenizers import Tokenizer
+
+    for which in ("clap", "t5"):
+        a = Tokenizer.from_file(str(out / m["tokenizers"][which]["file"]))
+        b = Tokenizer.from_file(str(tiny_artifacts / ref["tokenizers"][which]["file"]))
+        text = "birds chirping in a forest at dawn"
+        assert a.encode(text).ids == b.encode(text).ids
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "audioldm2_trt.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--random-weights", "huge"], "unknown random-weights config 'huge'; choose one of audioldm2, tiny"),
+    (["--model", "/nonexistent/pipe"], "model folder '/nonexistent/pipe' does not exist"),
+])
+def test_bad_source_is_one_line_error(args, message, tmp_path):
+    r = _cli("export", *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"audioldm2-trt export: error: {message}"]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial"))
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "notpipe").mkdir()
+    (tmp_path / "notpipe" / "readme.txt").write_text("hello")
+    r = _cli("export", "--model", str(tmp_path / "notpipe"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "is not a diffusers pipeline folder: it has no model_index.json" in r.stderr
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    r = _cli("export", "--model", str(tmp_path / "other"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "holds a 'StableDiffusionPipeline', not an AudioLDM2Pipeline" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_and_occupied_outputs(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _cli("export", "--random-weights", "tiny", "--out", str(blocker / "out"))
+    assert r.returncode == 2 and "cannot create output folder" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = _cli("export", "--random-weights", "tiny", "--out", str(blocker))
+    assert r.returncode == 2 and "exists and is not a folder" in r.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    r = _cli("export", "--random-weights", "tiny", "--out", str(tmp_path / "full"))
+    assert r.returncode == 2 and "is not empty; pass --overwrite" in r.stderr
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+
+
+def test_failed_export_leaves_nothing_that_looks_valid(tiny_pipe, tmp_path, monkeypatch):
+    from audioldm2_trt.export import onnx_export
+    from audioldm2_trt.export.sources import Source
+
+    real = onnx_export.export_component
+
+    def failing(pipe, consts, name, folder):
+        if name == "vae_decoder":
+            raise RuntimeError("simulated failure half-way")
+        return real(pipe, consts, name, folder)
+
+    monkeypatch.setattr(onnx_export, "export_component", failing)
+    with pytest.raises(RuntimeError, match="half-way"):
+        onnx_export.export(Source(random_config="tiny"), tmp_path / "art", pipe=tiny_pipe)
+    assert not (tmp_path / "art").exists()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_artifacts(tmp_path / "art")

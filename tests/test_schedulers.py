@@ -1,0 +1,77 @@
+"""The numpy schedulers against diffusers' in float64: timesteps exactly, every update to 1e-6."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from audioldm2_trt.runtime.schedulers import SolverState, make_plan, max_steps
+
+from .conftest import needs_export
+
+pytestmark = needs_export
+
+
+def _config():
+    from audioldm2_trt.export.sources import CONFIG_ROOT
+
+    return json.loads((CONFIG_ROOT / "audioldm2" / "scheduler.json").read_text())
+
+
+def _reference(kind, cfg):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    ddim = DDIMScheduler(**cfg)
+    return DPMSolverMultistepScheduler.from_config(ddim.config) if kind == "dpmsolver++" else ddim
+
+
+@pytest.mark.parametrize("kind", ["dpmsolver++", "ddim"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 20, 50, 200, 500, "max"])
+def test_every_update_matches_diffusers(kind, steps):
+    import torch
+
+    cfg = _config()
+    steps = max_steps(kind, cfg) if steps == "max" else steps
+    ref = _reference(kind, cfg)
+    ref.set_timesteps(steps)
+    plan = make_plan(kind, cfg, steps)
+    np.testing.assert_array_equal(plan.timesteps, ref.timesteps.numpy())
+    rng = np.random.default_rng(steps)
+    x = rng.standard_normal((2, 8, 12, 4))
+    state = SolverState()
+    # diffusers forms DPM's h = λ_t - λ_s in float32 from logs near 4.4 (ulp 5e-7): with ~1000 steps,
+    # h ≈ 0.01 carries ~5e-5 relative rounding, which bounds agreement to ~1.3e-6 there (we use float64).
+    tolerance = 2e-6 if steps > 500 else 1e-6
+    for i, t in enumerate(ref.timesteps):
+        eps = rng.standard_normal(x.shape)
+        want = ref.step(torch.from_numpy(eps), t, torch.from_numpy(x)).prev_sample.numpy()
+        got = plan.step(i, eps, x, state)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < tolerance, (i, int(t))
+        x = want  # next step from diffusers' sample, so each update is compared on its own
+
+
+def test_plan_is_shared_and_state_is_per_request():
+    cfg = _config()
+    plan = make_plan("dpmsolver++", cfg, 5)
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((1, 8, 4, 4)), [rng.standard_normal((1, 8, 4, 4)) for _ in range(5)]
+
+    def run():
+        x, s = x0, SolverState()
+        for i in range(5):
+            x = plan.step(i, eps[i], x, s)
+        return x
+
+    a = run()
+    b = run()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_max_steps_keeps_timesteps_in_range():
+    cfg = _config()
+    for kind in ("dpmsolver++", "ddim"):
+        n = max_steps(kind, cfg)
+        assert make_plan(kind, cfg, n).timesteps.max() < cfg["num_train_timesteps"]
+        assert make_plan(kind, cfg, n + 1).timesteps.max() >= cfg["num_train_timesteps"]
