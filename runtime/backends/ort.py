@@ -44,7 +44,8 @@ class OrtSessionFactory:
         available = ort.get_available_providers()
         if providers is None:
             if self.device.kind == "cuda":
-                providers = [("CUDAExecutionProvider", {"device_id": self.device.index})]
+                # TF32 off: the exported graphs are fp32 and are validated against fp32 PyTorch.
+                providers = [("CUDAExecutionProvider", {"device_id": self.device.index, "use_tf32": 0})]
             else:
                 providers = ["CPUExecutionProvider"]
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
