@@ -12,6 +12,8 @@ and the export writes their ``tokenizer.json`` exactly as it would a real checkp
 
 from __future__ import annotations
 
+import json
+
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 # A fixed corpus: sound-description words, so that prompts in tests tokenize into several pieces.
@@ -59,6 +61,12 @@ def build_t5_tokenizer(vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    # The Unigram trainer orders pieces of equal score differently from run to run; sort them so the
+    # same config always gives the same ids (an export and a later rebuild must agree).
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    vocab = [(piece, round(score, 6)) for piece, score in vocab]  # scores differ in the last bits too
+    specials, pieces = vocab[:3], sorted(vocab[3:], key=lambda e: (-e[1], e[0]))
+    tok.model = models.Unigram([tuple(e) for e in specials + pieces], unk_id=2, byte_fallback=False)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )

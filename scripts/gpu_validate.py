@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 
-def _pipe():
+def _pipe(config):
     from audioldm2_trt.export.sources import Source, load_pipeline
 
     t0 = time.perf_counter()
-    pipe = load_pipeline(Source(random_config="audioldm2"))
+    pipe = load_pipeline(Source(random_config=config))
     return pipe, time.perf_counter() - t0
 
 
@@ -32,12 +32,12 @@ def cmd_export(args) -> dict:
     from audioldm2_trt.export.validate import FP32_TOLERANCE, validate
     from audioldm2_trt.runtime.artifacts import load_artifacts
 
-    pipe, t_build = _pipe()
+    pipe, t_build = _pipe(args.config)
     t0 = time.perf_counter()
-    out = export(Source(random_config="audioldm2"), args.out, overwrite=True, pipe=pipe)
+    out = export(Source(random_config=args.config), args.out, overwrite=True, pipe=pipe)
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
-    checks = validate(out, device="cuda", pipe=pipe)
+    checks = validate(out, device=args.device, pipe=pipe)
     t_validate = time.perf_counter() - t0
     m = load_artifacts(out).manifest
     return {
@@ -58,11 +58,11 @@ def cmd_compare(args) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    pipe, _ = _pipe()
+    pipe, _ = _pipe(args.config)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe = pipe.to("cuda")
+    pipe = pipe.to(args.device)
     t0 = time.perf_counter()
-    rt = AudioLDM2Runtime.load(args.art, device="cuda")
+    rt = AudioLDM2Runtime.load(args.art, device=args.device)
     t_load = time.perf_counter() - t0
     kw = dict(prompt="techno music with a strong upbeat tempo and high melodic riffs", negative_prompt="low quality",
               num_inference_steps=20, guidance_scale=3.5, audio_length_in_s=10.24)
@@ -70,8 +70,9 @@ def cmd_compare(args) -> dict:
     lat = np.random.default_rng(0).standard_normal((1, 8, shape.latent_frames, 16)).astype(np.float32)
 
     def run_diffusers():
-        out = pipe(**kw, latents=torch.from_numpy(lat).cuda()).audios
-        torch.cuda.synchronize()
+        out = pipe(**kw, latents=torch.from_numpy(lat).to(args.device)).audios
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         return out
 
     def timed(fn, n):
@@ -103,6 +104,8 @@ def main() -> None:
     c.add_argument("--art", required=True)
     c.add_argument("--runs", type=int, default=3)
     ap.add_argument("--results", default=".")
+    ap.add_argument("--config", default="audioldm2", help="random-weights config (tiny for a CPU smoke run)")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     import onnxruntime
     import torch
