@@ -1,0 +1,63 @@
+"""Audio helpers: CLAP features and resampling against transformers / librosa, PCM16 conversion."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from audioldm2_trt.runtime.audio import ClapFeatures, resample, to_pcm16, write_wav
+
+
+def _config(name):
+    from audioldm2_trt.export.sources import CONFIG_ROOT
+
+    return json.loads((CONFIG_ROOT / name / "feature_extractor.json").read_text())
+
+
+@pytest.mark.parametrize("config", ["audioldm2", "tiny"])
+@pytest.mark.parametrize("seconds", [2.5, 7.0, 10.0])
+def test_clap_features_match_transformers(config, seconds):
+    transformers = pytest.importorskip("transformers")
+    cfg = _config(config)
+    ref_fe = transformers.ClapFeatureExtractor(**cfg)
+    rng = np.random.default_rng(0)
+    audio = (0.3 * rng.standard_normal((2, int(seconds * cfg["sampling_rate"])))).astype(np.float32)
+    ref = ref_fe(list(audio), sampling_rate=cfg["sampling_rate"], return_tensors="np").input_features
+    got = ClapFeatures.from_config(cfg)(audio)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)  # dB values, float32 rounding
+
+
+def test_long_audio_is_cut_deterministically():
+    cfg = _config("tiny")
+    fe = ClapFeatures.from_config(cfg)
+    audio = np.random.default_rng(1).standard_normal((1, int(12 * cfg["sampling_rate"]))).astype(np.float32)
+    np.testing.assert_array_equal(fe(audio), fe(audio[:, : fe.max_samples]))
+
+
+def test_unsupported_truncation_is_refused():
+    from audioldm2_trt.runtime.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="truncation 'fusion' is not supported"):
+        ClapFeatures.from_config({**_config("tiny"), "truncation": "fusion"})
+
+
+def test_resample_matches_librosa():
+    librosa = pytest.importorskip("librosa")
+    audio = np.random.default_rng(2).standard_normal((2, 16000 * 2 + 37)).astype(np.float32)
+    ref = librosa.resample(audio, orig_sr=16000, target_sr=48000)
+    got = resample(audio, 16000, 48000)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_pcm16_clips_before_scaling(tmp_path):
+    x = np.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0], dtype=np.float32)
+    np.testing.assert_array_equal(to_pcm16(x), [-32767, -32767, -16384, 0, 16384, 32767, 32767])
+    soundfile = pytest.importorskip("soundfile")
+    write_wav(tmp_path / "a.wav", x, 16000)
+    data, rate = soundfile.read(tmp_path / "a.wav", dtype="int16")
+    assert rate == 16000 and soundfile.info(tmp_path / "a.wav").subtype == "PCM_16"
+    np.testing.assert_array_equal(data, to_pcm16(x))

@@ -1,0 +1,122 @@
+"""Bad input gets a clear error naming the value and the allowed range; nothing reaches a backend."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from audioldm2_trt.runtime import AudioLDM2Runtime
+from audioldm2_trt.runtime.errors import ArtifactError, BackendError, InvalidRequestError
+
+from .conftest import needs_export
+
+pytestmark = needs_export
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=[]), "prompt is an empty list"),
+    (dict(prompt=""), r"prompt\[0\] is empty"),
+    (dict(prompt=["ok", "  "]), r"prompt\[1\] is empty"),
+    (dict(prompt=42), "prompt must be a string or a list of strings, got int"),
+    (dict(prompt=["ok", 3]), r"prompt\[1\] must be a string, got int 3"),
+    (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt has 1 entries but prompt has 2"),
+    (dict(prompt="a", num_inference_steps=0), r"num_inference_steps=0 is outside \[1, 998\]"),
+    (dict(prompt="a", num_inference_steps=-3), r"num_inference_steps=-3 is outside \[1, 998\]"),
+    (dict(prompt="a", num_inference_steps=2.5), "num_inference_steps must be an integer"),
+    (dict(prompt="a", guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(prompt="a", audio_length_in_s=0), r"audio_length_in_s=0 is outside the supported range \[0.04, 20.48\] s"),
+    (dict(prompt="a", audio_length_in_s=-1.0), "is outside the supported range"),
+    (dict(prompt="a", audio_length_in_s=0.03), "audio_length_in_s=0.03 is outside"),
+    (dict(prompt="a", audio_length_in_s=21.0), r"audio_length_in_s=21.0 is outside the supported range \[0.04, 20.48\]"),
+    (dict(prompt="a", audio_length_in_s="5"), "audio_length_in_s must be a finite number, got '5'"),
+    (dict(prompt="a", seed="7"), r"seed must be an integer in \[0, 9223372036854775807\], got '7'"),
+    (dict(prompt="a", seed=-1), "seed=-1 is outside"),
+    (dict(prompt="a", num_waveforms_per_prompt=0), r"num_waveforms_per_prompt=0 is outside \[1, 16\]"),
+    (dict(prompt="a", scheduler="euler"), "scheduler 'euler' is not one of dpmsolver\\+\\+, ddim"),
+    (dict(prompt="a", audio_length_in_s=2.5, latents=np.zeros((1, 8, 62, 16))),
+     r"latents must be a float array of shape \(1, 8, 63, 16\), got float64 \(1, 8, 62, 16\)"),
+    (dict(prompt="a", audio_length_in_s=2.5, latents=np.zeros((1, 8, 63, 16), dtype=np.int64)),
+     "latents must be a float array"),
+])
+def test_bad_request(runtime, kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        runtime(**kwargs)
+
+
+def test_ddim_allows_one_more_step_than_dpm(runtime):
+    with pytest.raises(InvalidRequestError, match=r"outside \[1, 999\]"):
+        runtime("a", scheduler="ddim", num_inference_steps=1000)
+
+
+def test_over_long_prompt_is_truncated_with_a_warning(runtime, caplog):
+    long = "thunder rumbling " * 200
+    with caplog.at_level(logging.WARNING, logger="audioldm2_trt.runtime"):
+        out = runtime(long, num_inference_steps=1, audio_length_in_s=0.5, seed=0)
+    assert out.audios.shape == (1, 8000)
+    assert any("truncated to 77 tokens" in r.message for r in caplog.records)
+
+
+def test_cuda_without_provider_is_an_error_not_a_cpu_run(tiny_artifacts):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(BackendError, match=r"execution provider\(s\) \['CUDAExecutionProvider'\] not available"):
+        AudioLDM2Runtime.load(tiny_artifacts, device="cuda")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:-1", 3])
+def test_bad_device_string(tiny_artifacts, device):
+    with pytest.raises(InvalidRequestError, match="device"):
+        AudioLDM2Runtime.load(tiny_artifacts, device=device)
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_component_file(tiny_artifacts, tmp_path):
+    art = _copy(tiny_artifacts, tmp_path)
+    (art / "unet.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"is missing unet.onnx; rebuild with: audioldm2-trt export --random-weights tiny"):
+        AudioLDM2Runtime.load(art)
+
+
+def test_manifest_of_another_format_version(tiny_artifacts, tmp_path):
+    art = _copy(tiny_artifacts, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    m["format_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="exported with artefact format 99, this runtime reads format 1"):
+        AudioLDM2Runtime.load(art)
+
+
+def test_folder_without_manifest(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        AudioLDM2Runtime.load(tmp_path / "x")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        AudioLDM2Runtime.load(tmp_path / "nope")
+
+
+def test_corrupt_onnx_file_names_the_component(tiny_artifacts, tmp_path):
+    art = _copy(tiny_artifacts, tmp_path)
+    (art / "vocoder.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(BackendError, match="could not load vocoder"):
+        AudioLDM2Runtime.load(art)
+
+
+def test_non_finite_stage_is_named(runtime, monkeypatch):
+    from audioldm2_trt.runtime.errors import NonFiniteError
+
+    unet = runtime._sessions["unet"]
+    real = unet.run
+    monkeypatch.setattr(unet, "run", lambda feeds: {"noise_pred": real(feeds)["noise_pred"] * np.nan})
+    with pytest.raises(NonFiniteError, match=r"unet \(step 0\) produced non-finite values"):
+        runtime("a", num_inference_steps=2, audio_length_in_s=0.5, seed=0)
