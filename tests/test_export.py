@@ -194,3 +194,24 @@ def test_failed_export_leaves_nothing_that_looks_valid(tiny_pipe, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ArtifactError, match="does not exist"):
         load_artifacts(tmp_path / "art")
+
+
+def test_large_component_is_saved_with_external_data(tiny_pipe, tmp_path, monkeypatch):
+    """Components over the protobuf limit go to one <name>.onnx.data file the runtime loads transparently."""
+    from audioldm2_trt.export import onnx_export
+    from audioldm2_trt.export.components import pipeline_constants
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    entry = onnx_export.export_component(tiny_pipe, pipeline_constants(tiny_pipe), "vocoder", tmp_path)
+    assert entry["external_data"] == "vocoder.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocoder.onnx", "vocoder.onnx.data"]
+    assert (tmp_path / "vocoder.onnx").stat().st_size < 100_000 < (tmp_path / "vocoder.onnx.data").stat().st_size
+    session = OrtSessionFactory("cpu").create("vocoder", tmp_path / "vocoder.onnx")
+    mel = np.random.default_rng(0).standard_normal((1, 1, 8, 64)).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        ref = tiny_pipe.vocoder(torch.from_numpy(mel[:, 0])).numpy()
+    got = session.run({"mel": mel})["waveform"]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
