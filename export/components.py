@@ -23,11 +23,31 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Fp16Recipe:
+    """How a component becomes fp16: ORT transformer-optimizer fusions first (in fp32), then conversion.
+
+    ``keep_fp32``: the whole component stays fp32. ``fusion``: the optimizer's model type (None = no
+    fusion) and ``fusion_options`` overrides of its FusionOptions. ``fp32_ops``: op types kept fp32 in
+    addition to the converter's defaults. Inputs and outputs stay float32 either way.
+    """
+
+    keep_fp32: bool = False
+    fusion: str | None = None
+    fusion_options: tuple[tuple[str, bool], ...] = ()
+    fp32_ops: tuple[str, ...] = ()
+    reason: str = ""
+
+
+FP16_PLAIN = Fp16Recipe()
+
+
+@dataclass(frozen=True)
 class ComponentSpec:
     name: str
     build: Callable  # (pipeline, constants) -> torch.nn.Module
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    fp16: Fp16Recipe = FP16_PLAIN
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {
@@ -69,6 +89,8 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "t5_encoder", lambda p, c: wrappers.T5Encoder(p.text_encoder_2),
         (_t("input_ids", "int64", "batch", "t5_seq"), _t("attention_mask", "int64", "batch", "t5_seq")),
         (_t("last_hidden_state", "float32", "batch", "t5_seq", "t5_dim"),),
+        Fp16Recipe(keep_fp32=True, reason="Flan-T5 overflows fp16 in its feed-forward output (wo) and norms; "
+                   "it runs once per request, so all of it stays fp32"),
     ),
     ComponentSpec(
         "projection", lambda p, c: wrappers.Projection(p.projection_model),
@@ -78,6 +100,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             _t("t5_attention_mask", "int64", "batch", "t5_seq"),
         ),
         (_t("inputs_embeds", "float32", "batch", "lm_seq", "lm_dim"), _t("attention_mask", "int64", "batch", "lm_seq")),
+        Fp16Recipe(keep_fp32=True, reason="two linear layers; nothing to gain"),
     ),
     ComponentSpec(
         "gpt2", lambda p, c: wrappers.Gpt2GenerateKV(p.language_model, c["max_new_tokens"]),
@@ -94,11 +117,21 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             _t("encoder_attention_mask_1", "int64", "batch", "t5_seq"),
         ),
         (_t("noise_pred", "float32", "batch", "latent_channels", "frames", "latent_bins"),),
+        Fp16Recipe(
+            fusion="unet",
+            # Attention fusion would drop the T5 stream's key-padding mask, and BiasSplitGelu's CUDA kernel
+            # rejects AudioLDM 2's hidden size 2048 (shared/reference/ort-cuda-facts.md §2, §3).
+            fusion_options=(("enable_attention", False), ("enable_packed_qkv", False), ("enable_packed_kv", False),
+                            ("enable_bias_splitgelu", False)),
+            reason="GroupNorm, NHWC convolution, bias-GELU and LayerNorm fused; attention left unfused",
+        ),
     ),
     ComponentSpec(
         "vae_decoder", lambda p, c: wrappers.VaeDecoder(p.vae),
         (_t("latents", "float32", "batch", "latent_channels", "frames", "latent_bins"),),
         (_t("mel", "float32", "batch", "one", "mel_frames", "mel_bins"),),
+        Fp16Recipe(fusion="vae", fusion_options=(("enable_attention", False),),
+                   reason="GroupNorm and NHWC convolution fused"),
     ),
     ComponentSpec(
         "vocoder", lambda p, c: wrappers.Vocoder(p.vocoder),
@@ -109,6 +142,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "clap_audio", lambda p, c: wrappers.ClapAudio(p.text_encoder),
         (_t("input_features", "float32", "batch", "one", "clap_frames", "clap_mel_bins"),),
         (_t("audio_embeds", "float32", "batch", "clap_dim"),),
+        Fp16Recipe(keep_fp32=True, reason="ranking only, once per request"),
     ),
 )
 

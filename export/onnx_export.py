@@ -53,8 +53,16 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
     return staging
 
 
-def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None) -> Path:
-    """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``."""
+PRECISIONS = ("fp32", "fp16")
+
+
+def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, precision: str = "fp32") -> Path:
+    """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``.
+
+    precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``.
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     out = Path(out)
     staging = prepare_output(out, overwrite)
     try:
@@ -63,10 +71,10 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None) 
         entries = {}
         for name in COMPONENT_NAMES:
             t0 = time.perf_counter()
-            entries[name] = export_component(pipe, consts, name, staging)
+            entries[name] = export_component(pipe, consts, name, staging, precision)
             log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
         tokenizers = save_tokenizers(pipe, staging)
-        manifest = build_manifest(pipe, source, consts, entries, tokenizers)
+        manifest = build_manifest(pipe, source, consts, entries, tokenizers, precision)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -77,8 +85,8 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None) 
     return out
 
 
-def export_component(pipe, consts: dict, name: str, folder: Path) -> dict:
-    """Export one component with the TorchScript exporter; move weights to external data if large."""
+def export_component(pipe, consts: dict, name: str, folder: Path, precision: str = "fp32") -> dict:
+    """Export one component with the TorchScript exporter (then to fp16 if asked and its recipe allows)."""
     import onnx
     import torch
 
@@ -99,16 +107,15 @@ def export_component(pipe, consts: dict, name: str, folder: Path) -> dict:
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
             dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, dynamo=False, do_constant_folding=True,
         )
-    model = onnx.load(str(scratch / "model.onnx"))
     path = folder / f"{name}.onnx"
-    weight_bytes = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-    external = f"{name}.onnx.data" if weight_bytes > EXTERNAL_DATA_BYTES else None
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    save_model(onnx.load(str(scratch / "model.onnx")), path)
     shutil.rmtree(scratch)
+    fp16 = None
+    if precision == "fp16" and not spec.fp16.keep_fp32:
+        from .optimize import to_fp16
+
+        fp16 = to_fp16(path, spec.fp16, save_model)
+    external = f"{name}.onnx.data" if (folder / f"{name}.onnx.data").exists() else None
     return {
         "file": path.name,
         "external_data": external,
@@ -116,9 +123,25 @@ def export_component(pipe, consts: dict, name: str, folder: Path) -> dict:
         "outputs": [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims)} for t in spec.outputs],
         "dynamic_axes": {k: {str(i): d for i, d in v.items()} for k, v in spec.dynamic_axes().items()},
         "opset": OPSET,
+        "precision": "fp16" if fp16 is not None else "fp32",
+        "fp16": fp16,
         "sha256": _sha256(path, folder / external if external else None),
         "bytes": path.stat().st_size + ((folder / external).stat().st_size if external else 0),
     }
+
+
+def save_model(model, path: Path) -> None:
+    """Save an ONNX model; weights go to one ``<file>.data`` beside it when over the protobuf limit."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    weight_bytes = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
 
 
 def save_tokenizers(pipe, folder: Path) -> dict:
@@ -142,7 +165,7 @@ def save_tokenizers(pipe, folder: Path) -> dict:
     return entries
 
 
-def build_manifest(pipe, source: Source, consts: dict, entries: dict, tokenizers: dict) -> dict:
+def build_manifest(pipe, source: Source, consts: dict, entries: dict, tokenizers: dict, precision: str) -> dict:
     import diffusers
     import onnx
     import torch
@@ -158,7 +181,7 @@ def build_manifest(pipe, source: Source, consts: dict, entries: dict, tokenizers
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": source.describe(),
-        "precision": "fp32",
+        "precision": precision,
         "versions": {
             "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,37 +64,49 @@ class AudioLDM2Runtime:
         execution providers to use instead of the device's default; threads: intra-op threads (0 = ORT default).
         """
         art = load_artifacts(folder)
-        if art.precision != "fp32":
-            raise ArtifactError(f"{folder}: precision {art.precision!r} is not supported by this runtime (fp32)")
         factory = OrtSessionFactory(device, providers, threads)
+        if art.precision not in ("fp32", "fp16"):
+            raise ArtifactError(f"{folder}: precision {art.precision!r} is not one of fp32, fp16")
+        if art.precision == "fp16" and factory.device.kind != "cuda":
+            raise ArtifactError(f"{folder}: fp16 artefacts use CUDA-only fused kernels; load them with device='cuda'")
         sessions = {name: factory.create(name, art.component_file(name)) for name in art.manifest["components"]}
         return cls(art, sessions, factory.device)
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.5,
                  audio_length_in_s: float | None = None, num_waveforms_per_prompt: int = 1, seed: int | None = None,
                  latents: np.ndarray | None = None, scheduler: str = "dpmsolver++",
-                 callback: StepCallback | None = None) -> AudioOutput:
-        """Generate audio; arguments as diffusers' ``AudioLDM2Pipeline.__call__`` (see README)."""
+                 callback: StepCallback | None = None, timings: dict | None = None) -> AudioOutput:
+        """Generate audio; arguments as diffusers' ``AudioLDM2Pipeline.__call__`` (see README).
+
+        ``timings``: a dict to fill with wall-clock seconds per stage ("text", "unet" (a list, one per
+        step), "vae", "vocoder", "ranking", "total"), for benchmarks.
+        """
+        clock = _Clock(timings)
         # 1. Check the request once, up front.
         req = build_request(self.constants, self._scheduler_config, prompt, negative_prompt, num_inference_steps,
                             guidance_scale, audio_length_in_s, num_waveforms_per_prompt, seed, latents, scheduler)
         # 2. Prompt → conditioning (CLAP, T5, projection, GPT-2), negatives first under CFG.
         tokens = tokenize_prompts(self._clap_tok, self._t5_tok, req.prompts, req.negative_prompts)
         cond = encode_text(self._sessions, tokens, self._clap_tok.pad_token_id).repeat_rows(req.waveforms_per_prompt)
+        clock.mark("text")
         # 3. Initial latents.
         latents, seed = self._initial_latents(req)
         # 4. Denoising loop.
-        latents = self._denoise(req, cond, latents, callback)
+        latents = self._denoise(req, cond, latents, callback, clock)
         # 5. Latents → mel → waveform, trimmed to the requested length.
         mel = check_finite("vae_decoder", self._sessions["vae_decoder"].run({"latents": latents})["mel"])
+        clock.mark("vae")
         audio = check_finite("vocoder", self._sessions["vocoder"].run({"mel": mel})["waveform"])
         audio = np.ascontiguousarray(audio[:, : req.shape.samples], dtype=np.float32)
+        clock.mark("vocoder")
         # 6. Rank each prompt's waveforms by CLAP similarity.
         scores = None
         if req.waveforms_per_prompt > 1:
             order, scores = rank_per_prompt(audio, cond.clap_text, req.waveforms_per_prompt, self.sample_rate,
                                             self._clap_features, self._sessions["clap_audio"])
             audio = audio[order]
+            clock.mark("ranking")
+        clock.finish()
         return AudioOutput(audio, self.sample_rate, seed, scores)
 
     def _initial_latents(self, req: Request) -> tuple[np.ndarray, int | None]:
@@ -105,7 +118,7 @@ class AudioLDM2Runtime:
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32), seed
 
     def _denoise(self, req: Request, cond: Conditioning, latents: np.ndarray,
-                 callback: StepCallback | None) -> np.ndarray:
+                 callback: StepCallback | None, clock: "_Clock") -> np.ndarray:
         plan = make_plan(req.scheduler, self._scheduler_config, req.steps)
         state = SolverState()
         latents = latents * np.float32(plan.init_noise_sigma)
@@ -119,6 +132,7 @@ class AudioLDM2Runtime:
                 uncond, text = np.split(eps, 2)
                 eps = uncond + np.float32(req.guidance_scale) * (text - uncond)
             latents = plan.step(i, check_finite(f"unet (step {i})", eps), latents, state)
+            clock.mark("unet", append=True)
             if callback is not None:
                 callback(i, req.steps)
         return latents
@@ -126,3 +140,27 @@ class AudioLDM2Runtime:
     def close(self) -> None:
         """Release the sessions; the runtime cannot be used afterwards."""
         self._sessions.clear()
+
+
+class _Clock:
+    """Fills a caller's dict with seconds per stage; does nothing without one."""
+
+    def __init__(self, out: dict | None):
+        self.out = out
+        if out is not None:
+            out.clear()
+            self.start = self.last = time.perf_counter()
+
+    def mark(self, stage: str, append: bool = False) -> None:
+        if self.out is None:
+            return
+        now = time.perf_counter()
+        if append:
+            self.out.setdefault(stage, []).append(now - self.last)
+        else:
+            self.out[stage] = now - self.last
+        self.last = now
+
+    def finish(self) -> None:
+        if self.out is not None:
+            self.out["total"] = time.perf_counter() - self.start

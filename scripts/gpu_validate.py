@@ -29,12 +29,12 @@ def _pipe(config):
 def cmd_export(args) -> dict:
     from audioldm2_trt.export.onnx_export import export
     from audioldm2_trt.export.sources import Source
-    from audioldm2_trt.export.validate import FP32_TOLERANCE, validate
+    from audioldm2_trt.export.validate import validate
     from audioldm2_trt.runtime.artifacts import load_artifacts
 
     pipe, t_build = _pipe(args.config)
     t0 = time.perf_counter()
-    out = export(Source(random_config=args.config), args.out, overwrite=True, pipe=pipe)
+    out = export(Source(random_config=args.config), args.out, overwrite=True, pipe=pipe, precision=args.precision)
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
     checks = validate(out, device=args.device, pipe=pipe)
@@ -44,7 +44,7 @@ def cmd_export(args) -> dict:
         "build_random_pipeline_s": t_build, "export_s": t_export, "validate_s": t_validate,
         "files": {n: {"bytes": e["bytes"], "external_data": e["external_data"]} for n, e in m["components"].items()},
         "checks": [{"component": c.component, "batch": c.shape.batch, "seq": c.shape.seq, "frames": c.shape.frames,
-                    "output": c.output, "rel_l2": c.rel_l2, "max_abs": c.max_abs, "ok": c.rel_l2 <= FP32_TOLERANCE}
+                    "output": c.output, "rel_l2": c.rel_l2, "max_abs": c.max_abs, "precision": c.precision, "ok": c.passed}
                    for c in checks],
     }
 
@@ -100,6 +100,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     c = sub.add_parser("compare")
     c.add_argument("--art", required=True)
     c.add_argument("--runs", type=int, default=3)
@@ -114,7 +115,7 @@ def main() -> None:
     result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result["versions"] = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
     result["date"] = time.strftime("%Y-%m-%d")
-    path = Path(args.results) / f"gpu_{args.cmd}.json"
+    path = Path(args.results) / f"gpu_{args.cmd}{'_fp16' if getattr(args, 'precision', 'fp32') == 'fp16' else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

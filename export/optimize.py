@@ -1,0 +1,93 @@
+"""fp32 ONNX → fp16 ONNX with ONNX Runtime's own tools: fuse first (in fp32), convert after.
+
+Each component's ``Fp16Recipe`` (components.py) says what to fuse and what stays fp32. Inputs and
+outputs stay float32 (``keep_io_types``), so the runtime feeds every precision the same way.
+Traps this avoids, each measured on the full-size model (shared/reference/ort-cuda-facts.md):
+an fp16 export fed to the optimizer fails, so fusion runs on the fp32 graph; the converter would turn
+the constants that feed ``Resize`` into fp16 and make an invalid model, so those nodes are blocked;
+passing ``op_block_list`` replaces the converter's defaults, so they are added back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .components import Fp16Recipe
+
+log = logging.getLogger("audioldm2_trt.export")
+
+
+def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
+    """Rewrite the fp32 model at ``path`` in place as fp16; ``save(model_proto, path)`` writes it.
+
+    Returns a summary for the manifest: fused op counts and what was kept fp32.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(path)))
+    for i, node in enumerate(model.model.graph.node):  # the converter's node block list works by name
+        node.name = node.name or f"{node.op_type}_{i}"
+    fused = {}
+    if recipe.fusion:
+        model = _fuse(model, recipe)
+        fused = {op: n for op, n in _op_counts(model.model).items()
+                 if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization",
+                           "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention")}
+    blocked_nodes = resize_parameter_nodes(model.model)
+    op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(recipe.fp32_ops))
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=op_block, node_block_list=blocked_nodes,
+                                   disable_shape_infer=True)
+    model.topological_sort()  # keep_io_types appends its Cast nodes at the end
+    domains = {node.domain for node in model.model.graph.node} - {"", "ai.onnx"}
+    known = {o.domain for o in model.model.opset_import}
+    for domain in sorted(domains - known):  # fused contrib ops (GroupNorm, NhwcConv …) live in com.microsoft
+        model.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    save(model.model, path)
+    return {"fused": fused, "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes)}
+
+
+def _fuse(model, recipe: Fp16Recipe):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(recipe.fusion)
+    for key, value in recipe.fusion_options:
+        if not hasattr(options, key):
+            raise AttributeError(f"FusionOptions has no {key!r}")  # catches option renames in new ORT versions
+        setattr(options, key, value)
+    inputs_before = [i.name for i in model.model.graph.input]
+    fused = optimize_model(model.model, model_type=recipe.fusion, opt_level=0, optimization_options=options,
+                           use_gpu=True)
+    inputs_after = [i.name for i in fused.model.graph.input]
+    if inputs_after != inputs_before:  # e.g. a fusion that swallowed an attention mask
+        raise RuntimeError(f"{recipe.fusion} fusion changed the graph inputs {inputs_before} → {inputs_after}")
+    return fused
+
+
+def resize_parameter_nodes(model) -> list[str]:
+    """Names of the nodes that produce ``Resize``'s roi/scales/sizes: they must stay fp32/int64."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    blocked = []
+    for node in model.graph.node:
+        if node.op_type != "Resize":
+            continue
+        for name in node.input[1:]:
+            stack = [name]
+            while stack:  # walk back through Constant/Cast/Concat chains to their source
+                src = producers.get(stack.pop())
+                if src is None or src.name in blocked:
+                    continue
+                if src.op_type in ("Constant", "Cast", "Concat", "Unsqueeze", "Mul", "Div", "Slice", "Shape", "Gather"):
+                    blocked.append(src.name)
+                    stack.extend(src.input)
+    return blocked
+
+
+def _op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

@@ -1,0 +1,180 @@
+"""End-to-end benchmark: this runtime and the diffusers peers, one process, one table.
+
+    python scripts/benchmark.py --fp16 engines/random-full-fp16 --fp32 engines/random-full [--runs 10] [--out DIR]
+
+Same prompt, negative prompt, length (10.24 s), DPM-Solver++ 20 steps and CFG 3.5 for everyone; medians of
+``--runs`` warm calls after a first call, wall clock around a CUDA-synchronised call. Peers:
+B0 diffusers fp16 eager (SDPA), B1 = B0 + ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)``,
+B2 = B1 + every other component compiled (default mode). The diffusers pipeline is built from the random
+full-size configs with the same seed as ``export --random-weights audioldm2``, so the weights are the ones the
+artefacts were exported from. ``--skip`` leaves configurations out (e.g. ``--skip b2``) where a machine's time
+limit forces it; the table says what ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "techno music with a strong upbeat tempo and high melodic riffs"
+NEGATIVE = "low quality, noisy"
+REQUEST = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=20, guidance_scale=3.5,
+               audio_length_in_s=10.24)
+
+
+def gpu_process_mib() -> float:
+    """This process's GPU memory as the driver sees it (NVML), MiB: comparable across torch and ORT."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == os.getpid():
+            return proc.usedGpuMemory / 2**20
+    return float("nan")
+
+
+def timed(fn, runs: int) -> dict:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"first_s": first, "median_s": statistics.median(times), "runs": runs, "all_s": times}
+
+
+def bench_runtime(folder: str, runs: int, heavy: bool) -> dict:
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    before = gpu_process_mib()
+    t0 = time.perf_counter()
+    rt = AudioLDM2Runtime.load(folder, device="cuda")
+    load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rt(**REQUEST, seed=0)
+    cold = load + time.perf_counter() - t0
+    result = {"load_s": load, "cold_start_s": cold, **timed(lambda: rt(**REQUEST, seed=0), runs)}
+    stages = []
+    for _ in range(3):
+        t: dict = {}
+        rt(**REQUEST, seed=0, timings=t)
+        stages.append(t)
+    pick = lambda key: statistics.median(s[key] for s in stages)  # noqa: E731
+    unet = statistics.median(x for s in stages for x in s["unet"])
+    result["stages_ms"] = {
+        "text": pick("text") * 1e3, "unet_step": unet * 1e3, "unet_total": statistics.median(sum(s["unet"]) for s in stages) * 1e3,
+        "vae": pick("vae") * 1e3, "vocoder": pick("vocoder") * 1e3,
+        "host_glue": statistics.median(s["total"] - s["text"] - sum(s["unet"]) - s["vae"] - s["vocoder"] for s in stages) * 1e3,
+    }
+    if heavy:
+        result["ddim200"] = timed(lambda: rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0), 2)
+        result["batch4"] = timed(lambda: rt(**REQUEST, num_waveforms_per_prompt=4, seed=0), 3)
+    result["gpu_mib"] = gpu_process_mib() - before
+    rt.close()
+    del rt
+    gc.collect()
+    return result
+
+
+def bench_diffusers(runs: int, skip: set[str]) -> dict:
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from audioldm2_trt.export.sources import Source, load_pipeline
+
+    pipe = load_pipeline(Source(random_config="audioldm2"))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to("cuda", torch.float16)
+
+    def call():
+        out = pipe(**REQUEST, generator=torch.Generator("cuda").manual_seed(0)).audios
+        torch.cuda.synchronize()
+        return out
+
+    results = {}
+    torch.cuda.reset_peak_memory_stats()
+    results["b0"] = timed(call, runs)
+    results["b0"]["torch_peak_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    results["b0"]["ddim200"] = timed(lambda: _ddim200(pipe), 1)
+    if "b1" not in skip:
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+        results["b1"] = timed(call, runs)
+    if "b2" not in skip and "b1" not in skip:
+        pipe.text_encoder.text_model = torch.compile(pipe.text_encoder.text_model)
+        pipe.text_encoder_2 = torch.compile(pipe.text_encoder_2)
+        pipe.language_model = torch.compile(pipe.language_model)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+        pipe.vocoder = torch.compile(pipe.vocoder)
+        results["b2"] = timed(call, runs)
+    return results
+
+
+def _ddim200(pipe):
+    import torch
+    from diffusers import DDIMScheduler
+
+    keep = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(keep.config)
+    pipe(**{**REQUEST, "num_inference_steps": 200}, generator=torch.Generator("cuda").manual_seed(0))
+    torch.cuda.synchronize()
+    pipe.scheduler = keep
+
+
+def table(res: dict) -> str:
+    rows = ["| configuration | end to end, median | first call | notes |", "|---|---|---|---|"]
+    d = res.get("diffusers", {})
+    names = {"b0": "diffusers fp16 eager, DPM-20 (B0)", "b1": "B0 + compiled UNet, reduce-overhead (B1)",
+             "b2": "every component compiled (B2)"}
+    for key, label in names.items():
+        if key in d:
+            rows.append(f"| {label} | {d[key]['median_s'] * 1e3:.0f} ms | {d[key]['first_s']:.1f} s | |")
+    for key in ("fp16", "fp32"):
+        r = res.get(f"runtime_{key}")
+        if r:
+            s = r["stages_ms"]
+            rows.append(f"| this runtime, ORT CUDA {key} | {r['median_s'] * 1e3:.0f} ms | {r['first_s']:.2f} s | "
+                        f"text {s['text']:.1f} ms, UNet step {s['unet_step']:.1f} ms, VAE {s['vae']:.1f} ms, "
+                        f"vocoder {s['vocoder']:.1f} ms, host glue {s['host_glue']:.1f} ms; cold start "
+                        f"{r['cold_start_s']:.1f} s; process GPU memory +{r['gpu_mib']:.0f} MiB |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fp16", help="fp16 artefact folder")
+    ap.add_argument("--fp32", help="fp32 artefact folder")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    skip = {s for s in args.skip.split(",") if s}
+    import onnxruntime
+    import torch
+
+    res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}, "request": REQUEST,
+           "skipped": sorted(skip)}
+    for key in ("fp16", "fp32"):
+        folder = getattr(args, key)
+        if folder and key not in skip:
+            res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=key == "fp16")
+            print(json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
+    if "b0" not in skip:
+        res["diffusers"] = bench_diffusers(args.runs, skip)
+    Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
+    Path(args.out, "benchmark.md").write_text(table(res) + "\n")
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
