@@ -117,14 +117,11 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             _t("encoder_attention_mask_1", "int64", "batch", "t5_seq"),
         ),
         (_t("noise_pred", "float32", "batch", "latent_channels", "frames", "latent_bins"),),
-        Fp16Recipe(
-            fusion="unet",
-            # Attention fusion would drop the T5 stream's key-padding mask, and BiasSplitGelu's CUDA kernel
-            # rejects AudioLDM 2's hidden size 2048 (shared/reference/ort-cuda-facts.md §2, §3).
-            fusion_options=(("enable_attention", False), ("enable_packed_qkv", False), ("enable_packed_kv", False),
-                            ("enable_bias_splitgelu", False)),
-            reason="GroupNorm, NHWC convolution, bias-GELU and LayerNorm fused; attention left unfused",
-        ),
+        # Plain conversion. The optimizer's "unet" fusions (GroupNorm, NHWC conv; attention must stay off: it
+        # drops the T5 mask, ort-cuda-facts.md §2) work on the tiny UNet (tests/test_fp16.py, via UNET_FUSED)
+        # but did not finish within 10 minutes on the full-size graph on the GPU machine, so they are not
+        # the default; the ONNX Runtime session's own graph optimisations still apply at load.
+        Fp16Recipe(reason="plain fp16 conversion; Python-level fusion too slow on the full-size graph"),
     ),
     ComponentSpec(
         "vae_decoder", lambda p, c: wrappers.VaeDecoder(p.vae),
@@ -147,6 +144,16 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
 )
 
 BY_NAME = {c.name: c for c in COMPONENTS}
+
+# The fusion recipe for the UNet, kept for the graph tests and for whoever makes it fast enough to default.
+UNET_FUSED = Fp16Recipe(
+    fusion="unet",
+    # Attention fusion would drop the T5 stream's key-padding mask, and BiasSplitGelu's CUDA kernel
+    # rejects AudioLDM 2's hidden size 2048 (shared/reference/ort-cuda-facts.md §2, §3).
+    fusion_options=(("enable_attention", False), ("enable_packed_qkv", False), ("enable_packed_kv", False),
+                    ("enable_bias_splitgelu", False)),
+    reason="GroupNorm, NHWC convolution and LayerNorm fused; attention left unfused",
+)
 
 
 def pipeline_constants(pipe) -> dict:

@@ -17,13 +17,14 @@ pytestmark = needs_export
 
 
 def _fp16_copy(tiny_artifacts, tmp_path, name):
-    from audioldm2_trt.export.components import BY_NAME
+    from audioldm2_trt.export.components import BY_NAME, UNET_FUSED
     from audioldm2_trt.export.onnx_export import save_model
     from audioldm2_trt.export.optimize import to_fp16
 
     path = tmp_path / f"{name}.onnx"
     shutil.copy(tiny_artifacts / f"{name}.onnx", path)
-    summary = to_fp16(path, BY_NAME[name].fp16, save_model)
+    recipe = UNET_FUSED if name == "unet" else BY_NAME[name].fp16
+    summary = to_fp16(path, recipe, save_model)
     return path, summary
 
 
