@@ -40,6 +40,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(recipe.fp32_ops))
     model.convert_float_to_float16(keep_io_types=True, op_block_list=op_block, node_block_list=blocked_nodes,
                                    disable_shape_infer=True)
+    _drop_duplicate_casts(model.model)
     model.topological_sort()  # keep_io_types appends its Cast nodes at the end
     domains = {node.domain for node in model.model.graph.node} - {"", "ai.onnx"}
     known = {o.domain for o in model.model.opset_import}
@@ -91,3 +92,25 @@ def _op_counts(model) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def _drop_duplicate_casts(model) -> None:
+    """The converter adds one Cast per (tensor, blocked consumer); when two blocked nodes read the same fp16
+    tensor it emits the same Cast twice (same name, same output), which ONNX Runtime rejects. Keep one."""
+    seen = set()
+    keep = []
+    for node in model.graph.node:
+        key = (node.op_type, tuple(node.input), tuple(node.output), node.name)
+        if node.op_type == "Cast" and key in seen:
+            continue
+        seen.add(key)
+        keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    names: dict[str, int] = {}
+    for node in model.graph.node:  # any other clash: make names unique (outputs are already distinct)
+        n = names.get(node.name, 0)
+        names[node.name] = n + 1
+        if n:
+            node.name = f"{node.name}_{n}"

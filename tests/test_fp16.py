@@ -16,14 +16,14 @@ from .conftest import needs_export
 pytestmark = needs_export
 
 
-def _fp16_copy(tiny_artifacts, tmp_path, name):
+def _fp16_copy(tiny_artifacts, tmp_path, name, fused_unet=False):
     from audioldm2_trt.export.components import BY_NAME, UNET_FUSED
     from audioldm2_trt.export.onnx_export import save_model
     from audioldm2_trt.export.optimize import to_fp16
 
     path = tmp_path / f"{name}.onnx"
     shutil.copy(tiny_artifacts / f"{name}.onnx", path)
-    recipe = UNET_FUSED if name == "unet" else BY_NAME[name].fp16
+    recipe = UNET_FUSED if fused_unet and name == "unet" else BY_NAME[name].fp16
     summary = to_fp16(path, recipe, save_model)
     return path, summary
 
@@ -39,7 +39,7 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
     import onnx
 
     fp32 = onnx.load(str(tiny_artifacts / f"{name}.onnx"))
-    path, summary = _fp16_copy(tiny_artifacts, tmp_path, name)
+    path, summary = _fp16_copy(tiny_artifacts, tmp_path, name, fused_unet=True)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert _elem_types(model) == _elem_types(fp32)  # same names, float32/int64 at the boundary
@@ -62,7 +62,7 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
     assert weights, "no fp16 weights after conversion"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "clap_text", "vocoder"])
+@pytest.mark.parametrize("name", ["gpt2", "clap_text", "vocoder", "unet"])
 def test_converted_component_agrees_with_fp32(tiny_artifacts, tmp_path, name):
     from audioldm2_trt.export.components import BY_NAME, SampleShape, pipeline_constants, sample_inputs
     from audioldm2_trt.export.validate import TOLERANCE, rel_l2
@@ -75,6 +75,12 @@ def test_converted_component_agrees_with_fp32(tiny_artifacts, tmp_path, name):
     fp32 = factory.create(name, tiny_artifacts / f"{name}.onnx")
     fp16 = factory.create(name, path)
     feeds = {k: v.numpy() for k, v in sample_inputs(BY_NAME[name], consts, SampleShape(2, 9, 16), seed=4).items()}
+    import onnx
+
+    model = onnx.load(str(path))
+    names = [n.name for n in model.graph.node]
+    outputs = [o for n in model.graph.node for o in n.output]
+    assert len(names) == len(set(names)) and len(outputs) == len(set(outputs))
     for out in fp32.output_names:
         a, b = fp16.run(feeds)[out], fp32.run(feeds)[out]
         assert a.dtype == np.float32
