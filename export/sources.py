@@ -16,10 +16,6 @@ from ..runtime.errors import ExportError
 log = logging.getLogger("audioldm2_trt.export")
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
-PIPELINE_COMPONENTS = (
-    "vae", "text_encoder", "text_encoder_2", "projection_model", "language_model",
-    "tokenizer", "tokenizer_2", "feature_extractor", "unet", "scheduler", "vocoder",
-)
 
 
 def random_config_names() -> list[str]:

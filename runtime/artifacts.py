@@ -49,9 +49,6 @@ class Artifacts:
     def component_file(self, name: str) -> Path:
         return self.folder / self.manifest["components"][name]["file"]
 
-    def component(self, name: str) -> dict:
-        return self.manifest["components"][name]
-
     def tokenizer_file(self, which: str) -> Path:
         return self.folder / self.manifest["tokenizers"][which]["file"]
 

@@ -9,7 +9,7 @@ algorithm dpmsolver++, solver_order 2, midpoint, lower_order_final, final_sigmas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,7 +43,6 @@ class SolverState:
 
     prev_x0: np.ndarray | None = None
     step: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -182,10 +182,10 @@ def test_failed_export_leaves_nothing_that_looks_valid(tiny_pipe, tmp_path, monk
 
     real = onnx_export.export_component
 
-    def failing(pipe, consts, name, folder):
+    def failing(pipe, consts, name, folder, precision):
         if name == "vae_decoder":
             raise RuntimeError("simulated failure half-way")
-        return real(pipe, consts, name, folder)
+        return real(pipe, consts, name, folder, precision)
 
     monkeypatch.setattr(onnx_export, "export_component", failing)
     with pytest.raises(RuntimeError, match="half-way"):
