@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime.artifacts import load_artifacts
-from ..runtime.errors import ArtifactError
+from ..runtime.backends.base import Device
 from ..runtime.backends.ort import OrtSessionFactory
 from .components import BY_NAME, SampleShape, sample_inputs
 from .sources import Source, load_pipeline
@@ -62,8 +62,7 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -
     import torch
 
     art = load_artifacts(folder)
-    if art.precision != "fp32" and not str(device).startswith("cuda"):
-        raise ArtifactError(f"{folder}: {art.precision} artefacts use CUDA-only fused kernels; validate with --device cuda")
+    art.check_device(Device.parse(device).kind, hint="validate with --device cuda")
     pipe = pipe or load_pipeline(source_of(art.manifest))
     consts = art.constants
     factory = OrtSessionFactory(device=device)

@@ -46,6 +46,13 @@ class Artifacts:
     def precision(self) -> str:
         return self.manifest["precision"]
 
+    def check_device(self, device_kind: str, hint: str = "load them with device='cuda'") -> None:
+        """fp16 artefacts hold CUDA-only kernels: refuse any other device up front, naming what to do."""
+        if self.precision not in ("fp32", "fp16"):
+            raise ArtifactError(f"{self.folder}: precision {self.precision!r} is not one of fp32, fp16")
+        if self.precision == "fp16" and device_kind != "cuda":
+            raise ArtifactError(f"{self.folder}: fp16 artefacts use CUDA-only fused kernels; {hint}")
+
     def component_file(self, name: str) -> Path:
         return self.folder / self.manifest["components"][name]["file"]
 

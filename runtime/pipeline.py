@@ -19,7 +19,6 @@ from .audio import ClapFeatures
 from .backends.base import Device
 from .backends.ort import OrtSessionFactory
 from .conditioning import Conditioning, check_finite, encode_text
-from .errors import ArtifactError
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
 from .schedulers import SolverState, make_plan
@@ -65,10 +64,7 @@ class AudioLDM2Runtime:
         """
         art = load_artifacts(folder)
         factory = OrtSessionFactory(device, providers, threads)
-        if art.precision not in ("fp32", "fp16"):
-            raise ArtifactError(f"{folder}: precision {art.precision!r} is not one of fp32, fp16")
-        if art.precision == "fp16" and factory.device.kind != "cuda":
-            raise ArtifactError(f"{folder}: fp16 artefacts use CUDA-only fused kernels; load them with device='cuda'")
+        art.check_device(factory.device.kind)
         sessions = {name: factory.create(name, art.component_file(name)) for name in art.manifest["components"]}
         return cls(art, sessions, factory.device)
 

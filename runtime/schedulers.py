@@ -42,7 +42,6 @@ class SolverState:
     """Per-request state: the previous step's data prediction (DPM-Solver++ only)."""
 
     prev_x0: np.ndarray | None = None
-    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,6 @@ class Plan:
         if self.c1[i] != 0.0:
             out = out + self.c1[i] * state.prev_x0
         state.prev_x0 = x0
-        state.step = i + 1
         return out.astype(x.dtype, copy=False)
 
 

@@ -21,7 +21,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 
 PROMPT = "techno music with a strong upbeat tempo and high melodic riffs"
 NEGATIVE = "low quality, noisy"

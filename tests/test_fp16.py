@@ -64,7 +64,7 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
 
 @pytest.mark.parametrize("name", ["gpt2", "clap_text", "vocoder", "unet"])
 def test_converted_component_agrees_with_fp32(tiny_artifacts, tmp_path, name):
-    from audioldm2_trt.export.components import BY_NAME, SampleShape, pipeline_constants, sample_inputs
+    from audioldm2_trt.export.components import BY_NAME, SampleShape, sample_inputs
     from audioldm2_trt.export.validate import TOLERANCE, rel_l2
     from audioldm2_trt.runtime.artifacts import load_artifacts
     from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
