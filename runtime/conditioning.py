@@ -25,6 +25,13 @@ class Conditioning:
     t5_mask: np.ndarray
     clap_text: np.ndarray
 
+    def padded_t5(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(t5 [R, length, D], t5_mask [R, length]) with zero rows / mask 0 appended."""
+        extra = length - self.t5.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot pad T5 states of length {self.t5.shape[1]} to {length}")
+        return (np.pad(self.t5, ((0, 0), (0, extra), (0, 0))), np.pad(self.t5_mask, ((0, 0), (0, extra))))
+
     def repeat_rows(self, n: int) -> "Conditioning":
         """Each row n times in a row (prompt-major), as diffusers' ``repeat(1, n, 1).view`` does."""
         rep = lambda a: np.repeat(a, n, axis=0)  # noqa: E731

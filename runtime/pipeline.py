@@ -17,10 +17,12 @@ import numpy as np
 from .artifacts import Artifacts, load_artifacts
 from .audio import ClapFeatures
 from .backends.base import Device
-from .backends.ort import OrtSessionFactory
+from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory
+from .errors import BackendError
 from .conditioning import Conditioning, check_finite, encode_text
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
+from .shapes import t5_bucket
 from .schedulers import SolverState, make_plan
 from .tokenization import TextTokenizer, tokenize_prompts
 
@@ -54,19 +56,45 @@ class AudioLDM2Runtime:
                                      toks["t5"]["pad_token_id"], "T5")
         self._clap_features = ClapFeatures.from_config(artifacts.manifest["feature_extractor"])
         self._scheduler_config = artifacts.manifest["scheduler"]
+        self._warm = False
 
     @classmethod
-    def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0) -> "AudioLDM2Runtime":
+    def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
+             cuda_graphs=True, max_graphs: int = DEFAULT_MAX_GRAPHS) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
         execution providers to use instead of the device's default; threads: intra-op threads (0 = ORT default).
+        cuda_graphs (CUDA only): capture one CUDA graph per component and input shape — True, False, or
+        the component names to capture; max_graphs: shapes captured per component (later ones run uncaptured).
         """
         art = load_artifacts(folder)
-        factory = OrtSessionFactory(device, providers, threads)
+        factory = OrtSessionFactory(device, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs)
         art.check_device(factory.device.kind)
-        sessions = {name: factory.create(name, art.component_file(name)) for name in art.manifest["components"]}
+        sessions = factory.create_all({name: art.component_file(name) for name in art.manifest["components"]})
         return cls(art, sessions, factory.device)
+
+    def warmup(self, lengths_s=(None,), batch_sizes=(1,), prompt: str = "warm-up", steps: int = 2) -> float:
+        """Run each (length, batch) once so that buffers, cuDNN algorithms and CUDA graphs exist before the
+        first request (graphs depend on shapes, not on the step count). Returns the seconds taken."""
+        start = time.perf_counter()
+        for length in lengths_s:
+            for batch in batch_sizes:
+                self(prompt, num_inference_steps=steps, audio_length_in_s=length, num_waveforms_per_prompt=batch,
+                     seed=0)
+        self._warm = True
+        return time.perf_counter() - start
+
+    def health(self) -> dict:
+        """What a server's health check reports: device, precision, warm or not, and per component
+        how many input shapes have buffers / CUDA graphs."""
+        return {
+            "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
+            "warm": self._warm,
+            "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),
+                               "uncaptured_shapes": s.stats.uncaptured_keys}
+                           for n, s in self._sessions.items() if hasattr(s, "stats")},
+        }
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.5,
                  audio_length_in_s: float | None = None, num_waveforms_per_prompt: int = 1, seed: int | None = None,
@@ -77,6 +105,8 @@ class AudioLDM2Runtime:
         ``timings``: a dict to fill with wall-clock seconds per stage ("text", "unet" (a list, one per
         step), "vae", "vocoder", "ranking", "total"), for benchmarks.
         """
+        if not self._sessions:
+            raise BackendError("this runtime was closed; load the artefacts again")
         clock = _Clock(timings)
         # 1. Check the request once, up front.
         req = build_request(self.constants, self._scheduler_config, prompt, negative_prompt, num_inference_steps,
@@ -119,8 +149,9 @@ class AudioLDM2Runtime:
         state = SolverState()
         latents = latents * np.float32(plan.init_noise_sigma)
         unet = self._sessions["unet"]
-        feeds = {"encoder_hidden_states": cond.generated, "encoder_hidden_states_1": cond.t5,
-                 "encoder_attention_mask_1": cond.t5_mask}
+        t5, t5_mask = cond.padded_t5(t5_bucket(cond.t5.shape[1]))
+        feeds = {"encoder_hidden_states": cond.generated, "encoder_hidden_states_1": t5,
+                 "encoder_attention_mask_1": t5_mask}
         for i, t in enumerate(plan.timesteps):
             sample = np.concatenate([latents, latents]) if req.do_cfg else latents
             eps = unet.run({**feeds, "sample": sample, "timestep": np.array([t], dtype=np.int64)})["noise_pred"]
@@ -134,7 +165,10 @@ class AudioLDM2Runtime:
         return latents
 
     def close(self) -> None:
-        """Release the sessions; the runtime cannot be used afterwards."""
+        """Release the sessions and their device buffers; the runtime cannot be used afterwards."""
+        for session in self._sessions.values():
+            if hasattr(session, "close"):
+                session.close()
         self._sessions.clear()
 
 

@@ -50,3 +50,12 @@ def audio_shape(c: dict, seconds: float | None) -> AudioShape:
     if height % scale:
         height = int(math.ceil(height / scale)) * scale
     return AudioShape(float(seconds), height // scale, height, int(seconds * c["sampling_rate"]))
+
+
+def t5_bucket(length: int) -> int:
+    """The T5 length the UNet sees: padded up to a multiple of 16 (up to 64), then of 64, so that
+    prompts of nearby lengths share one set of device buffers and one CUDA graph, and requests of
+    different prompt lengths can share a batch. Padded positions carry mask 0, which the UNet's
+    cross-attention turns into weight exactly 0."""
+    step = 16 if length <= 64 else 64
+    return -(-length // step) * step

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -28,16 +27,42 @@ REQUEST = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=20, 
                audio_length_in_s=10.24)
 
 
-def gpu_process_mib() -> float:
-    """This process's GPU memory as the driver sees it (NVML), MiB: comparable across torch and ORT."""
-    import pynvml
+class PeakGpuMemory:
+    """Peak of the GPU's used memory (NVML, the whole device) above its level at entry, sampled every
+    2 ms in a thread: one measure for torch and ONNX Runtime alike. ``mib`` after exit."""
 
-    pynvml.nvmlInit()
-    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-        if proc.pid == os.getpid():
-            return proc.usedGpuMemory / 2**20
-    return float("nan")
+    def __init__(self, index: int = 0):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.mib = float("nan")
+
+    def used(self) -> int:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+
+    def __enter__(self):
+        import threading
+
+        self._base = self.used()
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, self.used())
+                self._stop.wait(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self.used())
+        self.mib = (self._peak - self._base) / 2**20
 
 
 def timed(fn, runs: int) -> dict:
@@ -52,22 +77,39 @@ def timed(fn, runs: int) -> dict:
     return {"first_s": first, "median_s": statistics.median(times), "runs": runs, "all_s": times}
 
 
-def bench_runtime(folder: str, runs: int, heavy: bool) -> dict:
+def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs=True) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
-    before = gpu_process_mib()
-    t0 = time.perf_counter()
-    rt = AudioLDM2Runtime.load(folder, device="cuda")
-    load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rt(**REQUEST, seed=0)
-    cold = load + time.perf_counter() - t0
-    result = {"load_s": load, "cold_start_s": cold, **timed(lambda: rt(**REQUEST, seed=0), runs)}
-    stages = []
-    for _ in range(3):
-        t: dict = {}
-        rt(**REQUEST, seed=0, timings=t)
-        stages.append(t)
+    from audioldm2_trt.runtime.artifacts import COMPONENTS
+    from audioldm2_trt.runtime.errors import BackendError
+
+    without_graphs = []
+    with PeakGpuMemory() as mem:
+        t0 = time.perf_counter()
+        while True:  # a component whose graph ORT refuses to capture is named and run without one
+            try:
+                rt = AudioLDM2Runtime.load(folder, device="cuda", cuda_graphs=cuda_graphs)
+                load = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                rt(**REQUEST, seed=0)
+                cold = load + time.perf_counter() - t1
+                break
+            except BackendError as err:
+                if not cuda_graphs or not hasattr(err, "component"):
+                    raise
+                print("no CUDA graph for", err.component, ":", err, flush=True)
+                without_graphs.append(err.component)
+                cuda_graphs = [c for c in COMPONENTS if c not in without_graphs]
+                t0 = time.perf_counter()
+        result = {"load_s": load, "cold_start_s": cold, "cuda_graphs": bool(cuda_graphs),
+                  "components_without_graphs": without_graphs,
+                  **timed(lambda: rt(**REQUEST, seed=0), runs)}
+        stages = []
+        for _ in range(5):
+            t: dict = {}
+            rt(**REQUEST, seed=0, timings=t)
+            stages.append(t)
+    result["peak_gpu_mib"] = mem.mib  # load + cold call + warm calls at batch 1
     pick = lambda key: statistics.median(s[key] for s in stages)  # noqa: E731
     unet = statistics.median(x for s in stages for x in s["unet"])
     result["stages_ms"] = {
@@ -76,13 +118,34 @@ def bench_runtime(folder: str, runs: int, heavy: bool) -> dict:
         "host_glue": statistics.median(s["total"] - s["text"] - sum(s["unet"]) - s["vae"] - s["vocoder"] for s in stages) * 1e3,
     }
     if heavy:
-        result["ddim200"] = timed(lambda: rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0), 2)
-        result["batch4"] = timed(lambda: rt(**REQUEST, num_waveforms_per_prompt=4, seed=0), 3)
-    result["gpu_mib"] = gpu_process_mib() - before
+        unet_session = rt._sessions["unet"]
+        result["unet_step_ms_batch2_session_only"] = _session_only(unet_session) * 1e3
+        rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0)  # graphs exist already: same shapes
+        result["ddim200"] = timed(lambda: rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0), 3)
+        result["batch4"] = timed(lambda: rt(**REQUEST, num_waveforms_per_prompt=4, seed=0), 5)
+        result["health"] = rt.health()
     rt.close()
-    del rt
     gc.collect()
     return result
+
+
+def _session_only(session, runs: int = 50) -> float:
+    """Median seconds of the UNet session alone at batch 2 (inputs copied in, output copied out)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 8, 256, 16), dtype=np.float32),
+             "timestep": np.array([500], dtype=np.int64),
+             "encoder_hidden_states": rng.standard_normal((2, 8, 768), dtype=np.float32),
+             "encoder_hidden_states_1": rng.standard_normal((2, 16, 1024), dtype=np.float32),
+             "encoder_attention_mask_1": np.ones((2, 16), dtype=np.int64)}
+    session.run(feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def bench_diffusers(runs: int, skip: set[str]) -> dict:
@@ -93,7 +156,12 @@ def bench_diffusers(runs: int, skip: set[str]) -> dict:
 
     pipe = load_pipeline(Source(random_config="audioldm2"))
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    torch.cuda.init()
+    probe = PeakGpuMemory()
+    before = probe.used()
     pipe = pipe.to("cuda", torch.float16)
+    torch.cuda.synchronize()
+    weights_mib = (probe.used() - before) / 2**20
 
     def call():
         out = pipe(**REQUEST, generator=torch.Generator("cuda").manual_seed(0)).audios
@@ -102,7 +170,9 @@ def bench_diffusers(runs: int, skip: set[str]) -> dict:
 
     results = {}
     torch.cuda.reset_peak_memory_stats()
-    results["b0"] = timed(call, runs)
+    with PeakGpuMemory() as mem:
+        results["b0"] = timed(call, runs)
+    results["b0"]["peak_gpu_mib"] = mem.mib + weights_mib  # weights were moved before the sampler started
     results["b0"]["torch_peak_mib"] = torch.cuda.max_memory_reserved() / 2**20
     t0 = time.perf_counter()
     _ddim200(pipe)  # one call: 200 eager steps take seconds, and the machine's time is short
@@ -138,15 +208,17 @@ def table(res: dict) -> str:
              "b2": "every component compiled (B2)"}
     for key, label in names.items():
         if key in d:
-            rows.append(f"| {label} | {d[key]['median_s'] * 1e3:.0f} ms | {d[key]['first_s']:.1f} s | |")
-    for key in ("fp16", "fp32"):
+            extra = f"peak GPU memory +{d[key]['peak_gpu_mib']:.0f} MiB (NVML)" if "peak_gpu_mib" in d[key] else ""
+            rows.append(f"| {label} | {d[key]['median_s'] * 1e3:.0f} ms | {d[key]['first_s']:.1f} s | {extra} |")
+    for key, label in (("fp16", "ORT CUDA fp16, CUDA graphs"), ("fp32", "ORT CUDA fp32, CUDA graphs"),
+                       ("fp16_nograph", "ORT CUDA fp16, no CUDA graphs")):
         r = res.get(f"runtime_{key}")
         if r:
             s = r["stages_ms"]
-            rows.append(f"| this runtime, ORT CUDA {key} | {r['median_s'] * 1e3:.0f} ms | {r['first_s']:.2f} s | "
+            rows.append(f"| this runtime, {label} | {r['median_s'] * 1e3:.0f} ms | {r['first_s']:.2f} s | "
                         f"text {s['text']:.1f} ms, UNet step {s['unet_step']:.1f} ms, VAE {s['vae']:.1f} ms, "
                         f"vocoder {s['vocoder']:.1f} ms, host glue {s['host_glue']:.1f} ms; cold start "
-                        f"{r['cold_start_s']:.1f} s; process GPU memory +{r['gpu_mib']:.0f} MiB |")
+                        f"{r['cold_start_s']:.1f} s; peak GPU memory +{r['peak_gpu_mib']:.0f} MiB |")
     return "\n".join(rows)
 
 
@@ -155,21 +227,28 @@ def main() -> None:
     ap.add_argument("--fp16", help="fp16 artefact folder")
     ap.add_argument("--fp32", help="fp32 artefact folder")
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32")
+    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32,fp16_nograph")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
     import onnxruntime
+    import pynvml
+
+    pynvml.nvmlInit()
+    device = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+    res = {"device": device if isinstance(device, str) else device.decode(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip)}
+    variants = (("fp16", args.fp16, True, True), ("fp32", args.fp32, True, False),
+                ("fp16_nograph", args.fp16, False, False))
+    for key, folder, graphs, heavy in variants:  # the runtime first: no torch CUDA context exists yet
+        if folder and key not in skip:
+            res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs)
+            print(key, json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
+            Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
     import torch
 
-    res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}, "request": REQUEST,
-           "skipped": sorted(skip)}
-    for key in ("fp16", "fp32"):
-        folder = getattr(args, key)
-        if folder and key not in skip:
-            res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=key == "fp16")
-            print(json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
+    res["versions"]["torch"] = torch.__version__
     if "b0" not in skip:
         res["diffusers"] = bench_diffusers(args.runs, skip)
     Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))

@@ -1,8 +1,18 @@
-"""ONNX Runtime backend: CPU or CUDA execution provider over the exported ONNX files."""
+"""ONNX Runtime backend: CPU or CUDA execution provider over the exported ONNX files.
+
+On CUDA every run goes through I/O binding: each distinct set of input shapes (a *shape key*) gets
+its own device buffers, allocated once, and — with CUDA graphs on — its own captured graph
+(``gpu_graph_id``). A run copies the inputs into that key's buffers, replays the graph, and copies
+the outputs back. ONNX Runtime does not check that a graph id is replayed with the shapes it was
+captured with; the key → id map here is what guarantees it.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,36 +22,174 @@ from .base import Device
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
+DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
+_NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
+
+
+@dataclass
+class _Bound:
+    """Device buffers (and a graph id, or -1) for one shape key."""
+
+    binding: object
+    inputs: dict
+    outputs: dict
+    graph_id: int
+    runs: int = 0
+
+
+@dataclass
+class SessionStats:
+    graphs: int = 0
+    uncaptured_keys: int = 0
+    runs: int = 0
+    keys: list = field(default_factory=list)
+
 
 class OrtSession:
-    """One ``onnxruntime.InferenceSession``; errors are re-raised naming the component and shapes."""
+    """One ``onnxruntime.InferenceSession``; errors are re-raised naming the component and shapes.
 
-    def __init__(self, name: str, session):
+    ``run`` is thread-safe: CPU runs use ONNX Runtime's own thread-safe ``run``; bound (CUDA) runs
+    share per-key buffers, so they take this component's lock.
+    """
+
+    def __init__(self, name: str, session, ort, device: Device, bind: bool, cuda_graphs: bool,
+                 max_graphs: int = DEFAULT_MAX_GRAPHS):
         self.name = name
         self._session = session
+        self._ort = ort
+        self.device = device
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.bind = bind
+        self.cuda_graphs = cuda_graphs
+        self.max_graphs = max_graphs
+        self._lock = threading.Lock()
+        self._bound: dict[tuple, _Bound] = {}
+        self._next_graph_id = 1  # 0 is reserved by ONNX Runtime
+        self.stats = SessionStats()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            outputs = self._session.run(self.output_names, feeds)
+            if not self.bind:
+                return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
+            with self._lock:
+                return self._run_bound(feeds)
+        except BackendError:
+            raise
         except Exception as err:  # onnxruntime raises its own exception types; name what failed
             shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in feeds.items()}
-            raise BackendError(f"{self.name} failed on inputs {shapes}: {err}") from err
-        return dict(zip(self.output_names, outputs))
+            error = BackendError(f"{self.name} failed on inputs {shapes}"
+                                 f"{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
+            error.component = self.name
+            raise error from err
+
+    # -- bound runs ---------------------------------------------------------------------------------
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
+        bound = self._bound.get(key)
+        if bound is None:
+            if len(self._bound) >= self.max_graphs:
+                return self._run_transient(feeds)
+            bound = self._bound[key] = self._make_bound(feeds)
+            self.stats.keys.append({k: list(v.shape) for k, v in feeds.items()})
+        else:
+            for k, v in feeds.items():
+                bound.inputs[k].update_inplace(v)
+        self._execute(bound)
+        # On the CPU an OrtValue's numpy() is a view of the bound buffer: copy before the next run.
+        copy = self.device.kind == "cpu"
+        return {k: np.array(v.numpy(), copy=True) if copy else v.numpy() for k, v in bound.outputs.items()}
+
+    def _run_options(self, graph_id: int):
+        ro = self._ort.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return ro
+
+    def _execute(self, bound: _Bound) -> None:
+        ro = self._run_options(bound.graph_id) if self.cuda_graphs else None
+        self._session.run_with_iobinding(bound.binding, ro)
+        bound.binding.synchronize_outputs()
+        bound.runs += 1
+        self.stats.runs += 1
+
+    def _ortvalue(self, array: np.ndarray):
+        if self.device.kind == "cpu":  # a CPU OrtValue wraps the array itself: never alias the caller's
+            array = array.copy()
+        return self._ort.OrtValue.ortvalue_from_numpy(array, self.device.kind, self.device.index)
+
+    def _make_bound(self, feeds: dict[str, np.ndarray]) -> _Bound:
+        """Device buffers for this key: inputs copied in, outputs sized by one uncaptured run."""
+        inputs = {k: self._ortvalue(v) for k, v in feeds.items()}
+        probe = self._session.io_binding()
+        for k, v in inputs.items():
+            probe.bind_ortvalue_input(k, v)
+        for k in self.output_names:
+            probe.bind_output(k, self.device.kind, self.device.index)
+        self._session.run_with_iobinding(probe, self._run_options(_NO_GRAPH) if self.cuda_graphs else None)
+        probe.synchronize_outputs()
+        outputs = {}
+        for k, v in zip(self.output_names, probe.get_outputs()):
+            dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                     "tensor(int64)": np.int64, "tensor(int32)": np.int32}[v.data_type()]
+            outputs[k] = self._ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), dtype, self.device.kind,
+                                                                         self.device.index)
+        binding = self._session.io_binding()
+        for k, v in inputs.items():
+            binding.bind_ortvalue_input(k, v)
+        for k, v in outputs.items():
+            binding.bind_ortvalue_output(k, v)
+        graph_id = _NO_GRAPH
+        if self.cuda_graphs:
+            graph_id = self._next_graph_id
+            self._next_graph_id += 1
+            self.stats.graphs += 1
+        bound = _Bound(binding, inputs, outputs, graph_id)
+        if self.cuda_graphs:
+            self._execute(bound)  # ONNX Runtime's regular run before capture; the next run captures
+        return bound
+
+    def _run_transient(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A key past ``max_graphs``: bound for this run only, never captured."""
+        self.stats.uncaptured_keys += 1
+        if self.stats.uncaptured_keys == 1:
+            log.info("%s: more than %d input shapes; further shapes run without a CUDA graph", self.name,
+                     self.max_graphs)
+        binding = self._session.io_binding()
+        for k, v in feeds.items():
+            binding.bind_ortvalue_input(k, self._ortvalue(v))
+        for k in self.output_names:
+            binding.bind_output(k, self.device.kind, self.device.index)
+        self._session.run_with_iobinding(binding, self._run_options(_NO_GRAPH) if self.cuda_graphs else None)
+        binding.synchronize_outputs()
+        self.stats.runs += 1
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+    def close(self) -> None:
+        with self._lock:
+            self._bound.clear()
+            self._session = None
 
 
 class OrtSessionFactory:
     """Creates sessions on one explicit device. ``device="cuda"`` without a working CUDA provider is
-    an error, never a silent CPU run."""
+    an error, never a silent CPU run.
 
-    def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0):
+    cuda_graphs: capture a CUDA graph per shape key for these components (True = all, False = none,
+    or a collection of component names). bind: use I/O binding on the CPU too (for tests; CUDA
+    always binds).
+    """
+
+    def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
+                 cuda_graphs=True, bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS):
         import onnxruntime as ort
 
         self.ort = ort
         self.device = device if isinstance(device, Device) else Device.parse(device)
         self.threads = threads
+        self.max_graphs = max_graphs
         available = ort.get_available_providers()
+        custom = providers is not None
         if providers is None:
             if self.device.kind == "cuda":
                 # TF32 off: the exported graphs are fp32 and are validated against fp32 PyTorch.
@@ -59,7 +207,13 @@ class OrtSessionFactory:
             )
         if self.device.kind == "cuda" and "CUDAExecutionProvider" not in names and "TensorrtExecutionProvider" not in names:
             raise BackendError(f"device {self.device} asked for, but providers {names} contain no GPU provider")
+        if self.device.kind == "cuda":
+            _check_gpu_index(ort, self.device)
         self.providers = providers
+        # CUDA graphs only with our default CUDA provider (custom provider lists are taken as given).
+        use_graphs = self.device.kind == "cuda" and not custom and names[0] == "CUDAExecutionProvider"
+        self._graphs_for = _graph_selector(cuda_graphs if use_graphs else False)
+        self.bind = self.device.kind == "cuda" if bind is None else bind
 
     def create(self, name: str, path: str | Path) -> OrtSession:
         opts = self.ort.SessionOptions()
@@ -67,11 +221,62 @@ class OrtSessionFactory:
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
+        graphs = self._graphs_for(name)
+        providers = self.providers
+        if graphs:
+            providers = [(n, {**o, "enable_cuda_graph": 1}) if n == "CUDAExecutionProvider" else (n, o)
+                         for n, o in providers]
         try:
-            session = self.ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+            session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as err:
-            raise BackendError(f"could not load {name} from {path}: {err}") from err
+            error = BackendError(f"could not load {name} from {path}"
+                                 f"{' with CUDA graphs on (load with cuda_graphs=[...] without it)' if graphs else ''}"
+                                 f": {err}")
+            error.component = name
+            raise error from err
         used = session.get_providers()
         if self.device.kind == "cuda" and used[0] not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             raise BackendError(f"{name}: asked for {self.device} but onnxruntime placed it on {used}")
-        return OrtSession(name, session)
+        return OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs)
+
+    def create_all(self, files: dict[str, Path], workers: int = 4) -> dict[str, OrtSession]:
+        """Create every session, several at a time (ONNX Runtime releases the GIL while it builds)."""
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = {name: pool.submit(self.create, name, path) for name, path in files.items()}
+            return {name: f.result() for name, f in futures.items()}
+
+
+def _graph_selector(cuda_graphs):
+    if cuda_graphs is True:
+        return lambda name: True
+    if not cuda_graphs:
+        return lambda name: False
+    chosen = frozenset(cuda_graphs)
+    return lambda name: name in chosen
+
+
+def _check_gpu_index(ort, device: Device) -> None:
+    """``cuda:7`` on a host with fewer GPUs is an error naming the GPUs present (asked of the CUDA
+    driver through ctypes: no torch, and no change to the caller's current device)."""
+    count = cuda_device_count()
+    if count is not None and device.index >= count:
+        raise BackendError(f"device {device} asked for, but this host has {count} CUDA GPU(s): "
+                           f"{', '.join(f'cuda:{i}' for i in range(count)) or 'none'}")
+
+
+def cuda_device_count() -> int | None:
+    """Number of CUDA GPUs from the driver API (``cuDeviceGetCount``), None if no driver is loadable."""
+    import ctypes
+
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        if cuda.cuInit(0) != 0:
+            return 0
+        count = ctypes.c_int(0)
+        if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return None
