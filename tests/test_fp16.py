@@ -16,14 +16,17 @@ from .conftest import needs_export
 pytestmark = needs_export
 
 
-def _fp16_copy(tiny_artifacts, tmp_path, name, fused_unet=False):
-    from audioldm2_trt.export.components import BY_NAME, UNET_FUSED
+def _fp16_copy(tiny_artifacts, tmp_path, name, fused=False):
+    from audioldm2_trt.export.components import BY_NAME, FP16_PLAIN, UNET_FUSED, VAE_FUSED
     from audioldm2_trt.export.onnx_export import save_model
     from audioldm2_trt.export.optimize import to_fp16
 
     path = tmp_path / f"{name}.onnx"
     shutil.copy(tiny_artifacts / f"{name}.onnx", path)
-    recipe = UNET_FUSED if fused_unet and name == "unet" else BY_NAME[name].fp16
+    if fused:
+        recipe = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED}[name]
+    else:  # components kept fp32 by default (the vocoder) are still converted here, to test the converter
+        recipe = BY_NAME[name].fp16 if not BY_NAME[name].fp16.keep_fp32 else FP16_PLAIN
     summary = to_fp16(path, recipe, save_model)
     return path, summary
 
@@ -39,7 +42,7 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
     import onnx
 
     fp32 = onnx.load(str(tiny_artifacts / f"{name}.onnx"))
-    path, summary = _fp16_copy(tiny_artifacts, tmp_path, name, fused_unet=True)
+    path, summary = _fp16_copy(tiny_artifacts, tmp_path, name, fused=True)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert _elem_types(model) == _elem_types(fp32)  # same names, float32/int64 at the boundary

@@ -194,8 +194,11 @@ class OrtSessionFactory:
             if self.device.kind == "cuda":
                 # TF32 off: the exported graphs are fp32 and are validated against fp32 PyTorch.
                 # cudnn_conv1d_pad_to_nc1d: about 2x faster HiFi-GAN 1-D convolutions (ort-cuda-facts.md).
+                # kSameAsRequested: the arena grows by what is asked, not to the next power of two
+                # (peak memory +12 GiB with power-of-two growth on the H100, docs/benchmarks.md).
                 providers = [("CUDAExecutionProvider", {"device_id": self.device.index, "use_tf32": 0,
-                                                        "cudnn_conv1d_pad_to_nc1d": 1})]
+                                                        "cudnn_conv1d_pad_to_nc1d": 1,
+                                                        "arena_extend_strategy": "kSameAsRequested"})]
             else:
                 providers = ["CPUExecutionProvider"]
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
