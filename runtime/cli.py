@@ -19,6 +19,18 @@ def add_commands(sub) -> None:
     _generation_options(g)
     g.set_defaults(run=run_generate)
 
+    s = sub.add_parser("serve", help="HTTP server (FastAPI + uvicorn; needs the serve extra) over an artefact folder")
+    s.add_argument("--artifacts", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    s.add_argument("--max-batch", type=int, default=8, help="most waveform rows per UNet batch")
+    s.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
+    s.add_argument("--max-seconds", type=float, default=30.0, help="longest audio a request may ask for")
+    s.add_argument("--max-steps", type=int, default=200)
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds before 504 (the request is cancelled)")
+    s.set_defaults(run=run_serve)
+
     d = sub.add_parser("demo", help="offline default: tiny random pipeline → export (cached) → generate → WAV")
     d.add_argument("prompt", nargs="?", default="a hammer hitting a wooden surface")
     d.add_argument("-o", "--output", default="demo.wav")
@@ -97,3 +109,15 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"exporting the tiny random pipeline to {folder} (once) …", file=sys.stderr)
         export(Source(random_config="tiny"), folder, overwrite=True)
     return _generate(args, folder)
+
+
+def run_serve(args) -> int:
+    try:
+        from .server import ServerLimits, serve
+    except ModuleNotFoundError as err:
+        print(f"audioldm2-trt serve needs the serve extra ({err.name} is missing): pip install 'audioldm2-trt[serve]'",
+              file=sys.stderr)
+        return 2
+    serve(args.artifacts, args.host, args.port, args.device, args.max_batch, args.max_queue,
+          ServerLimits(args.max_seconds, args.max_steps, 4, args.timeout))
+    return 0

@@ -23,3 +23,11 @@ class NonFiniteError(AudioLDM2Error, FloatingPointError):
 
 class ExportError(AudioLDM2Error):
     """The export stage was given a bad source or output location."""
+
+
+class RequestCancelled(AudioLDM2Error):
+    """The request was cancelled (its cancel event was set) between two denoising steps."""
+
+
+class QueueFullError(AudioLDM2Error):
+    """A micro-batcher's queue is at its limit; retry later."""

@@ -18,7 +18,7 @@ from .artifacts import Artifacts, load_artifacts
 from .audio import ClapFeatures
 from .backends.base import Device
 from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory
-from .errors import BackendError
+from .errors import BackendError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
@@ -99,12 +99,26 @@ class AudioLDM2Runtime:
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.5,
                  audio_length_in_s: float | None = None, num_waveforms_per_prompt: int = 1, seed: int | None = None,
                  latents: np.ndarray | None = None, scheduler: str = "dpmsolver++",
-                 callback: StepCallback | None = None, timings: dict | None = None) -> AudioOutput:
+                 callback: StepCallback | None = None, timings: dict | None = None, cancel=None) -> AudioOutput:
         """Generate audio; arguments as diffusers' ``AudioLDM2Pipeline.__call__`` (see README).
 
+        callback(step, steps) after each denoising step; cancel: anything with ``is_set()`` (a
+        ``threading.Event``), checked between steps — when set, RequestCancelled is raised.
         ``timings``: a dict to fill with wall-clock seconds per stage ("text", "unet" (a list, one per
         step), "vae", "vocoder", "ranking", "total"), for benchmarks.
         """
+        item = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, audio_length_in_s,
+                            num_waveforms_per_prompt, seed, latents, scheduler, callback, timings, cancel)
+        result = self.run_batch([item])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def prepare(self, prompt, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.5,
+                audio_length_in_s: float | None = None, num_waveforms_per_prompt: int = 1, seed: int | None = None,
+                latents: np.ndarray | None = None, scheduler: str = "dpmsolver++",
+                callback: StepCallback | None = None, timings: dict | None = None, cancel=None) -> "Prepared":
+        """Check one request and run its text stage: prompt → conditioning rows and initial latents."""
         if not self._sessions:
             raise BackendError("this runtime was closed; load the artefacts again")
         clock = _Clock(timings)
@@ -117,23 +131,21 @@ class AudioLDM2Runtime:
         clock.mark("text")
         # 3. Initial latents.
         latents, seed = self._initial_latents(req)
-        # 4. Denoising loop.
-        latents = self._denoise(req, cond, latents, callback, clock)
-        # 5. Latents → mel → waveform, trimmed to the requested length.
-        mel = check_finite("vae_decoder", self._sessions["vae_decoder"].run({"latents": latents})["mel"])
-        clock.mark("vae")
-        audio = check_finite("vocoder", self._sessions["vocoder"].run({"mel": mel})["waveform"])
-        audio = np.ascontiguousarray(audio[:, : req.shape.samples], dtype=np.float32)
-        clock.mark("vocoder")
-        # 6. Rank each prompt's waveforms by CLAP similarity.
-        scores = None
-        if req.waveforms_per_prompt > 1:
-            order, scores = rank_per_prompt(audio, cond.clap_text, req.waveforms_per_prompt, self.sample_rate,
-                                            self._clap_features, self._sessions["clap_audio"])
-            audio = audio[order]
-            clock.mark("ranking")
-        clock.finish()
-        return AudioOutput(audio, self.sample_rate, seed, scores)
+        return Prepared(req, cond, latents, seed, callback, cancel, clock)
+
+    def run_batch(self, items: list["Prepared"]) -> list:
+        """Denoise and decode prepared requests of one ``batch_key`` together; returns, per item, its
+        AudioOutput or the exception that ended it (cancelled, non-finite rows). One item's failure
+        removes its rows and leaves the others running."""
+        if len({it.batch_key for it in items}) != 1:
+            raise ValueError(f"items of different batch keys cannot share a batch: {[it.batch_key for it in items]}")
+        results: list = [None] * len(items)
+        live = self._denoise(items, results)
+        if live:
+            self._decode([items[k] for k in live], [k for k in live], results)
+        for it in items:
+            it.clock.finish()
+        return results
 
     def _initial_latents(self, req: Request) -> tuple[np.ndarray, int | None]:
         """float32 [B, C, F, M] from ``np.random.default_rng(seed).standard_normal`` (PCG64), or the given latents."""
@@ -143,26 +155,73 @@ class AudioLDM2Runtime:
         shape = (req.batch, self.constants["latent_channels"], req.shape.latent_frames, self.constants["latent_bins"])
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32), seed
 
-    def _denoise(self, req: Request, cond: Conditioning, latents: np.ndarray,
-                 callback: StepCallback | None, clock: "_Clock") -> np.ndarray:
-        plan = make_plan(req.scheduler, self._scheduler_config, req.steps)
-        state = SolverState()
-        latents = latents * np.float32(plan.init_noise_sigma)
+    def _denoise(self, items: list["Prepared"], results: list) -> list[int]:
+        """The denoising loop over every live item's rows at once; returns the indices still live."""
+        first = items[0].req
+        plan = make_plan(first.scheduler, self._scheduler_config, first.steps)
+        latents = [it.latents * np.float32(plan.init_noise_sigma) for it in items]
+        states = [SolverState() for _ in items]
+        t5_len = t5_bucket(max(it.cond.t5.shape[1] for it in items))
+        live = list(range(len(items)))
         unet = self._sessions["unet"]
-        t5, t5_mask = cond.padded_t5(t5_bucket(cond.t5.shape[1]))
-        feeds = {"encoder_hidden_states": cond.generated, "encoder_hidden_states_1": t5,
-                 "encoder_attention_mask_1": t5_mask}
+        feeds, feeds_for = None, None
         for i, t in enumerate(plan.timesteps):
-            sample = np.concatenate([latents, latents]) if req.do_cfg else latents
+            for k in list(live):
+                if items[k].cancel is not None and items[k].cancel.is_set():
+                    results[k] = RequestCancelled(f"request cancelled before denoising step {i} of {first.steps}")
+                    live.remove(k)
+            if not live:
+                return live
+            if feeds_for != live:  # conditioning of the live rows: [negatives of all; positives of all] under CFG
+                feeds, guidance = _unet_conditioning([items[k] for k in live], t5_len)
+                feeds_for = list(live)
+            sample = np.concatenate([latents[k] for k in live])
+            if first.do_cfg:
+                sample = np.concatenate([sample, sample])
             eps = unet.run({**feeds, "sample": sample, "timestep": np.array([t], dtype=np.int64)})["noise_pred"]
-            if req.do_cfg:
+            if first.do_cfg:
                 uncond, text = np.split(eps, 2)
-                eps = uncond + np.float32(req.guidance_scale) * (text - uncond)
-            latents = plan.step(i, check_finite(f"unet (step {i})", eps), latents, state)
-            clock.mark("unet", append=True)
-            if callback is not None:
-                callback(i, req.steps)
-        return latents
+                eps = uncond + guidance * (text - uncond)
+            offset = 0
+            for k in list(live):
+                rows = eps[offset: offset + len(latents[k])]
+                offset += len(latents[k])
+                if not np.isfinite(rows).all():
+                    results[k] = NonFiniteError(f"unet (step {i}) produced non-finite values (NaN or Inf)")
+                    live.remove(k)
+                    continue
+                latents[k] = plan.step(i, rows, latents[k], states[k])
+                items[k].clock.mark("unet", append=True)
+                if items[k].callback is not None:
+                    items[k].callback(i, first.steps)
+        for k in live:
+            items[k].latents = latents[k]
+        return live
+
+    def _decode(self, items: list["Prepared"], index: list[int], results: list) -> None:
+        """Latents → mel → waveform for all items at once, then trim and rank per item."""
+        sizes = [len(it.latents) for it in items]
+        mel = self._sessions["vae_decoder"].run({"latents": np.concatenate([it.latents for it in items])})["mel"]
+        for it in items:
+            it.clock.mark("vae")
+        audio = self._sessions["vocoder"].run({"mel": mel})["waveform"]
+        for it in items:
+            it.clock.mark("vocoder")
+        bounds = np.cumsum([0] + sizes)
+        for it, k, lo, hi in zip(items, index, bounds[:-1], bounds[1:]):
+            req = it.req
+            try:
+                check_finite("vae_decoder", mel[lo:hi])
+                rows = check_finite("vocoder", np.ascontiguousarray(audio[lo:hi, : req.shape.samples], dtype=np.float32))
+                scores = None
+                if req.waveforms_per_prompt > 1:  # rank each prompt's waveforms by CLAP similarity
+                    order, scores = rank_per_prompt(rows, it.cond.clap_text, req.waveforms_per_prompt,
+                                                    self.sample_rate, self._clap_features, self._sessions["clap_audio"])
+                    rows = rows[order]
+                    it.clock.mark("ranking")
+                results[k] = AudioOutput(rows, self.sample_rate, it.seed, scores)
+            except NonFiniteError as err:
+                results[k] = err
 
     def close(self) -> None:
         """Release the sessions and their device buffers; the runtime cannot be used afterwards."""
@@ -170,6 +229,44 @@ class AudioLDM2Runtime:
             if hasattr(session, "close"):
                 session.close()
         self._sessions.clear()
+
+
+@dataclass
+class Prepared:
+    """One request after its text stage. ``cond`` rows are [negatives; positives] under CFG (B each),
+    ``latents`` float32 [B, C, F, M] (the final latents once denoised)."""
+
+    req: Request
+    cond: Conditioning
+    latents: np.ndarray
+    seed: int | None
+    callback: StepCallback | None
+    cancel: object | None
+    clock: "_Clock"
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share the UNet, VAE and vocoder batch."""
+        return (self.req.shape.latent_frames, self.req.steps, self.req.scheduler, self.req.do_cfg)
+
+
+def _unet_conditioning(items: list[Prepared], t5_len: int) -> tuple[dict, np.ndarray]:
+    """UNet feeds for these items' rows, T5 padded to ``t5_len``, plus the per-row guidance scale
+    float32 [rows, 1, 1, 1]. Under CFG the rows are [every item's negatives; every item's positives]."""
+    parts = []
+    for it in items:
+        t5, mask = it.cond.padded_t5(t5_len)
+        parts.append((it.cond.generated, t5, mask, len(it.latents)))
+    cfg = items[0].req.do_cfg
+
+    def rows(j: int) -> np.ndarray:
+        if not cfg:
+            return np.concatenate([p[j] for p in parts])
+        return np.concatenate([p[j][: p[3]] for p in parts] + [p[j][p[3]:] for p in parts])
+
+    guidance = np.concatenate([np.full(len(it.latents), it.req.guidance_scale, np.float32) for it in items])
+    feeds = {"encoder_hidden_states": rows(0), "encoder_hidden_states_1": rows(1), "encoder_attention_mask_1": rows(2)}
+    return feeds, guidance[:, None, None, None]
 
 
 class _Clock:

@@ -1,0 +1,79 @@
+"""Scale-out on Ray Serve: one replica per GPU (or per CPU slot), each an ``AudioLDM2Runtime`` with its own
+``MicroBatcher``. Needs the ``ray`` extra (``ray[serve]``).
+
+Batching happens inside each replica (the runtime's batcher groups requests by batch key, which Ray
+Serve's ``@serve.batch`` cannot: it batches any requests together). Ray Serve routes requests to
+replicas and bounds each replica's in-flight requests with ``max_ongoing_requests``.
+
+    from audioldm2_trt.runtime.ray_serve import build_app
+    from ray import serve
+    handle = serve.run(build_app("engines/full-fp16", num_replicas=2, device="cuda"))
+    result = handle.generate.remote({"prompt": "rain on a tin roof", "seed": 1}).result()
+
+On a GPU host each replica is given one GPU (``num_gpus=1``); Ray sets CUDA_VISIBLE_DEVICES, so inside
+the replica that GPU is ``cuda:0``. Across hosts: ``ray start --head`` on one, ``ray start --address=…``
+on the others, then the same ``serve.run`` with ``num_replicas`` = the number of GPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from ray import serve
+
+from .audio import to_pcm16
+from .errors import InvalidRequestError
+
+
+@serve.deployment(max_ongoing_requests=32)
+class AudioLDM2Deployment:
+    """``generate(body)``: body as the HTTP server's GenerateBody (a dict) → {seed, sample_rate, scores,
+    audio_pcm16_base64 (list, best first)}. HTTP (``POST /``) takes the same JSON."""
+
+    def __init__(self, artifacts: str, device: str = "cpu", max_batch: int = 8, max_queue: int = 64,
+                 warmup: bool = True, threads: int = 0):
+        from .batching import MicroBatcher
+        from .pipeline import AudioLDM2Runtime
+
+        self.runtime = AudioLDM2Runtime.load(artifacts, device=device, threads=threads)
+        if warmup:
+            self.runtime.warmup()
+        self.batcher = MicroBatcher(self.runtime, max_batch=max_batch, max_queue=max_queue)
+
+    async def generate(self, body: dict) -> dict:
+        from pydantic import ValidationError
+
+        from .server import GenerateBody
+
+        try:
+            req = GenerateBody(**body)
+        except ValidationError as err:
+            raise InvalidRequestError(str(err)) from None
+        kwargs = dict(negative_prompt=req.negative_prompt, num_inference_steps=req.steps, guidance_scale=req.guidance,
+                      audio_length_in_s=req.seconds, num_waveforms_per_prompt=req.waveforms, seed=req.seed,
+                      scheduler=req.scheduler)
+        # The text stage runs in a worker thread; the denoising batch in the batcher's thread.
+        future = await asyncio.to_thread(self.batcher.submit, req.prompt, **kwargs)
+        out = await asyncio.wrap_future(future)
+        return {"seed": out.seed, "sample_rate": out.sample_rate,
+                "scores": None if out.scores is None else [float(s) for s in out.scores],
+                "audio_pcm16_base64": [base64.b64encode(row.tobytes()).decode() for row in to_pcm16(out.audios)]}
+
+    async def __call__(self, request) -> dict:
+        return await self.generate(await request.json())
+
+    def health(self) -> dict:
+        return {**self.runtime.health(), "queued": self.batcher.queued}
+
+
+def build_app(artifacts: str, num_replicas: int = 1, device: str = "cpu", max_batch: int = 8,
+              cpus_per_replica: float = 1.0, warmup: bool = True, threads: int = 0):
+    """The bound application: ``num_replicas`` replicas, each with one GPU when ``device`` is CUDA."""
+    gpus = 1 if device.startswith("cuda") else 0
+    if gpus and device not in ("cuda", "cuda:0"):
+        raise InvalidRequestError(f"device {device!r}: under Ray each replica sees its own GPU as cuda:0; "
+                                  "pass device='cuda'")
+    return AudioLDM2Deployment.options(
+        num_replicas=num_replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": cpus_per_replica},
+    ).bind(artifacts, device=device, max_batch=max_batch, warmup=warmup, threads=threads)
