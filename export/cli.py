@@ -25,7 +25,18 @@ def add_commands(sub) -> None:
     v = sub.add_parser("validate", help="compare every exported component with PyTorch (ONNX Runtime)")
     v.add_argument("artifacts", help="artefact folder")
     v.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    v.add_argument("--backend", default="ort", choices=["ort", "trt"],
+                   help="ort: ONNX Runtime vs PyTorch; trt: TensorRT engines vs ONNX Runtime (CUDA)")
     v.set_defaults(run=run_validate)
+
+    b = sub.add_parser("build", help="build TensorRT engines from an artefact folder (needs tensorrt + a GPU)")
+    b.add_argument("artifacts", help="artefact folder (fp16 artefacts for --precision fp16)")
+    b.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
+    b.add_argument("--max-batch", type=int, default=4, help="most waveform rows per request (CFG doubles the UNet's)")
+    b.add_argument("--lengths", type=float, nargs="+", default=[10.24],
+                   help="audio lengths in seconds the engines must cover; the first is the optimum")
+    b.add_argument("--workspace-gb", type=float, default=8.0)
+    b.set_defaults(run=run_build)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -43,10 +54,24 @@ def run_export(args: argparse.Namespace) -> int:
     return run_validate(argparse.Namespace(artifacts=out, device=device)) if args.validate else 0
 
 
-def run_validate(args: argparse.Namespace) -> int:
-    from .validate import validate
+def run_build(args: argparse.Namespace) -> int:
+    from .trt_build import BuildOptions, build
 
-    checks = validate(args.artifacts, device=args.device)
+    if args.max_batch < 1:
+        raise ExportError(f"--max-batch must be ≥ 1, got {args.max_batch}")
+    out = build(args.artifacts, BuildOptions(args.precision, args.max_batch, tuple(args.lengths),
+                                             workspace_gb=args.workspace_gb))
+    print(f"engines in {out}")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from .validate import validate, validate_trt
+
+    if getattr(args, "backend", "ort") == "trt":
+        checks = validate_trt(args.artifacts, device=args.device)
+    else:
+        checks = validate(args.artifacts, device=args.device)
     print(f"{'component':<12} {'batch':>5} {'seq':>4} {'frames':>6} {'output':<18} {'rel-L2':>9} {'max-abs':>9}")
     for c in checks:
         print(f"{c.component:<12} {c.shape.batch:>5} {c.shape.seq:>4} {c.shape.frames:>6} {c.output:<18} "

@@ -17,8 +17,8 @@ import numpy as np
 from .artifacts import Artifacts, load_artifacts
 from .audio import ClapFeatures
 from .backends.base import Device
-from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory
-from .errors import BackendError, NonFiniteError, RequestCancelled
+from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory, ort_tensorrt_providers
+from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
@@ -28,6 +28,7 @@ from .tokenization import TextTokenizer, tokenize_prompts
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
+BACKENDS = ("ort", "ort-trt", "trt")
 StepCallback = Callable[[int, int], None]  # (step index, number of steps)
 
 
@@ -60,19 +61,32 @@ class AudioLDM2Runtime:
 
     @classmethod
     def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
-             cuda_graphs=True, max_graphs: int = DEFAULT_MAX_GRAPHS) -> "AudioLDM2Runtime":
+             cuda_graphs=True, max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort") -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
         execution providers to use instead of the device's default; threads: intra-op threads (0 = ORT default).
         cuda_graphs (CUDA only): capture one CUDA graph per component and input shape — True, False, or
         the component names to capture; max_graphs: shapes captured per component (later ones run uncaptured).
+        backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
+        the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
         art = load_artifacts(folder)
-        factory = OrtSessionFactory(device, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs)
-        art.check_device(factory.device.kind)
-        sessions = factory.create_all({name: art.component_file(name) for name in art.manifest["components"]})
-        return cls(art, sessions, factory.device)
+        if backend not in BACKENDS:
+            raise InvalidRequestError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        dev = Device.parse(device) if isinstance(device, str) else device
+        if backend != "ort" and dev.kind != "cuda":
+            raise InvalidRequestError(f"backend {backend!r} runs on CUDA only; got device {device!r}")
+        art.check_device(dev.kind)
+        files = {name: art.component_file(name) for name in art.manifest["components"]}
+        if backend == "trt":
+            from .backends.trt import load_engines
+
+            return cls(art, load_engines(art.folder, dev, list(files)), dev)
+        if backend == "ort-trt":
+            providers = ort_tensorrt_providers(art.folder, dev, art.precision)
+        factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs)
+        return cls(art, factory.create_all(files), factory.device)
 
     def warmup(self, lengths_s=(None,), batch_sizes=(1,), prompt: str = "warm-up", steps: int = 2) -> float:
         """Run each (length, batch) once so that buffers, cuDNN algorithms and CUDA graphs exist before the

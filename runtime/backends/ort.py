@@ -240,6 +240,10 @@ class OrtSessionFactory:
         used = session.get_providers()
         if self.device.kind == "cuda" and used[0] not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             raise BackendError(f"{name}: asked for {self.device} but onnxruntime placed it on {used}")
+        dropped = [n for n in (p[0] if isinstance(p, tuple) else p for p in providers) if n not in used]
+        if dropped:  # ONNX Runtime drops a provider it cannot start (e.g. TensorRT without libnvinfer)
+            raise BackendError(f"{name}: onnxruntime could not start {dropped} (running on {used}); "
+                               "check that provider's libraries are installed")
         return OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs)
 
     def create_all(self, files: dict[str, Path], workers: int = 4) -> dict[str, OrtSession]:
@@ -283,3 +287,15 @@ def cuda_device_count() -> int | None:
             return 0
         return count.value
     return None
+
+
+def ort_tensorrt_providers(folder: Path, device: Device, precision: str) -> list:
+    """ONNX Runtime's TensorRT provider over the artefacts' ONNX files, CUDA for what TensorRT does not take;
+    engines and timing cache kept in ``folder/ort_trt_cache``."""
+    cache = str(Path(folder) / "ort_trt_cache")
+    return [
+        ("TensorrtExecutionProvider", {"device_id": device.index, "trt_fp16_enable": precision == "fp16",
+                                       "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                                       "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}),
+        ("CUDAExecutionProvider", {"device_id": device.index, "use_tf32": 0, "cudnn_conv1d_pad_to_nc1d": 1}),
+    ]
