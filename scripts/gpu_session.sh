@@ -22,7 +22,10 @@ case "$1" in
     echo started ;;
   measure)
     cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
     setsid bash -c "python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs ${FIDELITY_ARGS:-} > /tmp/logs/fidelity.log 2>&1; touch /tmp/logs/done" &
+      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1; touch /tmp/logs/done" &
     echo started ;;
 esac

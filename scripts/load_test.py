@@ -1,0 +1,99 @@
+"""Serving load on one GPU: throughput and latency of the micro-batcher at several concurrencies.
+
+    python scripts/load_test.py --artifacts /tmp/art-fp16 [--device cuda] [--concurrency 1 4 16] [--out DIR]
+
+Each configuration: ``c`` client threads each sending requests back to back (10.24 s, DPM-20, CFG 3.5,
+a different prompt and seed per request) through one ``MicroBatcher`` — with micro-batching
+(max_batch 16 rows) and without (max_batch 1). One untimed round first (captures the CUDA graphs of
+the batch sizes that occur), then 3 × c requests (at least 8) timed. Reports seconds of audio per second
+and p50 / p95 latency. Also checks placement: an explicit ``cuda:N`` runtime, and two runtimes on the
+same GPU driven from two threads at once, each equal to its result alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SECONDS = 10.24
+
+
+def run_load(batcher, concurrency: int, total: int) -> dict:
+    latencies, lock = [], threading.Lock()
+    counter = iter(range(total))
+
+    def client():
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            batcher.generate(f"sound number {i}: rain, thunder and a dog barking", seed=i, num_inference_steps=20,
+                             guidance_scale=3.5, audio_length_in_s=SECONDS, timeout=600)
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    return {"requests": total, "wall_s": wall, "audio_s_per_s": total * SECONDS / wall,
+            "p50_s": statistics.median(latencies), "p95_s": float(np.percentile(latencies, 95))}
+
+
+def placement(folder: str, device: str) -> dict:
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    kwargs = dict(num_inference_steps=5, audio_length_in_s=2.0)
+    a, b = AudioLDM2Runtime.load(folder, device=device), AudioLDM2Runtime.load(folder, device=device)
+    alone = {k: rt(p, seed=s, **kwargs).audios for k, (rt, p, s) in {"a": (a, "a dog", 1), "b": (b, "rain", 2)}.items()}
+    together = {}
+
+    def go(key, rt, prompt, seed):
+        together[key] = [rt(prompt, seed=seed, **kwargs).audios for _ in range(5)]
+
+    threads = [threading.Thread(target=go, args=("a", a, "a dog", 1)), threading.Thread(target=go, args=("b", b, "rain", 2))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    worst = max(float(np.linalg.norm(x - alone[k]) / np.linalg.norm(alone[k])) for k in together for x in together[k])
+    return {"device": device, "two_runtimes_two_threads_worst_rel_l2": worst}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
+
+    res = {"placement": placement(args.artifacts, args.device + ":0" if args.device == "cuda" else args.device)}
+    print(res, flush=True)
+    rt = AudioLDM2Runtime.load(args.artifacts, device=args.device)
+    rt.warmup(lengths_s=(SECONDS,), batch_sizes=(1,))
+    res["load"] = []
+    for batching in (False, True):
+        batcher = MicroBatcher(rt, max_batch=16 if batching else 1, max_wait_s=0.01, max_queue=256)
+        for c in args.concurrency:
+            run_load(batcher, c, c)  # untimed: graphs for the batch sizes this concurrency produces
+            row = {"batching": batching, "concurrency": c, **run_load(batcher, c, max(8, 3 * c)),
+                   "batches": batcher.batches_run, "rows": batcher.rows_run}
+            res["load"].append(row)
+            print(json.dumps(row), flush=True)
+            Path(args.out, "load.json").write_text(json.dumps(res, indent=1))
+        batcher.close()
+    res["health"] = rt.health()
+    Path(args.out, "load.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
