@@ -22,6 +22,7 @@ from ..runtime.artifacts import COMPONENTS as COMPONENT_NAMES
 from ..runtime.artifacts import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES
 from ..runtime.errors import ExportError
 from .components import BY_NAME, SampleShape, feature_extractor_config, pipeline_constants, sample_inputs
+from .fold_shapes import fold_static_shapes
 from .sources import Source, load_pipeline
 
 log = logging.getLogger("audioldm2_trt.export")
@@ -85,8 +86,10 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, 
     return out
 
 
-def export_component(pipe, consts: dict, name: str, folder: Path, precision: str = "fp32") -> dict:
-    """Export one component with the TorchScript exporter (then to fp16 if asked and its recipe allows)."""
+def export_component(pipe, consts: dict, name: str, folder: Path, precision: str = "fp32", fold: bool = True) -> dict:
+    """Export one component with the TorchScript exporter, fold its static shape arithmetic into constants
+    (fold_shapes.py: what keeps ONNX Runtime from capturing CUDA graphs), then convert to fp16 if asked
+    and its recipe allows."""
     import onnx
     import torch
 
@@ -108,7 +111,10 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
             dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, dynamo=False, do_constant_folding=True,
         )
     path = folder / f"{name}.onnx"
-    save_model(onnx.load(str(scratch / "model.onnx")), path)
+    model = onnx.load(str(scratch / "model.onnx"))
+    folded = fold_static_shapes(model) if fold else 0
+    save_model(model, path)
+    del model
     shutil.rmtree(scratch)
     fp16 = None
     if precision == "fp16" and not spec.fp16.keep_fp32:
@@ -125,6 +131,7 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
         "opset": OPSET,
         "precision": "fp16" if fp16 is not None else "fp32",
         "fp16": fp16,
+        "folded_shape_values": folded,
         "sha256": _sha256(path, folder / external if external else None),
         "bytes": path.stat().st_size + ((folder / external).stat().st_size if external else 0),
     }

@@ -61,20 +61,24 @@ class AudioLDM2Runtime:
 
     @classmethod
     def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
-             cuda_graphs=True, max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort") -> "AudioLDM2Runtime":
+             cuda_graphs="auto", max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort",
+             tf32: bool | None = None) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
         execution providers to use instead of the device's default; threads: intra-op threads (0 = ORT default).
-        cuda_graphs (CUDA only): capture one CUDA graph per component and input shape — True, False, or
-        the component names to capture; max_graphs: shapes captured per component (later ones run uncaptured).
+        cuda_graphs (CUDA only): capture one CUDA graph per component and input shape — "auto" (each
+        component whose graph ONNX Runtime accepts; the others run without one, with a warning, and
+        ``health()`` names them), True (all, a refusal is an error), False, or the component names to
+        capture; max_graphs: shapes captured per component (later ones run uncaptured).
+        tf32 (CUDA only): TF32 tensor cores for the fp32 parts; None = on for fp16 artefacts, off for fp32 ones.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
         art = load_artifacts(folder)
         if backend not in BACKENDS:
             raise InvalidRequestError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-        dev = Device.parse(device) if isinstance(device, str) else device
+        dev = device if isinstance(device, Device) else Device.parse(device)
         if backend != "ort" and dev.kind != "cuda":
             raise InvalidRequestError(f"backend {backend!r} runs on CUDA only; got device {device!r}")
         art.check_device(dev.kind)
@@ -85,7 +89,8 @@ class AudioLDM2Runtime:
             return cls(art, load_engines(art.folder, dev, list(files)), dev)
         if backend == "ort-trt":
             providers = ort_tensorrt_providers(art.folder, dev, art.precision)
-        factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs)
+        factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
+                                    tf32=art.precision == "fp16" if tf32 is None else tf32)
         return cls(art, factory.create_all(files), factory.device)
 
     def warmup(self, lengths_s=(None,), batch_sizes=(1,), prompt: str = "warm-up", steps: int = 2) -> float:
@@ -106,7 +111,8 @@ class AudioLDM2Runtime:
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm,
             "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),
-                               "uncaptured_shapes": s.stats.uncaptured_keys}
+                               "uncaptured_shapes": s.stats.uncaptured_keys,
+                               "graph_refused": bool(s.stats.graph_refused)}
                            for n, s in self._sessions.items() if hasattr(s, "stats")},
         }
 

@@ -77,32 +77,19 @@ def timed(fn, runs: int) -> dict:
     return {"first_s": first, "median_s": statistics.median(times), "runs": runs, "all_s": times}
 
 
-def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs=True) -> dict:
+def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=None) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
-    from audioldm2_trt.runtime.artifacts import COMPONENTS
-    from audioldm2_trt.runtime.errors import BackendError
-
-    without_graphs = []
     with PeakGpuMemory() as mem:
         t0 = time.perf_counter()
-        while True:  # a component whose graph ORT refuses to capture is named and run without one
-            try:
-                rt = AudioLDM2Runtime.load(folder, device="cuda", cuda_graphs=cuda_graphs)
-                load = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                rt(**REQUEST, seed=0)
-                cold = load + time.perf_counter() - t1
-                break
-            except BackendError as err:
-                if not cuda_graphs or not hasattr(err, "component"):
-                    raise
-                print("no CUDA graph for", err.component, ":", err, flush=True)
-                without_graphs.append(err.component)
-                cuda_graphs = [c for c in COMPONENTS if c not in without_graphs]
-                t0 = time.perf_counter()
+        rt = AudioLDM2Runtime.load(folder, device="cuda", cuda_graphs=cuda_graphs, tf32=tf32)
+        load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        rt(**REQUEST, seed=0)
+        cold = load + time.perf_counter() - t1
+        refused = [n for n, c in rt.health()["components"].items() if c["graph_refused"]]
         result = {"load_s": load, "cold_start_s": cold, "cuda_graphs": bool(cuda_graphs),
-                  "components_without_graphs": without_graphs,
+                  "components_without_graphs": refused,  # ONNX Runtime refused their capture ("auto")
                   **timed(lambda: rt(**REQUEST, seed=0), runs)}
         stages = []
         for _ in range(5):
@@ -211,7 +198,8 @@ def table(res: dict) -> str:
             extra = f"peak GPU memory +{d[key]['peak_gpu_mib']:.0f} MiB (NVML)" if "peak_gpu_mib" in d[key] else ""
             rows.append(f"| {label} | {d[key]['median_s'] * 1e3:.0f} ms | {d[key]['first_s']:.1f} s | {extra} |")
     for key, label in (("fp16", "ORT CUDA fp16, CUDA graphs"), ("fp32", "ORT CUDA fp32, CUDA graphs"),
-                       ("fp16_nograph", "ORT CUDA fp16, no CUDA graphs")):
+                       ("fp16_nograph", "ORT CUDA fp16, no CUDA graphs"),
+                       ("fp16_notf32", "ORT CUDA fp16, TF32 off for the fp32 parts")):
         r = res.get(f"runtime_{key}")
         if r:
             s = r["stages_ms"]
@@ -227,7 +215,7 @@ def main() -> None:
     ap.add_argument("--fp16", help="fp16 artefact folder")
     ap.add_argument("--fp32", help="fp32 artefact folder")
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32,fp16_nograph")
+    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32,fp16_nograph,fp16_notf32")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
@@ -239,16 +227,19 @@ def main() -> None:
     res = {"device": device if isinstance(device, str) else device.decode(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip)}
-    variants = (("fp16", args.fp16, True, True), ("fp32", args.fp32, True, False),
-                ("fp16_nograph", args.fp16, False, False))
-    for key, folder, graphs, heavy in variants:  # the runtime first: no torch CUDA context exists yet
+    variants = (("fp16", args.fp16, "auto", True, None), ("fp32", args.fp32, "auto", False, None),
+                ("fp16_nograph", args.fp16, False, False, None), ("fp16_notf32", args.fp16, "auto", False, False))
+    for key, folder, graphs, heavy, tf32 in variants:  # the runtime first: no torch CUDA context exists yet
         if folder and key not in skip:
-            res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs)
+            res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs, tf32=tf32)
             print(key, json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
             Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
     import torch
 
-    res["versions"]["torch"] = torch.__version__
+    import diffusers
+    import transformers
+
+    res["versions"].update(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__)
     if "b0" not in skip:
         res["diffusers"] = bench_diffusers(args.runs, skip)
     Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))

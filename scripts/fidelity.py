@@ -67,7 +67,8 @@ def main() -> None:
     from audioldm2_trt.runtime.artifacts import COMPONENTS
 
     skip = set(filter(None, args.without_graphs.split(",")))
-    rt = AudioLDM2Runtime.load(args.fp16, device="cuda", cuda_graphs=[c for c in COMPONENTS if c not in skip])
+    graphs = [c for c in COMPONENTS if c not in skip] if skip else "auto"
+    rt = AudioLDM2Runtime.load(args.fp16, device="cuda", cuda_graphs=graphs)
     base = load_pipeline(Source(random_config="audioldm2"))
     base.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config)
     pipes = {"fp32": base.to("cuda", torch.float32), "fp16": copy.deepcopy(base).to("cuda", torch.float16)}

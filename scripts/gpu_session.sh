@@ -2,10 +2,14 @@
 # One GPU session's measurements, in the order the device tool's time limits allow (see docs/benchmarks.md).
 #   bash scripts/gpu_session.sh setup      # after the onnxruntime-gpu / diffusers bundle is installed in /tmp/site
 #   bash scripts/gpu_session.sh export     # fp16 + fp32 artefacts of the random full-size pipeline, in parallel
-#   bash scripts/gpu_session.sh measure    # benchmark.py then fidelity.py, in the background; logs in /tmp/logs
+#   bash scripts/gpu_session.sh measure    # load, fidelity, benchmark, kernel profile, placement, in the background; logs in /tmp/logs
+#   bash scripts/gpu_session.sh short SEC  # setup, fp16 export in the foreground, then measure; collect up to SEC s
+#   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tar every 10 s until done or SEC s
+# 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SELF="$ROOT/scripts/gpu_session.sh"
 mkdir -p /tmp/logs
 case "$1" in
   setup)
@@ -23,9 +27,25 @@ case "$1" in
   measure)
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
-    setsid bash -c "python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+    [ -d /tmp/art-fp32 ] && FP32="--fp32 /tmp/art-fp32" || FP32=""
+    setsid bash -c "python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
       python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 $FP32 --runs 10 --skip ${SKIP:-none} --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
       python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1; touch /tmp/logs/done" &
     echo started ;;
+  short)
+    t0=$SECONDS
+    bash "$SELF" setup || exit 1
+    cd /tmp && python3 -m audioldm2_trt.cli export --random-weights audioldm2 --precision fp16 --out /tmp/art-fp16 \
+      --overwrite > /tmp/logs/export16.log 2>&1 || { tail -30 /tmp/logs/export16.log; exit 1; }
+    echo "export done in $((SECONDS - t0)) s"
+    SKIP=b1,b2,fp16_nograph bash "$SELF" measure
+    bash "$SELF" collect $(( $2 - (SECONDS - t0) )) ;;
+  collect)
+    end=$((SECONDS + $2))
+    while [ $SECONDS -lt $end ] && [ ! -f /tmp/logs/done ]; do
+      tar -C /tmp -cf "$OUT/logs.tar" logs; sleep 10
+    done
+    tar -C /tmp -cf "$OUT/logs.tar" logs; ls /tmp/logs; tail -n 3 /tmp/logs/*.log ;;
 esac

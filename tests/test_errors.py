@@ -120,3 +120,24 @@ def test_non_finite_stage_is_named(runtime, monkeypatch):
     monkeypatch.setattr(unet, "run", lambda feeds: {"noise_pred": real(feeds)["noise_pred"] * np.nan})
     with pytest.raises(NonFiniteError, match=r"unet \(step 0\) produced non-finite values"):
         runtime("a", num_inference_steps=2, audio_length_in_s=0.5, seed=0)
+
+
+def test_cuda_provider_options_tf32_only_for_fp16_artifacts():
+    from audioldm2_trt.runtime.backends.base import Device
+    from audioldm2_trt.runtime.backends.ort import cuda_provider_options
+
+    opts = cuda_provider_options(Device.parse("cuda:1"), tf32=False)
+    assert opts["device_id"] == 1 and opts["use_tf32"] == 0 and opts["cudnn_conv1d_pad_to_nc1d"] == 1
+    assert cuda_provider_options(Device.parse("cuda"), tf32=True)["use_tf32"] == 1
+
+
+def test_graph_refusal_is_recognised_from_onnxruntimes_message():
+    from audioldm2_trt.runtime.backends.ort import _graph_selector, _is_graph_refusal
+
+    # The message onnxruntime-gpu 1.31.1 gave on the H100 for clap_text (docs/results/benchmark-2026-11-26.json).
+    seen = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture feature as requested by the "
+            "user  as all compute graph nodes have not been partitioned to the CUDAExecutionProvider")
+    assert _is_graph_refusal(RuntimeError(seen))
+    assert not _is_graph_refusal(RuntimeError("[ONNXRuntimeError] : 3 : NO_SUCHFILE : Load model failed"))
+    assert _graph_selector("auto")("unet") and _graph_selector(True)("vae_decoder")
+    assert not _graph_selector(False)("unet") and not _graph_selector(["unet"])("gpt2")

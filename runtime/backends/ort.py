@@ -43,6 +43,7 @@ class SessionStats:
     uncaptured_keys: int = 0
     runs: int = 0
     keys: list = field(default_factory=list)
+    graph_refused: str = ""  # why ONNX Runtime refused CUDA graph capture (cuda_graphs="auto"), else ""
 
 
 class OrtSession:
@@ -175,13 +176,17 @@ class OrtSessionFactory:
     """Creates sessions on one explicit device. ``device="cuda"`` without a working CUDA provider is
     an error, never a silent CPU run.
 
-    cuda_graphs: capture a CUDA graph per shape key for these components (True = all, False = none,
-    or a collection of component names). bind: use I/O binding on the CPU too (for tests; CUDA
-    always binds).
+    cuda_graphs: capture a CUDA graph per shape key — "auto" (every component whose graph ONNX Runtime
+    accepts; a component it refuses, because some node of it runs on the CPU, runs on the GPU without a
+    graph, with a warning, and ``stats.graph_refused`` says why), True (every component; a refusal is an
+    error), False (none), or a collection of component names (those; a refusal is an error).
+    bind: use I/O binding on the CPU too (for tests; CUDA always binds). tf32: let the CUDA provider
+    use TF32 tensor cores for fp32 MatMul/Conv (see ``cuda_provider_options``).
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
-                 cuda_graphs=True, bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS):
+                 cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
+                 tf32: bool = False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -192,13 +197,7 @@ class OrtSessionFactory:
         custom = providers is not None
         if providers is None:
             if self.device.kind == "cuda":
-                # TF32 off: the exported graphs are fp32 and are validated against fp32 PyTorch.
-                # cudnn_conv1d_pad_to_nc1d: about 2x faster HiFi-GAN 1-D convolutions (ort-cuda-facts.md).
-                # kSameAsRequested: the arena grows by what is asked, not to the next power of two
-                # (peak memory +12 GiB with power-of-two growth on the H100, docs/benchmarks.md).
-                providers = [("CUDAExecutionProvider", {"device_id": self.device.index, "use_tf32": 0,
-                                                        "cudnn_conv1d_pad_to_nc1d": 1,
-                                                        "arena_extend_strategy": "kSameAsRequested"})]
+                providers = [("CUDAExecutionProvider", cuda_provider_options(self.device, tf32))]
             else:
                 providers = ["CPUExecutionProvider"]
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
@@ -216,6 +215,7 @@ class OrtSessionFactory:
         # CUDA graphs only with our default CUDA provider (custom provider lists are taken as given).
         use_graphs = self.device.kind == "cuda" and not custom and names[0] == "CUDAExecutionProvider"
         self._graphs_for = _graph_selector(cuda_graphs if use_graphs else False)
+        self._graphs_optional = cuda_graphs == "auto"
         self.bind = self.device.kind == "cuda" if bind is None else bind
 
     def create(self, name: str, path: str | Path) -> OrtSession:
@@ -229,14 +229,26 @@ class OrtSessionFactory:
         if graphs:
             providers = [(n, {**o, "enable_cuda_graph": 1}) if n == "CUDAExecutionProvider" else (n, o)
                          for n, o in providers]
+        refused = ""
         try:
             session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as err:
-            error = BackendError(f"could not load {name} from {path}"
-                                 f"{' with CUDA graphs on (load with cuda_graphs=[...] without it)' if graphs else ''}"
-                                 f": {err}")
-            error.component = name
-            raise error from err
+            if not (graphs and self._graphs_optional and _is_graph_refusal(err)):
+                error = BackendError(f"could not load {name} from {path}"
+                                     f"{' with CUDA graphs on (load with cuda_graphs=[...] without it)' if graphs else ''}"
+                                     f": {err}")
+                error.component = name
+                raise error from err
+            refused = str(err)
+            log.warning("%s: ONNX Runtime refused CUDA graph capture (a node runs on the CPU); running it on %s "
+                        "without a graph: %s", name, self.device, err)
+            graphs, providers = False, self.providers
+            try:
+                session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as err2:
+                error = BackendError(f"could not load {name} from {path}: {err2}")
+                error.component = name
+                raise error from err2
         used = session.get_providers()
         if self.device.kind == "cuda" and used[0] not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             raise BackendError(f"{name}: asked for {self.device} but onnxruntime placed it on {used}")
@@ -244,7 +256,9 @@ class OrtSessionFactory:
         if dropped:  # ONNX Runtime drops a provider it cannot start (e.g. TensorRT without libnvinfer)
             raise BackendError(f"{name}: onnxruntime could not start {dropped} (running on {used}); "
                                "check that provider's libraries are installed")
-        return OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs)
+        made = OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs)
+        made.stats.graph_refused = refused
+        return made
 
     def create_all(self, files: dict[str, Path], workers: int = 4) -> dict[str, OrtSession]:
         """Create every session, several at a time (ONNX Runtime releases the GIL while it builds)."""
@@ -253,8 +267,29 @@ class OrtSessionFactory:
             return {name: f.result() for name, f in futures.items()}
 
 
+def cuda_provider_options(device: Device, tf32: bool) -> dict:
+    """Options of our default CUDA execution provider.
+
+    use_tf32: on only where the artefacts are fp16 anyway (their fp32-kept parts — T5, VAE decoder,
+    vocoder — then run on TF32 tensor cores, 10-bit mantissa like fp16, fp32's exponent range, so T5
+    still does not overflow); off for fp32 artefacts, which are validated against fp32 PyTorch at 1e-4.
+    On the H100 the fp32 HiFi-GAN took 81 ms with TF32 off (docs/benchmarks.md); ort-cuda-facts.md
+    reads 13.3 ms with ONNX Runtime's default (TF32 on).
+    cudnn_conv1d_pad_to_nc1d: about 2x faster HiFi-GAN 1-D convolutions (ort-cuda-facts.md).
+    kSameAsRequested: the arena grows by what is asked, not to the next power of two (peak memory
+    +12 GiB with power-of-two growth on the H100, docs/benchmarks.md).
+    """
+    return {"device_id": device.index, "use_tf32": int(tf32), "cudnn_conv1d_pad_to_nc1d": 1,
+            "arena_extend_strategy": "kSameAsRequested"}
+
+
+def _is_graph_refusal(err: Exception) -> bool:
+    """ONNX Runtime's session-creation error when a graph-capture session has nodes off the CUDA EP."""
+    return "graph capture" in str(err)
+
+
 def _graph_selector(cuda_graphs):
-    if cuda_graphs is True:
+    if cuda_graphs is True or cuda_graphs == "auto":
         return lambda name: True
     if not cuda_graphs:
         return lambda name: False

@@ -1,0 +1,81 @@
+"""Which GPU kernels a generation spends its time in, per component — for the UNet-step and vocoder gaps in
+docs/benchmarks.md.
+
+    python scripts/profile_kernels.py --artifacts /tmp/art-fp16 [--device cuda] [--runs 10] [--out DIR]
+
+One request (10.24 s, DPM-20, CFG) records each component's real inputs; then each component's session is run
+``--runs`` times alone under ``torch.profiler`` (CUPTI sees every kernel of the process, ONNX Runtime's too, also
+inside CUDA graphs). Prints and writes, per component, the wall time per run and the top kernels by GPU time
+(count per run, µs per run), and the sum of kernel time against wall time: a large gap means launch or host
+overhead, a small one means the kernels themselves are slow. torch is only the profiler here; the runtime under
+test imports none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--components", default="unet,vocoder,vae_decoder,t5_encoder,gpt2,clap_text")
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    rt = AudioLDM2Runtime.load(args.artifacts, device=args.device)
+    feeds: dict = {}
+    for name, session in rt._sessions.items():  # record each component's first real inputs
+        def recording(inputs, _run=session.run, _name=name):
+            if _name not in feeds:
+                feeds[_name] = {k: v.copy() for k, v in inputs.items()}
+            return _run(inputs)
+        session.run = recording
+    rt("techno music with a strong upbeat tempo", negative_prompt="low quality, noisy", num_inference_steps=20,
+       guidance_scale=3.5, audio_length_in_s=10.24, seed=0)
+    for session in rt._sessions.values():
+        del session.run  # back to the class's method
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    report: dict = {"artifacts": args.artifacts, "device": args.device, "health": rt.health(), "components": {}}
+    lines = []
+    for name in args.components.split(","):
+        session, inputs = rt._sessions[name], feeds[name]
+        session.run(inputs)  # warm (and captured, where graphs are on)
+        walls = []
+        with profile(activities=activities) as prof:
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                session.run(inputs)
+                walls.append(time.perf_counter() - t0)
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+        gpu_us = sum(e.device_time_total for e in kernels) / args.runs
+        row = {"wall_ms": statistics.median(walls) * 1e3, "kernel_ms_per_run": gpu_us / 1e3,
+               "kernels_per_run": sum(e.count for e in kernels) / args.runs,
+               "inputs": {k: list(v.shape) for k, v in inputs.items()},
+               "top": [{"kernel": e.key[:160], "count_per_run": e.count / args.runs,
+                        "us_per_run": e.device_time_total / args.runs} for e in kernels[: args.top]]}
+        report["components"][name] = row
+        lines.append(f"== {name} {row['inputs']}: wall {row['wall_ms']:.2f} ms, kernels {row['kernel_ms_per_run']:.2f} ms "
+                     f"in {row['kernels_per_run']:.0f} launches per run")
+        lines += [f"   {k['us_per_run']:9.1f} us  x{k['count_per_run']:<6.0f} {k['kernel']}" for k in row["top"]]
+        print("\n".join(lines[-1 - len(row["top"]):]), flush=True)
+        Path(args.out, "kernels.json").write_text(json.dumps(report, indent=1))
+    Path(args.out, "kernels.txt").write_text("\n".join(lines) + "\n")
+    rt.close()
+
+
+if __name__ == "__main__":
+    main()
