@@ -19,6 +19,9 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing artefact folder")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp16: fuse with ONNX Runtime's optimizer, then convert (per-component recipes)")
+    p.add_argument("--fuse", default="", metavar="NAMES",
+                   help="with --precision fp16: comma-separated components (unet, vae_decoder) to convert with "
+                        "ONNX Runtime's fusions (GroupNorm, NHWC conv, LayerNorm; attention unfused); off by default")
     p.add_argument("--validate", action="store_true", help="validate every component after exporting")
     p.set_defaults(run=run_export)
 
@@ -48,7 +51,8 @@ def run_export(args: argparse.Namespace) -> int:
                           f"{', '.join(random_config_names())}")
     source = Source(model=args.model, random_config=args.random_weights, seed=args.seed)
     t0 = time.perf_counter()
-    out = export(source, args.out, overwrite=args.overwrite, precision=args.precision)
+    fuse = tuple(n.strip() for n in args.fuse.split(",") if n.strip())
+    out = export(source, args.out, overwrite=args.overwrite, precision=args.precision, fuse=fuse)
     print(f"exported {source.describe()} to {out} in {time.perf_counter() - t0:.1f} s")
     device = "cuda" if args.precision == "fp16" else "cpu"
     return run_validate(argparse.Namespace(artifacts=out, device=device)) if args.validate else 0

@@ -160,6 +160,12 @@ UNET_FUSED = Fp16Recipe(
     reason="GroupNorm, NHWC convolution and LayerNorm fused; attention left unfused",
 )
 
+# ``export --precision fp16 --fuse NAME,...``: opt-in fused recipes. Off by default: on the H100 the fused fp16
+# VAE (31 ms) was slower than fp32 (21 ms) while its CUDA graph was refused, and the fused UNet has not been
+# timed on the GPU yet (ort-cuda-facts.md reads 9.7 vs 12.9 ms/step for fused vs plain). With shape folding
+# the full-size UNet fusion takes about 5 minutes on 2 CPU cores (it did not finish in 10 minutes before).
+FUSED_RECIPES = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED}
+
 
 def pipeline_constants(pipe) -> dict:
     """Every number the runtime needs about a pipeline, read from its configs."""

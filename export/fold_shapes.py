@@ -25,6 +25,12 @@ _FOLDABLE = {"Cast", "Div", "Mul", "Add", "Sub", "Sqrt", "Pow", "Unsqueeze", "Sq
              "Expand", "Sign"}
 # Ops that turn a shape into device data (ONNX Runtime runs them on the GPU, reading the shape on the host).
 _DATA_FROM_SHAPE = {"Constant", "ConstantOfShape", "Range", "Expand", "Tile"}
+# Inputs that ONNX Runtime's CUDA kernels take on the host (shapes, indices of slicing, axes).
+_HOST_INPUTS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "ConstantOfShape": "all", "Tile": (1,),
+                "Unsqueeze": (1,), "Squeeze": (1,), "Range": "all", "Resize": (1, 2, 3), "Pad": (1, 2),
+                "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "Split": (1,), "TopK": (1,),
+                "Upsample": (1,), "OneHot": (1,)}
+_INT_TYPES = (7, 6)  # onnx.TensorProto.INT64, INT32
 _MAX_ELEMENTS = 4096  # a folded value larger than this is left to run (it is data, not a shape)
 _SMALL_INITIALIZER = 64  # initializers up to this many elements take part in folding
 
@@ -113,14 +119,13 @@ def _fold_once(model) -> int:
 
 
 def shape_values_into_data(model) -> list[tuple[str, str]]:
-    """(producer, consumer) node names where a value computed from ``Shape`` feeds a floating-point input
-    of a compute op — the edges that ONNX Runtime's CUDA provider turns into host→device copies (a
-    heuristic of its placement: the diagnosis on the GPU is ``scripts/ort_placement.py``)."""
-    import onnx
-
+    """(producer, consumer) node names where a value computed from ``Shape`` on the host feeds an input
+    that ONNX Runtime's CUDA kernels read on the device — the edges it turns into host→device copies,
+    which forbid CUDA graph capture. A model of its placement (shape arithmetic on the CPU; the inputs
+    in ``_HOST_INPUTS`` read on the host); the diagnosis on a real GPU is ``scripts/ort_placement.py``."""
     graph = model.graph
     small = {i.name for i in graph.initializer if _elements(i.dims) <= _SMALL_INITIALIZER
-             and i.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+             and i.data_type in _INT_TYPES}
     small |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     derived: set[str] = set()
     producers = {o: n for n in graph.node for o in n.output}
@@ -131,14 +136,13 @@ def shape_values_into_data(model) -> list[tuple[str, str]]:
             ins = [i for i in node.input if i]
             if any(i in derived for i in ins) and all(i in derived or i in small for i in ins):
                 derived.update(node.output)
-    types = _value_types(model)
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
     edges = []
     for node in graph.node:
         if all(o in derived for o in node.output):
             continue
-        for name in node.input:
-            if name in derived and types.get(name) in float_types:
+        host = _HOST_INPUTS.get(node.op_type, ())
+        for k, name in enumerate(node.input):
+            if name in derived and host != "all" and k not in host:
                 edges.append((producers[name].name, node.name))
     return edges
 
@@ -178,16 +182,6 @@ def _without_weights(model):
         else:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return light
-
-
-def _value_types(model) -> dict[str, int]:
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
-    types = {i.name: i.data_type for i in model.graph.initializer}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        types[v.name] = v.type.tensor_type.elem_type
-    return types
 
 
 def _index_partial(node, shape: list, known: dict) -> np.ndarray | None:

@@ -21,7 +21,8 @@ from .. import __version__
 from ..runtime.artifacts import COMPONENTS as COMPONENT_NAMES
 from ..runtime.artifacts import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES
 from ..runtime.errors import ExportError
-from .components import BY_NAME, SampleShape, feature_extractor_config, pipeline_constants, sample_inputs
+from .components import (BY_NAME, FUSED_RECIPES, SampleShape, feature_extractor_config, pipeline_constants,
+                         sample_inputs)
 from .fold_shapes import fold_static_shapes
 from .sources import Source, load_pipeline
 
@@ -57,13 +58,20 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
 PRECISIONS = ("fp32", "fp16")
 
 
-def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, precision: str = "fp32") -> Path:
+def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, precision: str = "fp32",
+           fuse: tuple[str, ...] = ()) -> Path:
     """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``.
 
-    precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``.
+    precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``;
+    ``fuse`` names components to convert with their fused recipe instead (``FUSED_RECIPES``).
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    unknown = sorted(set(fuse) - set(FUSED_RECIPES))
+    if unknown:
+        raise ExportError(f"--fuse {','.join(unknown)}: fused recipes exist for {', '.join(FUSED_RECIPES)} only")
+    if fuse and precision != "fp16":
+        raise ExportError("--fuse applies to --precision fp16 (fusion happens before the fp16 conversion)")
     out = Path(out)
     staging = prepare_output(out, overwrite)
     try:
@@ -72,7 +80,8 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, 
         entries = {}
         for name in COMPONENT_NAMES:
             t0 = time.perf_counter()
-            entries[name] = export_component(pipe, consts, name, staging, precision)
+            entries[name] = export_component(pipe, consts, name, staging, precision,
+                                             recipe=FUSED_RECIPES[name] if name in fuse else None)
             log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
         tokenizers = save_tokenizers(pipe, staging)
         manifest = build_manifest(pipe, source, consts, entries, tokenizers, precision)
@@ -86,7 +95,8 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, 
     return out
 
 
-def export_component(pipe, consts: dict, name: str, folder: Path, precision: str = "fp32", fold: bool = True) -> dict:
+def export_component(pipe, consts: dict, name: str, folder: Path, precision: str = "fp32", fold: bool = True,
+                     recipe=None) -> dict:
     """Export one component with the TorchScript exporter, fold its static shape arithmetic into constants
     (fold_shapes.py: what keeps ONNX Runtime from capturing CUDA graphs), then convert to fp16 if asked
     and its recipe allows."""
@@ -117,10 +127,11 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
     del model
     shutil.rmtree(scratch)
     fp16 = None
-    if precision == "fp16" and not spec.fp16.keep_fp32:
+    recipe = recipe or spec.fp16
+    if precision == "fp16" and not recipe.keep_fp32:
         from .optimize import to_fp16
 
-        fp16 = to_fp16(path, spec.fp16, save_model)
+        fp16 = {**to_fp16(path, recipe, save_model), "recipe": recipe.reason}
     external = f"{name}.onnx.data" if (folder / f"{name}.onnx.data").exists() else None
     return {
         "file": path.name,

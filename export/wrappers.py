@@ -13,6 +13,30 @@ from torch import nn
 MASK_VALUE = -65504.0
 
 
+def padding_mask_4d(model, attention_mask):
+    """[B, S] int64 padding mask → the mask transformers' attention takes as is, or the 2-D mask unchanged.
+
+    transformers ≥ 5 (``masking_utils``) builds the 4-D mask by indexing the 2-D one with positions computed
+    from its shape (the sequence length): shape arithmetic that ONNX Runtime's CUDA provider runs on the host,
+    whose host→device copy forbids capturing clap_text and t5_encoder as CUDA graphs
+    (docs/results/ort-placement-2026-11-26.log). A 4-D mask passed in is used as is, so build the same mask from
+    the mask's values alone: [B, 1, 1, S] — bool (True = attend) for SDPA, additive 0 / dtype-min for eager,
+    as ``sdpa_mask`` / ``eager_mask`` would (they broadcast over the query axis, which padding never masks).
+    Older transformers and other attention implementations get the 2-D mask.
+    """
+    import sys
+
+    impl = getattr(model.config, "_attn_implementation", None)
+    module = sys.modules.get(type(model).__module__)
+    if impl not in ("sdpa", "eager") or not hasattr(module, "create_bidirectional_mask"):
+        return attention_mask
+    keep = attention_mask[:, None, None, :].to(torch.bool)
+    if impl == "sdpa":
+        return keep
+    dtype = next(model.parameters()).dtype
+    return torch.where(keep, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+
+
 def _pooled(output):
     """transformers 5 returns BaseModelOutputWithPooling from get_*_features, 4.x a tensor."""
     return output.pooler_output if hasattr(output, "pooler_output") else output
@@ -26,7 +50,8 @@ class ClapText(nn.Module):
         self.clap = clap
 
     def forward(self, input_ids, attention_mask):
-        return _pooled(self.clap.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        mask = padding_mask_4d(self.clap.text_model, attention_mask)
+        return _pooled(self.clap.get_text_features(input_ids=input_ids, attention_mask=mask))
 
 
 class ClapAudio(nn.Module):
@@ -48,7 +73,7 @@ class T5Encoder(nn.Module):
         self.t5 = t5
 
     def forward(self, input_ids, attention_mask):
-        return self.t5(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return self.t5(input_ids=input_ids, attention_mask=padding_mask_4d(self.t5.encoder, attention_mask))[0]
 
 
 class Projection(nn.Module):

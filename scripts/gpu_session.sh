@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in the order the device tool's time limits allow (see docs/benchmarks.md).
 #   bash scripts/gpu_session.sh setup      # after the onnxruntime-gpu / diffusers bundle is installed in /tmp/site
-#   bash scripts/gpu_session.sh export     # fp16 + fp32 artefacts of the random full-size pipeline, in parallel
-#   bash scripts/gpu_session.sh measure    # load, fidelity, benchmark, kernel profile, placement, in the background; logs in /tmp/logs
+#   bash scripts/gpu_session.sh export     # fp16, fp32 and fused-fp16 artefacts of the random full-size pipeline, in parallel, in the background
+#   bash scripts/gpu_session.sh measure    # [fused validate,] load, fidelity, benchmark, kernel profile, placement, in the background; logs in /tmp/logs
 #   bash scripts/gpu_session.sh short SEC  # setup, fp16 export in the foreground, then measure; collect up to SEC s
 #   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tar every 10 s until done or SEC s
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
@@ -23,12 +23,17 @@ case "$1" in
     cd /tmp
     setsid python3 -m audioldm2_trt.cli export --random-weights audioldm2 --precision fp16 --out /tmp/art-fp16 --overwrite > /tmp/logs/export16.log 2>&1 &
     setsid python3 -m audioldm2_trt.cli export --random-weights audioldm2 --out /tmp/art-fp32 --overwrite > /tmp/logs/export32.log 2>&1 &
+    setsid python3 -m audioldm2_trt.cli export --random-weights audioldm2 --precision fp16 --fuse unet,vae_decoder \
+      --out /tmp/art-fp16-fused --overwrite > /tmp/logs/export16f.log 2>&1 &
     echo started ;;
   measure)
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
     [ -d /tmp/art-fp32 ] && FP32="--fp32 /tmp/art-fp32" || FP32=""
-    setsid bash -c "python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+    [ -d /tmp/art-fp16-fused ] && FP32="$FP32 --fp16-fused /tmp/art-fp16-fused"
+    setsid bash -c "[ -d /tmp/art-fp16-fused ] && (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16-fused \
+        --device cuda > /tmp/logs/validate16f.log 2>&1); \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
       python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
       python3 benchmark.py --fp16 /tmp/art-fp16 $FP32 --runs 10 --skip ${SKIP:-none} --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \

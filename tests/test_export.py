@@ -182,10 +182,10 @@ def test_failed_export_leaves_nothing_that_looks_valid(tiny_pipe, tmp_path, monk
 
     real = onnx_export.export_component
 
-    def failing(pipe, consts, name, folder, precision):
+    def failing(pipe, consts, name, folder, precision, **kwargs):
         if name == "vae_decoder":
             raise RuntimeError("simulated failure half-way")
-        return real(pipe, consts, name, folder, precision)
+        return real(pipe, consts, name, folder, precision, **kwargs)
 
     monkeypatch.setattr(onnx_export, "export_component", failing)
     with pytest.raises(RuntimeError, match="half-way"):
@@ -215,3 +215,18 @@ def test_large_component_is_saved_with_external_data(tiny_pipe, tmp_path, monkey
         ref = tiny_pipe.vocoder(torch.from_numpy(mel[:, 0])).numpy()
     got = session.run({"mel": mel})["waveform"]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+
+
+@needs_export
+@pytest.mark.parametrize("fuse, precision, message", [
+    (("gpt2",), "fp16", "fused recipes exist for unet, vae_decoder only"),
+    (("unet",), "fp32", "--fuse applies to --precision fp16"),
+])
+def test_fuse_option_errors_name_the_problem(tmp_path, fuse, precision, message):
+    from audioldm2_trt.export.onnx_export import export
+    from audioldm2_trt.export.sources import Source
+    from audioldm2_trt.runtime.errors import ExportError
+
+    with pytest.raises(ExportError, match=message):
+        export(Source(random_config="tiny"), tmp_path / "out", precision=precision, fuse=fuse)
+    assert not (tmp_path / "out").exists()

@@ -76,3 +76,37 @@ def test_exported_scale_chains_fold_without_changing_outputs(tiny_pipe, tmp_path
         for a, b in zip(_run(raw, feeds), _run(folded, feeds)):
             assert a.shape == b.shape
             assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(a)
+
+
+@needs_export
+def test_every_exported_component_has_no_host_to_device_edge(tiny_artifacts):
+    """The export as shipped: no shape arithmetic left that ONNX Runtime's CUDA provider would compute on the host
+    and copy to the device (which refuses CUDA graph capture). On the H100 the raw export had such edges in
+    clap_text and t5_encoder (padding-mask indices), gpt2 and vae_decoder (attention scales)."""
+    import json
+
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    for name, entry in manifest["components"].items():
+        model = onnx.load(str(tiny_artifacts / entry["file"]))
+        assert shape_values_into_data(model) == [], name
+
+
+@needs_export
+def test_text_encoders_take_the_mask_without_index_arithmetic(tiny_pipe):
+    """The 4-D padding mask built by the export wrapper gives transformers' own result, and the mask matters."""
+    import torch
+
+    from audioldm2_trt.export import wrappers
+
+    ids = torch.randint(5, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 9, dtype=torch.int64)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        t5 = wrappers.T5Encoder(tiny_pipe.text_encoder_2)(ids, mask)
+        t5_ref = tiny_pipe.text_encoder_2(input_ids=ids, attention_mask=mask)[0]
+        t5_unmasked = wrappers.T5Encoder(tiny_pipe.text_encoder_2)(ids, torch.ones_like(mask))
+        clap = wrappers.ClapText(tiny_pipe.text_encoder)(ids, mask)
+        clap_ref = wrappers._pooled(tiny_pipe.text_encoder.get_text_features(input_ids=ids, attention_mask=mask))
+    assert torch.allclose(t5, t5_ref, atol=1e-6) and torch.allclose(clap, clap_ref, atol=1e-6)
+    assert (t5 - t5_unmasked)[1:].abs().max() > 1e-3
