@@ -5,9 +5,12 @@
 #   bash scripts/gpu_session.sh measure    # [fused validate,] load, fidelity, benchmark, kernel profile, placement, in the background; logs in /tmp/logs
 #   bash scripts/gpu_session.sh short SEC  # setup, fp16 export in the foreground, then measure; collect up to SEC s
 #   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tar every 10 s until done or SEC s
+#   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) placement on cuda:1, Ray Serve 1 and 2 replicas
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
+# For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: never multicast
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SELF="$ROOT/scripts/gpu_session.sh"
 mkdir -p /tmp/logs
@@ -38,6 +41,13 @@ case "$1" in
       python3 benchmark.py --fp16 /tmp/art-fp16 $FP32 --runs 10 --skip ${SKIP:-none} --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
       python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1; touch /tmp/logs/done" &
+    echo started ;;
+  multi)
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
+      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --out /tmp/logs > /tmp/logs/multi_ray.log 2>&1; \
+      touch /tmp/logs/done" &
     echo started ;;
   short)
     t0=$SECONDS

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..errors import BackendError
 from .base import Device
+from .cuda_driver import caller_context_kept, cuda_device_count
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
@@ -71,10 +73,11 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            if not self.bind:
-                return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
-            with self._lock:
-                return self._run_bound(feeds)
+            with self._keep_caller_context():  # ORT's CUDA provider leaves cudaSetDevice(device_id) behind
+                if not self.bind:
+                    return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
+                with self._lock:
+                    return self._run_bound(feeds)
         except BackendError:
             raise
         except Exception as err:  # onnxruntime raises its own exception types; name what failed
@@ -83,6 +86,9 @@ class OrtSession:
                                  f"{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
             error.component = self.name
             raise error from err
+
+    def _keep_caller_context(self):
+        return caller_context_kept() if self.device.kind == "cuda" else nullcontext()
 
     # -- bound runs ---------------------------------------------------------------------------------
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -231,7 +237,8 @@ class OrtSessionFactory:
                          for n, o in providers]
         refused = ""
         try:
-            session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            with caller_context_kept() if self.device.kind == "cuda" else nullcontext():
+                session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as err:
             if not (graphs and self._graphs_optional and _is_graph_refusal(err)):
                 error = BackendError(f"could not load {name} from {path}"
@@ -244,7 +251,8 @@ class OrtSessionFactory:
                         "without a graph: %s", name, self.device, err)
             graphs, providers = False, self.providers
             try:
-                session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+                with caller_context_kept():  # CUDA only: the refusal above happens on CUDA alone
+                    session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as err2:
                 error = BackendError(f"could not load {name} from {path}: {err2}")
                 error.component = name
@@ -304,24 +312,6 @@ def _check_gpu_index(ort, device: Device) -> None:
     if count is not None and device.index >= count:
         raise BackendError(f"device {device} asked for, but this host has {count} CUDA GPU(s): "
                            f"{', '.join(f'cuda:{i}' for i in range(count)) or 'none'}")
-
-
-def cuda_device_count() -> int | None:
-    """Number of CUDA GPUs from the driver API (``cuDeviceGetCount``), None if no driver is loadable."""
-    import ctypes
-
-    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            cuda = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        if cuda.cuInit(0) != 0:
-            return 0
-        count = ctypes.c_int(0)
-        if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    return None
 
 
 def ort_tensorrt_providers(folder: Path, device: Device, precision: str) -> list:

@@ -1,0 +1,66 @@
+"""The CUDA driver API through ctypes (no torch, no cuda-python): how many GPUs there are, and keeping the
+calling thread's current CUDA context as the caller left it.
+
+ONNX Runtime's CUDA provider calls ``cudaSetDevice(device_id)`` in the thread that creates a session or runs
+one, and leaves it set. A runtime on ``cuda:1`` would then change its caller's current device; servers that
+drive other CUDA work from the same threads must not see that. ``caller_context_kept`` saves the thread's
+current context before such a call and restores it after.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from contextlib import contextmanager
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda():
+    """The driver library, initialised, or None where no NVIDIA driver is installed."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        return lib if lib.cuInit(0) == 0 else None
+    return None
+
+
+def cuda_device_count() -> int | None:
+    """Number of CUDA GPUs (``cuDeviceGetCount``); None if no driver is loadable, 0 if it does not start."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        lib = _libcuda()
+        count = ctypes.c_int(0)
+        if lib is None or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return None
+
+
+def current_context() -> int | None:
+    """The calling thread's current CUDA context handle (0 = none), or None without a driver."""
+    lib = _libcuda()
+    if lib is None:
+        return None
+    ctx = ctypes.c_void_p()
+    return (ctx.value or 0) if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 else None
+
+
+@contextmanager
+def caller_context_kept():
+    """Run the block, then make the thread's current CUDA context what it was before (none included)."""
+    lib = _libcuda()
+    if lib is None:
+        yield
+        return
+    saved = ctypes.c_void_p()
+    known = lib.cuCtxGetCurrent(ctypes.byref(saved)) == 0
+    try:
+        yield
+    finally:
+        if known:
+            lib.cuCtxSetCurrent(saved)
