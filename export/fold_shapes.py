@@ -152,9 +152,7 @@ def _inferred_dims(model) -> dict[str, list]:
     the graph whose large weights are declared as inputs (no 2 GB protobuf limit, no stale value_info)."""
     import onnx
 
-    light = onnx.ModelProto()
-    light.CopyFrom(_without_weights(model))
-    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False, data_prop=True)
     dims = {}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = v.type.tensor_type

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..runtime.artifacts import load_artifacts
 from ..runtime.backends.base import Device
-from ..runtime.backends.ort import OrtSessionFactory
+from ..runtime.backends.ort import OrtSessionFactory, default_tf32
 from .components import BY_NAME, SampleShape, sample_inputs
 from .sources import Source, load_pipeline
 
@@ -67,7 +67,7 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -
     pipe = pipe or load_pipeline(source_of(art.manifest))
     consts = art.constants
     # As the runtime runs them: fp16 artefacts' fp32 parts on TF32 (CUDA only), judged by the fp16 bar there.
-    tf32 = art.precision == "fp16" and Device.parse(device).kind == "cuda"
+    tf32 = default_tf32(art.precision) and Device.parse(device).kind == "cuda"
     factory = OrtSessionFactory(device=device, tf32=tf32)
     checks = []
     for name, entry in art.manifest["components"].items():

@@ -17,7 +17,7 @@ import numpy as np
 from .artifacts import Artifacts, load_artifacts
 from .audio import ClapFeatures
 from .backends.base import Device
-from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory, ort_tensorrt_providers
+from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory, default_tf32, ort_tensorrt_providers
 from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
 from .ranking import rank_per_prompt
@@ -90,7 +90,7 @@ class AudioLDM2Runtime:
         if backend == "ort-trt":
             providers = ort_tensorrt_providers(art.folder, dev, art.precision)
         factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
-                                    tf32=art.precision == "fp16" if tf32 is None else tf32)
+                                    tf32=default_tf32(art.precision) if tf32 is None else tf32)
         return cls(art, factory.create_all(files), factory.device)
 
     def warmup(self, lengths_s=(None,), batch_sizes=(1,), prompt: str = "warm-up", steps: int = 2) -> float:

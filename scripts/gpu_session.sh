@@ -32,13 +32,14 @@ case "$1" in
   measure)
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
-    [ -d /tmp/art-fp32 ] && FP32="--fp32 /tmp/art-fp32" || FP32=""
-    [ -d /tmp/art-fp16-fused ] && FP32="$FP32 --fp16-fused /tmp/art-fp16-fused"
+    MORE=""  # the other artefact folders the export step made
+    [ -d /tmp/art-fp32 ] && MORE="--fp32 /tmp/art-fp32"
+    [ -d /tmp/art-fp16-fused ] && MORE="$MORE --fp16-fused /tmp/art-fp16-fused"
     setsid bash -c "[ -d /tmp/art-fp16-fused ] && (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16-fused \
         --device cuda > /tmp/logs/validate16f.log 2>&1); \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
       python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
-      python3 benchmark.py --fp16 /tmp/art-fp16 $FP32 --runs 10 --skip ${SKIP:-none} --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 $MORE --runs 10 --skip ${SKIP:-none} --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
       python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1; touch /tmp/logs/done" &
     echo started ;;

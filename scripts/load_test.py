@@ -24,9 +24,15 @@ import numpy as np
 SECONDS = 10.24
 
 
-def run_load(batcher, concurrency: int, total: int) -> dict:
+def prompt_for(i: int) -> str:
+    return f"sound number {i}: rain, thunder and a dog barking"
+
+
+def run_load(send, concurrency: int, total: int, first: int = 0, seconds: float = SECONDS) -> dict:
+    """``concurrency`` client threads call ``send(i)`` back to back for i = first … first + total − 1, each a
+    request for ``seconds`` of audio; seconds of audio per second and p50 / p95 latency."""
     latencies, lock = [], threading.Lock()
-    counter = iter(range(total))
+    counter = iter(range(first, first + total))
 
     def client():
         while True:
@@ -35,8 +41,7 @@ def run_load(batcher, concurrency: int, total: int) -> dict:
             if i is None:
                 return
             t0 = time.perf_counter()
-            batcher.generate(f"sound number {i}: rain, thunder and a dog barking", seed=i, num_inference_steps=20,
-                             guidance_scale=3.5, audio_length_in_s=SECONDS, timeout=600)
+            send(i)
             with lock:
                 latencies.append(time.perf_counter() - t0)
 
@@ -45,7 +50,7 @@ def run_load(batcher, concurrency: int, total: int) -> dict:
     [t.start() for t in threads]
     [t.join() for t in threads]
     wall = time.perf_counter() - t0
-    return {"requests": total, "wall_s": wall, "audio_s_per_s": total * SECONDS / wall,
+    return {"concurrency": concurrency, "requests": total, "wall_s": wall, "audio_s_per_s": total * seconds / wall,
             "p50_s": statistics.median(latencies), "p95_s": float(np.percentile(latencies, 95))}
 
 
@@ -83,9 +88,14 @@ def main() -> None:
     res["load"] = []
     for batching in (False, True):
         batcher = MicroBatcher(rt, max_batch=16 if batching else 1, max_wait_s=0.01, max_queue=256)
+
+        def send(i, batcher=batcher):
+            batcher.generate(prompt_for(i), seed=i, num_inference_steps=20, guidance_scale=3.5,
+                             audio_length_in_s=SECONDS, timeout=600)
+
         for c in args.concurrency:
-            run_load(batcher, c, c)  # untimed: graphs for the batch sizes this concurrency produces
-            row = {"batching": batching, "concurrency": c, **run_load(batcher, c, max(8, 3 * c)),
+            run_load(send, c, c)  # untimed: graphs for the batch sizes this concurrency produces
+            row = {"batching": batching, **run_load(send, c, max(8, 3 * c)),
                    "batches": batcher.batches_run, "rows": batcher.rows_run}
             res["load"].append(row)
             print(json.dumps(row), flush=True)

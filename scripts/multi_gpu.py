@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import statistics
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
+
+from load_test import prompt_for, run_load
 
 SECONDS = 10.24
 REQUEST = dict(negative_prompt="low quality, noisy", num_inference_steps=20, guidance_scale=3.5,
@@ -53,10 +53,7 @@ def make_gpu0_current() -> int:
 
 
 def mel_rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fidelity import mel, rel_l2
+    from fidelity import mel, rel_l2  # scripts/ is on the path of a script run from it
 
     return float(rel_l2(mel(a.astype(np.float64)), mel(b.astype(np.float64))).max())
 
@@ -94,32 +91,6 @@ def placement(folder: str) -> dict:
             "two_gpus_two_threads_worst_rel_l2_vs_alone": worst, "health_cuda1": rt1.health()}
 
 
-def run_load(handle, concurrency: int, total: int, offset: int) -> dict:
-    latencies, lock = [], threading.Lock()
-    counter = iter(range(offset, offset + total))
-
-    def client():
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            body = {"prompt": f"sound number {i}: rain, thunder and a dog barking", "seed": i, "steps": 20,
-                    "guidance": 3.5, "seconds": SECONDS, "negative_prompt": REQUEST["negative_prompt"]}
-            t0 = time.perf_counter()
-            handle.generate.remote(body).result()
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t0 = time.perf_counter()
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": total, "wall_s": wall, "audio_s_per_s": total * SECONDS / wall,
-            "p50_s": statistics.median(latencies), "p95_s": float(np.percentile(latencies, 95))}
-
-
 def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], device: str, max_batch: int,
                  out: Path) -> list[dict]:
     import ray
@@ -133,13 +104,18 @@ def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], devic
         for r in replicas:
             handle = serve.run(build_app(folder, num_replicas=r, device=device, max_batch=max_batch),
                                name=f"audioldm2-{r}", route_prefix=None)
-            offset = 0
+
+            def send(i, handle=handle):
+                handle.generate.remote({"prompt": prompt_for(i), "seed": i, "steps": 20, "guidance": 3.5,
+                                        "seconds": SECONDS, "negative_prompt": REQUEST["negative_prompt"]}).result()
+
+            first = 0
             for c in concurrency:
-                run_load(handle, c, c, offset)  # untimed: CUDA graphs for the batch sizes this load produces
-                offset += c
+                run_load(send, c, c, first, SECONDS)  # untimed: CUDA graphs for the batch sizes this load produces
+                first += c
                 total = max(8, 3 * c)
-                row = {"replicas": r, **run_load(handle, c, total, offset)}
-                offset += total
+                row = {"replicas": r, **run_load(send, c, total, first, SECONDS)}
+                first += total
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 (out / "ray_load.json").write_text(json.dumps(rows, indent=1))

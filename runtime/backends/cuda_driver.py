@@ -15,30 +15,32 @@ from contextlib import contextmanager
 
 
 @functools.lru_cache(maxsize=1)
-def _libcuda():
-    """The driver library, initialised, or None where no NVIDIA driver is installed."""
+def _driver() -> tuple:
+    """(library, started): library None where no NVIDIA driver is installed; started: ``cuInit`` succeeded."""
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
             lib = ctypes.CDLL(name)
         except OSError:
             continue
-        return lib if lib.cuInit(0) == 0 else None
-    return None
+        return lib, lib.cuInit(0) == 0
+    return None, False
+
+
+def _libcuda():
+    """The started driver library, or None."""
+    lib, started = _driver()
+    return lib if started else None
 
 
 def cuda_device_count() -> int | None:
     """Number of CUDA GPUs (``cuDeviceGetCount``); None if no driver is loadable, 0 if it does not start."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            ctypes.CDLL(name)
-        except OSError:
-            continue
-        lib = _libcuda()
-        count = ctypes.c_int(0)
-        if lib is None or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    return None
+    lib, started = _driver()
+    if lib is None:
+        return None
+    count = ctypes.c_int(0)
+    if not started or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 def current_context() -> int | None:
@@ -51,9 +53,10 @@ def current_context() -> int | None:
 
 
 @contextmanager
-def caller_context_kept():
-    """Run the block, then make the thread's current CUDA context what it was before (none included)."""
-    lib = _libcuda()
+def caller_context_kept(enabled: bool = True):
+    """Run the block, then make the thread's current CUDA context what it was before (none included).
+    ``enabled=False`` (a CPU runtime) runs the block without asking for the driver at all."""
+    lib = _libcuda() if enabled else None
     if lib is None:
         yield
         return

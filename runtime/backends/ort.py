@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +72,7 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            with self._keep_caller_context():  # ORT's CUDA provider leaves cudaSetDevice(device_id) behind
+            with caller_context_kept(self.device.kind == "cuda"):  # ORT leaves cudaSetDevice(device_id) behind
                 if not self.bind:
                     return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
                 with self._lock:
@@ -86,9 +85,6 @@ class OrtSession:
                                  f"{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
             error.component = self.name
             raise error from err
-
-    def _keep_caller_context(self):
-        return caller_context_kept() if self.device.kind == "cuda" else nullcontext()
 
     # -- bound runs ---------------------------------------------------------------------------------
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -237,26 +233,15 @@ class OrtSessionFactory:
                          for n, o in providers]
         refused = ""
         try:
-            with caller_context_kept() if self.device.kind == "cuda" else nullcontext():
-                session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as err:
-            if not (graphs and self._graphs_optional and _is_graph_refusal(err)):
-                error = BackendError(f"could not load {name} from {path}"
-                                     f"{' with CUDA graphs on (load with cuda_graphs=[...] without it)' if graphs else ''}"
-                                     f": {err}")
-                error.component = name
-                raise error from err
-            refused = str(err)
+            session = self._open(name, path, opts, providers, graphs)
+        except BackendError as err:
+            if not (graphs and self._graphs_optional and _is_graph_refusal(err.__cause__)):
+                raise
+            refused = str(err.__cause__)
             log.warning("%s: ONNX Runtime refused CUDA graph capture (a node runs on the CPU); running it on %s "
-                        "without a graph: %s", name, self.device, err)
+                        "without a graph: %s", name, self.device, err.__cause__)
             graphs, providers = False, self.providers
-            try:
-                with caller_context_kept():  # CUDA only: the refusal above happens on CUDA alone
-                    session = self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-            except Exception as err2:
-                error = BackendError(f"could not load {name} from {path}: {err2}")
-                error.component = name
-                raise error from err2
+            session = self._open(name, path, opts, providers, graphs)
         used = session.get_providers()
         if self.device.kind == "cuda" and used[0] not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             raise BackendError(f"{name}: asked for {self.device} but onnxruntime placed it on {used}")
@@ -267,6 +252,19 @@ class OrtSessionFactory:
         made = OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs)
         made.stats.graph_refused = refused
         return made
+
+    def _open(self, name: str, path, opts, providers, graphs: bool):
+        """An InferenceSession, keeping the caller's CUDA context; failures as BackendError naming the component
+        (the ONNX Runtime error is its ``__cause__``)."""
+        try:
+            with caller_context_kept(self.device.kind == "cuda"):
+                return self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as err:
+            error = BackendError(f"could not load {name} from {path}"
+                                 f"{' with CUDA graphs on (load with cuda_graphs=[...] without it)' if graphs else ''}"
+                                 f": {err}")
+            error.component = name
+            raise error from err
 
     def create_all(self, files: dict[str, Path], workers: int = 4) -> dict[str, OrtSession]:
         """Create every session, several at a time (ONNX Runtime releases the GIL while it builds)."""
@@ -289,6 +287,11 @@ def cuda_provider_options(device: Device, tf32: bool) -> dict:
     """
     return {"device_id": device.index, "use_tf32": int(tf32), "cudnn_conv1d_pad_to_nc1d": 1,
             "arena_extend_strategy": "kSameAsRequested"}
+
+
+def default_tf32(precision: str) -> bool:
+    """TF32 for the fp32 parts of fp16 artefacts only (see ``cuda_provider_options``)."""
+    return precision == "fp16"
 
 
 def _is_graph_refusal(err: Exception) -> bool:
