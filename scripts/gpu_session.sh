@@ -2,7 +2,9 @@
 # One GPU session's measurements, in the order the device tool's time limits allow (see docs/benchmarks.md).
 #   bash scripts/gpu_session.sh setup      # after the onnxruntime-gpu / diffusers bundle is installed in /tmp/site
 #   bash scripts/gpu_session.sh export     # fp16, fp32 and fused-fp16 artefacts of the random full-size pipeline, in parallel, in the background
-#   bash scripts/gpu_session.sh measure    # [fused validate,] load, fidelity, benchmark, kernel profile, placement, in the background; logs in /tmp/logs
+#   bash scripts/gpu_session.sh measure    # waits for the exports, then option sweep, kernel profile, load, fidelity, benchmark,
+#                                          # fused validate + benchmark, placement, in the background; logs in /tmp/logs
+#   bash scripts/gpu_session.sh all        # setup, export, measure
 #   bash scripts/gpu_session.sh short SEC  # setup, fp16 export in the foreground, then measure; collect up to SEC s
 #   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tar every 10 s until done or SEC s
 #   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) placement on cuda:1, Ray Serve 1 and 2 replicas
@@ -22,27 +24,39 @@ case "$1" in
     ln -sfn "$ROOT/runtime" /tmp/pkg/audioldm2_trt/runtime
     [ -d "$ROOT/.whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$ROOT"/.whl/*.whl
     cd /tmp && python3 -c "import audioldm2_trt.runtime, soxr, pynvml; print('setup ok')" ;;
-  export)
+  export)  # in the background; each export's pid in /tmp/logs/export*.pid
     cd /tmp
-    setsid python3 -m audioldm2_trt.cli export --random-weights audioldm2 --precision fp16 --out /tmp/art-fp16 --overwrite > /tmp/logs/export16.log 2>&1 &
-    setsid python3 -m audioldm2_trt.cli export --random-weights audioldm2 --out /tmp/art-fp32 --overwrite > /tmp/logs/export32.log 2>&1 &
-    setsid python3 -m audioldm2_trt.cli export --random-weights audioldm2 --precision fp16 --fuse unet,vae_decoder \
-      --out /tmp/art-fp16-fused --overwrite > /tmp/logs/export16f.log 2>&1 &
+    for spec in "16 --precision fp16 --out /tmp/art-fp16" "32 --out /tmp/art-fp32" \
+                "16f --precision fp16 --fuse unet,vae_decoder --out /tmp/art-fp16-fused"; do
+      set -- $spec
+      tag=$1; shift
+      setsid python3 -m audioldm2_trt.cli export --random-weights audioldm2 "$@" --overwrite > /tmp/logs/export$tag.log 2>&1 &
+      echo $! > /tmp/logs/export$tag.pid
+    done
     echo started ;;
-  measure)
+  wait)  # until the exports named (16, 32, 16f) have ended
+    shift
+    for tag in "$@"; do
+      while [ -f /tmp/logs/export$tag.pid ] && kill -0 "$(cat /tmp/logs/export$tag.pid)" 2>/dev/null; do sleep 2; done
+    done ;;
+  measure)  # in the background, most wanted first; logs in /tmp/logs, /tmp/logs/done at the end
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
-    MORE=""  # the other artefact folders the export step made
-    [ -d /tmp/art-fp32 ] && MORE="--fp32 /tmp/art-fp32"
-    [ -d /tmp/art-fp16-fused ] && MORE="$MORE --fp16-fused /tmp/art-fp16-fused"
-    setsid bash -c "[ -d /tmp/art-fp16-fused ] && (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16-fused \
-        --device cuda > /tmp/logs/validate16f.log 2>&1); \
+    setsid bash -c "bash $SELF wait 16 32; \
+      python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
       python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
-      python3 benchmark.py --fp16 /tmp/art-fp16 $MORE --runs 10 --skip ${SKIP:-none} --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip ${SKIP:-none} --out /tmp/logs \
+        > /tmp/logs/bench.log 2>&1; \
+      bash $SELF wait 16f; mkdir -p /tmp/logs/fused; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16-fused --device cuda > /tmp/logs/validate16f.log 2>&1); \
+      python3 benchmark.py --fp16-fused /tmp/art-fp16-fused --runs 10 --skip b0 --out /tmp/logs/fused > /tmp/logs/bench16f.log 2>&1; \
       python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1; touch /tmp/logs/done" &
     echo started ;;
+  all)  # setup, then exports and measurements in the background
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export && bash "$SELF" measure ;;
   multi)
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done

@@ -1,0 +1,151 @@
+"""Which CUDA provider options and precisions make each heavy component fast: one session per variant,
+timed alone (I/O bound on the device, CUDA graph replay unless the variant says otherwise).
+
+    python scripts/ort_sweep.py --fp16 /tmp/art-fp16 [--fp32 /tmp/art-fp32] [--runs 30] [--out DIR]
+
+Components: the UNet at batch 2 (CFG), the VAE decoder and the vocoder at batch 1, 10.24 s. Model
+variants: the fp16 artefacts as exported and — for the VAE decoder and vocoder, which the fp16 export
+keeps in fp32 — a plain fp16 conversion of the fp32 artefact, made here with the export's own converter.
+Option variants start from the runtime's defaults (``cuda_provider_options``) and change one thing each.
+Inputs are random with the shapes of a real request; every output is checked finite. Writes sweep.json
+and prints ms per run (median) for each (component, model, options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from audioldm2_trt.runtime.backends.base import Device
+from audioldm2_trt.runtime.backends.ort import cuda_provider_options
+
+SHAPES = {  # a 10.24 s request: latent frames 256, mel 1024 × 64; UNet at batch 2 (prompt + negative)
+    "unet": {"sample": (2, 8, 256, 16), "timestep": (1,), "encoder_hidden_states": (2, 8, 768),
+             "encoder_hidden_states_1": (2, 16, 1024), "encoder_attention_mask_1": (2, 16)},
+    "vae_decoder": {"latents": (1, 8, 256, 16)},
+    "vocoder": {"mel": (1, 1, 1024, 64)},
+}
+
+OPTION_VARIANTS = {  # name → changes to the runtime's defaults (graph: capture a CUDA graph)
+    "default": {},
+    "tf32_off": {"use_tf32": 0},
+    "tf32_on": {"use_tf32": 1},
+    "no_pad_nc1d": {"cudnn_conv1d_pad_to_nc1d": 0},
+    "heuristic": {"cudnn_conv_algo_search": "HEURISTIC"},
+    "no_max_workspace": {"cudnn_conv_use_max_workspace": 0},
+    "prefer_nhwc": {"prefer_nhwc": 1},
+    "tunable_op": {"tunable_op_enable": 1, "tunable_op_tuning_enable": 1},
+    "no_graph": {"graph": False},
+}
+
+
+def feeds_for(component: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for name, shape in SHAPES[component].items():
+        if name == "timestep":
+            feeds[name] = np.array([500], dtype=np.int64)
+        elif name.startswith("encoder_attention_mask"):
+            mask = np.ones(shape, dtype=np.int64)
+            mask[1, shape[1] // 2:] = 0  # the negative prompt's padding
+            feeds[name] = mask
+        else:
+            feeds[name] = rng.standard_normal(shape, dtype=np.float32)
+    return feeds
+
+
+def time_variant(path: Path, feeds: dict, changes: dict, runs: int, tf32_default: bool) -> dict:
+    changes = dict(changes)
+    graph = changes.pop("graph", True)
+    options = {**cuda_provider_options(Device.parse("cuda:0"), tf32_default), **changes}
+    if graph:
+        options["enable_cuda_graph"] = 1
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    t0 = time.perf_counter()
+    session = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", options)])
+    create_s = time.perf_counter() - t0
+    binding = session.io_binding()
+    for k, v in feeds.items():
+        binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0))
+    for o in session.get_outputs():
+        binding.bind_output(o.name, "cuda", 0)
+    t0 = time.perf_counter()
+    session.run_with_iobinding(binding)  # first run (cuDNN algorithm search; graph capture when on)
+    first_s = time.perf_counter() - t0
+    for _ in range(3):
+        session.run_with_iobinding(binding)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        times.append(time.perf_counter() - t0)
+    out = binding.copy_outputs_to_cpu()[0]
+    result = {"ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "create_s": create_s,
+              "first_s": first_s, "finite": bool(np.isfinite(out).all()), "out_rms": float(np.sqrt((out.astype(np.float64) ** 2).mean()))}
+    del binding, session
+    return result
+
+
+def fp16_copy(src: Path, work: Path) -> Path:
+    """A plain fp16 conversion of an fp32 artefact file (the export's own converter, no fusion)."""
+    from audioldm2_trt.export.components import FP16_PLAIN
+    from audioldm2_trt.export.onnx_export import save_model
+    from audioldm2_trt.export.optimize import to_fp16
+
+    dst = work / f"{src.stem}_fp16.onnx"
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    to_fp16(dst, FP16_PLAIN, save_model)
+    return dst
+
+
+def model_path(folder: Path, name: str) -> Path:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return folder / manifest["components"][name]["file"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fp16", required=True)
+    ap.add_argument("--fp32")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--components", default="unet,vae_decoder,vocoder")
+    ap.add_argument("--variants", default=",".join(OPTION_VARIANTS))
+    ap.add_argument("--work", default="/tmp/sweep")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    work = Path(args.work)
+    report = {"onnxruntime": ort.__version__, "results": []}
+    for name in args.components.split(","):
+        models = {"fp16_artefact": (model_path(Path(args.fp16), name), True)}
+        # The fp16 export keeps the VAE decoder and vocoder fp32 (their tf32_on/tf32_off rows are the fp32
+        # artefact's): try a plain fp16 conversion of them too.
+        if args.fp32 and name != "unet":
+            try:
+                models["fp16_plain_here"] = (fp16_copy(model_path(Path(args.fp32), name), work), True)
+            except Exception as err:  # report, go on with the rest
+                print(f"{name}: fp16 conversion failed: {err!r}", flush=True)
+        for model, (path, tf32_default) in models.items():
+            for variant in args.variants.split(","):
+                row = {"component": name, "model": model, "variant": variant}
+                try:
+                    row.update(time_variant(path, feeds_for(name), OPTION_VARIANTS[variant], args.runs, tf32_default))
+                except Exception as err:
+                    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                report["results"].append(row)
+                print(json.dumps(row), flush=True)
+                Path(args.out, "sweep.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
