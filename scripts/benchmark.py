@@ -234,7 +234,10 @@ def main() -> None:
                 ("fp16_nograph", args.fp16, False, False, None), ("fp16_notf32", args.fp16, "auto", False, False),
                 ("fp16_fused", args.fp16_fused, "auto", False, None))
     for key, folder, graphs, heavy, tf32 in variants:  # the runtime first: no torch CUDA context exists yet
-        if folder and key not in skip:
+        if folder and key not in skip and not Path(folder, "manifest.json").exists():
+            print(f"{key}: no artefacts in {folder} (export failed or was stopped); skipped", flush=True)
+            res["skipped"].append(key)
+        elif folder and key not in skip:
             res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs, tf32=tf32)
             print(key, json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
             Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))

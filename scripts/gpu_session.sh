@@ -7,7 +7,8 @@
 #   bash scripts/gpu_session.sh all        # setup, export, measure
 #   bash scripts/gpu_session.sh short SEC  # setup, fp16 export in the foreground, then measure; collect up to SEC s
 #   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tar every 10 s until done or SEC s
-#   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) placement on cuda:1, Ray Serve 1 and 2 replicas
+#   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) load test, placement on cuda:1, Ray Serve 1 and 2 replicas
+#   bash scripts/gpu_session.sh all-multi  # setup, fp16 export, multi
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -24,13 +25,18 @@ case "$1" in
     ln -sfn "$ROOT/runtime" /tmp/pkg/audioldm2_trt/runtime
     [ -d "$ROOT/.whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$ROOT"/.whl/*.whl
     cd /tmp && python3 -c "import audioldm2_trt.runtime, soxr, pynvml; print('setup ok')" ;;
-  export)  # in the background; each export's pid in /tmp/logs/export*.pid
+  export)  # in the background: the exports named (16, 32, 16f; default all three); each pid in /tmp/logs/export*.pid
+    shift
     cd /tmp
-    for spec in "16 --precision fp16 --out /tmp/art-fp16" "32 --out /tmp/art-fp32" \
-                "16f --precision fp16 --fuse unet,vae_decoder --out /tmp/art-fp16-fused"; do
-      set -- $spec
-      tag=$1; shift
-      setsid python3 -m audioldm2_trt.cli export --random-weights audioldm2 "$@" --overwrite > /tmp/logs/export$tag.log 2>&1 &
+    for tag in ${@:-16 32 16f}; do
+      case $tag in
+        16) args="--precision fp16 --out /tmp/art-fp16" ;;
+        32) args="--out /tmp/art-fp32" ;;
+        16f) args="--precision fp16 --fuse unet,vae_decoder --out /tmp/art-fp16-fused" ;;
+      esac
+      # --verbose: one line per component with its time
+      setsid python3 -m audioldm2_trt.cli --verbose export --random-weights audioldm2 $args --overwrite \
+        > /tmp/logs/export$tag.log 2>&1 &
       echo $! > /tmp/logs/export$tag.pid
     done
     echo started ;;
@@ -56,14 +62,20 @@ case "$1" in
     echo started ;;
   all)  # setup, then exports and measurements in the background
     bash "$SELF" setup || exit 1
-    bash "$SELF" export && bash "$SELF" measure ;;
-  multi)
+    bash "$SELF" export 16 32 16f && bash "$SELF" measure ;;
+  multi)  # (2+ GPUs, Ray wheels in the bundle) after the fp16 export: load test on GPU 0, placement on cuda:1, Ray 1 and 2 replicas
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
-    setsid bash -c "python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
-      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --out /tmp/logs > /tmp/logs/multi_ray.log 2>&1; \
+    setsid bash -c "bash $SELF wait 16; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
+      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 16 --out /tmp/logs \
+        > /tmp/logs/multi_ray.log 2>&1; \
       touch /tmp/logs/done" &
     echo started ;;
+  all-multi)  # setup, the fp16 export and the multi-GPU runs, in the background
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" multi ;;
   short)
     t0=$SECONDS
     bash "$SELF" setup || exit 1

@@ -114,6 +114,16 @@ def model_path(folder: Path, name: str) -> Path:
     return folder / manifest["components"][name]["file"]
 
 
+def fp32_source(args, name: str) -> Path:
+    """The component's fp32 file: the fp16 artefacts' own where that export kept it fp32, else --fp32's."""
+    entry = json.loads((Path(args.fp16) / "manifest.json").read_text())["components"][name]
+    if entry.get("precision") == "fp32":
+        return Path(args.fp16) / entry["file"]
+    if not args.fp32:
+        raise FileNotFoundError(f"{name} is fp16 in {args.fp16} and no --fp32 folder was given")
+    return model_path(Path(args.fp32), name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fp16", required=True)
@@ -130,9 +140,9 @@ def main() -> None:
         models = {"fp16_artefact": (model_path(Path(args.fp16), name), True)}
         # The fp16 export keeps the VAE decoder and vocoder fp32 (their tf32_on/tf32_off rows are the fp32
         # artefact's): try a plain fp16 conversion of them too.
-        if args.fp32 and name != "unet":
+        if name != "unet":
             try:
-                models["fp16_plain_here"] = (fp16_copy(model_path(Path(args.fp32), name), work), True)
+                models["fp16_plain_here"] = (fp16_copy(fp32_source(args, name), work), True)
             except Exception as err:  # report, go on with the rest
                 print(f"{name}: fp16 conversion failed: {err!r}", flush=True)
         for model, (path, tf32_default) in models.items():

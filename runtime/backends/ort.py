@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +20,16 @@ import numpy as np
 
 from ..errors import BackendError
 from .base import Device
+from .capture_guard import CUDA_CAPTURE_GUARD
 from .cuda_driver import caller_context_kept, cuda_device_count
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
 DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
 _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
+# ONNX Runtime runs each graph id a few times uncaptured (memory allocation) before it captures; runs of a shape
+# key below this count hold the process's capture guard exclusively (capture_guard.py), later ones share it.
+CAPTURE_RUNS = 4
 
 
 @dataclass
@@ -51,7 +56,8 @@ class OrtSession:
     """One ``onnxruntime.InferenceSession``; errors are re-raised naming the component and shapes.
 
     ``run`` is thread-safe: CPU runs use ONNX Runtime's own thread-safe ``run``; bound (CUDA) runs
-    share per-key buffers, so they take this component's lock.
+    share per-key buffers, so they take this component's lock. CUDA runs also hold the process's
+    ``CUDA_CAPTURE_GUARD``: exclusively while a shape key may still be captured, shared afterwards.
     """
 
     def __init__(self, name: str, session, ort, device: Device, bind: bool, cuda_graphs: bool,
@@ -68,6 +74,7 @@ class OrtSession:
         self._lock = threading.Lock()
         self._bound: dict[tuple, _Bound] = {}
         self._next_graph_id = 1  # 0 is reserved by ONNX Runtime
+        self._guard = CUDA_CAPTURE_GUARD if device.kind == "cuda" else None
         self.stats = SessionStats()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -91,6 +98,13 @@ class OrtSession:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
         bound = self._bound.get(key)
+        if self._guard is None:
+            return self._run_key(key, bound, feeds)
+        may_capture = self.cuda_graphs and (bound is None or bound.runs < CAPTURE_RUNS)
+        with self._guard.exclusive() if may_capture else self._guard.shared():
+            return self._run_key(key, bound, feeds)
+
+    def _run_key(self, key: tuple, bound: _Bound | None, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if bound is None:
             if len(self._bound) >= self.max_graphs:
                 return self._run_transient(feeds)
@@ -169,8 +183,8 @@ class OrtSession:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
     def close(self) -> None:
-        with self._lock:
-            self._bound.clear()
+        with self._lock, self._guard.shared() if self._guard else nullcontext():
+            self._bound.clear()  # frees device buffers: not while another thread captures
             self._session = None
 
 
@@ -257,7 +271,8 @@ class OrtSessionFactory:
         """An InferenceSession, keeping the caller's CUDA context; failures as BackendError naming the component
         (the ONNX Runtime error is its ``__cause__``)."""
         try:
-            with caller_context_kept(self.device.kind == "cuda"):
+            cuda = self.device.kind == "cuda"  # creation allocates on the GPU: not while another thread captures
+            with caller_context_kept(cuda), CUDA_CAPTURE_GUARD.shared() if cuda else nullcontext():
                 return self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as err:
             error = BackendError(f"could not load {name} from {path}"

@@ -1,0 +1,130 @@
+"""CUDA graph capture kept alone in the process (runtime/backends/capture_guard.py).
+
+On the H100 two runtimes driven from two threads, and one runtime under concurrent requests, failed with
+"operation not permitted when stream is capturing" whenever a new shape key was captured while another
+component ran (docs/benchmarks.md). Here, without a GPU: the guard's exclusion rules with real threads, and
+which runs of a real ONNX Runtime session (the tiny VAE decoder on the CPU, bound, with graph ids) take the
+guard exclusively.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from audioldm2_trt.runtime.backends import ort as ort_backend
+from audioldm2_trt.runtime.backends.base import Device
+from audioldm2_trt.runtime.backends.capture_guard import CaptureGuard
+
+
+def _overlaps(guard: CaptureGuard, kinds: list[str], hold_s: float = 0.05) -> list[tuple[str, int]]:
+    """Start one thread per kind ('shared' / 'exclusive'); return (kind, holders at entry) per entry."""
+    inside, log, lock = [0], [], threading.Lock()
+
+    def worker(kind):
+        with getattr(guard, kind)():
+            with lock:
+                inside[0] += 1
+                log.append((kind, inside[0]))
+            time.sleep(hold_s)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in kinds]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a guard holder never got in (deadlock)"
+    return log
+
+
+def test_exclusive_holder_is_alone_and_shared_holders_run_together():
+    log = _overlaps(CaptureGuard(), ["shared"] * 4 + ["exclusive"] * 2 + ["shared"] * 4)
+    assert len(log) == 10
+    assert all(n == 1 for kind, n in log if kind == "exclusive")
+    assert max(n for kind, n in log if kind == "shared") > 1  # ordinary runs are not serialised
+
+
+def test_waiting_exclusive_holder_is_not_starved_by_new_shared_holders():
+    guard, order = CaptureGuard(), []
+    release = threading.Event()
+
+    def long_shared():
+        with guard.shared():
+            order.append("shared-1 in")
+            release.wait(5)
+
+    def capture():
+        with guard.exclusive():
+            order.append("exclusive in")
+
+    def late_shared():
+        with guard.shared():
+            order.append("shared-2 in")
+
+    t1 = threading.Thread(target=long_shared)
+    t1.start()
+    while not order:
+        time.sleep(0.001)
+    t2 = threading.Thread(target=capture)
+    t2.start()
+    time.sleep(0.05)  # the capture now waits for shared-1
+    t3 = threading.Thread(target=late_shared)
+    t3.start()
+    time.sleep(0.05)
+    assert order == ["shared-1 in"]  # shared-2 queues behind the waiting capture
+    release.set()
+    for t in (t1, t2, t3):
+        t.join(5)
+    assert order == ["shared-1 in", "exclusive in", "shared-2 in"]
+
+
+class _RecordingGuard:
+    def __init__(self):
+        self.log = []
+
+    @contextmanager
+    def shared(self):
+        self.log.append("shared")
+        yield
+
+    @contextmanager
+    def exclusive(self):
+        self.log.append("exclusive")
+        yield
+
+
+def test_new_shape_keys_run_exclusively_until_captured_then_shared(tiny_artifacts):
+    factory = ort_backend.OrtSessionFactory("cpu", bind=True)
+    session = factory.create("vae_decoder", tiny_artifacts / "vae_decoder.onnx")
+    session.cuda_graphs = True  # graph ids as on CUDA; the CPU provider ignores them
+    session._guard = guard = _RecordingGuard()
+    shape = tuple(i.shape for i in session._session.get_inputs())[0]
+    small = np.random.default_rng(0).standard_normal((1, shape[1], 8, shape[3]), dtype=np.float32)
+    large = np.random.default_rng(1).standard_normal((1, shape[1], 16, shape[3]), dtype=np.float32)
+    ref = session.run({"latents": small})["mel"].copy()
+    for _ in range(ort_backend.CAPTURE_RUNS + 2):
+        out = session.run({"latents": small})["mel"]
+    np.testing.assert_array_equal(out, ref)  # same buffers, same answer, run after run
+    # first call: new key (probe + first graph run); then runs until CAPTURE_RUNS; then shared
+    small_log = guard.log[:]
+    first_shared = small_log.index("shared")
+    assert set(small_log[:first_shared]) == {"exclusive"} and set(small_log[first_shared:]) == {"shared"}
+    assert first_shared == ort_backend.CAPTURE_RUNS - 1  # _make_bound already ran the key once
+    guard.log.clear()
+    session.run({"latents": large})  # a new shape: exclusive again
+    assert guard.log == ["exclusive"]
+    guard.log.clear()
+    session.cuda_graphs = False  # without graphs nothing is ever captured
+    session._bound.clear()
+    session.run({"latents": small})
+    assert guard.log == ["shared"]
+
+
+def test_cuda_sessions_use_the_process_guard_and_cpu_sessions_none(tiny_artifacts):
+    cpu = ort_backend.OrtSessionFactory("cpu").create("vocoder", tiny_artifacts / "vocoder.onnx")
+    assert cpu._guard is None
+    fake_cuda = ort_backend.OrtSession("x", cpu._session, cpu._ort, Device.parse("cuda:1"), bind=True, cuda_graphs=True)
+    assert fake_cuda._guard is ort_backend.CUDA_CAPTURE_GUARD
