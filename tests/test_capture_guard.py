@@ -128,3 +128,37 @@ def test_cuda_sessions_use_the_process_guard_and_cpu_sessions_none(tiny_artifact
     assert cpu._guard is None
     fake_cuda = ort_backend.OrtSession("x", cpu._session, cpu._ort, Device.parse("cuda:1"), bind=True, cuda_graphs=True)
     assert fake_cuda._guard is ort_backend.CUDA_CAPTURE_GUARD
+
+
+def test_cuda_session_calls_onnx_runtime_from_one_worker_thread_whoever_calls(tiny_artifacts):
+    """ONNX Runtime's CUDA provider keeps graph state per thread: every run of a CUDA session must come from
+    the same thread, never the caller's."""
+    cpu = ort_backend.OrtSessionFactory("cpu").create("vocoder", tiny_artifacts / "vocoder.onnx")
+    session = ort_backend.OrtSession("vocoder", cpu._session, cpu._ort, Device.parse("cuda:0"), bind=True,
+                                     cuda_graphs=True)
+    seen, callers = set(), set()
+
+    def recording_run(feeds):
+        seen.add(threading.get_ident())
+        return {"waveform": feeds["mel"].sum()}
+
+    session._run_bound = recording_run
+
+    def caller(i):
+        callers.add(threading.get_ident())
+        assert session.run({"mel": np.full((1, 1, 4, 4), i, dtype=np.float32)})["waveform"] == 16 * i
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    caller(9)
+    assert len(seen) == 1 and not seen & callers
+    session._run_bound = lambda feeds: (_ for _ in ()).throw(RuntimeError("kernel failed"))
+    try:
+        session.run({"mel": np.zeros((1, 1, 4, 4), dtype=np.float32)})
+    except ort_backend.BackendError as err:  # the worker's error reaches the caller, naming the component
+        assert "vocoder failed on inputs" in str(err) and "kernel failed" in str(err)
+    else:
+        raise AssertionError("the worker's error was lost")
+    session.close()
+    session.close()  # twice is fine

@@ -55,9 +55,16 @@ class SessionStats:
 class OrtSession:
     """One ``onnxruntime.InferenceSession``; errors are re-raised naming the component and shapes.
 
-    ``run`` is thread-safe: CPU runs use ONNX Runtime's own thread-safe ``run``; bound (CUDA) runs
-    share per-key buffers, so they take this component's lock. CUDA runs also hold the process's
-    ``CUDA_CAPTURE_GUARD``: exclusively while a shape key may still be captured, shared afterwards.
+    ``run`` is thread-safe. CPU runs use ONNX Runtime's own thread-safe ``run``; bound runs share per-key
+    buffers, so they take this component's lock.
+
+    On CUDA every call into ONNX Runtime for this session happens on one worker thread of its own, whichever
+    thread calls ``run``: the CUDA provider keeps its CUDA-graph state (run counts, captured graphs) and its
+    stream per *thread*, so a session driven from many threads (a server's thread pool) would capture its
+    graphs again in every new thread, each capture while other threads run — which CUDA forbids (seen on
+    the H100, docs/benchmarks.md). The worker also leaves the caller's current CUDA device alone. Those runs
+    hold the process's ``CUDA_CAPTURE_GUARD`` too: exclusively while a shape key may still be captured,
+    shared afterwards, since another session's worker may capture at the same time.
     """
 
     def __init__(self, name: str, session, ort, device: Device, bind: bool, cuda_graphs: bool,
@@ -74,16 +81,18 @@ class OrtSession:
         self._lock = threading.Lock()
         self._bound: dict[tuple, _Bound] = {}
         self._next_graph_id = 1  # 0 is reserved by ONNX Runtime
-        self._guard = CUDA_CAPTURE_GUARD if device.kind == "cuda" else None
+        cuda = device.kind == "cuda"
+        self._guard = CUDA_CAPTURE_GUARD if cuda else None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}") if cuda else None
         self.stats = SessionStats()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            with caller_context_kept(self.device.kind == "cuda"):  # ORT leaves cudaSetDevice(device_id) behind
-                if not self.bind:
-                    return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
-                with self._lock:
-                    return self._run_bound(feeds)
+            if self._worker is not None:
+                return self._worker.submit(self._run_locked, feeds).result()
+            if not self.bind:
+                return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
+            return self._run_locked(feeds)
         except BackendError:
             raise
         except Exception as err:  # onnxruntime raises its own exception types; name what failed
@@ -94,6 +103,10 @@ class OrtSession:
             raise error from err
 
     # -- bound runs ---------------------------------------------------------------------------------
+    def _run_locked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._run_bound(feeds)
+
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
@@ -183,9 +196,17 @@ class OrtSession:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
     def close(self) -> None:
-        with self._lock, self._guard.shared() if self._guard else nullcontext():
-            self._bound.clear()  # frees device buffers: not while another thread captures
-            self._session = None
+        def release():
+            with self._lock, self._guard.shared() if self._guard else nullcontext():
+                self._bound.clear()  # frees device buffers: not while another thread captures
+                self._session = None
+
+        if self._session is None:  # closed already
+            return
+        if self._worker is None:
+            return release()
+        self._worker.submit(release).result()
+        self._worker.shutdown(wait=True)
 
 
 class OrtSessionFactory:
