@@ -22,7 +22,7 @@ from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCa
 from .conditioning import Conditioning, check_finite, encode_text
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
-from .shapes import t5_bucket
+from .shapes import batch_bucket, t5_bucket
 from .schedulers import SolverState, make_plan
 from .tokenization import TextTokenizer, tokenize_prompts
 
@@ -194,14 +194,19 @@ class AudioLDM2Runtime:
                 return live
             if feeds_for != live:  # conditioning of the live rows: [negatives of all; positives of all] under CFG
                 feeds, guidance = _unet_conditioning([items[k] for k in live], t5_len)
+                real = len(guidance)  # rows of the live items; the UNet runs ``padded`` of them
+                padded = batch_bucket(real)
+                feeds = {k: _pad_halves(v, padded, first.do_cfg) for k, v in feeds.items()}
                 feeds_for = list(live)
-            sample = np.concatenate([latents[k] for k in live])
+            sample = _pad_rows(np.concatenate([latents[k] for k in live]), padded)
             if first.do_cfg:
                 sample = np.concatenate([sample, sample])
             eps = unet.run({**feeds, "sample": sample, "timestep": np.array([t], dtype=np.int64)})["noise_pred"]
             if first.do_cfg:
                 uncond, text = np.split(eps, 2)
-                eps = uncond + guidance * (text - uncond)
+                eps = uncond[:real] + guidance * (text[:real] - uncond[:real])
+            else:
+                eps = eps[:real]
             offset = 0
             for k in list(live):
                 rows = eps[offset: offset + len(latents[k])]
@@ -221,7 +226,9 @@ class AudioLDM2Runtime:
     def _decode(self, items: list["Prepared"], index: list[int], results: list) -> None:
         """Latents → mel → waveform for all items at once, then trim and rank per item."""
         sizes = [len(it.latents) for it in items]
-        mel = self._sessions["vae_decoder"].run({"latents": np.concatenate([it.latents for it in items])})["mel"]
+        padded = batch_bucket(sum(sizes))
+        mel = self._sessions["vae_decoder"].run({"latents": _pad_rows(np.concatenate([it.latents for it in items]),
+                                                                     padded)})["mel"]
         for it in items:
             it.clock.mark("vae")
         audio = self._sessions["vocoder"].run({"mel": mel})["waveform"]
@@ -268,6 +275,20 @@ class Prepared:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share the UNet, VAE and vocoder batch."""
         return (self.req.shape.latent_frames, self.req.steps, self.req.scheduler, self.req.do_cfg)
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """x [n, ...] → [rows, ...], the last row repeated (a real row: no all-masked attention, no NaN)."""
+    n = len(x)
+    return x if n == rows else np.concatenate([x, np.repeat(x[-1:], rows - n, axis=0)])
+
+
+def _pad_halves(x: np.ndarray, rows: int, cfg: bool) -> np.ndarray:
+    """Conditioning rows laid out [negatives; positives] under CFG: pad each half to ``rows``."""
+    if not cfg:
+        return _pad_rows(x, rows)
+    neg, pos = np.split(x, 2)
+    return np.concatenate([_pad_rows(neg, rows), _pad_rows(pos, rows)])
 
 
 def _unet_conditioning(items: list[Prepared], t5_len: int) -> tuple[dict, np.ndarray]:

@@ -36,9 +36,11 @@ class AudioLDM2Deployment:
         from .batching import MicroBatcher
         from .pipeline import AudioLDM2Runtime
 
+        from .shapes import batch_buckets
+
         self.runtime = AudioLDM2Runtime.load(artifacts, device=device, threads=threads)
-        if warmup:
-            self.runtime.warmup()
+        if warmup:  # every batch bucket the micro-batcher can produce, before the replica takes traffic
+            self.runtime.warmup(batch_sizes=batch_buckets(max_batch))
         self.batcher = MicroBatcher(self.runtime, max_batch=max_batch, max_queue=max_queue)
 
     async def generate(self, body: dict) -> dict:

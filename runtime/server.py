@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .audio import to_pcm16
 from .batching import MicroBatcher
 from .errors import InvalidRequestError, NonFiniteError, QueueFullError, RequestCancelled
+from .shapes import batch_buckets
 
 log = logging.getLogger("audioldm2_trt.server")
 
@@ -143,7 +144,8 @@ def serve(artifacts: str, host: str = "127.0.0.1", port: int = 8000, device: str
 
     runtime = AudioLDM2Runtime.load(artifacts, device=device)
     batcher = MicroBatcher(runtime, max_batch=max_batch, max_queue=max_queue)
-    app = create_app(batcher, limits, warmup={"lengths_s": (warmup_seconds,), "batch_sizes": (1,)})
+    # every batch bucket the micro-batcher can produce (shapes.batch_buckets), before traffic
+    app = create_app(batcher, limits, warmup={"lengths_s": (warmup_seconds,), "batch_sizes": batch_buckets(max_batch)})
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

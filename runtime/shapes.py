@@ -59,3 +59,19 @@ def t5_bucket(length: int) -> int:
     cross-attention turns into weight exactly 0."""
     step = 16 if length <= 64 else 64
     return -(-length // step) * step
+
+
+def batch_bucket(rows: int) -> int:
+    """The rows a UNet / VAE decoder / vocoder run is padded to: the next power of two. A micro-batcher's
+    batches of 1…N rows then use log2(N) + 1 input shapes — each with its own device buffers, cuDNN
+    algorithm search and CUDA graph, which cost seconds the first time (measured on the H100: a shape met
+    first under load stalled its batch) — instead of N. Padded rows repeat a real row and are dropped."""
+    if rows < 1:
+        raise ValueError(f"rows must be ≥ 1, got {rows}")
+    return 1 << (rows - 1).bit_length()
+
+
+def batch_buckets(max_rows: int) -> tuple[int, ...]:
+    """Every bucket a batch of 1…max_rows rows can land in: what to warm up before traffic."""
+    return tuple(1 << i for i in range(batch_bucket(max_rows).bit_length()))
+

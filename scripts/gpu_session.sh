@@ -27,8 +27,13 @@ case "$1" in
     cd /tmp && python3 -c "import audioldm2_trt.runtime, soxr, pynvml; print('setup ok')" ;;
   export)  # in the background: the exports named (16, 32, 16f; default all three); each pid in /tmp/logs/export*.pid
     shift
+    tags=${@:-16 32 16f}
+    set -- $tags
+    # torch's threads split between the exports: three at once with all 16 cores each oversubscribed the device
+    # (load 48) and none finished in 10 minutes, where one alone takes 133-153 s
+    export OMP_NUM_THREADS=$(( $(nproc) / $# )) MKL_NUM_THREADS=$(( $(nproc) / $# ))
     cd /tmp
-    for tag in ${@:-16 32 16f}; do
+    for tag in $tags; do
       case $tag in
         16) args="--precision fp16 --out /tmp/art-fp16" ;;
         32) args="--out /tmp/art-fp32" ;;

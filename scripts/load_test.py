@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--skip-placement", action="store_true")
     args = ap.parse_args()
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
+    from audioldm2_trt.runtime.shapes import batch_buckets
 
     res = {"placement": "skipped"}
     try:
@@ -90,7 +91,7 @@ def main() -> None:
         res = {"placement": {"error": f"{type(err).__name__}: {err}"}}
     print(res, flush=True)
     rt = AudioLDM2Runtime.load(args.artifacts, device=args.device)
-    rt.warmup(lengths_s=(SECONDS,), batch_sizes=(1,))
+    rt.warmup(lengths_s=(SECONDS,), batch_sizes=batch_buckets(16))  # every bucket max_batch=16 can produce
     res["load"] = []
     for batching in (False, True):
         batcher = MicroBatcher(rt, max_batch=16 if batching else 1, max_wait_s=0.01, max_queue=256)

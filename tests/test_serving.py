@@ -41,6 +41,30 @@ def test_batch_invariance_across_prompt_lengths_and_guidance(runtime, singles):
         assert rel_l2(result.audios, singles[case]) <= 1e-4, case
 
 
+def test_batch_padded_to_its_bucket_gives_each_request_its_own_result(runtime, singles):
+    """Three requests → 3 rows → padded to 4 (UNet batch 8 under CFG); the pad rows never reach a result."""
+    from audioldm2_trt.runtime.shapes import batch_bucket, batch_buckets
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert batch_buckets(8) == batch_buckets(5) == (1, 2, 4, 8) and batch_buckets(1) == (1,)
+    cfg = [c for c in CASES if c[2] > 1.0][:3]
+    unet, vocoder = runtime._sessions["unet"], runtime._sessions["vocoder"]
+    seen = {"unet": [], "vocoder": []}
+    for name, session in (("unet", unet), ("vocoder", vocoder)):
+        def recording(feeds, _run=session.run, _name=name):
+            seen[_name].append(len(next(iter(feeds.values()))))
+            return _run(feeds)
+        session.run = recording
+    try:
+        results = runtime.run_batch([runtime.prepare(p, seed=s, guidance_scale=g, **FAST) for p, s, g in cfg])
+    finally:
+        del unet.run, vocoder.run
+    assert set(seen["unet"]) == {8} and seen["vocoder"] == [4]
+    for case, result in zip(cfg, results):
+        assert result.audios.shape[0] == 1
+        assert rel_l2(result.audios, singles[case]) <= 1e-4, case
+
+
 def test_batch_of_different_keys_is_refused(runtime):
     a = runtime.prepare("a", seed=0, **FAST)
     b = runtime.prepare("b", seed=0, num_inference_steps=4, audio_length_in_s=2.0)
