@@ -74,7 +74,7 @@ case "$1" in
     setsid bash -c "bash $SELF wait 16; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
       python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
-      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 16 --out /tmp/logs \
+      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 16 32 --rounds 6 --out /tmp/logs \
         > /tmp/logs/multi_ray.log 2>&1; \
       touch /tmp/logs/done" &
     echo started ;;

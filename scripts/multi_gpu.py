@@ -12,7 +12,7 @@ fidelity measure), and two runtimes on the two GPUs driven from two threads at o
 ray: one Ray Serve application per replica count (one GPU per replica), the runtime's own micro-batching inside
 each replica; a load generator in this process with ``c`` client threads, each sending requests back to back
 through the deployment handle (10.24 s, DPM-20, CFG 3.5, a different prompt and seed per request). One untimed
-round first, then max(8, 3 × c) timed requests. Reports seconds of audio per second and p50 / p95 latency.
+round first, then max(8, rounds × c) timed requests (``--rounds``, default 3). Reports seconds of audio per second and p50 / p95 latency.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def placement(folder: str) -> dict:
 
 
 def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], device: str, max_batch: int,
-                 out: Path) -> list[dict]:
+                 out: Path, rounds: int = 3) -> list[dict]:
     import ray
     from ray import serve
 
@@ -113,7 +113,7 @@ def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], devic
             for c in concurrency:
                 run_load(send, c, c, first, SECONDS)  # untimed: CUDA graphs for the batch sizes this load produces
                 first += c
-                total = max(8, 3 * c)
+                total = max(8, rounds * c)
                 row = {"replicas": r, **run_load(send, c, total, first, SECONDS)}
                 first += total
                 rows.append(row)
@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=SECONDS, help="audio length of every request")
+    ap.add_argument("--rounds", type=int, default=3, help="timed requests per level: max(8, rounds × concurrency)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     SECONDS = REQUEST["audio_length_in_s"] = args.seconds
@@ -145,7 +146,7 @@ def main() -> None:
         (out / "placement.json").write_text(json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res.items() if k != "health_cuda1"}, indent=1))
     else:
-        ray_scaleout(args.artifacts, args.replicas, args.concurrency, args.device, args.max_batch, out)
+        ray_scaleout(args.artifacts, args.replicas, args.concurrency, args.device, args.max_batch, out, args.rounds)
 
 
 if __name__ == "__main__":
