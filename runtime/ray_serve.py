@@ -35,7 +35,6 @@ class AudioLDM2Deployment:
                  warmup: bool = True, threads: int = 0):
         from .batching import MicroBatcher
         from .pipeline import AudioLDM2Runtime
-
         from .shapes import batch_buckets
 
         self.runtime = AudioLDM2Runtime.load(artifacts, device=device, threads=threads)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 SECONDS = 10.24
+MAX_BATCH = 16  # rows per micro-batch when batching is on
 
 
 def prompt_for(i: int) -> str:
@@ -84,17 +85,17 @@ def main() -> None:
     from audioldm2_trt.runtime.shapes import batch_buckets
 
     res = {"placement": "skipped"}
-    try:
-        if not args.skip_placement:
-            res = {"placement": placement(args.artifacts, args.device + ":0" if args.device == "cuda" else args.device)}
-    except Exception as err:  # reported, and the load figures still measured
-        res = {"placement": {"error": f"{type(err).__name__}: {err}"}}
+    if not args.skip_placement:
+        try:
+            res["placement"] = placement(args.artifacts, args.device + ":0" if args.device == "cuda" else args.device)
+        except Exception as err:  # reported, and the load figures still measured
+            res["placement"] = {"error": f"{type(err).__name__}: {err}"}
     print(res, flush=True)
     rt = AudioLDM2Runtime.load(args.artifacts, device=args.device)
-    rt.warmup(lengths_s=(SECONDS,), batch_sizes=batch_buckets(16))  # every bucket max_batch=16 can produce
+    rt.warmup(lengths_s=(SECONDS,), batch_sizes=batch_buckets(MAX_BATCH))  # every bucket the batcher can produce
     res["load"] = []
     for batching in (False, True):
-        batcher = MicroBatcher(rt, max_batch=16 if batching else 1, max_wait_s=0.01, max_queue=256)
+        batcher = MicroBatcher(rt, max_batch=MAX_BATCH if batching else 1, max_wait_s=0.01, max_queue=256)
 
         def send(i, batcher=batcher):
             batcher.generate(prompt_for(i), seed=i, num_inference_steps=20, guidance_scale=3.5,
