@@ -42,6 +42,8 @@ class MicroBatcher:
         self._closed = False
         self.batches_run = 0
         self.rows_run = 0
+        self.busy_s = 0.0  # the worker's seconds inside run_batch (denoise + decode)
+        self.prepare_s = 0.0  # callers' seconds in the text stage, summed over requests
         self._worker = threading.Thread(target=self._loop, name="audioldm2-batcher", daemon=True)
         self._worker.start()
 
@@ -55,11 +57,15 @@ class MicroBatcher:
             if self._admitted >= self.max_queue:
                 raise QueueFullError(f"{self._admitted} requests queued or running; the limit is {self.max_queue}")
             self._admitted += 1
+        start = time.perf_counter()
         try:
             item = self.runtime.prepare(prompt, cancel=cancel, **kwargs)
         except BaseException:
             self._release(1)
             raise
+        finally:
+            with self._cond:
+                self.prepare_s += time.perf_counter() - start
         future: Future = Future()
         with self._cond:
             self._pending.append((item, future))
@@ -91,6 +97,12 @@ class MicroBatcher:
     def queued(self) -> int:
         with self._cond:
             return self._admitted
+
+    def stats(self) -> dict:
+        """Counters since start: batches and rows run, the worker's busy seconds, the text stage's seconds."""
+        with self._cond:
+            return {"queued": self._admitted, "batches_run": self.batches_run, "rows_run": self.rows_run,
+                    "busy_s": self.busy_s, "prepare_s": self.prepare_s}
 
     # -- worker -------------------------------------------------------------------------------------
     def _release(self, n: int) -> None:
@@ -128,13 +140,16 @@ class MicroBatcher:
             if not batch:
                 return
             live = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
+            start = time.perf_counter()
             try:
                 results = self.runtime.run_batch([item for item, _ in live]) if live else []
             except Exception as err:  # a backend failure fails this batch, never the worker
                 log.exception("batch of %d failed", len(live))
                 results = [err] * len(live)
-            self.batches_run += 1
-            self.rows_run += sum(len(item.latents) for item, _ in live)
+            with self._cond:
+                self.busy_s += time.perf_counter() - start
+                self.batches_run += 1
+                self.rows_run += sum(len(item.latents) for item, _ in live)
             for (_, future), result in zip(live, results):
                 if isinstance(result, BaseException):
                     future.set_exception(result)

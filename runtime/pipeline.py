@@ -93,16 +93,29 @@ class AudioLDM2Runtime:
                                     tf32=default_tf32(art.precision) if tf32 is None else tf32)
         return cls(art, factory.create_all(files), factory.device)
 
-    def warmup(self, lengths_s=(None,), batch_sizes=(1,), prompt: str = "warm-up", steps: int = 2) -> float:
-        """Run each (length, batch) once so that buffers, cuDNN algorithms and CUDA graphs exist before the
-        first request (graphs depend on shapes, not on the step count). Returns the seconds taken."""
+    def warmup(self, lengths_s=(None,), batch_sizes=(1,), t5_buckets=(16,), steps: int = 2) -> float:
+        """Run each (length, batch, T5 bucket) once so that buffers, cuDNN algorithms and CUDA graphs exist
+        before the first request (graphs depend on shapes, not on the step count). ``t5_buckets``: T5 lengths
+        (see ``shapes.t5_bucket``) the UNet should be ready for — a prompt of 17…32 T5 tokens meets other
+        UNet shapes than one of ≤ 16. Returns the seconds taken."""
         start = time.perf_counter()
-        for length in lengths_s:
-            for batch in batch_sizes:
-                self(prompt, num_inference_steps=steps, audio_length_in_s=length, num_waveforms_per_prompt=batch,
-                     seed=0)
+        for bucket in t5_buckets:
+            prompt = self.prompt_in_t5_bucket(bucket)
+            for length in lengths_s:
+                for batch in batch_sizes:
+                    self(prompt, num_inference_steps=steps, audio_length_in_s=length,
+                         num_waveforms_per_prompt=batch, seed=0)
         self._warm = True
         return time.perf_counter() - start
+
+    def prompt_in_t5_bucket(self, tokens: int) -> str:
+        """A prompt whose T5 token count lands in the same ``t5_bucket`` as ``tokens``."""
+        if not 1 <= tokens <= self._t5_tok.model_max_length:
+            raise InvalidRequestError(f"T5 bucket of {tokens} tokens: the range is 1…{self._t5_tok.model_max_length}")
+        words = ["warm-up"]
+        while t5_bucket(self._t5_tok.count(" ".join(words))) < t5_bucket(tokens):
+            words.append("sound")
+        return " ".join(words)
 
     def health(self) -> dict:
         """What a server's health check reports: device, precision, warm or not, and per component

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 
 from ray import serve
 
@@ -35,11 +36,11 @@ class AudioLDM2Deployment:
                  warmup: bool = True, threads: int = 0):
         from .batching import MicroBatcher
         from .pipeline import AudioLDM2Runtime
-        from .shapes import batch_buckets
+        from .shapes import WARM_T5_BUCKETS, batch_buckets
 
         self.runtime = AudioLDM2Runtime.load(artifacts, device=device, threads=threads)
         if warmup:  # every batch bucket the micro-batcher can produce, before the replica takes traffic
-            self.runtime.warmup(batch_sizes=batch_buckets(max_batch))
+            self.runtime.warmup(batch_sizes=batch_buckets(max_batch), t5_buckets=WARM_T5_BUCKETS)
         self.batcher = MicroBatcher(self.runtime, max_batch=max_batch, max_queue=max_queue)
 
     async def generate(self, body: dict) -> dict:
@@ -65,7 +66,9 @@ class AudioLDM2Deployment:
         return await self.generate(await request.json())
 
     def health(self) -> dict:
-        return {**self.runtime.health(), "queued": self.batcher.queued}
+        """The runtime's health, the batcher's counters, and which replica answered (pid, its GPUs)."""
+        return {**self.runtime.health(), **self.batcher.stats(), "pid": os.getpid(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def build_app(artifacts: str, num_replicas: int = 1, device: str = "cpu", max_batch: int = 8,

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .audio import to_pcm16
 from .batching import MicroBatcher
 from .errors import InvalidRequestError, NonFiniteError, QueueFullError, RequestCancelled
-from .shapes import batch_buckets
+from .shapes import WARM_T5_BUCKETS, batch_buckets
 
 log = logging.getLogger("audioldm2_trt.server")
 
@@ -97,7 +97,7 @@ def create_app(batcher: MicroBatcher, limits: ServerLimits = ServerLimits(),
     @app.get("/health")
     def health():
         return {**runtime.health(), "ready": state["ready"], "warmup_error": state["warmup_error"],
-                "queued": batcher.queued, "batches_run": batcher.batches_run}
+                **batcher.stats()}
 
     @app.get("/ready")
     def ready():
@@ -144,8 +144,9 @@ def serve(artifacts: str, host: str = "127.0.0.1", port: int = 8000, device: str
 
     runtime = AudioLDM2Runtime.load(artifacts, device=device)
     batcher = MicroBatcher(runtime, max_batch=max_batch, max_queue=max_queue)
-    # every batch bucket the micro-batcher can produce (shapes.batch_buckets), before traffic
-    app = create_app(batcher, limits, warmup={"lengths_s": (warmup_seconds,), "batch_sizes": batch_buckets(max_batch)})
+    # every batch bucket the micro-batcher can produce (shapes.batch_buckets) and the usual T5 buckets, before traffic
+    warmup = {"lengths_s": (warmup_seconds,), "batch_sizes": batch_buckets(max_batch), "t5_buckets": WARM_T5_BUCKETS}
+    app = create_app(batcher, limits, warmup=warmup)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

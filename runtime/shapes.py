@@ -61,6 +61,10 @@ def t5_bucket(length: int) -> int:
     return -(-length // step) * step
 
 
+# The T5 buckets servers warm up before traffic: prompts of up to 32 T5 tokens (most sound descriptions).
+WARM_T5_BUCKETS = (16, 32)
+
+
 def batch_bucket(rows: int) -> int:
     """The rows a UNet / VAE decoder / vocoder run is padded to: the next power of two. A micro-batcher's
     batches of 1…N rows then use log2(N) + 1 input shapes — each with its own device buffers, cuDNN

@@ -7,8 +7,9 @@
 #   bash scripts/gpu_session.sh all        # setup, export, measure
 #   bash scripts/gpu_session.sh short SEC  # setup, fp16 export in the foreground, then measure; collect up to SEC s
 #   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tar every 10 s until done or SEC s
-#   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) load test, placement on cuda:1, Ray Serve 1 and 2 replicas
-#   bash scripts/gpu_session.sh all-multi  # setup, fp16 export, multi
+#   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) Ray Serve 1 and 2 replicas, placement on cuda:1,
+#                                          # load test, fused fp16 validate + benchmark
+#   bash scripts/gpu_session.sh all-multi  # setup, fp16 + fused fp16 exports, multi
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -68,19 +69,24 @@ case "$1" in
   all)  # setup, then exports and measurements in the background
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 32 16f && bash "$SELF" measure ;;
-  multi)  # (2+ GPUs, Ray wheels in the bundle) after the fp16 export: load test on GPU 0, placement on cuda:1, Ray 1 and 2 replicas
+  multi)  # (2+ GPUs, Ray wheels in the bundle) after the fp16 export: Ray 1 and 2 replicas (profiled), placement on
+           # cuda:1, load test on GPU 0; then, if the fused export was started, its validation and benchmark
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
     setsid bash -c "bash $SELF wait 16; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
-      python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
-      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 16 32 --rounds 6 --out /tmp/logs \
+      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 8 16 32 --rounds 6 --out /tmp/logs \
         > /tmp/logs/multi_ray.log 2>&1; \
+      python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --skip-placement --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      if [ -f /tmp/logs/export16f.pid ]; then bash $SELF wait 16f; mkdir -p /tmp/logs/fused; \
+        (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16-fused --device cuda > /tmp/logs/validate16f.log 2>&1); \
+        python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-fused /tmp/art-fp16-fused --runs 10 \
+          --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/fused > /tmp/logs/bench16f.log 2>&1; fi; \
       touch /tmp/logs/done" &
     echo started ;;
-  all-multi)  # setup, the fp16 export and the multi-GPU runs, in the background
+  all-multi)  # setup, the fp16 and fused fp16 exports, the multi-GPU runs, in the background
     bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" multi ;;
+    bash "$SELF" export 16 16f && bash "$SELF" multi ;;
   short)
     t0=$SECONDS
     bash "$SELF" setup || exit 1

@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--skip-placement", action="store_true")
     args = ap.parse_args()
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
-    from audioldm2_trt.runtime.shapes import batch_buckets
+    from audioldm2_trt.runtime.shapes import WARM_T5_BUCKETS, batch_buckets
 
     res = {"placement": "skipped"}
     if not args.skip_placement:
@@ -92,7 +92,8 @@ def main() -> None:
             res["placement"] = {"error": f"{type(err).__name__}: {err}"}
     print(res, flush=True)
     rt = AudioLDM2Runtime.load(args.artifacts, device=args.device)
-    rt.warmup(lengths_s=(SECONDS,), batch_sizes=batch_buckets(MAX_BATCH))  # every bucket the batcher can produce
+    # every bucket the batcher can produce, at the T5 buckets a server warms
+    rt.warmup(lengths_s=(SECONDS,), batch_sizes=batch_buckets(MAX_BATCH), t5_buckets=WARM_T5_BUCKETS)
     res["load"] = []
     for batching in (False, True):
         batcher = MicroBatcher(rt, max_batch=MAX_BATCH if batching else 1, max_wait_s=0.01, max_queue=256)

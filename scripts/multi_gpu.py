@@ -1,7 +1,7 @@
 """More than one GPU: placement of a runtime on a chosen GPU, and Ray Serve scale-out over the GPUs of a host.
 
     python scripts/multi_gpu.py placement --artifacts /tmp/art-fp16 [--out DIR]        # needs 2 GPUs
-    python scripts/multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 [--concurrency 1 4 16 32]
+    python scripts/multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 [--concurrency 1 4 8 16 32]
                                     [--device cuda|cpu] [--out DIR]
 
 placement: the calling thread makes GPU 0's primary context current (as a server doing its own CUDA work on
@@ -12,7 +12,10 @@ fidelity measure), and two runtimes on the two GPUs driven from two threads at o
 ray: one Ray Serve application per replica count (one GPU per replica), the runtime's own micro-batching inside
 each replica; a load generator in this process with ``c`` client threads, each sending requests back to back
 through the deployment handle (10.24 s, DPM-20, CFG 3.5, a different prompt and seed per request). One untimed
-round first, then max(8, rounds × c) timed requests (``--rounds``, default 3). Reports seconds of audio per second and p50 / p95 latency.
+round first, then max(8, rounds × c) timed requests (``--rounds``, default 3). Reports seconds of audio per second and
+p50 / p95 latency, and a profile of each timed level (``LevelProfile``): per replica (found through its health call)
+the batches and rows it ran, the share of the level its batcher worker was busy denoising/decoding, the seconds its
+requests spent in the text stage and the CPU its process used; per GPU the NVML utilisation; the host's busy cores.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +96,89 @@ def placement(folder: str) -> dict:
             "two_gpus_two_threads_worst_rel_l2_vs_alone": worst, "health_cuda1": rt1.health()}
 
 
+def _host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all host CPUs since boot (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its finished children's (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def replica_health(handle, replicas: int, probes: int = 64) -> dict[int, dict]:
+    """pid → health of each replica: health calls one after another (the router picks a replica for each;
+    calls sent all at once were seen to land on one replica) until ``replicas`` pids answered or ``probes`` calls."""
+    found: dict[int, dict] = {}
+    for _ in range(probes):
+        answer = handle.health.remote().result()
+        found[answer["pid"]] = answer
+        if len(found) == replicas:
+            break
+    return found
+
+
+class LevelProfile:
+    """Where one load level's time went: replica counters before/after, NVML utilisation sampled every 0.1 s
+    per GPU, the host's busy cores, each replica process's CPU."""
+
+    def __init__(self, handle, replicas: int):
+        self.handle, self.replicas = handle, replicas
+
+    def __enter__(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            gpus = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no NVML (a CPU-only run): no GPU figures
+            gpus = []
+        self.before = replica_health(self.handle, self.replicas)
+        self.cpu_before = {pid: _process_cpu_s(pid) for pid in self.before}
+        self.samples: list[list[int]] = []
+        self.stop = threading.Event()
+
+        def sample():
+            while gpus and not self.stop.wait(0.1):
+                self.samples.append([pynvml.nvmlDeviceGetUtilizationRates(g).gpu for g in gpus])
+
+        self.sampler = threading.Thread(target=sample, daemon=True)
+        self.host0, self.t0 = _host_cpu_ticks(), time.perf_counter()
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        host1 = _host_cpu_ticks()
+        self.stop.set()
+        self.sampler.join()
+        after = replica_health(self.handle, self.replicas)
+        replicas = {}
+        for pid, a in after.items():
+            b = self.before.get(pid)
+            if b is None:
+                continue
+            batches = a["batches_run"] - b["batches_run"]
+            replicas[str(pid)] = {
+                "cuda_visible_devices": a["cuda_visible_devices"], "batches": batches,
+                "rows": a["rows_run"] - b["rows_run"],
+                "mean_rows_per_batch": (a["rows_run"] - b["rows_run"]) / batches if batches else None,
+                "batcher_busy_share": (a["busy_s"] - b["busy_s"]) / wall,
+                "text_stage_s": a["prepare_s"] - b["prepare_s"],
+                "process_cpu_cores": (_process_cpu_s(pid) - self.cpu_before[pid]) / wall,
+                "unet_shapes": a["components"]["unet"]["shapes"], "unet_graphs": a["components"]["unet"]["graphs"]}
+        util = np.array(self.samples, dtype=float) if self.samples else np.zeros((0, 0))
+        self.result = {
+            "profile_wall_s": wall, "replicas": replicas,
+            "replicas_seen_before_or_after_only": sorted(set(map(str, self.before)) ^ set(map(str, after))),
+            "gpu_util_mean_pct": util.mean(axis=0).round(1).tolist() if util.size else [],
+            "host_busy_cores": (host1[0] - self.host0[0]) / max(1, host1[1] - self.host0[1]) * os.cpu_count()}
+        return False
+
+
 def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], device: str, max_batch: int,
                  out: Path, rounds: int = 3) -> list[dict]:
     import ray
@@ -114,7 +202,9 @@ def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], devic
                 run_load(send, c, c, first, SECONDS)  # untimed: CUDA graphs for the batch sizes this load produces
                 first += c
                 total = max(8, rounds * c)
-                row = {"replicas": r, **run_load(send, c, total, first, SECONDS)}
+                with LevelProfile(handle, r) as prof:
+                    row = {"replicas": r, **run_load(send, c, total, first, SECONDS)}
+                row["profile"] = prof.result
                 first += total
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -132,7 +222,8 @@ def main() -> None:
     ap.add_argument("what", choices=["placement", "ray"])
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    # 8: the two-replica p95 at 16 is compared with one replica's at half the load
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=SECONDS, help="audio length of every request")

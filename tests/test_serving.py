@@ -95,6 +95,21 @@ def test_micro_batcher_threads_get_their_own_results(runtime, singles):
     for case, audio in results.values():
         assert rel_l2(audio, singles[case]) <= 1e-4, case
     assert batcher.batches_run < 24  # requests really shared batches
+    stats = batcher.stats()
+    assert stats["rows_run"] == 24 and stats["batches_run"] == batcher.batches_run and stats["queued"] == 0
+    assert stats["busy_s"] > 0 and stats["prepare_s"] > 0
+
+
+def test_warmup_prompts_land_in_the_t5_buckets_asked_for(runtime):
+    from audioldm2_trt.runtime.errors import InvalidRequestError
+    from audioldm2_trt.runtime.shapes import t5_bucket
+
+    for bucket in (16, 32, 48):
+        prompt = runtime.prompt_in_t5_bucket(bucket)
+        assert t5_bucket(runtime._t5_tok.encode([prompt]).length) == bucket, (bucket, prompt)
+    longest = runtime._t5_tok.model_max_length
+    with pytest.raises(InvalidRequestError, match=f"{longest + 1} tokens.*1…{longest}"):
+        runtime.prompt_in_t5_bucket(longest + 1)
 
 
 def test_cancel_between_steps_and_timeout(runtime):
@@ -318,6 +333,16 @@ def test_ray_serve_two_cpu_replicas(tiny_artifacts, singles):
             assert np.abs(got.astype(int) - to_pcm16(singles[case])[0]).max() <= 1, case
         with pytest.raises(Exception, match="steps"):
             handle.generate.remote({"prompt": "a", "steps": -1}).result(timeout_s=60)
+        # each replica's health names it; the two batchers together ran exactly the 16 requests' rows
+        health = {}
+        for _ in range(64):  # one call after another: the router picks a replica for each
+            h = handle.health.remote().result(timeout_s=60)
+            health[h["pid"]] = h
+            if len(health) == 2:
+                break
+        assert len(health) == 2
+        assert sum(h["rows_run"] for h in health.values()) == 16
+        assert all(h["warm"] and h["queued"] == 0 for h in health.values())
     finally:
         serve.shutdown()
         ray.shutdown()
