@@ -25,16 +25,22 @@ class MicroBatcher:
     """Wraps one ``AudioLDM2Runtime``; thread-safe.
 
     max_batch: most waveform rows per UNet batch (CFG doubles the UNet's batch); max_wait_s: how long
-    the worker waits for companions after the first request of a batch arrives; max_queue: most
-    requests waiting or running before ``submit`` raises QueueFullError.
+    the worker waits for companions after the first request of a batch arrives; max_gather_s: how long,
+    at most, it waits instead for requests already submitted and still in their text stage (they arrive
+    within one text stage; starting without them would leave the batch part-empty for a whole denoising
+    loop — measured on two H100 replicas, docs/benchmarks.md); max_queue: most requests waiting or
+    running before ``submit`` raises QueueFullError.
     """
 
-    def __init__(self, runtime, max_batch: int = 8, max_wait_s: float = 0.01, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be ≥ 1, max_wait_s={max_wait_s} ≥ 0")
+    def __init__(self, runtime, max_batch: int = 8, max_wait_s: float = 0.01, max_queue: int = 64,
+                 max_gather_s: float = 0.25):
+        if max_batch < 1 or max_queue < 1 or max_wait_s < 0 or max_gather_s < 0:
+            raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be ≥ 1, max_wait_s={max_wait_s} "
+                             f"and max_gather_s={max_gather_s} ≥ 0")
         self.runtime = runtime
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_gather_s = max_gather_s
         self.max_queue = max_queue
         self._pending: deque = deque()  # (Prepared, Future)
         self._cond = threading.Condition()
@@ -108,9 +114,11 @@ class MicroBatcher:
     def _release(self, n: int) -> None:
         with self._cond:
             self._admitted -= n
+            self._cond.notify_all()  # a batch being gathered stops waiting for a request that failed its text stage
 
     def _take_batch(self) -> list:
-        """The oldest pending request and, within ``max_wait_s``, others of its key up to max_batch rows."""
+        """The oldest pending request and others of its key up to max_batch rows: those pending within
+        ``max_wait_s``, or within ``max_gather_s`` while some submitted request is still in its text stage."""
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
@@ -119,7 +127,8 @@ class MicroBatcher:
             first = self._pending.popleft()
             batch, rows = [first], len(first[0].latents)
             key = first[0].batch_key
-            deadline = time.monotonic() + self.max_wait_s
+            start = time.monotonic()
+            deadline, gather_deadline = start + self.max_wait_s, start + self.max_gather_s
             while rows < self.max_batch:
                 match = next((p for p in self._pending if p[0].batch_key == key
                               and rows + len(p[0].latents) <= self.max_batch), None)
@@ -128,8 +137,10 @@ class MicroBatcher:
                     batch.append(match)
                     rows += len(match[0].latents)
                     continue
-                left = deadline - time.monotonic()
-                if left <= 0:
+                # admitted = in the text stage + pending + this batch (the previous batch was released)
+                preparing = self._admitted - len(self._pending) - len(batch)
+                left = (gather_deadline if preparing > 0 else deadline) - time.monotonic()
+                if left <= 0 or self._closed:
                     break
                 self._cond.wait(left)
             return batch

@@ -10,6 +10,7 @@
 #   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) Ray Serve 1 and 2 replicas, placement on cuda:1,
 #                                          # load test, fused fp16 validate + benchmark
 #   bash scripts/gpu_session.sh all-multi  # setup, fp16 + fused fp16 exports, multi
+#   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -84,6 +85,16 @@ case "$1" in
           --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/fused > /tmp/logs/bench16f.log 2>&1; fi; \
       touch /tmp/logs/done" &
     echo started ;;
+  ray)  # (2+ GPUs, Ray wheels) after the fp16 export: only the Ray 1- and 2-replica levels, profiled
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16; \
+      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 8 16 32 --rounds 6 --out /tmp/logs \
+        > /tmp/logs/multi_ray.log 2>&1; touch /tmp/logs/done" &
+    echo started ;;
+  all-ray)  # setup, the fp16 export, ray
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" ray ;;
   all-multi)  # setup, the fp16 and fused fp16 exports, the multi-GPU runs, in the background
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 16f && bash "$SELF" multi ;;

@@ -100,6 +100,40 @@ def test_micro_batcher_threads_get_their_own_results(runtime, singles):
     assert stats["busy_s"] > 0 and stats["prepare_s"] > 0
 
 
+class SlowTextStage:
+    """The runtime with a text stage that takes ``delay`` s longer for prompts in ``slow``."""
+
+    def __init__(self, runtime, slow, delay):
+        self.runtime, self.slow, self.delay = runtime, slow, delay
+
+    def prepare(self, prompt, **kwargs):
+        if prompt in self.slow:
+            time.sleep(self.delay)
+        return self.runtime.prepare(prompt, **kwargs)
+
+    def run_batch(self, items):
+        return self.runtime.run_batch(items)
+
+
+@pytest.mark.parametrize("gather_s, batches", [(1.0, 1), (0.0, 2)])
+def test_batch_waits_for_a_request_still_in_its_text_stage(runtime, singles, gather_s, batches):
+    """Two requests submitted together, one 0.3 s slower in its text stage: with max_gather_s 1 s they run as one
+    batch (the worker waits for the admitted one), with 0 as two; each gets its own audio either way."""
+    from audioldm2_trt.runtime import MicroBatcher
+
+    fast, slow = CASES[0], CASES[2]  # one batch key: same length, steps, guidance on
+    batcher = MicroBatcher(SlowTextStage(runtime, {slow[0]}, 0.3), max_batch=8, max_wait_s=0.01, max_gather_s=gather_s)
+    out = {}
+    threads = [threading.Thread(target=lambda c=c: out.__setitem__(c, batcher.generate(
+        c[0], seed=c[1], guidance_scale=c[2], **FAST).audios)) for c in (fast, slow)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    batcher.close()
+    assert batcher.batches_run == batches
+    for case in (fast, slow):
+        assert rel_l2(out[case], singles[case]) <= 1e-4, case
+
+
 def test_warmup_prompts_land_in_the_t5_buckets_asked_for(runtime):
     from audioldm2_trt.runtime.errors import InvalidRequestError
     from audioldm2_trt.runtime.shapes import t5_bucket
