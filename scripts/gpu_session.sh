@@ -11,6 +11,7 @@
 #                                          # load test, fused fp16 validate + benchmark
 #   bash scripts/gpu_session.sh all-multi  # setup, fp16 + fused fp16 exports, multi
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
+#   bash scripts/gpu_session.sh fused-fidelity  # setup, fused fp16 export, its 100-prompt fidelity
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -95,6 +96,16 @@ case "$1" in
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" ray ;;
+  fused-fidelity)  # setup, the fused fp16 export in the foreground, then the 100-prompt fidelity of it in the background
+    bash "$SELF" setup || exit 1
+    rm -f /tmp/logs/done; mkdir -p /tmp/logs/fused
+    cd /tmp && python3 -m audioldm2_trt.cli --verbose export --random-weights audioldm2 --precision fp16 \
+      --fuse unet,vae_decoder --out /tmp/art-fp16-fused --overwrite > /tmp/logs/export16f.log 2>&1 \
+      || { tail -30 /tmp/logs/export16f.log; exit 1; }
+    cd "$ROOT/scripts"
+    setsid bash -c "python3 fidelity.py --fp16 /tmp/art-fp16-fused --out /tmp/logs/fused > /tmp/logs/fused/fidelity.log 2>&1; \
+      touch /tmp/logs/done" &
+    echo started ;;
   all-multi)  # setup, the fp16 and fused fp16 exports, the multi-GPU runs, in the background
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 16f && bash "$SELF" multi ;;
