@@ -19,9 +19,10 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing artefact folder")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp16: fuse with ONNX Runtime's optimizer, then convert (per-component recipes)")
-    p.add_argument("--fuse", default="", metavar="NAMES",
+    p.add_argument("--fuse", default=None, metavar="NAMES",
                    help="with --precision fp16: comma-separated components (unet, vae_decoder) to convert with "
-                        "ONNX Runtime's fusions (GroupNorm, NHWC conv, LayerNorm; attention unfused); off by default")
+                        "ONNX Runtime's fusions (GroupNorm, NHWC conv, LayerNorm; attention unfused), or 'none'; "
+                        "default for fp16: unet,vae_decoder (273 vs 339 ms end to end on an H100, same fidelity)")
     p.add_argument("--validate", action="store_true", help="validate every component after exporting")
     p.set_defaults(run=run_export)
 
@@ -51,7 +52,7 @@ def run_export(args: argparse.Namespace) -> int:
                           f"{', '.join(random_config_names())}")
     source = Source(model=args.model, random_config=args.random_weights, seed=args.seed)
     t0 = time.perf_counter()
-    fuse = tuple(n.strip() for n in args.fuse.split(",") if n.strip())
+    fuse = None if args.fuse is None else tuple(n.strip() for n in args.fuse.split(",") if n.strip() not in ("", "none"))
     out = export(source, args.out, overwrite=args.overwrite, precision=args.precision, fuse=fuse)
     print(f"exported {source.describe()} to {out} in {time.perf_counter() - t0:.1f} s")
     device = "cuda" if args.precision == "fp16" else "cpu"

@@ -117,21 +117,21 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             _t("encoder_attention_mask_1", "int64", "batch", "t5_seq"),
         ),
         (_t("noise_pred", "float32", "batch", "latent_channels", "frames", "latent_bins"),),
-        # Plain conversion. The optimizer's "unet" fusions (GroupNorm, NHWC conv; attention must stay off: it
-        # drops the T5 mask, ort-cuda-facts.md §2) work on the tiny UNet (tests/test_fp16.py, via UNET_FUSED)
-        # but did not finish within 10 minutes on the full-size graph on the GPU machine, so they are not
-        # the default; the ONNX Runtime session's own graph optimisations still apply at load.
-        Fp16Recipe(reason="plain fp16 conversion; Python-level fusion too slow on the full-size graph"),
+        # The plain recipe, used with ``--fuse none``. The fp16 default is UNET_FUSED (below): the optimizer's
+        # GroupNorm / NHWC-conv / LayerNorm fusions, attention left unfused (it drops the T5 mask,
+        # ort-cuda-facts.md §2); measured on the H100 at 12.2 vs 15.3 ms per step with the same fidelity.
+        Fp16Recipe(reason="plain fp16 conversion (--fuse none); the default fused recipe is UNET_FUSED"),
     ),
     ComponentSpec(
         "vae_decoder", lambda p, c: wrappers.VaeDecoder(p.vae),
         (_t("latents", "float32", "batch", "latent_channels", "frames", "latent_bins"),),
         (_t("mel", "float32", "batch", "one", "mel_frames", "mel_bins"),),
         # H100 sweep 2026-11-26 (docs/benchmarks.md, 10.24 s, CUDA graph, TF32 on): fp32 6.7 ms, plain fp16 5.2 ms.
-        # (The 2026-11-25 "fp16 slower" figures were taken with TF32 off.) Kept fp32 until an fp16 VAE passes the
-        # 100-prompt fidelity check, which was measured with this one fp32.
-        Fp16Recipe(keep_fp32=True, reason="fp32 (TF32) is what the 100-prompt fp16 fidelity run validated; fp16 is "
-                                          "1.5 ms faster on the H100 but not yet validated end to end"),
+        # (The 2026-11-25 "fp16 slower" figures were taken with TF32 off.) This plain recipe (fp32) is used with
+        # ``--fuse none``; the fp16 default is VAE_FUSED (fp16, GroupNorm/NHWC fused: 3.7 ms, and the 100-prompt
+        # fidelity of 2026-11-26 11:52 UTC was measured with it).
+        Fp16Recipe(keep_fp32=True, reason="fp32 (TF32) with --fuse none, what the first 100-prompt fidelity run "
+                                          "validated; the default fused recipe is VAE_FUSED (fp16)"),
     ),
     ComponentSpec(
         "vocoder", lambda p, c: wrappers.Vocoder(p.vocoder),
@@ -152,7 +152,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
 
 BY_NAME = {c.name: c for c in COMPONENTS}
 
-# Fusion recipes kept for the graph tests and for whoever makes them pay off on the full-size graphs.
+# Fused recipes: the default for fp16 exports of these two components (FUSED_RECIPES below).
 VAE_FUSED = Fp16Recipe(fusion="vae", fusion_options=(("enable_attention", False),),
                        reason="GroupNorm and NHWC convolution fused")
 
@@ -165,10 +165,10 @@ UNET_FUSED = Fp16Recipe(
     reason="GroupNorm, NHWC convolution and LayerNorm fused; attention left unfused",
 )
 
-# ``export --precision fp16 --fuse NAME,...``: opt-in fused recipes. Off by default: on the H100 the fused fp16
-# VAE (31 ms) was slower than fp32 (21 ms) while its CUDA graph was refused, and the fused UNet has not been
-# timed on the GPU yet (ort-cuda-facts.md reads 9.7 vs 12.9 ms/step for fused vs plain). With shape folding
-# the full-size UNet fusion takes about 5 minutes on 2 CPU cores (it did not finish in 10 minutes before).
+# ``export --precision fp16`` converts these components with their fused recipe by default (``--fuse none``: plain).
+# Measured on an H100 (docs/benchmarks.md, 2026-11-26): end to end 273 ms fused vs 339 ms plain in one run (UNet step
+# 12.2 vs 15.3 ms, VAE 3.7 vs 7.5 ms), 100-prompt fidelity 1.76e-3 vs 1.69e-3 (diffusers fp16: 1.97e-3), peak memory
+# 5.1 vs 6.3 GB. The cost is export time: the fused full-size export took 312-421 s on the device vs 142-162 s.
 FUSED_RECIPES = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED}
 
 

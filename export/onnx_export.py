@@ -58,20 +58,30 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
 PRECISIONS = ("fp32", "fp16")
 
 
-def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, precision: str = "fp32",
-           fuse: tuple[str, ...] = ()) -> Path:
-    """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``.
-
-    precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``;
-    ``fuse`` names components to convert with their fused recipe instead (``FUSED_RECIPES``).
-    """
+def fused_components(precision: str, fuse: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The components to convert with their fused recipe: ``fuse`` as given, or by default every component
+    with a fused recipe (``FUSED_RECIPES``) for fp16 and none for fp32."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if fuse is None:
+        return tuple(FUSED_RECIPES) if precision == "fp16" else ()
     unknown = sorted(set(fuse) - set(FUSED_RECIPES))
     if unknown:
         raise ExportError(f"--fuse {','.join(unknown)}: fused recipes exist for {', '.join(FUSED_RECIPES)} only")
     if fuse and precision != "fp16":
         raise ExportError("--fuse applies to --precision fp16 (fusion happens before the fp16 conversion)")
+    return tuple(fuse)
+
+
+def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, precision: str = "fp32",
+           fuse: tuple[str, ...] | None = None) -> Path:
+    """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``.
+
+    precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``; the
+    components named by ``fused_components(precision, fuse)`` (fp16 default: the UNet and VAE decoder) are
+    converted with their fused recipe instead. ``fuse=()`` converts every component without fusion.
+    """
+    fuse = fused_components(precision, fuse)
     out = Path(out)
     staging = prepare_output(out, overwrite)
     try:

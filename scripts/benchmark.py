@@ -1,7 +1,7 @@
 """End-to-end benchmark: this runtime and the diffusers peers, one process, one table.
 
     python scripts/benchmark.py --fp16 engines/random-full-fp16 --fp32 engines/random-full
-        [--fp16-fused engines/random-full-fp16-fused] [--runs 10] [--skip ...] [--out DIR]
+        [--fp16-plain engines/random-full-fp16-plain] [--runs 10] [--skip ...] [--out DIR]
 
 Same prompt, negative prompt, length (10.24 s), DPM-Solver++ 20 steps and CFG 3.5 for everyone; medians of
 ``--runs`` warm calls after a first call, wall clock around a CUDA-synchronised call. Peers:
@@ -201,7 +201,7 @@ def table(res: dict) -> str:
     for key, label in (("fp16", "ORT CUDA fp16, CUDA graphs"), ("fp32", "ORT CUDA fp32, CUDA graphs"),
                        ("fp16_nograph", "ORT CUDA fp16, no CUDA graphs"),
                        ("fp16_notf32", "ORT CUDA fp16, TF32 off for the fp32 parts"),
-                       ("fp16_fused", "ORT CUDA fp16, UNet and VAE fused (--fuse)")):
+                       ("fp16_plain", "ORT CUDA fp16, no fusion (--fuse none)")):
         r = res.get(f"runtime_{key}")
         if r:
             s = r["stages_ms"]
@@ -216,9 +216,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fp16", help="fp16 artefact folder")
     ap.add_argument("--fp32", help="fp32 artefact folder")
-    ap.add_argument("--fp16-fused", help="fp16 artefact folder exported with --fuse unet,vae_decoder")
+    ap.add_argument("--fp16-plain", help="fp16 artefact folder exported with --fuse none")
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32,fp16_nograph,fp16_notf32,fp16_fused")
+    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32,fp16_nograph,fp16_notf32,fp16_plain")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
@@ -232,7 +232,7 @@ def main() -> None:
            "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip)}
     variants = (("fp16", args.fp16, "auto", True, None), ("fp32", args.fp32, "auto", False, None),
                 ("fp16_nograph", args.fp16, False, False, None), ("fp16_notf32", args.fp16, "auto", False, False),
-                ("fp16_fused", args.fp16_fused, "auto", False, None))
+                ("fp16_plain", args.fp16_plain, "auto", False, None))
     for key, folder, graphs, heavy, tf32 in variants:  # the runtime first: no torch CUDA context exists yet
         if folder and key not in skip and not Path(folder, "manifest.json").exists():
             print(f"{key}: no artefacts in {folder} (export failed or was stopped); skipped", flush=True)

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in the order the device tool's time limits allow (see docs/benchmarks.md).
 #   bash scripts/gpu_session.sh setup      # after the onnxruntime-gpu / diffusers bundle is installed in /tmp/site
-#   bash scripts/gpu_session.sh export     # fp16, fp32 and fused-fp16 artefacts of the random full-size pipeline, in parallel, in the background
+#   bash scripts/gpu_session.sh export     # fp16 (fused UNet/VAE, the default), fp32 and plain-fp16 artefacts of the random
+#                                          # full-size pipeline, in parallel, in the background
 #   bash scripts/gpu_session.sh measure    # waits for the exports, then option sweep, kernel profile, load, fidelity, benchmark,
-#                                          # fused validate + benchmark, placement, in the background; logs in /tmp/logs
+#                                          # plain-fp16 validate + benchmark, placement, in the background; logs in /tmp/logs
 #   bash scripts/gpu_session.sh all        # setup, export, measure
 #   bash scripts/gpu_session.sh short SEC  # setup, fp16 export in the foreground, then measure; collect up to SEC s
 #   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tar every 10 s until done or SEC s
 #   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) Ray Serve 1 and 2 replicas, placement on cuda:1,
-#                                          # load test, fused fp16 validate + benchmark
-#   bash scripts/gpu_session.sh all-multi  # setup, fp16 + fused fp16 exports, multi
+#                                          # load test, plain fp16 validate + benchmark
+#   bash scripts/gpu_session.sh all-multi  # setup, fp16 + plain fp16 exports, multi
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
-#   bash scripts/gpu_session.sh fused-fidelity  # setup, fused fp16 export, its 100-prompt fidelity
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -28,19 +28,20 @@ case "$1" in
     ln -sfn "$ROOT/runtime" /tmp/pkg/audioldm2_trt/runtime
     [ -d "$ROOT/.whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$ROOT"/.whl/*.whl
     cd /tmp && python3 -c "import audioldm2_trt.runtime, soxr, pynvml; print('setup ok')" ;;
-  export)  # in the background: the exports named (16, 32, 16f; default all three); each pid in /tmp/logs/export*.pid
+  export)  # in the background: the exports named (16, 32, 16p; default all three); each pid in /tmp/logs/export*.pid
     shift
-    tags=${@:-16 32 16f}
+    tags=${@:-16 32 16p}
     set -- $tags
     # torch's threads split between the exports: three at once with all 16 cores each oversubscribed the device
-    # (load 48) and none finished in 10 minutes, where one alone takes 133-153 s
+    # (load 48) and none finished in 10 minutes, where one plain fp16 export alone takes 133-162 s (fused, the fp16
+    # default: 312 s with 16 threads on the 32-core host, 421 s on the 16-core one)
     export OMP_NUM_THREADS=$(( $(nproc) / $# )) MKL_NUM_THREADS=$(( $(nproc) / $# ))
     cd /tmp
     for tag in $tags; do
       case $tag in
         16) args="--precision fp16 --out /tmp/art-fp16" ;;
         32) args="--out /tmp/art-fp32" ;;
-        16f) args="--precision fp16 --fuse unet,vae_decoder --out /tmp/art-fp16-fused" ;;
+        16p) args="--precision fp16 --fuse none --out /tmp/art-fp16-plain" ;;
       esac
       # --verbose: one line per component with its time
       setsid python3 -m audioldm2_trt.cli --verbose export --random-weights audioldm2 $args --overwrite \
@@ -48,7 +49,7 @@ case "$1" in
       echo $! > /tmp/logs/export$tag.pid
     done
     echo started ;;
-  wait)  # until the exports named (16, 32, 16f) have ended
+  wait)  # until the exports named (16, 32, 16p) have ended
     shift
     for tag in "$@"; do
       while [ -f /tmp/logs/export$tag.pid ] && kill -0 "$(cat /tmp/logs/export$tag.pid)" 2>/dev/null; do sleep 2; done
@@ -63,16 +64,17 @@ case "$1" in
       python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip ${SKIP:-none} --out /tmp/logs \
         > /tmp/logs/bench.log 2>&1; \
-      bash $SELF wait 16f; mkdir -p /tmp/logs/fused; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16-fused --device cuda > /tmp/logs/validate16f.log 2>&1); \
-      python3 benchmark.py --fp16-fused /tmp/art-fp16-fused --runs 10 --skip b0 --out /tmp/logs/fused > /tmp/logs/bench16f.log 2>&1; \
+      bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+      python3 benchmark.py --fp16-plain /tmp/art-fp16-plain --runs 10 --skip b0 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; \
       python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1; touch /tmp/logs/done" &
     echo started ;;
   all)  # setup, then exports and measurements in the background
     bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 32 16f && bash "$SELF" measure ;;
+    bash "$SELF" export 16 32 16p && bash "$SELF" measure ;;
   multi)  # (2+ GPUs, Ray wheels in the bundle) after the fp16 export: Ray 1 and 2 replicas (profiled), placement on
-           # cuda:1, load test on GPU 0; then, if the fused export was started, its validation and benchmark
+           # cuda:1, load test on GPU 0; then, if the plain fp16 export was started, the
+           # validation of the default fp16 artefacts and a benchmark of both
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
     setsid bash -c "bash $SELF wait 16; \
@@ -80,10 +82,10 @@ case "$1" in
         > /tmp/logs/multi_ray.log 2>&1; \
       python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --skip-placement --out /tmp/logs > /tmp/logs/load.log 2>&1; \
-      if [ -f /tmp/logs/export16f.pid ]; then bash $SELF wait 16f; mkdir -p /tmp/logs/fused; \
-        (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16-fused --device cuda > /tmp/logs/validate16f.log 2>&1); \
-        python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-fused /tmp/art-fp16-fused --runs 10 \
-          --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/fused > /tmp/logs/bench16f.log 2>&1; fi; \
+      if [ -f /tmp/logs/export16p.pid ]; then bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
+        (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+        python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-plain /tmp/art-fp16-plain --runs 10 \
+          --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; fi; \
       touch /tmp/logs/done" &
     echo started ;;
   ray)  # (2+ GPUs, Ray wheels) after the fp16 export: only the Ray 1- and 2-replica levels, profiled
@@ -96,19 +98,9 @@ case "$1" in
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" ray ;;
-  fused-fidelity)  # setup, the fused fp16 export in the foreground, then the 100-prompt fidelity of it in the background
+  all-multi)  # setup, the fp16 and plain fp16 exports, the multi-GPU runs, in the background
     bash "$SELF" setup || exit 1
-    rm -f /tmp/logs/done; mkdir -p /tmp/logs/fused
-    cd /tmp && python3 -m audioldm2_trt.cli --verbose export --random-weights audioldm2 --precision fp16 \
-      --fuse unet,vae_decoder --out /tmp/art-fp16-fused --overwrite > /tmp/logs/export16f.log 2>&1 \
-      || { tail -30 /tmp/logs/export16f.log; exit 1; }
-    cd "$ROOT/scripts"
-    setsid bash -c "python3 fidelity.py --fp16 /tmp/art-fp16-fused --out /tmp/logs/fused > /tmp/logs/fused/fidelity.log 2>&1; \
-      touch /tmp/logs/done" &
-    echo started ;;
-  all-multi)  # setup, the fp16 and fused fp16 exports, the multi-GPU runs, in the background
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 16f && bash "$SELF" multi ;;
+    bash "$SELF" export 16 16p && bash "$SELF" multi ;;
   short)
     t0=$SECONDS
     bash "$SELF" setup || exit 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -230,3 +231,32 @@ def test_fuse_option_errors_name_the_problem(tmp_path, fuse, precision, message)
     with pytest.raises(ExportError, match=message):
         export(Source(random_config="tiny"), tmp_path / "out", precision=precision, fuse=fuse)
     assert not (tmp_path / "out").exists()
+
+
+@needs_export
+@pytest.mark.parametrize("precision, fuse, expected", [
+    ("fp16", None, ("unet", "vae_decoder")),  # the fp16 default: both fused recipes
+    ("fp16", (), ()),                         # --fuse none
+    ("fp16", ("unet",), ("unet",)),
+    ("fp32", None, ()),
+])
+def test_fused_components_default_to_the_fused_recipes_for_fp16_only(precision, fuse, expected):
+    from audioldm2_trt.export.onnx_export import fused_components
+
+    assert fused_components(precision, fuse) == expected
+
+
+@needs_export
+def test_export_cli_fuse_none_means_no_fusion(monkeypatch, tmp_path):
+    """`--fuse none` reaches export() as an empty tuple, no --fuse as None (the precision's default)."""
+    from audioldm2_trt.export import cli as export_cli
+
+    seen = []
+    monkeypatch.setattr("audioldm2_trt.export.onnx_export.export", lambda *a, **k: seen.append(k["fuse"]) or tmp_path)
+    parser = argparse.ArgumentParser()
+    export_cli.add_commands(parser.add_subparsers())
+    for argv, want in ((["--fuse", "none"], ()), ([], None), (["--fuse", "unet"], ("unet",))):
+        args = parser.parse_args(["export", "--random-weights", "tiny", "--out", str(tmp_path), "--precision", "fp16",
+                                  *argv])
+        export_cli.run_export(args)
+        assert seen[-1] == want, argv
