@@ -3,7 +3,10 @@
 
 Batching happens inside each replica (the runtime's batcher groups requests by batch key, which Ray
 Serve's ``@serve.batch`` cannot: it batches any requests together). Ray Serve routes requests to
-replicas and bounds each replica's in-flight requests with ``max_ongoing_requests``.
+replicas and bounds each replica's in-flight requests with ``max_ongoing_requests`` — by default
+``max_batch``: a replica then holds at most one batch, further requests wait in Ray's router and go to
+whichever replica frees slots first. With a larger bound the router spread the requests released by one
+replica's batch over both replicas of a two-GPU host, and each ran half-full batches (docs/benchmarks.md).
 
     from audioldm2_trt.runtime.ray_serve import build_app
     from ray import serve
@@ -27,7 +30,7 @@ from .audio import to_pcm16
 from .errors import InvalidRequestError
 
 
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment
 class AudioLDM2Deployment:
     """``generate(body)``: body as the HTTP server's GenerateBody (a dict) → {seed, sample_rate, scores,
     audio_pcm16_base64 (list, best first)}. HTTP (``POST /``) takes the same JSON."""
@@ -72,12 +75,18 @@ class AudioLDM2Deployment:
 
 
 def build_app(artifacts: str, num_replicas: int = 1, device: str = "cpu", max_batch: int = 8,
-              cpus_per_replica: float = 1.0, warmup: bool = True, threads: int = 0):
-    """The bound application: ``num_replicas`` replicas, each with one GPU when ``device`` is CUDA."""
+              cpus_per_replica: float = 1.0, warmup: bool = True, threads: int = 0,
+              max_ongoing_requests: int | None = None):
+    """The bound application: ``num_replicas`` replicas, each with one GPU when ``device`` is CUDA, each
+    holding at most ``max_ongoing_requests`` requests (default ``max_batch``: one batch's worth)."""
+    max_ongoing_requests = max_batch if max_ongoing_requests is None else max_ongoing_requests
+    if max_batch < 1 or max_ongoing_requests < 1:
+        raise InvalidRequestError(f"max_batch={max_batch} and max_ongoing_requests={max_ongoing_requests} must be ≥ 1")
     gpus = 1 if device.startswith("cuda") else 0
     if gpus and device not in ("cuda", "cuda:0"):
         raise InvalidRequestError(f"device {device!r}: under Ray each replica sees its own GPU as cuda:0; "
                                   "pass device='cuda'")
     return AudioLDM2Deployment.options(
-        num_replicas=num_replicas, ray_actor_options={"num_gpus": gpus, "num_cpus": cpus_per_replica},
+        num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
+        ray_actor_options={"num_gpus": gpus, "num_cpus": cpus_per_replica},
     ).bind(artifacts, device=device, max_batch=max_batch, warmup=warmup, threads=threads)

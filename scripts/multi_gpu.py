@@ -2,7 +2,7 @@
 
     python scripts/multi_gpu.py placement --artifacts /tmp/art-fp16 [--out DIR]        # needs 2 GPUs
     python scripts/multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 [--concurrency 1 4 8 16 32]
-                                    [--device cuda|cpu] [--out DIR]
+                                    [--device cuda|cpu] [--max-batch 8] [--max-ongoing N] [--out DIR]
 
 placement: the calling thread makes GPU 0's primary context current (as a server doing its own CUDA work on
 GPU 0 would), then loads a runtime on ``cuda:1`` and generates. Reports each GPU's used memory (NVML) before and
@@ -180,7 +180,7 @@ class LevelProfile:
 
 
 def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], device: str, max_batch: int,
-                 out: Path, rounds: int = 3) -> list[dict]:
+                 out: Path, rounds: int = 3, max_ongoing: int | None = None) -> list[dict]:
     import ray
     from ray import serve
 
@@ -190,7 +190,8 @@ def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], devic
     rows = []
     try:
         for r in replicas:
-            handle = serve.run(build_app(folder, num_replicas=r, device=device, max_batch=max_batch),
+            handle = serve.run(build_app(folder, num_replicas=r, device=device, max_batch=max_batch,
+                                         max_ongoing_requests=max_ongoing),
                                name=f"audioldm2-{r}", route_prefix=None)
 
             def send(i, handle=handle):
@@ -203,7 +204,8 @@ def ray_scaleout(folder: str, replicas: list[int], concurrency: list[int], devic
                 first += c
                 total = max(8, rounds * c)
                 with LevelProfile(handle, r) as prof:
-                    row = {"replicas": r, **run_load(send, c, total, first, SECONDS)}
+                    row = {"replicas": r, "max_batch": max_batch, "max_ongoing_requests": max_ongoing or max_batch,
+                       **run_load(send, c, total, first, SECONDS)}
                 row["profile"] = prof.result
                 first += total
                 rows.append(row)
@@ -226,6 +228,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-ongoing", type=int, default=None, help="requests a replica holds (default: max-batch)")
     ap.add_argument("--seconds", type=float, default=SECONDS, help="audio length of every request")
     ap.add_argument("--rounds", type=int, default=3, help="timed requests per level: max(8, rounds × concurrency)")
     ap.add_argument("--out", default=".")
@@ -237,7 +240,8 @@ def main() -> None:
         (out / "placement.json").write_text(json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res.items() if k != "health_cuda1"}, indent=1))
     else:
-        ray_scaleout(args.artifacts, args.replicas, args.concurrency, args.device, args.max_batch, out, args.rounds)
+        ray_scaleout(args.artifacts, args.replicas, args.concurrency, args.device, args.max_batch, out, args.rounds,
+                     args.max_ongoing)
 
 
 if __name__ == "__main__":

@@ -344,6 +344,20 @@ def test_server_queue_full_is_429_and_timeout_is_504(runtime):
 
 # -- Ray Serve ---------------------------------------------------------------------------------------
 @pytest.mark.skipif(not _has("ray"), reason="needs the ray extra: pip install -e '.[ray]'")
+def test_ray_replica_holds_one_batch_by_default_and_bad_bounds_are_refused(tiny_artifacts):
+    from audioldm2_trt.runtime.errors import InvalidRequestError
+    from audioldm2_trt.runtime.ray_serve import build_app
+
+    # _bound_deployment: the Deployment behind Ray's Application (its public max_ongoing_requests)
+    assert build_app(str(tiny_artifacts), max_batch=4)._bound_deployment.max_ongoing_requests == 4
+    assert build_app(str(tiny_artifacts), max_batch=4, max_ongoing_requests=12)._bound_deployment.max_ongoing_requests == 12
+    with pytest.raises(InvalidRequestError, match="max_ongoing_requests=0 must be ≥ 1"):
+        build_app(str(tiny_artifacts), max_ongoing_requests=0)
+    with pytest.raises(InvalidRequestError, match="device 'cuda:1'"):
+        build_app(str(tiny_artifacts), device="cuda:1")
+
+
+@pytest.mark.skipif(not _has("ray"), reason="needs the ray extra: pip install -e '.[ray]'")
 def test_ray_serve_two_cpu_replicas(tiny_artifacts, singles):
     import base64
 
