@@ -113,7 +113,7 @@ class AudioLDM2Runtime:
         if not 1 <= tokens <= self._t5_tok.model_max_length:
             raise InvalidRequestError(f"T5 bucket of {tokens} tokens: the range is 1…{self._t5_tok.model_max_length}")
         words = ["warm-up"]
-        while t5_bucket(self._t5_tok.count(" ".join(words))) < t5_bucket(tokens):
+        while t5_bucket(self._t5_tok.encode([" ".join(words)], warn=False).length) < t5_bucket(tokens):
             words.append("sound")
         return " ".join(words)
 

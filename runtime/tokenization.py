@@ -43,10 +43,6 @@ class TextTokenizer:
         self.pad_token_id = pad_token_id
         self.n_special = self.tok.num_special_tokens_to_add(is_pair=False)
 
-    def count(self, text: str) -> int:
-        """Tokens of ``text`` as ``encode`` gives them: special tokens included, at most model_max_length."""
-        return min(len(self.tok.encode(text).ids), self.model_max_length)
-
     def encode(self, texts: list[str], max_length: int | None = None, pad_to: int | None = None,
                warn: bool = True) -> Tokens:
         """Truncate each text to ``max_length`` tokens (special tokens included), then pad to

@@ -19,6 +19,9 @@ export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # KINDS.md: never multicast
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SELF="$ROOT/scripts/gpu_session.sh"
+# Ray Serve, 1 and 2 replicas, profiled (modes multi and ray; run from scripts/)
+RAY_LEVELS="python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 8 16 32 --rounds 6 \
+  --out /tmp/logs > /tmp/logs/multi_ray.log 2>&1"
 mkdir -p /tmp/logs
 case "$1" in
   setup)
@@ -78,8 +81,7 @@ case "$1" in
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
     setsid bash -c "bash $SELF wait 16; \
-      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 8 16 32 --rounds 6 --out /tmp/logs \
-        > /tmp/logs/multi_ray.log 2>&1; \
+      $RAY_LEVELS; \
       python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --skip-placement --out /tmp/logs > /tmp/logs/load.log 2>&1; \
       if [ -f /tmp/logs/export16p.pid ]; then bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
@@ -92,8 +94,7 @@ case "$1" in
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
     setsid bash -c "bash $SELF wait 16; \
-      python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 8 16 32 --rounds 6 --out /tmp/logs \
-        > /tmp/logs/multi_ray.log 2>&1; touch /tmp/logs/done" &
+      $RAY_LEVELS; touch /tmp/logs/done" &
     echo started ;;
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1

@@ -55,21 +55,29 @@ def run_load(send, concurrency: int, total: int, first: int = 0, seconds: float 
             "p50_s": statistics.median(latencies), "p95_s": float(np.percentile(latencies, 95))}
 
 
+def worst_together_vs_alone(calls: dict, repeats: int) -> float:
+    """calls: key → a zero-argument call returning audio. Each call once alone, then every key driven from a
+    thread of its own at once, ``repeats`` times each; the worst relative L2 of a together result against its
+    result alone."""
+    alone = {k: call() for k, call in calls.items()}
+    together = {}
+
+    def drive(key):
+        together[key] = [calls[key]() for _ in range(repeats)]
+
+    threads = [threading.Thread(target=drive, args=(k,)) for k in calls]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return max(float(np.linalg.norm(x - alone[k]) / np.linalg.norm(alone[k])) for k in together for x in together[k])
+
+
 def placement(folder: str, device: str) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     kwargs = dict(num_inference_steps=5, audio_length_in_s=2.0)
     a, b = AudioLDM2Runtime.load(folder, device=device), AudioLDM2Runtime.load(folder, device=device)
-    alone = {k: rt(p, seed=s, **kwargs).audios for k, (rt, p, s) in {"a": (a, "a dog", 1), "b": (b, "rain", 2)}.items()}
-    together = {}
-
-    def go(key, rt, prompt, seed):
-        together[key] = [rt(prompt, seed=seed, **kwargs).audios for _ in range(5)]
-
-    threads = [threading.Thread(target=go, args=("a", a, "a dog", 1)), threading.Thread(target=go, args=("b", b, "rain", 2))]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    worst = max(float(np.linalg.norm(x - alone[k]) / np.linalg.norm(alone[k])) for k in together for x in together[k])
+    worst = worst_together_vs_alone({"a": lambda: a("a dog", seed=1, **kwargs).audios,
+                                     "b": lambda: b("rain", seed=2, **kwargs).audios}, repeats=5)
     return {"device": device, "two_runtimes_two_threads_worst_rel_l2": worst}
 
 

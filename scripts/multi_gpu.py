@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from load_test import prompt_for, run_load
+from load_test import prompt_for, run_load, worst_together_vs_alone
 
 SECONDS = 10.24
 REQUEST = dict(negative_prompt="low quality, noisy", num_inference_steps=20, guidance_scale=3.5,
@@ -77,17 +77,8 @@ def placement(folder: str) -> dict:
     still_gpu0 = cuda_driver.current_context() == gpu0
     rt0 = AudioLDM2Runtime.load(folder, device="cuda:0")
     out0 = rt0("a dog barking in the rain", seed=0, **REQUEST).audios
-    alone = {0: rt0("rain on a tin roof", seed=1, **REQUEST).audios, 1: rt1("a jazz piano solo", seed=2, **REQUEST).audios}
-    together: dict = {}
-
-    def drive(i, rt, prompt, seed):
-        together[i] = [rt(prompt, seed=seed, **REQUEST).audios for _ in range(3)]
-
-    threads = [threading.Thread(target=drive, args=(0, rt0, "rain on a tin roof", 1)),
-               threading.Thread(target=drive, args=(1, rt1, "a jazz piano solo", 2))]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    worst = max(float(np.linalg.norm(x - alone[i]) / np.linalg.norm(alone[i])) for i in together for x in together[i])
+    worst = worst_together_vs_alone({0: lambda: rt0("rain on a tin roof", seed=1, **REQUEST).audios,
+                                     1: lambda: rt1("a jazz piano solo", seed=2, **REQUEST).audios}, repeats=3)
     return {"gpu_used_mib_before": before, "gpu_used_mib_after_cuda1_load_and_call": after_gpu1,
             "delta_mib": [a - b for a, b in zip(after_gpu1, before)],
             "caller_context_still_gpu0": still_gpu0,

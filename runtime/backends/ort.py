@@ -312,9 +312,9 @@ class OrtSessionFactory:
 def cuda_provider_options(device: Device, tf32: bool) -> dict:
     """Options of our default CUDA execution provider.
 
-    use_tf32: on only where the artefacts are fp16 anyway (their fp32-kept parts — T5, VAE decoder,
-    vocoder — then run on TF32 tensor cores, 10-bit mantissa like fp16, fp32's exponent range, so T5
-    still does not overflow); off for fp32 artefacts, which are validated against fp32 PyTorch at 1e-4.
+    use_tf32: on only where the artefacts are fp16 anyway (their fp32-kept parts — T5, the projection, the
+    vocoder, CLAP's audio branch, and the VAE decoder with ``--fuse none`` — then run on TF32 tensor cores,
+    10-bit mantissa like fp16, fp32's exponent range, so T5 still does not overflow); off for fp32 artefacts, which are validated against fp32 PyTorch at 1e-4.
     On the H100 the fp32 HiFi-GAN took 81 ms with TF32 off (docs/benchmarks.md); ort-cuda-facts.md
     reads 13.3 ms with ONNX Runtime's default (TF32 on).
     cudnn_conv1d_pad_to_nc1d: about 2x faster HiFi-GAN 1-D convolutions (ort-cuda-facts.md).
