@@ -186,6 +186,16 @@ def test_queue_full(runtime):
     batcher.close()
 
 
+@pytest.mark.parametrize("kwargs, named", [({"max_batch": 0}, "max_batch=0"), ({"max_queue": 0}, "max_queue=0"),
+                                           ({"max_wait_s": -1}, "max_wait_s=-1"),
+                                           ({"max_gather_s": -0.5}, "max_gather_s=-0.5")])
+def test_batcher_settings_out_of_range_are_named(runtime, kwargs, named):
+    from audioldm2_trt.runtime import MicroBatcher
+
+    with pytest.raises(ValueError, match=named):
+        MicroBatcher(runtime, **kwargs)
+
+
 # -- HTTP ------------------------------------------------------------------------------------------
 needs_server = pytest.mark.skipif(not (_has("fastapi") and _has("uvicorn")),
                                   reason="needs the serve extra: pip install -e '.[serve]'")
