@@ -28,13 +28,16 @@ class Fp16Recipe:
 
     ``keep_fp32``: the whole component stays fp32. ``fusion``: the optimizer's model type (None = no
     fusion) and ``fusion_options`` overrides of its FusionOptions. ``fp32_ops``: op types kept fp32 in
-    addition to the converter's defaults. Inputs and outputs stay float32 either way.
+    addition to the converter's defaults. ``attention_mask_input``: the graph input of a key-padding mask that
+    attention fusion would drop; it is handed to the fused nodes as attention_bias (attention_bias.py).
+    Inputs and outputs stay float32 either way.
     """
 
     keep_fp32: bool = False
     fusion: str | None = None
     fusion_options: tuple[tuple[str, bool], ...] = ()
     fp32_ops: tuple[str, ...] = ()
+    attention_mask_input: str | None = None
     reason: str = ""
 
 
@@ -158,8 +161,18 @@ VAE_FUSED = Fp16Recipe(fusion="vae", fusion_options=(("enable_attention", False)
 
 UNET_FUSED = Fp16Recipe(
     fusion="unet",
-    # Attention fusion would drop the T5 stream's key-padding mask, and BiasSplitGelu's CUDA kernel
-    # rejects AudioLDM 2's hidden size 2048 (shared/reference/ort-cuda-facts.md §2, §3).
+    # BiasSplitGelu's CUDA kernel rejects AudioLDM 2's hidden size 2048 (shared/reference/ort-cuda-facts.md §3).
+    # Attention is fused (packed QKV for self-attention, packed KV for cross-attention, as ORT's defaults for
+    # Stable Diffusion); the stock fusion drops the T5 stream's key-padding mask (§2), so attention_bias.py
+    # hands that mask back to the 32 cross-attentions that read it.
+    fusion_options=(("enable_bias_splitgelu", False),),
+    attention_mask_input="encoder_attention_mask_1",
+    reason="GroupNorm, NHWC convolution, LayerNorm and attention (T5 mask kept as attention_bias) fused",
+)
+
+# The previous default, for comparison runs (scripts/ort_sweep.py --unet-recipes): attention left unfused.
+UNET_FUSED_NO_ATTENTION = Fp16Recipe(
+    fusion="unet",
     fusion_options=(("enable_attention", False), ("enable_packed_qkv", False), ("enable_packed_kv", False),
                     ("enable_bias_splitgelu", False)),
     reason="GroupNorm, NHWC convolution and LayerNorm fused; attention left unfused",

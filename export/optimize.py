@@ -10,9 +10,11 @@ passing ``op_block_list`` replaces the converter's defaults, so they are added b
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
+from .attention_bias import attach_mask_bias, masked_attention_outputs
 from .components import Fp16Recipe
 
 log = logging.getLogger("audioldm2_trt.export")
@@ -59,9 +61,22 @@ def _fuse(model, recipe: Fp16Recipe):
         if not hasattr(options, key):
             raise AttributeError(f"FusionOptions has no {key!r}")  # catches option renames in new ORT versions
         setattr(options, key, value)
-    inputs_before = [i.name for i in model.model.graph.input]
+    graph_inputs = {i.name: copy.deepcopy(i) for i in model.model.graph.input}
+    inputs_before = list(graph_inputs)
+    chains = []
+    if recipe.attention_mask_input:
+        chains = masked_attention_outputs(model.model, recipe.attention_mask_input)
     fused = optimize_model(model.model, model_type=recipe.fusion, opt_level=0, optimization_options=options,
                            use_gpu=True)
+    if chains:
+        n = attach_mask_bias(fused.model, graph_inputs[recipe.attention_mask_input], chains)
+        log.info("%s: %d fused attention nodes take %s as attention_bias", recipe.fusion, n,
+                 recipe.attention_mask_input)
+        order = {name: k for k, name in enumerate(inputs_before)}
+        restored = sorted(fused.model.graph.input, key=lambda i: order.get(i.name, len(order)))
+        del fused.model.graph.input[:]
+        fused.model.graph.input.extend(restored)
+        fused.topological_sort()
     inputs_after = [i.name for i in fused.model.graph.input]
     if inputs_after != inputs_before:  # e.g. a fusion that swallowed an attention mask
         raise RuntimeError(f"{recipe.fusion} fusion changed the graph inputs {inputs_before} → {inputs_after}")

@@ -12,6 +12,8 @@
 #                                          # load test, plain fp16 validate + benchmark
 #   bash scripts/gpu_session.sh all-multi  # setup, fp16 + plain fp16 exports, multi
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
+#   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
+#                                          # validate, the full benchmark with the peers, fidelity, kernel profile
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -96,6 +98,22 @@ case "$1" in
     setsid bash -c "bash $SELF wait 16; \
       $RAY_LEVELS; touch /tmp/logs/done" &
     echo started ;;
+  unet)  # after the fp16 and fp32 exports: UNet recipes, then validate, benchmark, fidelity and profile of the default
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 32; \
+      python3 ort_sweep.py --unet-recipes --fp32 /tmp/art-fp32 --out /tmp/logs > /tmp/logs/unet_recipes.log 2>&1; \
+      bash $SELF wait 16; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip fp16_nograph,fp16_notf32 \
+        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-unet)  # setup, the fp16 and fp32 exports, unet
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 32 && bash "$SELF" unet ;;
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" ray ;;

@@ -2,6 +2,12 @@
 timed alone (I/O bound on the device, CUDA graph replay unless the variant says otherwise).
 
     python scripts/ort_sweep.py --fp16 /tmp/art-fp16 [--fp32 /tmp/art-fp32] [--runs 30] [--out DIR]
+    python scripts/ort_sweep.py --unet-recipes --fp32 /tmp/art-fp32 [--out DIR]
+
+``--unet-recipes``: the fp32 UNet converted here with each fused recipe (UNET_RECIPES: attention unfused, the
+previous default; attention fused with packed or separate Q/K/V, T5 mask as attention_bias), each timed at
+batch 2 and compared with the fp32 UNet (TF32 off) on the same inputs: rel-L2 of the noise prediction, the
+second row's T5 tokens half padding. Writes unet_recipes.json.
 
 Components: the UNet at batch 2 (CFG), the VAE decoder and the vocoder at batch 1, 10.24 s. Model
 variants: the fp16 artefacts as exported and — for the VAE decoder and vocoder, which the fp16 export
@@ -61,7 +67,8 @@ def feeds_for(component: str) -> dict[str, np.ndarray]:
     return feeds
 
 
-def time_variant(path: Path, feeds: dict, changes: dict, runs: int, tf32_default: bool) -> dict:
+def time_variant(path: Path, feeds: dict, changes: dict, runs: int, tf32_default: bool,
+                 keep_output: list | None = None) -> dict:
     changes = dict(changes)
     graph = changes.pop("graph", True)
     options = {**cuda_provider_options(Device.parse("cuda:0"), tf32_default), **changes}
@@ -90,6 +97,8 @@ def time_variant(path: Path, feeds: dict, changes: dict, runs: int, tf32_default
         binding.synchronize_outputs()
         times.append(time.perf_counter() - t0)
     out = binding.copy_outputs_to_cpu()[0]
+    if keep_output is not None:
+        keep_output.append(out)
     result = {"ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "create_s": create_s,
               "first_s": first_s, "finite": bool(np.isfinite(out).all()), "out_rms": float(np.sqrt((out.astype(np.float64) ** 2).mean()))}
     del binding, session
@@ -109,6 +118,61 @@ def fp16_copy(src: Path, work: Path) -> Path:
     return dst
 
 
+def unet_recipes():
+    """name → Fp16Recipe for the --unet-recipes comparison."""
+    from dataclasses import replace
+
+    from audioldm2_trt.export.components import UNET_FUSED, UNET_FUSED_NO_ATTENTION
+
+    separate = replace(UNET_FUSED, fusion_options=UNET_FUSED.fusion_options + (("enable_packed_qkv", False),
+                                                                              ("enable_packed_kv", False)))
+    return {"attention_unfused": UNET_FUSED_NO_ATTENTION, "attention_packed": UNET_FUSED,
+            "attention_separate_qkv": separate}
+
+
+def _convert(job) -> str:
+    src, dst, name = job
+    from audioldm2_trt.export.onnx_export import save_model
+    from audioldm2_trt.export.optimize import to_fp16
+
+    shutil.copy(src, dst)
+    t0 = time.perf_counter()
+    summary = to_fp16(Path(dst), unet_recipes()[name], save_model)
+    return json.dumps({"convert_s": time.perf_counter() - t0, **summary})
+
+
+def unet_recipe_rows(args) -> None:
+    """Convert the fp32 UNet with each recipe (in parallel processes), then time each against fp32."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from audioldm2_trt.export.validate import rel_l2
+
+    src = model_path(Path(args.fp32), "unet")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    names = list(unet_recipes())
+    jobs = [(str(src), str(work / f"unet_{n}.onnx"), n) for n in names]
+    with ProcessPoolExecutor(len(jobs)) as pool:
+        summaries = dict(zip(names, (json.loads(s) for s in pool.map(_convert, jobs))))
+    feeds = feeds_for("unet")
+    report = {"onnxruntime": ort.__version__, "shapes": SHAPES["unet"], "results": []}
+    reference: list = []
+    row = {"recipe": "fp32_artefact_tf32_off", **time_variant(src, feeds, {"use_tf32": 0}, args.runs, True, reference)}
+    report["results"].append(row)
+    print(json.dumps(row), flush=True)
+    for name in names:
+        out: list = []
+        row = {"recipe": name, **summaries[name]}
+        try:
+            row.update(time_variant(work / f"unet_{name}.onnx", feeds, {}, args.runs, True, out))
+            row["rel_l2_vs_fp32"] = rel_l2(out[0], reference[0])
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        report["results"].append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out, "unet_recipes.json").write_text(json.dumps(report, indent=1))
+
+
 def model_path(folder: Path, name: str) -> Path:
     manifest = json.loads((folder / "manifest.json").read_text())
     return folder / manifest["components"][name]["file"]
@@ -126,7 +190,8 @@ def fp32_source(args, name: str) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fp16", required=True)
+    ap.add_argument("--fp16")
+    ap.add_argument("--unet-recipes", action="store_true")
     ap.add_argument("--fp32")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--components", default="unet,vae_decoder,vocoder")
@@ -134,6 +199,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sweep")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    if args.unet_recipes:
+        if not args.fp32:
+            ap.error("--unet-recipes needs --fp32 (the fp32 artefacts' UNet is converted with each recipe)")
+        return unet_recipe_rows(args)
+    if not args.fp16:
+        ap.error("--fp16 is required")
     work = Path(args.work)
     report = {"onnxruntime": ort.__version__, "results": []}
     for name in args.components.split(","):

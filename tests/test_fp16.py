@@ -31,6 +31,83 @@ def _fp16_copy(tiny_artifacts, tmp_path, name, fused=False):
     return path, summary
 
 
+def _masked_softmax_count(model) -> int:
+    from audioldm2_trt.export.attention_bias import masked_attention_outputs
+
+    return len(masked_attention_outputs(model, "encoder_attention_mask_1"))
+
+
+# The attention-only variant of the UNet fusion: the other fused kernels (GroupNorm, NhwcConv, packed Q/K/V) exist
+# on CUDA only, so this is the part of the fused recipe that the CPU can run against the unfused graph.
+_ATTENTION_ONLY = tuple((k, False) for k in (
+    "enable_packed_qkv", "enable_packed_kv", "enable_bias_splitgelu", "enable_group_norm", "enable_skip_group_norm",
+    "enable_nhwc_conv", "enable_bias_add", "enable_skip_layer_norm", "enable_bias_skip_layer_norm"))
+
+
+def _fused_unet_on_cpu(tiny_artifacts, attention_mask_input, fusion_options=_ATTENTION_ONLY):
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from audioldm2_trt.export.components import Fp16Recipe
+    from audioldm2_trt.export.optimize import _fuse
+
+    recipe = Fp16Recipe(fusion="unet", fusion_options=fusion_options, attention_mask_input=attention_mask_input)
+    return _fuse(OnnxModel(onnx.load(str(tiny_artifacts / "unet.onnx"))), recipe).model
+
+
+def _unet_feeds(tiny_artifacts):
+    from audioldm2_trt.export.components import BY_NAME, SampleShape, sample_inputs
+    from audioldm2_trt.runtime.artifacts import load_artifacts
+
+    consts = load_artifacts(tiny_artifacts).constants
+    feeds = {k: v.numpy() for k, v in sample_inputs(BY_NAME["unet"], consts, SampleShape(2, 9, 16), seed=4).items()}
+    assert feeds["encoder_attention_mask_1"][1, -1] == 0  # the second row has T5 padding
+    return feeds
+
+
+def _run_cpu(model, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+
+
+def test_fused_attention_keeps_the_t5_mask(tiny_artifacts):
+    """Fused attention with the mask handed back as attention_bias equals the unfused graph (fp32, CPU);
+    ORT's stock fusion, which drops the mask, does not — so this comparison sees a lost mask."""
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from audioldm2_trt.export.validate import rel_l2
+
+    fp32 = onnx.load(str(tiny_artifacts / "unet.onnx"))
+    feeds = _unet_feeds(tiny_artifacts)
+    reference = _run_cpu(fp32, feeds)
+
+    fused = _fused_unet_on_cpu(tiny_artifacts, "encoder_attention_mask_1")
+    kinds = [n.op_type for n in fused.graph.node]
+    assert kinds.count("MultiHeadAttention") + kinds.count("Attention") == sum(
+        n.op_type == "Softmax" for n in fp32.graph.node)  # every attention fused
+    assert rel_l2(_run_cpu(fused, feeds), reference) < 1e-5
+
+    options = FusionOptions("unet")
+    for key, value in _ATTENTION_ONLY:
+        setattr(options, key, value)
+    stock = optimize_model(onnx.load(str(tiny_artifacts / "unet.onnx")), model_type="unet", opt_level=0,
+                           optimization_options=options, use_gpu=True).model
+    assert "encoder_attention_mask_1" not in [i.name for i in stock.graph.input]
+    assert rel_l2(_run_cpu(stock, feeds), reference) > 1e-3
+
+
+def test_attention_mask_that_fuses_into_nothing_is_an_error(tiny_artifacts):
+    """A recipe naming a mask input while attention fusion is off: the masked attentions have no fused node."""
+    from audioldm2_trt.export.attention_bias import AttentionMaskError
+
+    with pytest.raises(AttentionMaskError, match="mask 'encoder_attention_mask_1'.* fused into nothing"):
+        _fused_unet_on_cpu(tiny_artifacts, "encoder_attention_mask_1", _ATTENTION_ONLY + (("enable_attention", False),))
+
+
 def _elem_types(model):
     import onnx
 
@@ -48,9 +125,13 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
     assert _elem_types(model) == _elem_types(fp32)  # same names, float32/int64 at the boundary
     assert [o.name for o in model.graph.output] == [o.name for o in fp32.graph.output]
     assert summary["fused"].get("GroupNorm", 0) > 0 and summary["fused"].get("NhwcConv", 0) > 0
-    assert "MultiHeadAttention" not in summary["fused"] and "Attention" not in summary["fused"]
-    if name == "unet":  # the T5 mask still reaches the graph: it feeds at least one node
+    if name == "unet":  # attention fused, and the T5 mask still reaches the graph as attention_bias
+        assert summary["fused"].get("MultiHeadAttention", 0) > 0
+        biased = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and len(n.input) > 5 and n.input[5]]
+        assert len(biased) == _masked_softmax_count(fp32) > 0
         assert any("encoder_attention_mask_1" in n.input for n in model.graph.node)
+    else:
+        assert "MultiHeadAttention" not in summary["fused"] and "Attention" not in summary["fused"]
     init = {t.name: t.data_type for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
