@@ -141,9 +141,9 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         (_t("mel", "float32", "batch", "one", "mel_frames", "mel_bins"),),
         (_t("waveform", "float32", "batch", "samples"),),
         # H100 sweep 2026-11-26 (CUDA graph, cudnn_conv1d_pad_to_nc1d): fp32 + TF32 13.4 ms, plain fp16 9.1 ms,
-        # fp16 + prefer_nhwc 7.5 ms; with TF32 off fp32 80 ms and fp16 167 ms (the earlier "fp16 slower" reading).
-        Fp16Recipe(keep_fp32=True, reason="fp32 (TF32) is what the 100-prompt fp16 fidelity run validated; fp16 is "
-                                          "4 ms faster on the H100 but not yet validated end to end"),
+        # fp16 + prefer_nhwc 7.5 ms (the runtime sets prefer_nhwc for this session: COMPONENT_PROVIDER_OPTIONS in
+        # runtime/backends/ort.py); with TF32 off fp32 80 ms and fp16 167 ms (the earlier "fp16 slower" reading).
+        Fp16Recipe(reason="plain fp16 conversion; rel-L2 against PyTorch fp32 about 1e-3 (ort-cuda-facts.md)"),
     ),
     ComponentSpec(
         "clap_audio", lambda p, c: wrappers.ClapAudio(p.text_encoder),

@@ -8,9 +8,11 @@ UNet's), latent frames of the requested lengths, T5 lengths padded by ``t5_bucke
 precision, profiles, TensorRT and CUDA versions, GPU name and compute capability); a component whose
 key is unchanged is not rebuilt. A timing cache is kept in ``DIR/trt/timing.cache``.
 
-Precision: fp16 engines are built from the **fp16 artefacts** as *strongly typed* networks, so every
-tensor keeps the type the fp16 export gave it: T5, the projection, CLAP audio, the VAE decoder and the
-vocoder stay fp32 (export/components.py says why for each), the rest runs fp16. This keeps one source
+Precision: fp16 engines are built from **unfused fp16 artefacts** (``export --precision fp16 --fuse none``;
+the default fp16 export's UNet and VAE hold ONNX Runtime contrib ops that TensorRT does not parse, and the
+build refuses them) as *strongly typed* networks, so every tensor keeps the type the fp16 export gave it:
+T5, the projection, CLAP audio and (with ``--fuse none``) the VAE decoder stay fp32 (export/components.py
+says why for each), the rest runs fp16. This keeps one source
 of truth for precision instead of re-deciding it with TensorRT layer constraints. fp32 engines are
 built from fp32 artefacts with no reduced-precision flag (TF32 disabled, as in the ORT backend).
 
@@ -129,6 +131,12 @@ def build(folder, opts: BuildOptions = BuildOptions(), components=COMPONENTS, lo
     if art.precision != opts.precision:
         raise ArtifactError(f"{folder} holds {art.precision} artefacts; a {opts.precision} build needs "
                             f"`audioldm2-trt export ... --precision {opts.precision}` first")
+    fused = {name: sorted((art.manifest["components"][name].get("fp16") or {}).get("fused") or {})
+             for name in components}
+    fused = {name: ops for name, ops in fused.items() if ops}
+    if fused:  # ONNX Runtime contrib ops (MultiHeadAttention, GroupNorm, NhwcConv …) that TensorRT's parser lacks
+        raise ArtifactError(f"{folder} holds ONNX Runtime-fused components ({fused}); TensorRT builds need "
+                            "unfused fp16 artefacts: `audioldm2-trt export ... --precision fp16 --fuse none`")
     trt = import_tensorrt()
     platform = platform_info()
     out = Path(folder) / ENGINE_DIR

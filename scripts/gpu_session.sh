@@ -14,6 +14,8 @@
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
+#   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
+#                                          # without the compiled peers, then the Ray levels
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -114,6 +116,19 @@ case "$1" in
   all-unet)  # setup, the fp16 and fp32 exports, unet
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 32 && bash "$SELF" unet ;;
+  check-ray)  # after the fp16 export: validate, fidelity, benchmark (B0 and the runtime), then the Ray levels
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b1,b2,fp32,fp16_nograph,fp16_notf32 \
+        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      $RAY_LEVELS; touch /tmp/logs/done" &
+    echo started ;;
+  all-check-ray)  # setup, the fp16 export, check-ray
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" check-ray ;;
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" ray ;;

@@ -25,7 +25,7 @@ def _fp16_copy(tiny_artifacts, tmp_path, name, fused=False):
     shutil.copy(tiny_artifacts / f"{name}.onnx", path)
     if fused:
         recipe = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED}[name]
-    else:  # components kept fp32 by default (the vocoder) are still converted here, to test the converter
+    else:  # components kept fp32 by default are still converted here, to test the converter
         recipe = BY_NAME[name].fp16 if not BY_NAME[name].fp16.keep_fp32 else FP16_PLAIN
     summary = to_fp16(path, recipe, save_model)
     return path, summary

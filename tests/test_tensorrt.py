@@ -157,3 +157,22 @@ def test_trt_runtime_matches_ort_runtime(tiny_artifacts, tmp_path):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-3
     with pytest.raises(Exception, match="outside the engine's profile"):
         AudioLDM2Runtime.load(art, device="cuda", backend="trt")("a dog", seed=0, audio_length_in_s=5.12)
+
+
+def test_build_refuses_onnx_runtime_fused_artefacts(tiny_artifacts, tmp_path):
+    """The default fp16 export fuses the UNet/VAE into ONNX Runtime contrib ops, which TensorRT cannot parse:
+    the build says so (and which export to run) before it needs TensorRT."""
+    import json
+    import shutil
+
+    from audioldm2_trt.export.trt_build import BuildOptions, build
+    from audioldm2_trt.runtime import ArtifactError
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["precision"] = "fp16"
+    m["components"]["unet"]["fp16"] = {"fused": {"MultiHeadAttention": 14, "GroupNorm": 9}}
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"'unet': \['GroupNorm', 'MultiHeadAttention'\].*--fuse none"):
+        build(art, BuildOptions(precision="fp16"))
