@@ -121,8 +121,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         ),
         (_t("noise_pred", "float32", "batch", "latent_channels", "frames", "latent_bins"),),
         # The plain recipe, used with ``--fuse none``. The fp16 default is UNET_FUSED (below): the optimizer's
-        # GroupNorm / NHWC-conv / LayerNorm fusions, attention left unfused (it drops the T5 mask,
-        # ort-cuda-facts.md §2); measured on the H100 at 12.2 vs 15.3 ms per step with the same fidelity.
+        # GroupNorm / NHWC-conv / LayerNorm and attention fusions, the T5 mask handed back as attention_bias.
         Fp16Recipe(reason="plain fp16 conversion (--fuse none); the default fused recipe is UNET_FUSED"),
     ),
     ComponentSpec(
@@ -179,9 +178,10 @@ UNET_FUSED_NO_ATTENTION = Fp16Recipe(
 )
 
 # ``export --precision fp16`` converts these components with their fused recipe by default (``--fuse none``: plain).
-# Measured on an H100 (docs/benchmarks.md, 2026-11-26): end to end 273 ms fused vs 339 ms plain in one run (UNet step
-# 12.2 vs 15.3 ms, VAE 3.7 vs 7.5 ms), 100-prompt fidelity 1.76e-3 vs 1.69e-3 (diffusers fp16: 1.97e-3), peak memory
-# 5.1 vs 6.3 GB. The cost is export time: the fused full-size export took 312-421 s on the device vs 142-162 s.
+# Measured on an H100 (docs/benchmarks.md, 2026-11-26): norm/conv fusions 273 ms end to end vs 339 ms plain in one run
+# (UNet step 12.2 vs 15.3 ms, VAE 3.7 vs 7.5 ms); attention fused as well: UNet session 7.09 vs 10.96 ms at the same
+# rel-L2 (3.83e-3 against fp32), 190 ms end to end; 100-prompt fidelity 1.77e-3 (diffusers fp16: 1.97e-3). The cost is
+# export time: the fused full-size export takes 320-420 s on the device vs 142-162 s.
 FUSED_RECIPES = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED}
 
 

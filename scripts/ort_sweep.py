@@ -10,8 +10,8 @@ batch 2 and compared with the fp32 UNet (TF32 off) on the same inputs: rel-L2 of
 second row's T5 tokens half padding. Writes unet_recipes.json.
 
 Components: the UNet at batch 2 (CFG), the VAE decoder and the vocoder at batch 1, 10.24 s. Model
-variants: the fp16 artefacts as exported and — for the VAE decoder and vocoder, which the fp16 export
-keeps in fp32 — a plain fp16 conversion of the fp32 artefact, made here with the export's own converter.
+variants: the fp16 artefacts as exported and, for the VAE decoder and vocoder, a plain fp16 conversion of
+their fp32 file, made here with the export's own converter.
 Option variants start from the runtime's defaults (``cuda_provider_options``) and change one thing each.
 Inputs are random with the shapes of a real request; every output is checked finite. Writes sweep.json
 and prints ms per run (median) for each (component, model, options).
@@ -209,8 +209,8 @@ def main() -> None:
     report = {"onnxruntime": ort.__version__, "results": []}
     for name in args.components.split(","):
         models = {"fp16_artefact": (model_path(Path(args.fp16), name), True)}
-        # The fp16 export keeps the VAE decoder and vocoder fp32 (their tf32_on/tf32_off rows are the fp32
-        # artefact's): try a plain fp16 conversion of them too.
+        # Also a plain fp16 conversion of the VAE decoder and vocoder, from the fp32 file (the fp16 artefact's own
+        # where that export kept it fp32, as ``--fuse none`` does for the VAE; else --fp32's).
         if name != "unet":
             try:
                 models["fp16_plain_here"] = (fp16_copy(fp32_source(args, name), work), True)
