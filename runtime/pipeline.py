@@ -62,7 +62,7 @@ class AudioLDM2Runtime:
     @classmethod
     def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
              cuda_graphs="auto", max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort",
-             tf32: bool | None = None) -> "AudioLDM2Runtime":
+             tf32: bool | None = None, provider_options: dict | None = None) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
@@ -72,6 +72,8 @@ class AudioLDM2Runtime:
         ``health()`` names them), True (all, a refusal is an error), False, or the component names to
         capture; max_graphs: shapes captured per component (later ones run uncaptured).
         tf32 (CUDA only): TF32 tensor cores for the fp32 parts; None = on for fp16 artefacts, off for fp32 ones.
+        provider_options (default CUDA provider only): extra CUDA provider options per component, e.g.
+        ``{"unet": {"sdpa_kernel": 19}}``, over the defaults in ``backends.ort.COMPONENT_PROVIDER_OPTIONS``.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
@@ -82,6 +84,10 @@ class AudioLDM2Runtime:
         if backend != "ort" and dev.kind != "cuda":
             raise InvalidRequestError(f"backend {backend!r} runs on CUDA only; got device {device!r}")
         art.check_device(dev.kind)
+        if provider_options and (backend != "ort" or dev.kind != "cuda" or providers is not None):
+            raise InvalidRequestError("provider_options apply to backend 'ort' with the default CUDA provider; "
+                                      f"got backend {backend!r}, device {device!r}, "
+                                      f"providers {'given' if providers is not None else 'default'}")
         files = {name: art.component_file(name) for name in art.manifest["components"]}
         if backend == "trt":
             from .backends.trt import load_engines
@@ -89,8 +95,12 @@ class AudioLDM2Runtime:
             return cls(art, load_engines(art.folder, dev, list(files)), dev)
         if backend == "ort-trt":
             providers = ort_tensorrt_providers(art.folder, dev, art.precision)
+        unknown = sorted(set(provider_options or {}) - set(files))
+        if unknown:
+            raise InvalidRequestError(f"provider_options name unknown components {unknown}; components: {sorted(files)}")
         factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
-                                    tf32=default_tf32(art.precision) if tf32 is None else tf32)
+                                    tf32=default_tf32(art.precision) if tf32 is None else tf32,
+                                    component_options=provider_options)
         return cls(art, factory.create_all(files), factory.device)
 
     def warmup(self, lengths_s=(None,), batch_sizes=(1,), t5_buckets=(16,), steps: int = 2) -> float:

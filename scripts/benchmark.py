@@ -78,12 +78,13 @@ def timed(fn, runs: int) -> dict:
     return {"first_s": first, "median_s": statistics.median(times), "runs": runs, "all_s": times}
 
 
-def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=None) -> dict:
+def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=None, provider_options=None) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     with PeakGpuMemory() as mem:
         t0 = time.perf_counter()
-        rt = AudioLDM2Runtime.load(folder, device="cuda", cuda_graphs=cuda_graphs, tf32=tf32)
+        rt = AudioLDM2Runtime.load(folder, device="cuda", cuda_graphs=cuda_graphs, tf32=tf32,
+                                   provider_options=provider_options)
         load = time.perf_counter() - t0
         t1 = time.perf_counter()
         rt(**REQUEST, seed=0)
@@ -201,7 +202,8 @@ def table(res: dict) -> str:
     for key, label in (("fp16", "ORT CUDA fp16, CUDA graphs"), ("fp32", "ORT CUDA fp32, CUDA graphs"),
                        ("fp16_nograph", "ORT CUDA fp16, no CUDA graphs"),
                        ("fp16_notf32", "ORT CUDA fp16, TF32 off for the fp32 parts"),
-                       ("fp16_plain", "ORT CUDA fp16, no fusion (--fuse none)")):
+                       ("fp16_plain", "ORT CUDA fp16, no fusion (--fuse none)"),
+                       ("fp16_options", f"ORT CUDA fp16, provider options {res.get('provider_options')}")):
         r = res.get(f"runtime_{key}")
         if r:
             s = r["stages_ms"]
@@ -219,6 +221,9 @@ def main() -> None:
     ap.add_argument("--fp16-plain", help="fp16 artefact folder exported with --fuse none")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32,fp16_nograph,fp16_notf32,fp16_plain")
+    ap.add_argument("--provider-options", type=json.loads, default=None, metavar="JSON",
+                    help='adds a row: the --fp16 artefacts with these per-component CUDA provider options, '
+                         'e.g. \'{"unet": {"sdpa_kernel": 19}}\'')
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
@@ -229,16 +234,20 @@ def main() -> None:
     device = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
     res = {"device": device if isinstance(device, str) else device.decode(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip)}
+           "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip),
+           "provider_options": args.provider_options}
     variants = (("fp16", args.fp16, "auto", True, None), ("fp32", args.fp32, "auto", False, None),
                 ("fp16_nograph", args.fp16, False, False, None), ("fp16_notf32", args.fp16, "auto", False, False),
-                ("fp16_plain", args.fp16_plain, "auto", False, None))
+                ("fp16_plain", args.fp16_plain, "auto", False, None),
+                ("fp16_options", args.fp16 if args.provider_options else None, "auto", False, None))
     for key, folder, graphs, heavy, tf32 in variants:  # the runtime first: no torch CUDA context exists yet
         if folder and key not in skip and not Path(folder, "manifest.json").exists():
             print(f"{key}: no artefacts in {folder} (export failed or was stopped); skipped", flush=True)
             res["skipped"].append(key)
         elif folder and key not in skip:
-            res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs, tf32=tf32)
+            options = args.provider_options if key == "fp16_options" else None
+            res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs, tf32=tf32,
+                                                  provider_options=options)
             print(key, json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
             Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
     import torch

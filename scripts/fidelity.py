@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--out", default=".")
     ap.add_argument("--without-graphs", default="", help="components to run without CUDA graphs (comma-separated)")
+    ap.add_argument("--provider-options", type=json.loads, default=None, metavar="JSON",
+                    help='per-component CUDA provider options for the runtime, e.g. \'{"unet": {"sdpa_kernel": 19}}\'')
     args = ap.parse_args()
 
     import torch
@@ -68,7 +70,7 @@ def main() -> None:
 
     skip = set(filter(None, args.without_graphs.split(",")))
     graphs = [c for c in COMPONENTS if c not in skip] if skip else "auto"
-    rt = AudioLDM2Runtime.load(args.fp16, device="cuda", cuda_graphs=graphs)
+    rt = AudioLDM2Runtime.load(args.fp16, device="cuda", cuda_graphs=graphs, provider_options=args.provider_options)
     base = load_pipeline(Source(random_config="audioldm2"))
     base.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config)
     pipes = {"fp32": base.to("cuda", torch.float32), "fp16": copy.deepcopy(base).to("cuda", torch.float16)}
@@ -93,7 +95,8 @@ def main() -> None:
     audio = {k: np.concatenate(v) for k, v in outs.items()}
     ref = mel(audio["diffusers_fp32"].astype(np.float64))
     result = {"prompts": len(texts), "seconds": time.perf_counter() - t0,
-              "settings": {"steps": STEPS, "guidance": GUIDANCE, "seconds": SECONDS, "negative": NEGATIVE}}
+              "settings": {"steps": STEPS, "guidance": GUIDANCE, "seconds": SECONDS, "negative": NEGATIVE,
+                           "provider_options": args.provider_options}}
     for key in ("runtime_fp16", "diffusers_fp16"):
         err = rel_l2(mel(audio[key].astype(np.float64)), ref)
         rms = np.sqrt((audio[key].astype(np.float64) ** 2).mean(axis=1))

@@ -14,6 +14,8 @@
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
+#   bash scripts/gpu_session.sh all-sdpa   # setup, fp16 + fp32 exports, the UNet's attention kernels swept, then benchmark and
+#                                          # fidelity with the flash/efficient kernels (sdpa_kernel 19) against the default
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
@@ -129,6 +131,21 @@ case "$1" in
   all-check-ray)  # setup, the fp16 export, check-ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" check-ray ;;
+  sdpa)  # after the fp16 and fp32 exports: attention kernels of the UNet (cold first run, step, error)
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    export SDPA_OPTS='{"unet": {"sdpa_kernel": 19}}'
+    setsid bash -c "bash $SELF wait 16 32; \
+      python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --components unet \
+        --variants default,sdpa_flash_efficient,sdpa_efficient,sdpa_cudnn --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --provider-options \"\$SDPA_OPTS\" --runs 10 \
+        --skip b1,b2,fp32,fp16_nograph,fp16_notf32 --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      python3 fidelity.py --fp16 /tmp/art-fp16 --provider-options \"\$SDPA_OPTS\" --out /tmp/logs \
+        > /tmp/logs/fidelity.log 2>&1; touch /tmp/logs/done" &
+    echo started ;;
+  all-sdpa)  # setup, the fp16 and fp32 exports, sdpa
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 32 && bash "$SELF" sdpa ;;
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" ray ;;

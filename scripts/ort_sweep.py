@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from audioldm2_trt.export.validate import rel_l2
+
 from audioldm2_trt.runtime.backends.base import Device
 from audioldm2_trt.runtime.backends.ort import cuda_provider_options
 
@@ -49,6 +51,11 @@ OPTION_VARIANTS = {  # name → changes to the runtime's defaults (graph: captur
     "prefer_nhwc": {"prefer_nhwc": 1},
     "tunable_op": {"tunable_op_enable": 1, "tunable_op_tuning_enable": 1},
     "no_graph": {"graph": False},
+    # attention kernels (the fused UNet's MultiHeadAttention; bit flags of ORT's sdpa_kernel option: 1 flash,
+    # 2 cutlass memory-efficient, 8 cuDNN flash, 16 unfused; 0 = ORT's choice, cuDNN first for fp16 on Hopper)
+    "sdpa_flash_efficient": {"sdpa_kernel": 1 | 2 | 16},
+    "sdpa_efficient": {"sdpa_kernel": 2 | 16},
+    "sdpa_cudnn": {"sdpa_kernel": 8 | 16},
 }
 
 
@@ -145,8 +152,6 @@ def unet_recipe_rows(args) -> None:
     """Convert the fp32 UNet with each recipe (in parallel processes), then time each against fp32."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from audioldm2_trt.export.validate import rel_l2
-
     src = model_path(Path(args.fp32), "unet")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -208,6 +213,11 @@ def main() -> None:
     work = Path(args.work)
     report = {"onnxruntime": ort.__version__, "results": []}
     for name in args.components.split(","):
+        reference: list = []  # the fp32 file's output, TF32 off, when there is one: every row's rel-L2 against it
+        try:
+            time_variant(fp32_source(args, name), feeds_for(name), {"use_tf32": 0}, 3, True, reference)
+        except FileNotFoundError:
+            pass
         models = {"fp16_artefact": (model_path(Path(args.fp16), name), True)}
         # Also a plain fp16 conversion of the VAE decoder and vocoder, from the fp32 file (the fp16 artefact's own
         # where that export kept it fp32, as ``--fuse none`` does for the VAE; else --fp32's).
@@ -220,7 +230,10 @@ def main() -> None:
             for variant in args.variants.split(","):
                 row = {"component": name, "model": model, "variant": variant}
                 try:
-                    row.update(time_variant(path, feeds_for(name), OPTION_VARIANTS[variant], args.runs, tf32_default))
+                    out: list = []
+                    row.update(time_variant(path, feeds_for(name), OPTION_VARIANTS[variant], args.runs, tf32_default, out))
+                    if reference:
+                        row["rel_l2_vs_fp32"] = rel_l2(out[0], reference[0])
                 except Exception as err:
                     row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 report["results"].append(row)

@@ -73,3 +73,28 @@ def test_without_a_driver_there_is_no_count_and_no_context():
     assert cuda_driver.current_context() is None
     with cuda_driver.caller_context_kept():
         pass
+
+
+def test_provider_options_are_merged_per_component_and_checked():
+    from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, merge_component_options
+    from audioldm2_trt.runtime.errors import BackendError
+
+    merged = merge_component_options(COMPONENT_PROVIDER_OPTIONS, {"unet": {"sdpa_kernel": 19},
+                                                                  "vocoder": {"prefer_nhwc": 0}})
+    assert merged["unet"] == {"sdpa_kernel": 19}
+    assert merged["vocoder"] == {"prefer_nhwc": 0}  # the caller's value wins over the default's
+    assert COMPONENT_PROVIDER_OPTIONS["vocoder"] == {"prefer_nhwc": 1}  # defaults untouched
+    with pytest.raises(BackendError, match=r"provider option unet.sdpa_kernel = True: use a str, int or float"):
+        merge_component_options({}, {"unet": {"sdpa_kernel": True}})
+    with pytest.raises(BackendError, match="provider options for 'unet' must be a dict"):
+        merge_component_options({}, {"unet": 19})
+
+
+def test_provider_options_need_the_default_cuda_provider(tiny_artifacts):
+    from audioldm2_trt.runtime import AudioLDM2Runtime, InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="provider_options apply to backend 'ort' with the default CUDA "
+                                                  "provider; got backend 'ort', device 'cpu'"):
+        AudioLDM2Runtime.load(tiny_artifacts, device="cpu", provider_options={"unet": {"sdpa_kernel": 19}})
+    with pytest.raises(InvalidRequestError, match=r"provider_options name unknown components \['unett'\]"):
+        AudioLDM2Runtime.load(tiny_artifacts, device="cuda", provider_options={"unett": {"sdpa_kernel": 19}})

@@ -223,7 +223,7 @@ class OrtSessionFactory:
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
                  cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
-                 tf32: bool = False):
+                 tf32: bool = False, component_options: dict | None = None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -251,6 +251,10 @@ class OrtSessionFactory:
         self.providers = providers
         # CUDA graphs only with our default CUDA provider (custom provider lists are taken as given).
         self._default_cuda = self.device.kind == "cuda" and not custom
+        if component_options and not self._default_cuda:
+            raise BackendError("per-component provider options apply to the default CUDA provider only "
+                               f"(device {self.device}, providers {'given' if custom else 'default'})")
+        self.component_options = merge_component_options(COMPONENT_PROVIDER_OPTIONS, component_options or {})
         use_graphs = self._default_cuda and names[0] == "CUDAExecutionProvider"
         self._graphs_for = _graph_selector(cuda_graphs if use_graphs else False)
         self._graphs_optional = cuda_graphs == "auto"
@@ -265,7 +269,7 @@ class OrtSessionFactory:
         graphs = self._graphs_for(name)
         base = self.providers
         if self._default_cuda:
-            base = [(n, {**o, **COMPONENT_PROVIDER_OPTIONS.get(name, {})}) for n, o in base]
+            base = [(n, {**o, **self.component_options.get(name, {})}) for n, o in base]
         providers = base
         if graphs:
             providers = [(n, {**o, "enable_cuda_graph": 1}) if n == "CUDAExecutionProvider" else (n, o)
@@ -333,6 +337,20 @@ def cuda_provider_options(device: Device, tf32: bool) -> dict:
 # NCHW↔NHWC transposes cuDNN inserts around them (H100 sweep 2026-11-26: fp16 9.1 → 7.5 ms, fp32 + TF32
 # 13.4 → 10.7 ms; docs/benchmarks.md).
 COMPONENT_PROVIDER_OPTIONS = {"vocoder": {"prefer_nhwc": 1}}
+
+
+def merge_component_options(defaults: dict, given: dict) -> dict:
+    """{component: {option: value}}: ``given`` over ``defaults``, option by option. Values must be str/int/float
+    (ONNX Runtime passes provider options as strings)."""
+    merged = {name: dict(opts) for name, opts in defaults.items()}
+    for name, opts in given.items():
+        if not isinstance(opts, dict):
+            raise BackendError(f"provider options for {name!r} must be a dict of option → value, got {opts!r}")
+        for key, value in opts.items():
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise BackendError(f"provider option {name}.{key} = {value!r}: use a str, int or float")
+        merged[name] = {**merged.get(name, {}), **opts}
+    return merged
 
 
 def default_tf32(precision: str) -> bool:
