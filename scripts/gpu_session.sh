@@ -14,8 +14,8 @@
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
-#   bash scripts/gpu_session.sh all-sdpa   # setup, fp16 + fp32 exports, the UNet's attention kernels swept, then benchmark and
-#                                          # fidelity with the flash/efficient kernels (sdpa_kernel 19) against the default
+#   bash scripts/gpu_session.sh all-sdpa   # setup, fp16 + fp32 exports, the UNet's attention kernels swept, then benchmark
+#                                          # (default vs ORT's own kernel choice, sdpa_kernel 0) and fidelity of that choice
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
@@ -134,7 +134,7 @@ case "$1" in
   sdpa)  # after the fp16 and fp32 exports: attention kernels of the UNet (cold first run, step, error)
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
-    export SDPA_OPTS='{"unet": {"sdpa_kernel": 19}}'
+    export SDPA_OPTS='{"unet": {"sdpa_kernel": 0}}'  # ORT's choice (cuDNN first on Hopper); the default is 19
     setsid bash -c "bash $SELF wait 16 32; \
       python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --components unet \
         --variants default,sdpa_flash_efficient,sdpa_efficient,sdpa_cudnn --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \

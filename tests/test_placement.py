@@ -79,11 +79,12 @@ def test_provider_options_are_merged_per_component_and_checked():
     from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, merge_component_options
     from audioldm2_trt.runtime.errors import BackendError
 
-    merged = merge_component_options(COMPONENT_PROVIDER_OPTIONS, {"unet": {"sdpa_kernel": 19},
+    merged = merge_component_options(COMPONENT_PROVIDER_OPTIONS, {"unet": {"sdpa_kernel": 0, "use_tf32": 0},
                                                                   "vocoder": {"prefer_nhwc": 0}})
-    assert merged["unet"] == {"sdpa_kernel": 19}
+    assert merged["unet"] == {"sdpa_kernel": 0, "use_tf32": 0}
     assert merged["vocoder"] == {"prefer_nhwc": 0}  # the caller's value wins over the default's
     assert COMPONENT_PROVIDER_OPTIONS["vocoder"] == {"prefer_nhwc": 1}  # defaults untouched
+    assert COMPONENT_PROVIDER_OPTIONS["unet"] == {"sdpa_kernel": 19}
     with pytest.raises(BackendError, match=r"provider option unet.sdpa_kernel = True: use a str, int or float"):
         merge_component_options({}, {"unet": {"sdpa_kernel": True}})
     with pytest.raises(BackendError, match="provider options for 'unet' must be a dict"):

@@ -333,10 +333,14 @@ def cuda_provider_options(device: Device, tf32: bool) -> dict:
             "arena_extend_strategy": "kSameAsRequested"}
 
 
-# Per-component additions to the CUDA provider options. prefer_nhwc: HiFi-GAN's 1-D convolutions without the
-# NCHW↔NHWC transposes cuDNN inserts around them (H100 sweep 2026-11-26: fp16 9.1 → 7.5 ms, fp32 + TF32
-# 13.4 → 10.7 ms; docs/benchmarks.md).
-COMPONENT_PROVIDER_OPTIONS = {"vocoder": {"prefer_nhwc": 1}}
+# Per-component additions to the CUDA provider options (measured on the H100, docs/benchmarks.md, 2026-11-26).
+# unet sdpa_kernel = flash | memory-efficient | unfused (1|2|16), i.e. not cuDNN's flash attention, which ONNX
+#   Runtime prefers for fp16 on Hopper: the same step (7.06 vs 7.11 ms alone, 192 vs 192 ms end to end) and the same
+#   100-prompt fidelity (1.92e-3 both), but cuDNN builds its attention plans on the first run (UNet first run 4.1 s
+#   vs 1.4 s; cold start 16.1 vs 11.2 s, the latter measured second in its process).
+# vocoder prefer_nhwc: HiFi-GAN's 1-D convolutions without the NCHW↔NHWC transposes cuDNN inserts around them
+#   (fp16 9.1 → 7.5 ms, fp32 + TF32 13.4 → 10.7 ms).
+COMPONENT_PROVIDER_OPTIONS = {"unet": {"sdpa_kernel": 1 | 2 | 16}, "vocoder": {"prefer_nhwc": 1}}
 
 
 def merge_component_options(defaults: dict, given: dict) -> dict:
