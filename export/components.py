@@ -163,7 +163,7 @@ UNET_FUSED = Fp16Recipe(
     # BiasSplitGelu's CUDA kernel rejects AudioLDM 2's hidden size 2048 (shared/reference/ort-cuda-facts.md §3).
     # Attention is fused (packed QKV for self-attention, packed KV for cross-attention, as ORT's defaults for
     # Stable Diffusion); the stock fusion drops the T5 stream's key-padding mask (§2), so attention_bias.py
-    # hands that mask back to the 32 cross-attentions that read it.
+    # hands that mask back to the 16 T5 cross-attentions that read it (of 96 fused attention nodes).
     fusion_options=(("enable_bias_splitgelu", False),),
     attention_mask_input="encoder_attention_mask_1",
     reason="GroupNorm, NHWC convolution, LayerNorm and attention (T5 mask kept as attention_bias) fused",

@@ -73,7 +73,8 @@ class AudioLDM2Runtime:
         capture; max_graphs: shapes captured per component (later ones run uncaptured).
         tf32 (CUDA only): TF32 tensor cores for the fp32 parts; None = on for fp16 artefacts, off for fp32 ones.
         provider_options (default CUDA provider only): extra CUDA provider options per component, e.g.
-        ``{"unet": {"sdpa_kernel": 19}}``, over the defaults in ``backends.ort.COMPONENT_PROVIDER_OPTIONS``.
+        ``{"unet": {"sdpa_kernel": 0}}`` (ORT's own attention kernel choice), over the defaults in
+        ``backends.ort.COMPONENT_PROVIDER_OPTIONS``.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
