@@ -10,11 +10,15 @@ classifier-free guidance needs (the negative prompt's T5 tokens are padded to th
    (batch, 1, query_len, key_len) built from the mask input with diffusers' formula ``(1 - mask) * -10000``
    (AudioLDM2UNet2DConditionModel.forward), and restores the graph input if the fusion pruned it.
 
-A fusion that changes what it matched (a masked attention without a fused node, or a fused node of another
-kind) is an error, never a silent unmasked graph.
+A masked attention the fusion left alone keeps its own mask (logged: it runs unfused, slower). One that was
+fused into a node of another kind, or removed without a fused node, is an error, never a silent unmasked graph.
 """
 
 from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("audioldm2_trt.export")
 
 MASK_FILL = -10000.0  # diffusers: (1 - mask) * -10000.0 for the UNet's encoder attention masks
 
@@ -26,10 +30,10 @@ class AttentionMaskError(RuntimeError):
     pass
 
 
-def masked_attention_outputs(model, mask_input: str) -> list[set[str]]:
-    """For each softmax whose additive bias is computed from graph input ``mask_input``: the names of the
-    tensors on its output chain (softmax → [Cast] → MatMul → Reshape → Transpose → Reshape), one of which the
-    fused attention node will produce. ``model``: onnx.ModelProto before fusion."""
+def masked_attention_outputs(model, mask_input: str) -> list[tuple[str, set[str]]]:
+    """For each softmax whose additive bias is computed from graph input ``mask_input``: (the softmax's output,
+    the names of the tensors on its output chain: [Cast] → MatMul → Reshape → Transpose → Reshape), one of which
+    the fused attention node will produce. ``model``: onnx.ModelProto before fusion."""
     producers = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
@@ -63,11 +67,11 @@ def masked_attention_outputs(model, mask_input: str) -> list[set[str]]:
                 break
             tensor = data[0].output[0]
             chain.add(tensor)
-        found.append(chain)
+        found.append((node.output[0], chain))
     return found
 
 
-def attach_mask_bias(model, mask_input, chains: list[set[str]]) -> int:
+def attach_mask_bias(model, mask_input, chains: list[tuple[str, set[str]]]) -> int:
     """Give every fused attention node that ends one of ``chains`` an attention_bias from ``mask_input``.
 
     ``model``: onnx.ModelProto after fusion; ``mask_input``: the original graph input (onnx.ValueInfoProto,
@@ -75,15 +79,22 @@ def attach_mask_bias(model, mask_input, chains: list[set[str]]) -> int:
     from onnx import TensorProto, helper
 
     graph = model.graph
-    targets = []
-    for chain in chains:
+    produced = {out for n in graph.node for out in n.output}
+    targets, unfused = [], 0
+    for softmax_output, chain in chains:
         nodes = [n for n in graph.node if n.output and n.output[0] in chain
                  and n.op_type in ("MultiHeadAttention", "Attention")]
+        if not nodes and softmax_output in produced:  # left unfused: its softmax still adds the mask
+            unfused += 1
+            continue
         if len(nodes) != 1 or nodes[0].op_type != "MultiHeadAttention":
             kinds = [n.op_type for n in nodes]
             raise AttentionMaskError(f"a masked attention (mask {mask_input.name!r}) fused into {kinds or 'nothing'}, "
-                                     "expected one MultiHeadAttention node")
+                                     "expected one MultiHeadAttention node or the unfused attention")
         targets.append(nodes[0])
+    if unfused:
+        log.warning("%d of %d attentions masked by %s were left unfused by ONNX Runtime's fusion (they keep their "
+                    "mask and run slower)", unfused, len(chains), mask_input.name)
     if not targets:
         return 0
 
