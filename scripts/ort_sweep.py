@@ -163,19 +163,32 @@ def unet_recipe_rows(args) -> None:
     report = {"onnxruntime": ort.__version__, "shapes": SHAPES["unet"], "results": []}
     reference: list = []
     row = {"recipe": "fp32_artefact_tf32_off", **time_variant(src, feeds, {"use_tf32": 0}, args.runs, True, reference)}
+    record(report, row, Path(args.out, "unet_recipes.json"))
+    for name in names:
+        row = timed_row({"recipe": name, **summaries[name]}, work / f"unet_{name}.onnx", feeds, {}, args.runs, True,
+                        reference)
+        record(report, row, Path(args.out, "unet_recipes.json"))
+
+
+def timed_row(row: dict, path: Path, feeds: dict, changes: dict, runs: int, tf32_default: bool,
+              reference: list) -> dict:
+    """``row`` plus ``time_variant``'s figures and, given a reference output, the rel-L2 against it; a failure is
+    recorded in the row (the sweep goes on)."""
+    try:
+        out: list = []
+        row.update(time_variant(path, feeds, changes, runs, tf32_default, out))
+        if reference:
+            row["rel_l2_vs_fp32"] = rel_l2(out[0], reference[0])
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return row
+
+
+def record(report: dict, row: dict, path: Path) -> None:
+    """Append a row, print it, rewrite the report (partial results survive a stopped run)."""
     report["results"].append(row)
     print(json.dumps(row), flush=True)
-    for name in names:
-        out: list = []
-        row = {"recipe": name, **summaries[name]}
-        try:
-            row.update(time_variant(work / f"unet_{name}.onnx", feeds, {}, args.runs, True, out))
-            row["rel_l2_vs_fp32"] = rel_l2(out[0], reference[0])
-        except Exception as err:
-            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        report["results"].append(row)
-        print(json.dumps(row), flush=True)
-        Path(args.out, "unet_recipes.json").write_text(json.dumps(report, indent=1))
+    path.write_text(json.dumps(report, indent=1))
 
 
 def model_path(folder: Path, name: str) -> Path:
@@ -228,17 +241,9 @@ def main() -> None:
                 print(f"{name}: fp16 conversion failed: {err!r}", flush=True)
         for model, (path, tf32_default) in models.items():
             for variant in args.variants.split(","):
-                row = {"component": name, "model": model, "variant": variant}
-                try:
-                    out: list = []
-                    row.update(time_variant(path, feeds_for(name), OPTION_VARIANTS[variant], args.runs, tf32_default, out))
-                    if reference:
-                        row["rel_l2_vs_fp32"] = rel_l2(out[0], reference[0])
-                except Exception as err:
-                    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                report["results"].append(row)
-                print(json.dumps(row), flush=True)
-                Path(args.out, "sweep.json").write_text(json.dumps(report, indent=1))
+                row = timed_row({"component": name, "model": model, "variant": variant}, path, feeds_for(name),
+                                OPTION_VARIANTS[variant], args.runs, tf32_default, reference)
+                record(report, row, Path(args.out, "sweep.json"))
 
 
 if __name__ == "__main__":
