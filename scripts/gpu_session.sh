@@ -16,6 +16,7 @@
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
 #   bash scripts/gpu_session.sh all-sdpa   # setup, fp16 + fp32 exports, the UNet's attention kernels swept, then benchmark
 #                                          # (default vs ORT's own kernel choice, sdpa_kernel 0) and fidelity of that choice
+#   bash scripts/gpu_session.sh all-cold   # setup, fp16 export, cold start in clean processes (scripts/cold_start.py), validate
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
@@ -146,6 +147,18 @@ case "$1" in
   all-sdpa)  # setup, the fp16 and fp32 exports, sdpa
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 32 && bash "$SELF" sdpa ;;
+  cold)  # after the fp16 export: cold start in clean processes (variants interleaved, twice), then validate
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants ${COLD_VARIANTS:-default,sequential,conv_heuristic,opt_basic} \
+        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-cold)  # setup, the fp16 export, cold
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" cold ;;
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" ray ;;

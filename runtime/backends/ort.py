@@ -25,6 +25,8 @@ from .cuda_driver import caller_context_kept, cuda_device_count
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
+GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                      "all": "ORT_ENABLE_ALL"}
 DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
 _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
 # ONNX Runtime runs each graph id a few times uncaptured (memory allocation) before it captures; runs of a shape
@@ -218,18 +220,23 @@ class OrtSessionFactory:
     graph, with a warning, and ``stats.graph_refused`` says why), True (every component; a refusal is an
     error), False (none), or a collection of component names (those; a refusal is an error).
     bind: use I/O binding on the CPU too (for tests; CUDA always binds). tf32: let the CUDA provider
-    use TF32 tensor cores for fp32 MatMul/Conv (see ``cuda_provider_options``).
+    use TF32 tensor cores for fp32 MatMul/Conv (see ``cuda_provider_options``). graph_optimization: ONNX Runtime's
+    optimisation level at session creation, one of ``GRAPH_OPTIMIZATION`` (for measurements: the artefacts are
+    fused offline already).
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
                  cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
-                 tf32: bool = False, component_options: dict | None = None):
+                 tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all"):
         import onnxruntime as ort
 
         self.ort = ort
         self.device = device if isinstance(device, Device) else Device.parse(device)
         self.threads = threads
         self.max_graphs = max_graphs
+        if graph_optimization not in GRAPH_OPTIMIZATION:
+            raise BackendError(f"graph_optimization {graph_optimization!r} is not one of {', '.join(GRAPH_OPTIMIZATION)}")
+        self.graph_optimization = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
         available = ort.get_available_providers()
         custom = providers is not None
         if providers is None:
@@ -262,7 +269,7 @@ class OrtSessionFactory:
 
     def create(self, name: str, path: str | Path) -> OrtSession:
         opts = self.ort.SessionOptions()
-        opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = self.graph_optimization
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3

@@ -1,0 +1,124 @@
+"""Cold start in clean processes: session creation + the first audio, with artefacts already built.
+
+    python scripts/cold_start.py --artifacts /tmp/art-fp16 --variants default,conv_heuristic --repeat 2 --out DIR
+
+Each (variant, repeat) runs in a fresh Python process (``--child``), so no variant inherits another's CUDA
+context, cuDNN handles or plans. A child reports: load (every session created, ``create_all``), the first call
+(stage by stage: text, each UNet step, VAE, vocoder) and the median of 5 warm calls (what the variant costs
+in speed), and the GPU memory used (NVML, MiB over the process's start) after load, the first call and the
+warm calls. The variant ``sequential`` creates the sessions one at a time and reports each one's creation time
+and memory.
+Writes cold_start.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REQUEST = dict(prompt="techno music with a strong upbeat tempo and high melodic riffs",
+               negative_prompt="low quality, noisy", num_inference_steps=20, guidance_scale=3.5,
+               audio_length_in_s=10.24)
+CONVS = ("unet", "vae_decoder", "vocoder")
+# name: (provider_options, graph optimisation level, sequential creation)
+VARIANTS = {
+    "default": (None, "all", False),
+    "sequential": (None, "all", True),
+    "conv_heuristic": ({c: {"cudnn_conv_algo_search": "HEURISTIC"} for c in CONVS}, "all", False),
+    "opt_basic": (None, "basic", False),
+}
+
+
+def _gpu_used_mib():
+    """This GPU's used memory (NVML, MiB), or None off the GPU / without pynvml."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
+    except Exception:
+        return None
+
+
+def child(folder: str, variant: str, device: str) -> dict:
+    base = _gpu_used_mib()
+    used = lambda: None if base is None else _gpu_used_mib() - base  # noqa: E731
+    t_import = time.perf_counter()
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+    from audioldm2_trt.runtime.artifacts import load_artifacts
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory, default_tf32
+
+    imported = time.perf_counter() - t_import
+    options, level, sequential = VARIANTS[variant]
+    t0 = time.perf_counter()
+    art = load_artifacts(folder)
+    factory = OrtSessionFactory(device, component_options=options, tf32=default_tf32(art.precision),
+                                graph_optimization=level)
+    files = {name: art.component_file(name) for name in art.manifest["components"]}
+    created, memory = {}, {}
+    if sequential:
+        sessions = {}
+        for name, path in files.items():
+            t = time.perf_counter()
+            sessions[name] = factory.create(name, path)
+            created[name] = time.perf_counter() - t
+            memory[f"after creating {name}"] = used()
+    else:
+        sessions = factory.create_all(files)
+    rt = AudioLDM2Runtime(art, sessions, factory.device)
+    load = time.perf_counter() - t0
+    memory["after load"] = used()
+    first: dict = {}
+    t1 = time.perf_counter()
+    rt(**REQUEST, seed=0, timings=first)
+    first_call = time.perf_counter() - t1
+    memory["after the first call"] = used()
+    warm = []
+    for _ in range(5):
+        t = time.perf_counter()
+        rt(**REQUEST, seed=0)
+        warm.append(time.perf_counter() - t)
+    memory["after 5 more calls"] = used()
+    stages = {k: (v if not isinstance(v, list) else [round(x, 4) for x in v]) for k, v in first.items()}
+    return {"variant": variant, "import_s": imported, "load_s": load, "first_call_s": first_call,
+            "cold_start_s": load + first_call, "first_call_stages_s": stages, "create_s": created,
+            "gpu_used_mib": memory,
+            "warm_median_s": statistics.median(warm)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--variants", default="default,sequential,conv_heuristic,opt_basic")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.artifacts, args.child, args.device)), flush=True)
+        return
+    rows = []
+    for r in range(args.repeat):  # interleaved: variant A, B, …, then again
+        for variant in args.variants.split(","):
+            proc = subprocess.run([sys.executable, __file__, "--artifacts", args.artifacts, "--device", args.device,
+                                   "--child", variant],
+                                  capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            row = json.loads(line[0][7:]) if line else {"variant": variant, "error": proc.stderr[-2000:]}
+            row["repeat"] = r
+            rows.append(row)
+            print(json.dumps({k: row.get(k) for k in ("variant", "repeat", "load_s", "first_call_s", "cold_start_s",
+                                                      "warm_median_s", "error")}), flush=True)
+            Path(args.out, "cold_start.json").write_text(json.dumps({
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "artifacts": args.artifacts,
+                "request": REQUEST, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
