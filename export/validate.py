@@ -2,6 +2,8 @@
 
 Fresh random inputs at two shapes (batch 1 and 3, two sequence / latent lengths), float32,
 relative L2 error per output. The PyTorch modules come from the same source the manifest names.
+The UNet gets its T5 stream as the runtime feeds it: padded with zero states and mask 0 up to the
+T5 bucket (``runtime.shapes.t5_bucket``), which is also what its attention kernels are chosen for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from ..runtime.artifacts import load_artifacts
 from ..runtime.backends.base import Device
 from ..runtime.backends.ort import OrtSessionFactory, default_tf32
+from ..runtime.shapes import t5_bucket
 from .components import BY_NAME, SampleShape, sample_inputs
 from .sources import Source, load_pipeline
 
@@ -75,7 +78,7 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -
         module = spec.build(pipe, consts).eval()
         session = factory.create(name, art.component_file(name))
         for i, shape in enumerate(shapes):
-            inputs = sample_inputs(spec, consts, shape, seed=100 + i)
+            inputs = as_runtime_feeds(name, sample_inputs(spec, consts, shape, seed=100 + i))
             with torch.no_grad():
                 ref = module(*inputs.values())
             ref = ref if isinstance(ref, tuple) else (ref,)
@@ -90,6 +93,23 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -
                                              bar=TOLERANCE["fp16"] if tf32 else None))
                 log.info("%s %s %s rel-L2 %.2e", name, shape, out_spec.name, checks[-1].rel_l2)
     return checks
+
+
+def as_runtime_feeds(component: str, inputs: dict) -> dict:
+    """The inputs as the runtime feeds this component: for the UNet, T5 states [B, S, D] and mask [B, S]
+    padded with zeros to [B, t5_bucket(S), …] (``Conditioning.padded_t5``). Other components unchanged.
+
+    The runtime never gives the UNet another T5 length, and ONNX Runtime's memory-efficient attention (the
+    UNet's masked T5 cross-attention under the default ``sdpa_kernel``) refuses unaligned ones (seen at 5 on
+    the H100: "Attention::check_supported(p) was false")."""
+    import torch
+
+    if component != "unet":
+        return inputs
+    states, mask = inputs["encoder_hidden_states_1"], inputs["encoder_attention_mask_1"]
+    extra = t5_bucket(states.shape[1]) - states.shape[1]
+    return {**inputs, "encoder_hidden_states_1": torch.nn.functional.pad(states, (0, 0, 0, extra)),
+            "encoder_attention_mask_1": torch.nn.functional.pad(mask, (0, extra))}
 
 
 # TensorRT engines against ONNX Runtime on the same ONNX files (CUDA provider, TF32 off in both).
@@ -118,7 +138,8 @@ def validate_trt(folder, device: str = "cuda") -> list[ComponentCheck]:
         spec = BY_NAME[name]
         session = factory.create(name, art.component_file(name))
         for i, shape in enumerate(shapes):
-            feeds = {k: v.numpy() for k, v in sample_inputs(spec, art.constants, shape, seed=200 + i).items()}
+            feeds = {k: v.numpy() for k, v in as_runtime_feeds(name, sample_inputs(spec, art.constants, shape,
+                                                                                  seed=200 + i)).items()}
             ref, got = session.run(feeds), engines[name].run(feeds)
             for out in spec.outputs:
                 r, g = ref[out.name], got[out.name]

@@ -25,12 +25,18 @@ REQUEST = dict(prompt="techno music with a strong upbeat tempo and high melodic 
                negative_prompt="low quality, noisy", num_inference_steps=20, guidance_scale=3.5,
                audio_length_in_s=10.24)
 CONVS = ("unet", "vae_decoder", "vocoder")
-# name: (provider_options, graph optimisation level, sequential creation)
+CACHE = "/tmp/ort-optimized-cache"
+# name: (provider_options, graph optimisation level, sequential creation, optimised-graph cache)
+# cache_write optimises and writes every graph to CACHE (run it before cache_read, which loads them unoptimised).
 VARIANTS = {
-    "default": (None, "all", False),
-    "sequential": (None, "all", True),
-    "conv_heuristic": ({c: {"cudnn_conv_algo_search": "HEURISTIC"} for c in CONVS}, "all", False),
-    "opt_basic": (None, "basic", False),
+    "default": (None, "all", False, None),
+    "sequential": (None, "all", True, None),
+    "seq_disable": (None, "disable", True, None),
+    "conv_heuristic": ({c: {"cudnn_conv_algo_search": "HEURISTIC"} for c in CONVS}, "all", False, None),
+    "conv_heuristic_uv": ({c: {"cudnn_conv_algo_search": "HEURISTIC"} for c in CONVS[:2]}, "all", False, None),
+    "opt_basic": (None, "basic", False, None),
+    "cache_write": (None, "all", True, CACHE),
+    "cache_read": (None, "all", True, CACHE),
 }
 
 
@@ -54,11 +60,15 @@ def child(folder: str, variant: str, device: str) -> dict:
     from audioldm2_trt.runtime.backends.ort import OrtSessionFactory, default_tf32
 
     imported = time.perf_counter() - t_import
-    options, level, sequential = VARIANTS[variant]
+    options, level, sequential, cache = VARIANTS[variant]
+    if variant == "cache_write":
+        import shutil
+
+        shutil.rmtree(CACHE, ignore_errors=True)
     t0 = time.perf_counter()
     art = load_artifacts(folder)
     factory = OrtSessionFactory(device, component_options=options, tf32=default_tf32(art.precision),
-                                graph_optimization=level)
+                                graph_optimization=level, optimized_cache=cache)
     files = {name: art.component_file(name) for name in art.manifest["components"]}
     created, memory = {}, {}
     if sequential:
@@ -94,7 +104,7 @@ def child(folder: str, variant: str, device: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", required=True)
-    ap.add_argument("--variants", default="default,sequential,conv_heuristic,opt_basic")
+    ap.add_argument("--variants", default="default,sequential,seq_disable,cache_write,cache_read,conv_heuristic_uv")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", default=".")
     ap.add_argument("--device", default="cuda")

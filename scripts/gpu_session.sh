@@ -151,7 +151,7 @@ case "$1" in
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
     setsid bash -c "bash $SELF wait 16; \
-      python3 cold_start.py --artifacts /tmp/art-fp16 --variants ${COLD_VARIANTS:-default,sequential,conv_heuristic,opt_basic} \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants ${COLD_VARIANTS:-default,sequential,seq_disable,cache_write,cache_read,conv_heuristic_uv} \
         --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
       (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
       touch /tmp/logs/done" &

@@ -28,6 +28,28 @@ def test_every_component_matches_pytorch(tiny_pipe, tiny_artifacts):
     assert worst.rel_l2 <= FP32_TOLERANCE, worst
 
 
+def test_validation_feeds_the_unet_its_t5_bucket_as_the_runtime_does(tiny_pipe, tiny_artifacts):
+    import torch
+
+    from audioldm2_trt.export.components import BY_NAME, SampleShape, sample_inputs
+    from audioldm2_trt.export.validate import as_runtime_feeds
+
+    consts = load_artifacts(tiny_artifacts).constants
+    raw = sample_inputs(BY_NAME["unet"], consts, SampleShape(batch=3, seq=5, frames=16), seed=1)
+    fed = as_runtime_feeds("unet", raw)
+    states, mask = fed["encoder_hidden_states_1"], fed["encoder_attention_mask_1"]
+    assert states.shape[1] == mask.shape[1] == 16  # t5_bucket(5)
+    assert torch.equal(states[:, :5], raw["encoder_hidden_states_1"]) and not states[:, 5:].any()
+    assert torch.equal(mask[:, :5], raw["encoder_attention_mask_1"]) and not mask[:, 5:].any()
+    assert fed["sample"] is raw["sample"]
+    # padding with mask 0 leaves the UNet's output as it was (what makes the bucket a pure runtime choice)
+    unet = BY_NAME["unet"].build(tiny_pipe, consts).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(*fed.values()), unet(*raw.values()), rtol=1e-4, atol=1e-5)
+    t5 = sample_inputs(BY_NAME["t5_encoder"], consts, SampleShape(batch=1, seq=5, frames=16))
+    assert as_runtime_feeds("t5_encoder", t5) is t5
+
+
 def test_manifest_records_what_the_runtime_needs(tiny_artifacts):
     art = load_artifacts(tiny_artifacts)
     m = art.manifest
