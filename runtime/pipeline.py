@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,15 +21,17 @@ from .backends.base import Device
 from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory, default_tf32, ort_tensorrt_providers
 from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
+from .denoising import DeviceStepper, HostStepper, pad_rows
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
 from .shapes import batch_bucket, t5_bucket
-from .schedulers import SolverState, make_plan
+from .schedulers import make_plan
 from .tokenization import TextTokenizer, tokenize_prompts
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
 BACKENDS = ("ort", "ort-trt", "trt")
+SOLVER_STEP_GRAPH = Path(__file__).resolve().parent / "graphs" / "solver_step.onnx"  # export/solver_graph.py
 StepCallback = Callable[[int, int], None]  # (step index, number of steps)
 
 
@@ -44,12 +47,16 @@ class AudioOutput:
 
 
 class AudioLDM2Runtime:
-    def __init__(self, artifacts: Artifacts, sessions: dict, device: Device):
+    def __init__(self, artifacts: Artifacts, sessions: dict, device: Device, solver_step=None):
+        """sessions: one per component (``Session`` protocol); solver_step: an ONNX Runtime session of
+        ``SOLVER_STEP_GRAPH`` on the UNet's device, bound like it, to keep the denoising loop on the device
+        (``denoising.DeviceStepper``), or None for the loop on the host."""
         self.artifacts = artifacts
         self.constants = artifacts.constants
         self.device = device
         self.sample_rate = self.constants["sampling_rate"]
         self._sessions = sessions
+        self._solver_step = solver_step
         toks = artifacts.manifest["tokenizers"]
         self._clap_tok = TextTokenizer(artifacts.tokenizer_file("clap"), toks["clap"]["model_max_length"],
                                        toks["clap"]["pad_token_id"], "CLAP")
@@ -62,7 +69,8 @@ class AudioLDM2Runtime:
     @classmethod
     def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
              cuda_graphs="auto", max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort",
-             tf32: bool | None = None, provider_options: dict | None = None) -> "AudioLDM2Runtime":
+             tf32: bool | None = None, provider_options: dict | None = None,
+             device_loop: bool | None = None) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
@@ -75,6 +83,9 @@ class AudioLDM2Runtime:
         provider_options (default CUDA provider only): extra CUDA provider options per component, e.g.
         ``{"unet": {"sdpa_kernel": 0}}`` (ORT's own attention kernel choice), over the defaults in
         ``backends.ort.COMPONENT_PROVIDER_OPTIONS``.
+        device_loop (backend "ort"): keep the denoising loop's latents on the device, guidance and the solver
+        update in a small ONNX graph (denoising.py); None = on CUDA with the default provider, off elsewhere;
+        True on the CPU binds every session (for tests).
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
@@ -90,6 +101,8 @@ class AudioLDM2Runtime:
                                       f"got backend {backend!r}, device {device!r}, "
                                       f"providers {'given' if providers is not None else 'default'}")
         files = {name: art.component_file(name) for name in art.manifest["components"]}
+        if device_loop and backend != "ort":
+            raise InvalidRequestError(f"device_loop runs on backend 'ort' (ONNX Runtime sessions); got backend {backend!r}")
         if backend == "trt":
             from .backends.trt import load_engines
 
@@ -99,10 +112,14 @@ class AudioLDM2Runtime:
         unknown = sorted(set(provider_options or {}) - set(files))
         if unknown:
             raise InvalidRequestError(f"provider_options name unknown components {unknown}; components: {sorted(files)}")
+        if device_loop is None:
+            device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
         factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
                                     tf32=default_tf32(art.precision) if tf32 is None else tf32,
-                                    component_options=provider_options)
-        return cls(art, factory.create_all(files), factory.device)
+                                    component_options=provider_options, bind=True if device_loop else None)
+        sessions = factory.create_all(files)
+        solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
+        return cls(art, sessions, factory.device, solver)
 
     def warmup(self, lengths_s=(None,), batch_sizes=(1,), t5_buckets=(16,), steps: int = 2) -> float:
         """Run each (length, batch, T5 bucket) once so that buffers, cuDNN algorithms and CUDA graphs exist
@@ -200,58 +217,75 @@ class AudioLDM2Runtime:
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32), seed
 
     def _denoise(self, items: list["Prepared"], results: list) -> list[int]:
-        """The denoising loop over every live item's rows at once; returns the indices still live."""
+        """The denoising loop over every live item's rows at once; returns the indices still live.
+
+        The rows' state (x, prev_x0) lives in a stepper (denoising.py) — on the device where the backend allows —
+        until the live set changes (a cancelled or non-finite item): then it is read back, that item's rows
+        dropped, and the next step opens a new stepper over the rest."""
         first = items[0].req
         plan = make_plan(first.scheduler, self._scheduler_config, first.steps)
-        latents = [it.latents * np.float32(plan.init_noise_sigma) for it in items]
-        states = [SolverState() for _ in items]
-        t5_len = t5_bucket(max(it.cond.t5.shape[1] for it in items))
+        x = {k: it.latents * np.float32(plan.init_noise_sigma) for k, it in enumerate(items)}
+        prev: dict = {k: None for k in x}
         live = list(range(len(items)))
-        unet = self._sessions["unet"]
-        feeds, feeds_for = None, None
-        for i, t in enumerate(plan.timesteps):
-            for k in list(live):
-                if items[k].cancel is not None and items[k].cancel.is_set():
+        stepper = None
+        try:
+            for i, t in enumerate(plan.timesteps):
+                cancelled = [k for k in live if items[k].cancel is not None and items[k].cancel.is_set()]
+                for k in cancelled:
                     results[k] = RequestCancelled(f"request cancelled before denoising step {i} of {first.steps}")
-                    live.remove(k)
-            if not live:
-                return live
-            if feeds_for != live:  # conditioning of the live rows: [negatives of all; positives of all] under CFG
-                feeds, guidance = _unet_conditioning([items[k] for k in live], t5_len)
-                real = len(guidance)  # rows of the live items; the UNet runs ``padded`` of them
-                padded = batch_bucket(real)
-                feeds = {k: _pad_halves(v, padded, first.do_cfg) for k, v in feeds.items()}
-                feeds_for = list(live)
-            sample = _pad_rows(np.concatenate([latents[k] for k in live]), padded)
-            if first.do_cfg:
-                sample = np.concatenate([sample, sample])
-            eps = unet.run({**feeds, "sample": sample, "timestep": np.array([t], dtype=np.int64)})["noise_pred"]
-            if first.do_cfg:
-                uncond, text = np.split(eps, 2)
-                eps = uncond[:real] + guidance * (text[:real] - uncond[:real])
-            else:
-                eps = eps[:real]
-            offset = 0
-            for k in list(live):
-                rows = eps[offset: offset + len(latents[k])]
-                offset += len(latents[k])
-                if not np.isfinite(rows).all():
-                    results[k] = NonFiniteError(f"unet (step {i}) produced non-finite values (NaN or Inf)")
-                    live.remove(k)
-                    continue
-                latents[k] = plan.step(i, rows, latents[k], states[k])
-                items[k].clock.mark("unet", append=True)
-                if items[k].callback is not None:
-                    items[k].callback(i, first.steps)
+                if cancelled and stepper is not None:
+                    stepper = _read_back(stepper, live, x, prev)
+                live = [k for k in live if k not in cancelled]
+                if not live:
+                    return live
+                if stepper is None:
+                    stepper = self._stepper(items, live, x, prev, int(t))
+                finite = stepper.step(i, int(t), plan)
+                offset, failed = 0, []
+                for k in live:
+                    rows = len(x[k])
+                    if not finite[offset: offset + rows].all():
+                        results[k] = NonFiniteError(f"unet (step {i}) produced non-finite values (NaN or Inf)")
+                        failed.append(k)
+                    else:
+                        items[k].clock.mark("unet", append=True)
+                        if items[k].callback is not None:
+                            items[k].callback(i, first.steps)
+                    offset += rows
+                if failed:
+                    stepper = _read_back(stepper, live, x, prev)
+                    live = [k for k in live if k not in failed]
+            if stepper is not None:
+                stepper = _read_back(stepper, live, x, prev)
+        finally:
+            if stepper is not None:
+                stepper.close()
         for k in live:
-            items[k].latents = latents[k]
+            items[k].latents = x[k]
         return live
+
+    def _stepper(self, items, live, x, prev, t: int):
+        """A stepper over the live items' rows: on the device when this runtime has the solver-step graph and
+        the UNet has buffers for the shape, else on the host."""
+        chosen = [items[k] for k in live]
+        cfg = chosen[0].req.do_cfg
+        feeds, guidance = _unet_conditioning(chosen, t5_bucket(max(it.cond.t5.shape[1] for it in chosen)))
+        padded = batch_bucket(len(guidance))
+        feeds = {k: _pad_halves(v, padded, cfg) for k, v in feeds.items()}
+        xs = np.concatenate([x[k] for k in live])
+        prevs = None if prev[live[0]] is None else np.concatenate([prev[k] for k in live])
+        unet = self._sessions["unet"]
+        if self._solver_step is not None:
+            stepper = DeviceStepper.open(unet, self._solver_step, feeds, guidance, padded, cfg, xs, prevs, t)
+            if stepper is not None:
+                return stepper
+        return HostStepper(unet, feeds, guidance, padded, cfg, xs, prevs)
 
     def _decode(self, items: list["Prepared"], index: list[int], results: list) -> None:
         """Latents → mel → waveform for all items at once, then trim and rank per item."""
         sizes = [len(it.latents) for it in items]
         padded = batch_bucket(sum(sizes))
-        mel = self._sessions["vae_decoder"].run({"latents": _pad_rows(np.concatenate([it.latents for it in items]),
+        mel = self._sessions["vae_decoder"].run({"latents": pad_rows(np.concatenate([it.latents for it in items]),
                                                                      padded)})["mel"]
         for it in items:
             it.clock.mark("vae")
@@ -276,10 +310,11 @@ class AudioLDM2Runtime:
 
     def close(self) -> None:
         """Release the sessions and their device buffers; the runtime cannot be used afterwards."""
-        for session in self._sessions.values():
+        for session in [*self._sessions.values(), self._solver_step]:
             if hasattr(session, "close"):
                 session.close()
         self._sessions.clear()
+        self._solver_step = None
 
 
 @dataclass
@@ -301,18 +336,25 @@ class Prepared:
         return (self.req.shape.latent_frames, self.req.steps, self.req.scheduler, self.req.do_cfg)
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """x [n, ...] → [rows, ...], the last row repeated (a real row: no all-masked attention, no NaN)."""
-    n = len(x)
-    return x if n == rows else np.concatenate([x, np.repeat(x[-1:], rows - n, axis=0)])
+def _read_back(stepper, live: list[int], x: dict, prev: dict) -> None:
+    """Copy the stepper's rows into x / prev per item (rows in ``live`` order), close it; returns None."""
+    rows_x, rows_prev = stepper.read()
+    stepper.close()
+    offset = 0
+    for k in live:
+        n = len(x[k])
+        x[k] = rows_x[offset: offset + n]
+        prev[k] = None if rows_prev is None else rows_prev[offset: offset + n]
+        offset += n
+    return None
 
 
 def _pad_halves(x: np.ndarray, rows: int, cfg: bool) -> np.ndarray:
     """Conditioning rows laid out [negatives; positives] under CFG: pad each half to ``rows``."""
     if not cfg:
-        return _pad_rows(x, rows)
+        return pad_rows(x, rows)
     neg, pos = np.split(x, 2)
-    return np.concatenate([_pad_rows(neg, rows), _pad_rows(pos, rows)])
+    return np.concatenate([pad_rows(neg, rows), pad_rows(pos, rows)])
 
 
 def _unet_conditioning(items: list[Prepared], t5_len: int) -> tuple[dict, np.ndarray]:

@@ -64,12 +64,20 @@ class Plan:
 
     def step(self, i: int, eps: np.ndarray, x: np.ndarray, state: SolverState) -> np.ndarray:
         """One update; ``eps`` and ``x`` are [B, C, F, M]; returns x_next in x's dtype."""
+        out, state.prev_x0 = self.update(i, eps, x, state.prev_x0)
+        return out
+
+    def update(self, i: int, eps: np.ndarray, x: np.ndarray, prev_x0: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(x_next, x0) for step i, in x's dtype (computed in float64); ``prev_x0`` may be None while c1[i] is 0."""
         x0 = (x - self.sig_s[i] * eps) / self.alp_s[i]
         out = self.cx[i] * x + self.c0[i] * x0
         if self.c1[i] != 0.0:
-            out = out + self.c1[i] * state.prev_x0
-        state.prev_x0 = x0
-        return out.astype(x.dtype, copy=False)
+            out = out + self.c1[i] * prev_x0
+        return out.astype(x.dtype, copy=False), x0.astype(x.dtype, copy=False)
+
+    def coefficients(self, i: int) -> np.ndarray:
+        """float32 [5]: σ_s, α_s, c_x, c_0, c_1 of step i, as the solver-step graph takes them."""
+        return np.array([self.sig_s[i], self.alp_s[i], self.cx[i], self.c0[i], self.c1[i]], dtype=np.float32)
 
 
 def make_plan(kind: str, cfg: dict, steps: int) -> Plan:

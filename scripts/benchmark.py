@@ -78,19 +78,21 @@ def timed(fn, runs: int) -> dict:
     return {"first_s": first, "median_s": statistics.median(times), "runs": runs, "all_s": times}
 
 
-def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=None, provider_options=None) -> dict:
+def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=None, provider_options=None,
+                  device_loop=None) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     with PeakGpuMemory() as mem:
         t0 = time.perf_counter()
         rt = AudioLDM2Runtime.load(folder, device="cuda", cuda_graphs=cuda_graphs, tf32=tf32,
-                                   provider_options=provider_options)
+                                   provider_options=provider_options, device_loop=device_loop)
         load = time.perf_counter() - t0
         t1 = time.perf_counter()
         rt(**REQUEST, seed=0)
         cold = load + time.perf_counter() - t1
         refused = [n for n, c in rt.health()["components"].items() if c["graph_refused"]]
         result = {"load_s": load, "cold_start_s": cold, "cuda_graphs": bool(cuda_graphs),
+                  "device_loop": rt._solver_step is not None,
                   "components_without_graphs": refused,  # ONNX Runtime refused their capture ("auto")
                   **timed(lambda: rt(**REQUEST, seed=0), runs)}
         stages = []
@@ -200,6 +202,7 @@ def table(res: dict) -> str:
             extra = f"peak GPU memory +{d[key]['peak_gpu_mib']:.0f} MiB (NVML)" if "peak_gpu_mib" in d[key] else ""
             rows.append(f"| {label} | {d[key]['median_s'] * 1e3:.0f} ms | {d[key]['first_s']:.1f} s | {extra} |")
     for key, label in (("fp16", "ORT CUDA fp16, CUDA graphs"), ("fp32", "ORT CUDA fp32, CUDA graphs"),
+                       ("fp16_host_loop", "ORT CUDA fp16, denoising loop on the host (device_loop=False)"),
                        ("fp16_nograph", "ORT CUDA fp16, no CUDA graphs"),
                        ("fp16_notf32", "ORT CUDA fp16, TF32 off for the fp32 parts"),
                        ("fp16_plain", "ORT CUDA fp16, no fusion (--fuse none)"),
@@ -220,7 +223,8 @@ def main() -> None:
     ap.add_argument("--fp32", help="fp32 artefact folder")
     ap.add_argument("--fp16-plain", help="fp16 artefact folder exported with --fuse none")
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32,fp16_nograph,fp16_notf32,fp16_plain")
+    ap.add_argument("--skip", default="", help="comma-separated: b0,b1,b2,fp16,fp32,fp16_nograph,fp16_notf32,fp16_plain,"
+                                               "fp16_host_loop")
     ap.add_argument("--provider-options", type=json.loads, default=None, metavar="JSON",
                     help='adds a row: the --fp16 artefacts with these per-component CUDA provider options, '
                          'e.g. \'{"unet": {"sdpa_kernel": 19}}\'')
@@ -236,18 +240,20 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip),
            "provider_options": args.provider_options}
-    variants = (  # key, artefacts, cuda_graphs, heavy (DDIM-200, batch 4), tf32, provider_options
-        ("fp16", args.fp16, "auto", True, None, None), ("fp32", args.fp32, "auto", False, None, None),
-        ("fp16_nograph", args.fp16, False, False, None, None), ("fp16_notf32", args.fp16, "auto", False, False, None),
-        ("fp16_plain", args.fp16_plain, "auto", False, None, None),
-        ("fp16_options", args.fp16 if args.provider_options else None, "auto", False, None, args.provider_options))
-    for key, folder, graphs, heavy, tf32, options in variants:  # the runtime first: no torch CUDA context exists yet
+    variants = (  # key, artefacts, cuda_graphs, heavy (DDIM-200, batch 4), tf32, provider_options, device_loop
+        ("fp16", args.fp16, "auto", True, None, None, None), ("fp32", args.fp32, "auto", False, None, None, None),
+        ("fp16_host_loop", args.fp16, "auto", True, None, None, False),
+        ("fp16_nograph", args.fp16, False, False, None, None, None),
+        ("fp16_notf32", args.fp16, "auto", False, False, None, None),
+        ("fp16_plain", args.fp16_plain, "auto", False, None, None, None),
+        ("fp16_options", args.fp16 if args.provider_options else None, "auto", False, None, args.provider_options, None))
+    for key, folder, graphs, heavy, tf32, options, loop in variants:  # the runtime first: no torch CUDA context yet
         if folder and key not in skip and not Path(folder, "manifest.json").exists():
             print(f"{key}: no artefacts in {folder} (export failed or was stopped); skipped", flush=True)
             res["skipped"].append(key)
         elif folder and key not in skip:
             res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs, tf32=tf32,
-                                                  provider_options=options)
+                                                  provider_options=options, device_loop=loop)
             print(key, json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
             Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
     import torch

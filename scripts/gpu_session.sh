@@ -17,6 +17,7 @@
 #   bash scripts/gpu_session.sh all-sdpa   # setup, fp16 + fp32 exports, the UNet's attention kernels swept, then benchmark
 #                                          # (default vs ORT's own kernel choice, sdpa_kernel 0) and fidelity of that choice
 #   bash scripts/gpu_session.sh all-cold   # setup, fp16 export, cold start in clean processes (scripts/cold_start.py), validate
+#   bash scripts/gpu_session.sh all-final  # setup, fp16 + fp32 exports, validate, cold start, full benchmark, fidelity
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
@@ -159,6 +160,24 @@ case "$1" in
   all-cold)  # setup, the fp16 export, cold
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" cold ;;
+  final)  # after the fp16 and fp32 exports: validate, cold start in clean processes, the full benchmark (the default
+          # with the device loop first in its process, fp32, the host loop, B0, B1, B2), fidelity
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+      python3 cold_start.py --artifacts /tmp/art-fp16 \
+        --variants ${COLD_VARIANTS:-default,seq_disable,cache_write,cache_read,conv_heuristic_uv} \
+        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
+      bash $SELF wait 32; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip fp16_nograph,fp16_notf32 \
+        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-final)  # setup, the fp16 and fp32 exports, final
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 32 && bash "$SELF" final ;;
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" ray ;;

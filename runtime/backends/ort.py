@@ -90,11 +90,12 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            if self._worker is not None:
-                return self._worker.submit(self._run_locked, feeds).result()
-            if not self.bind:
+            if not self.bind and self._worker is None:
                 return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
-            return self._run_locked(feeds)
+            with self._lock:  # taken by the caller, never by the worker (see ``held``)
+                if self._worker is not None:
+                    return self._worker.submit(self._run_bound, feeds).result()
+                return self._run_bound(feeds)
         except BackendError:
             raise
         except Exception as err:  # onnxruntime raises its own exception types; name what failed
@@ -104,18 +105,86 @@ class OrtSession:
             error.component = self.name
             raise error from err
 
-    # -- bound runs ---------------------------------------------------------------------------------
-    def _run_locked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._lock:
-            return self._run_bound(feeds)
+    # -- a sequence of bound runs that keeps its data on the device (runtime/denoising.py) -------------
+    def held(self):
+        """This session's lock, for a caller that drives several ``call``s over one shape key's buffers (the
+        denoising loop): other threads' ``run``s wait until it is released. Not reentrant: no ``run`` inside."""
+        return self._lock
 
+    def call(self, fn, may_capture: bool = False, what: str = "a device-loop step"):
+        """``fn()`` on this session's worker thread (inline without one) under the process's capture guard —
+        exclusive where ``fn`` may capture a CUDA graph, shared otherwise; returns its result. The caller
+        holds ``held()``. An ONNX Runtime error comes back as BackendError naming this component and ``what``."""
+        def guarded():
+            if self._guard is None:
+                return fn()
+            with self._guard.exclusive() if may_capture else self._guard.shared():
+                return fn()
+
+        try:
+            return guarded() if self._worker is None else self._worker.submit(guarded).result()
+        except BackendError:
+            raise
+        except Exception as err:
+            error = BackendError(f"{self.name} failed in {what}{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
+            error.component = self.name
+            raise error from err
+
+    def key_buffers(self, feeds: dict[str, np.ndarray]) -> "_Bound | None":
+        """(inside ``call``) The device buffers of this shape key, created (one uncaptured run) if new, with
+        ``feeds`` copied in; None for a key past ``max_graphs``, which has no buffers of its own."""
+        if not self.bind:
+            raise BackendError(f"{self.name}: buffers kept on the device need I/O binding (CUDA, or bind=True)")
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
+        bound = self._bound.get(key)
+        if bound is None:
+            if len(self._bound) >= self.max_graphs:
+                return None
+            bound = self._bound[key] = self._make_bound(feeds)
+            self.stats.keys.append({k: list(v.shape) for k, v in feeds.items()})
+        else:
+            for k, v in feeds.items():
+                bound.inputs[k].update_inplace(v)
+        return bound
+
+    def replay(self, bound: _Bound, updates: dict[str, np.ndarray]) -> None:
+        """(inside ``call``, ``may_capture=may_capture(bound)``) copy ``updates`` into the key's input buffers
+        and run it — its CUDA graph when captured; the outputs stay in ``bound.outputs``."""
+        for k, v in updates.items():
+            bound.inputs[k].update_inplace(np.ascontiguousarray(v))
+        self._execute(bound)
+
+    def may_capture(self, bound: _Bound) -> bool:
+        return self.cuda_graphs and bound.runs < CAPTURE_RUNS
+
+    def value(self, array: np.ndarray):
+        """(inside ``call``) An OrtValue on this session's device holding a copy of ``array``."""
+        return self._ortvalue(np.ascontiguousarray(array))
+
+    def binding(self, inputs: dict, outputs: dict):
+        """(inside ``call``) An I/O binding of these OrtValues, by input / output name, for ``run_binding``."""
+        binding = self._session.io_binding()
+        for k, v in inputs.items():
+            binding.bind_ortvalue_input(k, v)
+        for k, v in outputs.items():
+            binding.bind_ortvalue_output(k, v)
+        return binding
+
+    def run_binding(self, binding) -> None:
+        """(inside ``call``) Run once over a ``binding``, uncaptured, and wait for its outputs."""
+        self._session.run_with_iobinding(binding, self._run_options(_NO_GRAPH) if self.cuda_graphs else None)
+        binding.synchronize_outputs()
+        self.stats.runs += 1
+
+    # -- bound runs ---------------------------------------------------------------------------------
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
         bound = self._bound.get(key)
         if self._guard is None:
             return self._run_key(key, bound, feeds)
-        may_capture = self.cuda_graphs and (bound is None or bound.runs < CAPTURE_RUNS)
+        may_capture = self.cuda_graphs and (bound is None or self.may_capture(bound))
         with self._guard.exclusive() if may_capture else self._guard.shared():
             return self._run_key(key, bound, feeds)
 
@@ -199,15 +268,16 @@ class OrtSession:
 
     def close(self) -> None:
         def release():
-            with self._lock, self._guard.shared() if self._guard else nullcontext():
+            with self._guard.shared() if self._guard else nullcontext():
                 self._bound.clear()  # frees device buffers: not while another thread captures
                 self._session = None
 
         if self._session is None:  # closed already
             return
-        if self._worker is None:
-            return release()
-        self._worker.submit(release).result()
+        with self._lock:  # the caller takes the lock, never the worker (see ``held``)
+            if self._worker is None:
+                return release()
+            self._worker.submit(release).result()
         self._worker.shutdown(wait=True)
 
 
@@ -271,7 +341,8 @@ class OrtSessionFactory:
         self._graphs_optional = cuda_graphs == "auto"
         self.bind = self.device.kind == "cuda" if bind is None else bind
 
-    def create(self, name: str, path: str | Path) -> OrtSession:
+    def create(self, name: str, path: str | Path, graphs: bool | None = None) -> OrtSession:
+        """One session; ``graphs=False`` never captures it (whatever ``cuda_graphs`` says)."""
         opts = self.ort.SessionOptions()
         opts.graph_optimization_level = self.graph_optimization
         if self.optimized_cache is not None:
@@ -288,7 +359,7 @@ class OrtSessionFactory:
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
-        graphs = self._graphs_for(name)
+        graphs = self._graphs_for(name) and graphs is not False
         base = self.providers
         if self._default_cuda:
             base = [(n, {**o, **self.component_options.get(name, {})}) for n, o in base]

@@ -1,0 +1,102 @@
+"""The guided solver step as a tiny ONNX graph, so that the denoising loop can stay on the GPU.
+
+One step of classifier-free guidance and the DPM-Solver++ / DDIM update (``runtime.schedulers.Plan``):
+
+    eps      = uncond + guidance · (text − uncond)        (uncond = text = noise_pred without CFG)
+    x0       = (x − σ_s · eps) / α_s
+    x_next   = c_x · x + c_0 · x0 + c_1 · prev_x0
+
+Inputs   noise_pred    float32 [K·P, C, F, M]  the UNet's output, K = 2 under CFG ([uncond; text]) else 1
+         x             float32 [P, C, F, M]    latents
+         prev_x0       float32 [P, C, F, M]    the previous step's x0 (zeros before the first)
+         guidance      float32 [P, 1, 1, 1]
+         coefficients  float32 [5]             σ_s, α_s, c_x, c_0, c_1 of this step (``Plan.coefficients``)
+Outputs  x_next        float32 [P, C, F, M]
+         x0            float32 [P, C, F, M]
+         sample_next   float32 [K·P, C, F, M]  x_next K times over: the UNet's next ``sample``
+         row_check     float32 [P]             Σ eps·0 per row: 0 where the row's guided noise is finite, NaN if not
+
+The runtime ships the graph (``runtime/graphs/solver_step.onnx``, written by ``python -m
+audioldm2_trt.export.solver_graph``); it holds no weights and does not depend on the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OPSET = 17
+GRAPH_FILE = Path(__file__).resolve().parent.parent / "runtime" / "graphs" / "solver_step.onnx"
+
+
+def build_solver_step():
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = TensorProto.FLOAT
+    const = lambda name, value: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
+    nodes = [
+        const("minus_one", np.array([-1], np.int64)), const("zero", np.array(0, np.int64)),
+        const("zero_1d", np.array([0], np.int64)), const("one_1d", np.array([1], np.int64)),
+        const("last", np.array(-1, np.int64)), const("ones3", np.array([1, 1, 1], np.int64)),
+        const("spatial_axes", np.array([1, 2, 3], np.int64)), const("nothing", np.array(0.0, np.float32)),
+        # noise_pred [K·P, …] → [K, P, …]; uncond = [0], text = [K-1]
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Concat", ["minus_one", "x_shape"], ["k_shape"], axis=0),
+        helper.make_node("Reshape", ["noise_pred", "k_shape"], ["halves"]),
+        helper.make_node("Gather", ["halves", "zero"], ["uncond"], axis=0),
+        helper.make_node("Gather", ["halves", "last"], ["text"], axis=0),
+        helper.make_node("Sub", ["text", "uncond"], ["delta"]),
+        helper.make_node("Mul", ["guidance", "delta"], ["guided_delta"]),
+        helper.make_node("Add", ["uncond", "guided_delta"], ["eps"]),
+        # coefficients
+        helper.make_node("Split", ["coefficients"], ["sigma_s", "alpha_s", "c_x", "c_0", "c_1"], axis=0),  # [1] each
+        # x0 = (x - sigma_s * eps) / alpha_s
+        helper.make_node("Mul", ["sigma_s", "eps"], ["sigma_eps"]),
+        helper.make_node("Sub", ["x", "sigma_eps"], ["x_minus"]),
+        helper.make_node("Div", ["x_minus", "alpha_s"], ["x0"]),
+        # x_next = c_x * x + c_0 * x0 + c_1 * prev_x0
+        helper.make_node("Mul", ["c_x", "x"], ["part_x"]),
+        helper.make_node("Mul", ["c_0", "x0"], ["part_x0"]),
+        helper.make_node("Mul", ["c_1", "prev_x0"], ["part_prev"]),
+        helper.make_node("Add", ["part_x", "part_x0"], ["partial"]),
+        helper.make_node("Add", ["partial", "part_prev"], ["x_next"]),
+        # sample_next = x_next repeated K times along the batch
+        helper.make_node("Shape", ["noise_pred"], ["noise_shape"]),
+        helper.make_node("Slice", ["noise_shape", "zero_1d", "one_1d"], ["noise_rows"]),
+        helper.make_node("Slice", ["x_shape", "zero_1d", "one_1d"], ["x_rows"]),
+        helper.make_node("Div", ["noise_rows", "x_rows"], ["k"]),
+        helper.make_node("Concat", ["k", "ones3"], ["repeats"], axis=0),
+        helper.make_node("Tile", ["x_next", "repeats"], ["sample_next"]),
+        # row_check = sum(eps * 0) per row: NaN exactly where eps has a NaN or an Inf
+        helper.make_node("Mul", ["eps", "nothing"], ["eps_zeroed"]),
+        helper.make_node("ReduceSum", ["eps_zeroed", "spatial_axes"], ["row_check"], keepdims=0),
+    ]
+    latent = ["P", "C", "F", "M"]
+    graph = helper.make_graph(
+        nodes, "solver_step",
+        [helper.make_tensor_value_info("noise_pred", f32, ["KP", "C", "F", "M"]),
+         helper.make_tensor_value_info("x", f32, latent),
+         helper.make_tensor_value_info("prev_x0", f32, latent),
+         helper.make_tensor_value_info("guidance", f32, ["P", 1, 1, 1]),
+         helper.make_tensor_value_info("coefficients", f32, [5])],
+        [helper.make_tensor_value_info("x_next", f32, latent),
+         helper.make_tensor_value_info("x0", f32, latent),
+         helper.make_tensor_value_info("sample_next", f32, ["KP", "C", "F", "M"]),
+         helper.make_tensor_value_info("row_check", f32, ["P"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="audioldm2_trt")
+    model.ir_version = 8  # readable by every onnxruntime the project supports (>= 1.17)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def main() -> None:
+    import onnx
+
+    onnx.save(build_solver_step(), str(GRAPH_FILE))
+    print(f"wrote {GRAPH_FILE}")
+
+
+if __name__ == "__main__":
+    main()

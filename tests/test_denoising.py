@@ -1,0 +1,207 @@
+"""The denoising loop kept on the device (denoising.DeviceStepper) against the host loop, on the CPU with I/O
+binding: the solver-step graph against a float64 numpy step, and whole requests — alone, batched, padded,
+cancelled, non-finite, from several threads — against the host loop's results."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from audioldm2_trt.runtime.errors import InvalidRequestError, NonFiniteError, RequestCancelled
+
+from .conftest import _has, needs_export
+
+FAST = dict(num_inference_steps=4, audio_length_in_s=2.0)
+CFG_CASES = [("a dog barks", 1, 3.5), ("rain falling on a metal roof in a storm at night, thunder far away", 2, 2.0),
+             ("x", 3, 3.5)]
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def device_runtime(tiny_artifacts):
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    return AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True)
+
+
+def _scheduler_config() -> dict:
+    """The full-size checkpoint's scheduler config, as shipped (a plain JSON file: no torch needed)."""
+    from audioldm2_trt.export.sources import CONFIG_ROOT
+
+    return json.loads((CONFIG_ROOT / "audioldm2" / "scheduler.json").read_text())
+
+
+def _solver_session():
+    import onnxruntime as ort
+
+    from audioldm2_trt.runtime.pipeline import SOLVER_STEP_GRAPH
+
+    return ort.InferenceSession(str(SOLVER_STEP_GRAPH), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.skipif(not _has("onnx"), reason="needs onnx (the export extra) to rebuild the graph")
+def test_shipped_solver_graph_is_the_one_the_builder_makes():
+    import onnx
+
+    from audioldm2_trt.export.solver_graph import GRAPH_FILE, build_solver_step
+
+    assert onnx.load(str(GRAPH_FILE)).graph == build_solver_step().graph
+
+
+@pytest.mark.parametrize("kind", ["dpmsolver++", "ddim"])
+@pytest.mark.parametrize("cfg", [True, False])
+def test_solver_graph_equals_numpy_guidance_and_update(kind, cfg):
+    """Every step of a 6-step plan on random rows: the graph (float32) against CFG + ``Plan.update`` in
+    float64, chained over its own outputs as the device loop chains them."""
+    from audioldm2_trt.runtime.schedulers import make_plan
+
+    session, rng = _solver_session(), np.random.default_rng(0)
+    plan = make_plan(kind, _scheduler_config(), 6)
+    rows, k = 3, 2 if cfg else 1
+    guidance = np.array([3.5, 1.0, 7.0], np.float32)[:, None, None, None]
+    x = rng.standard_normal((rows, 8, 5, 16), dtype=np.float32)
+    prev = np.zeros_like(x)
+    ref_x, ref_prev = x.astype(np.float64), None
+    for i in range(6):
+        noise = rng.standard_normal((k * rows, 8, 5, 16), dtype=np.float32)
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {
+            "noise_pred": noise, "x": x, "prev_x0": prev, "guidance": guidance, "coefficients": plan.coefficients(i)})))
+        uncond, text = noise[:rows].astype(np.float64), noise[-rows:].astype(np.float64)
+        eps = uncond + guidance * (text - uncond)
+        ref_x, ref_prev = plan.update(i, eps, ref_x, ref_prev)
+        assert rel_l2(got["x_next"], ref_x) < 1e-5 and rel_l2(got["x0"], ref_prev) < 1e-5, i
+        np.testing.assert_array_equal(got["sample_next"], np.concatenate([got["x_next"]] * k))
+        np.testing.assert_array_equal(got["row_check"], np.zeros(rows, np.float32))
+        x, prev = got["x_next"], got["x0"]
+
+
+def test_solver_graph_row_check_flags_exactly_the_non_finite_rows():
+    from audioldm2_trt.runtime.schedulers import make_plan
+
+    session = _solver_session()
+    plan = make_plan("dpmsolver++", _scheduler_config(), 4)
+    noise = np.ones((8, 8, 2, 16), np.float32)  # CFG, 4 rows
+    noise[1, 3, 1, 7] = np.nan  # row 1's uncond half
+    noise[4 + 2, 0, 0, 0] = np.inf  # row 2's text half
+    x = np.zeros((4, 8, 2, 16), np.float32)
+    feeds = {"noise_pred": noise, "x": x, "prev_x0": x, "guidance": np.full((4, 1, 1, 1), 3.0, np.float32),
+             "coefficients": plan.coefficients(1)}
+    check = session.run(["row_check"], feeds)[0]
+    assert np.isfinite(check).tolist() == [True, False, False, True]
+
+
+@needs_export
+@pytest.mark.parametrize("kw", [
+    dict(prompt="birds chirping in a forest", negative_prompt="low quality, noisy"),
+    dict(prompt="a dog barking", guidance_scale=1.0),
+    dict(prompt="thunder", scheduler="ddim", num_inference_steps=7),
+    dict(prompt="an orchestra", num_waveforms_per_prompt=3),  # 3 rows padded to 4, ranked
+    dict(prompt=["thunder", "an orchestra playing a slow sad melody with violins"], negative_prompt=["a", "b"]),
+], ids=["negative", "guidance-1", "ddim", "three-waveforms", "two-prompts"])
+def test_device_loop_equals_host_loop(runtime, device_runtime, kw):
+    kw = {**FAST, "seed": 5, **kw}
+    host, device = runtime(**kw), device_runtime(**kw)
+    assert np.abs(host.audios).max() > 1e-3
+    assert rel_l2(device.audios, host.audios) < 1e-4
+    if host.scores is not None:
+        np.testing.assert_allclose(device.scores, host.scores, rtol=1e-4, atol=1e-5)
+    assert device_runtime._solver_step.stats.runs > 0 and runtime._solver_step is None
+
+
+@needs_export
+def test_device_loop_batch_with_a_cancelled_and_a_non_finite_item(runtime, device_runtime, monkeypatch):
+    """Three items in one batch (4 padded rows): item 1 cancelled before step 2, item 2's rows turn NaN at
+    step 3; item 0 carries on through two re-opened steppers and equals its single run."""
+    singles = {c: runtime(c[0], seed=c[1], guidance_scale=c[2], **FAST).audios for c in CFG_CASES}
+    cancel = threading.Event()
+    items = [device_runtime.prepare(p, seed=s, guidance_scale=g, **FAST,
+                                    callback=(lambda i, n: cancel.set() if i == 1 else None) if j == 1 else None,
+                                    cancel=cancel if j == 1 else None)
+             for j, (p, s, g) in enumerate([CFG_CASES[0], CFG_CASES[1], (CFG_CASES[2][0], 3, 2.0)])]
+    unet = device_runtime._sessions["unet"]
+    replays = []
+    real_replay = unet.replay
+
+    def replay_poisoning_row_1_at_step_3(bound, updates):  # after item 1 left, item 2 is row 1
+        real_replay(bound, updates)
+        replays.append(len(bound.inputs["sample"].numpy()))
+        if len(replays) == 4:
+            noise = bound.outputs["noise_pred"].numpy().copy()
+            noise[1] = np.nan
+            bound.outputs["noise_pred"].update_inplace(noise)
+
+    monkeypatch.setattr(unet, "replay", replay_poisoning_row_1_at_step_3)
+    results = device_runtime.run_batch(items)
+    assert replays == [8, 8, 4, 4]  # 3 rows → 4 (×2 CFG); then 2 rows → 2 (×2)
+    assert isinstance(results[1], RequestCancelled) and "before denoising step 2 of 4" in str(results[1])
+    assert isinstance(results[2], NonFiniteError) and "unet (step 3)" in str(results[2])
+    assert rel_l2(results[0].audios, singles[CFG_CASES[0]]) < 1e-4
+
+
+@needs_export
+def test_device_loop_from_threads_keeps_each_request_its_own(runtime, device_runtime):
+    """Four threads at once: each loop holds the UNet's buffers from its first step to its last."""
+    cases = [("a dog barks", 1), ("a violin", 2), ("footsteps on gravel", 3), ("rain", 4)]
+    want = {c: runtime(c[0], seed=c[1], **FAST).audios for c in cases}
+    got, errors = {}, []
+
+    def worker(case):
+        try:
+            got[case] = device_runtime(case[0], seed=case[1], **FAST).audios
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in cases]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert not errors and set(got) == set(cases)
+    for c in cases:
+        assert rel_l2(got[c], want[c]) < 1e-4, c
+
+
+@needs_export
+def test_device_loop_past_max_graphs_runs_on_the_host(tiny_artifacts, runtime):
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    rt = AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True, max_graphs=0)
+    kw = dict(prompt="a cat", seed=0, **FAST)
+    assert rel_l2(rt(**kw).audios, runtime(**kw).audios) < 1e-4
+    assert rt._solver_step.stats.runs == 0 and rt._sessions["unet"].stats.uncaptured_keys > 0
+    rt.close()
+
+
+@needs_export
+def test_device_loop_off_onnx_runtime_is_refused(tiny_artifacts):
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    with pytest.raises(InvalidRequestError, match="device_loop runs on backend 'ort'.*'ort-trt'"):
+        AudioLDM2Runtime.load(tiny_artifacts, device="cuda", backend="ort-trt", device_loop=True)
+
+
+@needs_export
+def test_device_loop_backend_failure_names_the_step_and_frees_the_unet(device_runtime, monkeypatch):
+    from audioldm2_trt.runtime.errors import BackendError
+
+    unet = device_runtime._sessions["unet"]
+    calls = []
+
+    def failing_execute(bound):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA failure 700")
+        return real_execute(bound)
+
+    real_execute = unet._execute
+    monkeypatch.setattr(unet, "_execute", failing_execute)
+    with pytest.raises(BackendError, match=r"unet failed in denoising step 1 .*CUDA failure 700"):
+        device_runtime("a bell", seed=0, **FAST)
+    monkeypatch.undo()
+    assert unet.held().acquire(timeout=1)  # released by the failed loop
+    unet.held().release()
+    assert np.isfinite(device_runtime("a bell", seed=0, **FAST).audios).all()
