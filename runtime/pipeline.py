@@ -82,7 +82,7 @@ class AudioLDM2Runtime:
         tf32 (CUDA only): TF32 tensor cores for the fp32 parts; None = on for fp16 artefacts, off for fp32 ones.
         provider_options (default CUDA provider only): extra CUDA provider options per component, e.g.
         ``{"unet": {"sdpa_kernel": 0}}`` (ORT's own attention kernel choice), over the defaults in
-        ``backends.ort.COMPONENT_PROVIDER_OPTIONS``.
+        ``backends.ort.COMPONENT_PROVIDER_OPTIONS`` (fp16 artefacts; fp32 ones have none).
         device_loop (backend "ort"): keep the denoising loop's latents on the device, guidance and the solver
         update in a small ONNX graph (denoising.py); None = on CUDA with the default provider, off elsewhere;
         True on the CPU binds every session (for tests).
@@ -116,7 +116,8 @@ class AudioLDM2Runtime:
             device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
         factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
                                     tf32=default_tf32(art.precision) if tf32 is None else tf32,
-                                    component_options=provider_options, bind=True if device_loop else None)
+                                    component_options=provider_options, bind=True if device_loop else None,
+                                    precision=art.precision)
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
         return cls(art, sessions, factory.device, solver)

@@ -34,6 +34,8 @@ VARIANTS = {
     "seq_disable": (None, "disable", True, None),
     "conv_heuristic": ({c: {"cudnn_conv_algo_search": "HEURISTIC"} for c in CONVS}, "all", False, None),
     "conv_heuristic_uv": ({c: {"cudnn_conv_algo_search": "HEURISTIC"} for c in CONVS[:2]}, "all", False, None),
+    # the default before 2026-11-26 15:40 (HEURISTIC for the UNet and the VAE decoder since)
+    "conv_exhaustive_uv": ({c: {"cudnn_conv_algo_search": "EXHAUSTIVE"} for c in CONVS[:2]}, "all", False, None),
     "opt_basic": (None, "basic", False, None),
     "cache_write": (None, "all", True, CACHE),
     "cache_read": (None, "all", True, CACHE),
@@ -68,7 +70,7 @@ def child(folder: str, variant: str, device: str) -> dict:
     t0 = time.perf_counter()
     art = load_artifacts(folder)
     factory = OrtSessionFactory(device, component_options=options, tf32=default_tf32(art.precision),
-                                graph_optimization=level, optimized_cache=cache)
+                                graph_optimization=level, optimized_cache=cache, precision=art.precision)
     files = {name: art.component_file(name) for name in art.manifest["components"]}
     created, memory = {}, {}
     if sequential:

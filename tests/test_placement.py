@@ -81,14 +81,24 @@ def test_provider_options_are_merged_per_component_and_checked():
 
     merged = merge_component_options(COMPONENT_PROVIDER_OPTIONS, {"unet": {"sdpa_kernel": 0, "use_tf32": 0},
                                                                   "vocoder": {"prefer_nhwc": 0}})
-    assert merged["unet"] == {"sdpa_kernel": 0, "use_tf32": 0}
+    assert merged["unet"] == {"sdpa_kernel": 0, "use_tf32": 0, "cudnn_conv_algo_search": "HEURISTIC"}
     assert merged["vocoder"] == {"prefer_nhwc": 0}  # the caller's value wins over the default's
     assert COMPONENT_PROVIDER_OPTIONS["vocoder"] == {"prefer_nhwc": 1}  # defaults untouched
-    assert COMPONENT_PROVIDER_OPTIONS["unet"] == {"sdpa_kernel": 19}
+    assert COMPONENT_PROVIDER_OPTIONS["unet"] == {"sdpa_kernel": 19, "cudnn_conv_algo_search": "HEURISTIC"}
     with pytest.raises(BackendError, match=r"provider option unet.sdpa_kernel = True: use a str, int or float"):
         merge_component_options({}, {"unet": {"sdpa_kernel": True}})
     with pytest.raises(BackendError, match="provider options for 'unet' must be a dict"):
         merge_component_options({}, {"unet": 19})
+
+
+def test_per_component_defaults_are_for_fp16_artefacts_only():
+    """Measured on fp16 artefacts; with fp32 ones (TF32 off) prefer_nhwc made the vocoder 3x slower."""
+    from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, OrtSessionFactory
+
+    assert OrtSessionFactory("cpu", precision="fp16").component_options == COMPONENT_PROVIDER_OPTIONS
+    assert OrtSessionFactory("cpu", precision="fp32").component_options == {}
+    assert set(COMPONENT_PROVIDER_OPTIONS) == {"unet", "vae_decoder", "vocoder"}
+    assert "cudnn_conv_algo_search" not in COMPONENT_PROVIDER_OPTIONS["vocoder"]  # HEURISTIC fails on its convs
 
 
 def test_provider_options_need_the_default_cuda_provider(tiny_artifacts):

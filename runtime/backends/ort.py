@@ -292,7 +292,8 @@ class OrtSessionFactory:
     bind: use I/O binding on the CPU too (for tests; CUDA always binds). tf32: let the CUDA provider
     use TF32 tensor cores for fp32 MatMul/Conv (see ``cuda_provider_options``). graph_optimization: ONNX Runtime's
     optimisation level at session creation, one of ``GRAPH_OPTIMIZATION`` (for measurements: the artefacts are
-    fused offline already). optimized_cache: a folder for ONNX Runtime's optimised graphs — a session whose
+    fused offline already). precision: the artefacts' ("fp16" or "fp32"), which picks the per-component defaults
+    (``default_component_options``) under ``component_options``. optimized_cache: a folder for ONNX Runtime's optimised graphs — a session whose
     optimised graph is there loads it with optimisation off; else it is optimised and written there (for
     measurements of session-creation time; the graph written is specific to this ONNX Runtime, provider and GPU).
     """
@@ -300,7 +301,7 @@ class OrtSessionFactory:
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
                  cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
-                 optimized_cache: str | Path | None = None):
+                 optimized_cache: str | Path | None = None, precision: str = "fp16"):
         import onnxruntime as ort
 
         self.ort = ort
@@ -335,7 +336,7 @@ class OrtSessionFactory:
         if component_options and not self._default_cuda:
             raise BackendError("per-component provider options apply to the default CUDA provider only "
                                f"(device {self.device}, providers {'given' if custom else 'default'})")
-        self.component_options = merge_component_options(COMPONENT_PROVIDER_OPTIONS, component_options or {})
+        self.component_options = merge_component_options(default_component_options(precision), component_options or {})
         use_graphs = self._default_cuda and names[0] == "CUDAExecutionProvider"
         self._graphs_for = _graph_selector(cuda_graphs if use_graphs else False)
         self._graphs_optional = cuda_graphs == "auto"
@@ -427,13 +428,28 @@ def cuda_provider_options(device: Device, tf32: bool) -> dict:
 
 
 # Per-component additions to the CUDA provider options (measured on the H100, docs/benchmarks.md, 2026-11-26).
+# They were measured on fp16 artefacts (TF32 on for their fp32 parts) and apply to those only: with fp32 artefacts
+# (TF32 off) prefer_nhwc made the fp32 vocoder 80 → 233 ms (15:21 UTC run), so fp32 artefacts get none.
 # unet sdpa_kernel = flash | memory-efficient | unfused (1|2|16), i.e. not cuDNN's flash attention, which ONNX
 #   Runtime prefers for fp16 on Hopper: the same step (7.06 vs 7.11 ms alone, 192 vs 192 ms end to end) and the same
 #   100-prompt fidelity (1.92e-3 both), but cuDNN builds its attention plans on the first run (UNet first run 4.1 s
 #   vs 1.4 s; cold start 16.1 vs 11.2 s, the latter measured second in its process).
+# unet, vae_decoder cudnn_conv_algo_search HEURISTIC: cuDNN's heuristics pick each convolution's algorithm instead of
+#   timing every candidate on first use (EXHAUSTIVE, ONNX Runtime's default). Clean-process cold start 9.4 / 10.1 s
+#   vs 11.5 / 12.1 s (first UNet step 0.6–0.8 vs 1.7–1.8 s, first VAE 0.16–0.19 vs 0.74–0.95 s), warm end to end
+#   184 / 185 vs 186 / 188 ms (scripts/cold_start.py, 15:21 UTC). The vocoder keeps EXHAUSTIVE: HEURISTIC fails on
+#   its dilated 1-D convolutions (CUDNN_FE HEURISTIC_QUERY_FAILED, 14:50 UTC).
 # vocoder prefer_nhwc: HiFi-GAN's 1-D convolutions without the NCHW↔NHWC transposes cuDNN inserts around them
 #   (fp16 9.1 → 7.5 ms, fp32 + TF32 13.4 → 10.7 ms).
-COMPONENT_PROVIDER_OPTIONS = {"unet": {"sdpa_kernel": 1 | 2 | 16}, "vocoder": {"prefer_nhwc": 1}}
+COMPONENT_PROVIDER_OPTIONS = {"unet": {"sdpa_kernel": 1 | 2 | 16, "cudnn_conv_algo_search": "HEURISTIC"},
+                              "vae_decoder": {"cudnn_conv_algo_search": "HEURISTIC"},
+                              "vocoder": {"prefer_nhwc": 1}}
+
+
+def default_component_options(precision: str) -> dict:
+    """The per-component defaults for artefacts of this precision: ``COMPONENT_PROVIDER_OPTIONS`` for fp16, none
+    for fp32 (see above)."""
+    return COMPONENT_PROVIDER_OPTIONS if precision == "fp16" else {}
 
 
 def merge_component_options(defaults: dict, given: dict) -> dict:
