@@ -147,11 +147,11 @@ class AudioLDM2Runtime:
         return " ".join(words)
 
     def health(self) -> dict:
-        """What a server's health check reports: device, precision, warm or not, and per component
-        how many input shapes have buffers / CUDA graphs."""
+        """What a server's health check reports: device, precision, warm or not, whether the denoising loop
+        runs on the device, and per component how many input shapes have buffers / CUDA graphs."""
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
-            "warm": self._warm,
+            "warm": self._warm, "device_loop": self._solver_step is not None,
             "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),
                                "uncaptured_shapes": s.stats.uncaptured_keys,
                                "graph_refused": bool(s.stats.graph_refused)}
@@ -165,7 +165,9 @@ class AudioLDM2Runtime:
         """Generate audio; arguments as diffusers' ``AudioLDM2Pipeline.__call__`` (see README).
 
         callback(step, steps) after each denoising step; cancel: anything with ``is_set()`` (a
-        ``threading.Event``), checked between steps — when set, RequestCancelled is raised.
+        ``threading.Event``), checked between steps — when set, RequestCancelled is raised. With the device
+        loop a callback runs while this request holds the UNet: it must not call this runtime (that call would
+        wait for the UNet forever).
         ``timings``: a dict to fill with wall-clock seconds per stage ("text", "unet" (a list, one per
         step), "vae", "vocoder", "ranking", "total"), for benchmarks.
         """

@@ -18,6 +18,7 @@
 #                                          # (default vs ORT's own kernel choice, sdpa_kernel 0) and fidelity of that choice
 #   bash scripts/gpu_session.sh all-cold   # setup, fp16 export, cold start in clean processes (scripts/cold_start.py), validate
 #   bash scripts/gpu_session.sh all-final  # setup, fp16 + fp32 exports, validate, cold start, full benchmark, fidelity
+#   bash scripts/gpu_session.sh all-load   # setup, fp16 export, load test on one GPU
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
@@ -91,7 +92,7 @@ case "$1" in
     setsid bash -c "bash $SELF wait 16; \
       $RAY_LEVELS; \
       python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --skip-placement --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
       if [ -f /tmp/logs/export16p.pid ]; then bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
         (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
         python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-plain /tmp/art-fp16-plain --runs 10 \
@@ -181,6 +182,16 @@ case "$1" in
   all-final)  # setup, the fp16 and fp32 exports, final
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 32 && bash "$SELF" final ;;
+  load)  # after the fp16 export: the one-GPU load test (micro-batcher on and off; two runtimes from two threads)
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-load)  # setup, the fp16 export, load
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" load ;;
   all-ray)  # setup, the fp16 export, ray
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" ray ;;

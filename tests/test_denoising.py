@@ -112,6 +112,7 @@ def test_device_loop_equals_host_loop(runtime, device_runtime, kw):
     if host.scores is not None:
         np.testing.assert_allclose(device.scores, host.scores, rtol=1e-4, atol=1e-5)
     assert device_runtime._solver_step.stats.runs > 0 and runtime._solver_step is None
+    assert device_runtime.health()["device_loop"] is True and runtime.health()["device_loop"] is False
 
 
 @needs_export

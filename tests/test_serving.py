@@ -31,7 +31,19 @@ def singles(runtime):
     return {c: runtime(c[0], seed=c[1], guidance_scale=c[2], **FAST).audios for c in CASES}
 
 
-def test_batch_invariance_across_prompt_lengths_and_guidance(runtime, singles):
+@pytest.fixture(scope="module", params=["host loop", "device loop"])
+def loop_runtime(request, runtime, tiny_artifacts):
+    """The runtime with the denoising loop on the host (the CPU default) and kept in bound buffers
+    (``device_loop=True``, CUDA's default), both checked against the host loop's single runs."""
+    if request.param == "host loop":
+        return runtime
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    return AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True)
+
+
+def test_batch_invariance_across_prompt_lengths_and_guidance(loop_runtime, singles):
+    runtime = loop_runtime
     cfg = [c for c in CASES if c[2] > 1.0]  # one batch key: guidance on
     items = [runtime.prepare(p, seed=s, guidance_scale=g, **FAST) for p, s, g in cfg]
     assert len({it.cond.t5.shape[1] for it in items}) > 1  # really different T5 lengths in one batch
@@ -72,9 +84,10 @@ def test_batch_of_different_keys_is_refused(runtime):
         runtime.run_batch([a, b])
 
 
-def test_micro_batcher_threads_get_their_own_results(runtime, singles):
+def test_micro_batcher_threads_get_their_own_results(loop_runtime, singles):
     from audioldm2_trt.runtime import MicroBatcher
 
+    runtime = loop_runtime
     batcher = MicroBatcher(runtime, max_batch=8, max_wait_s=0.05)
     results, errors = {}, []
 
