@@ -79,6 +79,8 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -
         session = factory.create(name, art.component_file(name))
         for i, shape in enumerate(shapes):
             inputs = as_runtime_feeds(name, sample_inputs(spec, consts, shape, seed=100 + i))
+            fed = SampleShape(shape.batch, inputs["encoder_hidden_states_1"].shape[1], shape.frames) \
+                if name == "unet" else shape  # the T5 length the UNet really saw
             with torch.no_grad():
                 ref = module(*inputs.values())
             ref = ref if isinstance(ref, tuple) else (ref,)
@@ -88,12 +90,10 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -
                 g = got[out_spec.name]
                 if g.shape != r.shape:
                     raise AssertionError(f"{name}.{out_spec.name}: ONNX shape {g.shape} != torch {r.shape}")
-                fed = SampleShape(shape.batch, inputs["encoder_hidden_states_1"].shape[1], shape.frames) \
-                    if name == "unet" else shape  # the T5 length the UNet really saw
                 checks.append(ComponentCheck(name, fed, out_spec.name, rel_l2(g, r),
                                              float(np.max(np.abs(g.astype(np.float64) - r))), entry["precision"],
                                              bar=TOLERANCE["fp16"] if tf32 else None))
-                log.info("%s %s %s rel-L2 %.2e", name, shape, out_spec.name, checks[-1].rel_l2)
+                log.info("%s %s %s rel-L2 %.2e", name, fed, out_spec.name, checks[-1].rel_l2)
     return checks
 
 

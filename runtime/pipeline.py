@@ -237,7 +237,8 @@ class AudioLDM2Runtime:
                 for k in cancelled:
                     results[k] = RequestCancelled(f"request cancelled before denoising step {i} of {first.steps}")
                 if cancelled and stepper is not None:
-                    stepper = _read_back(stepper, live, x, prev)
+                    _read_back(stepper, live, x, prev)
+                    stepper = None
                 live = [k for k in live if k not in cancelled]
                 if not live:
                     return live
@@ -256,10 +257,12 @@ class AudioLDM2Runtime:
                             items[k].callback(i, first.steps)
                     offset += rows
                 if failed:
-                    stepper = _read_back(stepper, live, x, prev)
+                    _read_back(stepper, live, x, prev)
+                    stepper = None
                     live = [k for k in live if k not in failed]
             if stepper is not None:
-                stepper = _read_back(stepper, live, x, prev)
+                _read_back(stepper, live, x, prev)
+                stepper = None
         finally:
             if stepper is not None:
                 stepper.close()
@@ -340,7 +343,7 @@ class Prepared:
 
 
 def _read_back(stepper, live: list[int], x: dict, prev: dict) -> None:
-    """Copy the stepper's rows into x / prev per item (rows in ``live`` order), close it; returns None."""
+    """Copy the stepper's rows into x / prev per item (rows in ``live`` order), then close it."""
     rows_x, rows_prev = stepper.read()
     stepper.close()
     offset = 0
@@ -349,7 +352,6 @@ def _read_back(stepper, live: list[int], x: dict, prev: dict) -> None:
         x[k] = rows_x[offset: offset + n]
         prev[k] = None if rows_prev is None else rows_prev[offset: offset + n]
         offset += n
-    return None
 
 
 def _pad_halves(x: np.ndarray, rows: int, cfg: bool) -> np.ndarray:

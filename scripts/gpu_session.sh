@@ -31,6 +31,11 @@ SELF="$ROOT/scripts/gpu_session.sh"
 # Ray Serve, 1 and 2 replicas, profiled (modes multi and ray; run from scripts/)
 RAY_LEVELS="python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 8 16 32 --rounds 6 \
   --out /tmp/logs > /tmp/logs/multi_ray.log 2>&1"
+# Steps several modes share (run from scripts/ after the exports they need)
+BENCH_WITH_PEERS="python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 \
+  --skip fp16_nograph,fp16_notf32 --out /tmp/logs > /tmp/logs/bench.log 2>&1"
+FIDELITY="python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1"
+VALIDATE16="(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1)"
 mkdir -p /tmp/logs
 case "$1" in
   setup)
@@ -73,11 +78,11 @@ case "$1" in
       python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
-      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      $FIDELITY; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip ${SKIP:-none} --out /tmp/logs \
         > /tmp/logs/bench.log 2>&1; \
       bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+      $VALIDATE16; \
       python3 benchmark.py --fp16-plain /tmp/art-fp16-plain --runs 10 --skip b0 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; \
       python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1; touch /tmp/logs/done" &
     echo started ;;
@@ -94,7 +99,7 @@ case "$1" in
       python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
       if [ -f /tmp/logs/export16p.pid ]; then bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
-        (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+        $VALIDATE16; \
         python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-plain /tmp/art-fp16-plain --runs 10 \
           --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; fi; \
       touch /tmp/logs/done" &
@@ -111,10 +116,9 @@ case "$1" in
     setsid bash -c "bash $SELF wait 32; \
       python3 ort_sweep.py --unet-recipes --fp32 /tmp/art-fp32 --out /tmp/logs > /tmp/logs/unet_recipes.log 2>&1; \
       bash $SELF wait 16; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
-      python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip fp16_nograph,fp16_notf32 \
-        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      $VALIDATE16; \
+      $BENCH_WITH_PEERS; \
+      $FIDELITY; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
       touch /tmp/logs/done" &
     echo started ;;
@@ -125,8 +129,8 @@ case "$1" in
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
     setsid bash -c "bash $SELF wait 16; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
-      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      $VALIDATE16; \
+      $FIDELITY; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b1,b2,fp32,fp16_nograph,fp16_notf32 \
         --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
       $RAY_LEVELS; touch /tmp/logs/done" &
@@ -155,7 +159,7 @@ case "$1" in
     setsid bash -c "bash $SELF wait 16; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants ${COLD_VARIANTS:-default,sequential,seq_disable,cache_write,cache_read,conv_heuristic_uv} \
         --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+      $VALIDATE16; \
       touch /tmp/logs/done" &
     echo started ;;
   all-cold)  # setup, the fp16 export, cold
@@ -168,15 +172,14 @@ case "$1" in
     export LOOP_CHECK=${LOOP_CHECK:-1}  # 0: without the device-vs-host loop checks
     setsid bash -c "[ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --out /tmp/logs/tiny > /tmp/logs/loop_tiny.log 2>&1; \
       bash $SELF wait 16; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1); \
+      $VALIDATE16; \
       [ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loop_full.log 2>&1; \
       python3 cold_start.py --artifacts /tmp/art-fp16 \
         --variants ${COLD_VARIANTS:-default,conv_exhaustive_uv} \
         --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
       bash $SELF wait 32; \
-      python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip fp16_nograph,fp16_notf32 \
-        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      $BENCH_WITH_PEERS; \
+      $FIDELITY; \
       touch /tmp/logs/done" &
     echo started ;;
   all-final)  # setup, the fp16 and fp32 exports, final

@@ -54,6 +54,11 @@ class SessionStats:
     graph_refused: str = ""  # why ONNX Runtime refused CUDA graph capture (cuda_graphs="auto"), else ""
 
 
+def _shape_key(feeds: dict[str, np.ndarray]) -> tuple:
+    """What tells one set of input shapes (one set of device buffers, one CUDA graph) from another."""
+    return tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
+
+
 class OrtSession:
     """One ``onnxruntime.InferenceSession``; errors are re-raised naming the component and shapes.
 
@@ -136,17 +141,7 @@ class OrtSession:
         if not self.bind:
             raise BackendError(f"{self.name}: buffers kept on the device need I/O binding (CUDA, or bind=True)")
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-        key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
-        bound = self._bound.get(key)
-        if bound is None:
-            if len(self._bound) >= self.max_graphs:
-                return None
-            bound = self._bound[key] = self._make_bound(feeds)
-            self.stats.keys.append({k: list(v.shape) for k, v in feeds.items()})
-        else:
-            for k, v in feeds.items():
-                bound.inputs[k].update_inplace(v)
-        return bound
+        return self._key_bound(_shape_key(feeds), feeds)
 
     def replay(self, bound: _Bound, updates: dict[str, np.ndarray]) -> None:
         """(inside ``call``, ``may_capture=may_capture(bound)``) copy ``updates`` into the key's input buffers
@@ -180,23 +175,31 @@ class OrtSession:
     # -- bound runs ---------------------------------------------------------------------------------
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-        key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
-        bound = self._bound.get(key)
+        key = _shape_key(feeds)
         if self._guard is None:
-            return self._run_key(key, bound, feeds)
+            return self._run_key(key, feeds)
+        bound = self._bound.get(key)
         may_capture = self.cuda_graphs and (bound is None or self.may_capture(bound))
         with self._guard.exclusive() if may_capture else self._guard.shared():
-            return self._run_key(key, bound, feeds)
+            return self._run_key(key, feeds)
 
-    def _run_key(self, key: tuple, bound: _Bound | None, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _key_bound(self, key: tuple, feeds: dict[str, np.ndarray]) -> "_Bound | None":
+        """This key's buffers with ``feeds`` copied in, created (one uncaptured run) if new; None past ``max_graphs``."""
+        bound = self._bound.get(key)
         if bound is None:
             if len(self._bound) >= self.max_graphs:
-                return self._run_transient(feeds)
+                return None
             bound = self._bound[key] = self._make_bound(feeds)
             self.stats.keys.append({k: list(v.shape) for k, v in feeds.items()})
         else:
             for k, v in feeds.items():
                 bound.inputs[k].update_inplace(v)
+        return bound
+
+    def _run_key(self, key: tuple, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bound = self._key_bound(key, feeds)
+        if bound is None:
+            return self._run_transient(feeds)
         self._execute(bound)
         # On the CPU an OrtValue's numpy() is a view of the bound buffer: copy before the next run.
         copy = self.device.kind == "cpu"
