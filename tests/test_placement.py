@@ -101,6 +101,16 @@ def test_per_component_defaults_are_for_fp16_artefacts_only():
     assert "cudnn_conv_algo_search" not in COMPONENT_PROVIDER_OPTIONS["vocoder"]  # HEURISTIC fails on its convs
 
 
+def test_factory_settings_out_of_range_are_named():
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+    from audioldm2_trt.runtime.errors import BackendError
+
+    with pytest.raises(BackendError, match="graph_optimization 'max' is not one of disable, basic, extended, all"):
+        OrtSessionFactory("cpu", graph_optimization="max")
+    with pytest.raises(BackendError, match="precision 'fp8' is not one of fp16, fp32"):
+        OrtSessionFactory("cpu", precision="fp8")
+
+
 def test_provider_options_need_the_default_cuda_provider(tiny_artifacts):
     from audioldm2_trt.runtime import AudioLDM2Runtime, InvalidRequestError
 

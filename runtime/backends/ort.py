@@ -314,6 +314,8 @@ class OrtSessionFactory:
         if graph_optimization not in GRAPH_OPTIMIZATION:
             raise BackendError(f"graph_optimization {graph_optimization!r} is not one of {', '.join(GRAPH_OPTIMIZATION)}")
         self.graph_optimization = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
+        if precision not in ("fp16", "fp32"):
+            raise BackendError(f"precision {precision!r} is not one of fp16, fp32")
         self.optimized_cache = Path(optimized_cache) if optimized_cache is not None else None
         available = ort.get_available_providers()
         custom = providers is not None
