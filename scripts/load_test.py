@@ -78,9 +78,44 @@ def worst_repeat_vs_first(call, repeats: int = 5) -> float:
     return max(float(np.linalg.norm(call() - first) / np.linalg.norm(first)) for _ in range(repeats))
 
 
+class TorchGpuLoad:
+    """A context: a thread keeps the GPU busy with torch fp16 matmuls and small element-wise kernels on its own
+    stream. No ONNX Runtime memory or stream is shared with it, so a runtime whose results change beside it is
+    sensitive to kernel scheduling (e.g. atomics' order), not corrupted by another runtime."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        import torch
+
+        self._thread = threading.Thread(target=self._spin, args=(torch,), daemon=True)
+        self._thread.start()
+        time.sleep(0.5)
+        return self
+
+    def _spin(self, torch) -> None:
+        dev = torch.device(self.device)
+        with torch.cuda.stream(torch.cuda.Stream(dev)):
+            a = torch.randn(2048, 2048, device=dev, dtype=torch.float16)
+            small = torch.randn(4096, device=dev)
+            while not self._stop.is_set():
+                for _ in range(8):
+                    a = torch.tanh(a @ a * 1e-3)
+                    small = small * 0.999 + 1e-3
+                torch.cuda.synchronize(dev)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def placement(folder: str, device: str) -> dict:
     """Two runtimes on one GPU from two threads against each alone, for the device loop (the default) and the loop
-    on the host; and each runtime's repeats alone, which tell run-to-run nondeterminism from cross-talk."""
+    on the host; each runtime's repeats alone, which tell run-to-run nondeterminism from cross-talk; and one
+    runtime repeated beside an unrelated torch workload (where torch is installed), which tells sensitivity to
+    kernel scheduling (a difference with nothing shared) from cross-talk between runtimes."""
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     kwargs = dict(num_inference_steps=5, audio_length_in_s=2.0)
@@ -93,8 +128,20 @@ def placement(folder: str, device: str) -> dict:
         out[f"{label}one_runtime_repeated_alone_worst_rel_l2"] = worst_repeat_vs_first(call_a)
         out[f"{label}two_runtimes_two_threads_worst_rel_l2"] = worst_together_vs_alone({"a": call_a, "b": call_b},
                                                                                       repeats=5)
+        if device.startswith("cuda") and _has_torch():
+            first = call_a()
+            with TorchGpuLoad(device):
+                beside = [call_a() for _ in range(5)]
+            out[f"{label}one_runtime_beside_torch_load_worst_rel_l2"] = max(
+                float(np.linalg.norm(x - first) / np.linalg.norm(first)) for x in beside)
         a.close(), b.close()
     return out
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 def main() -> None:
