@@ -77,7 +77,7 @@ case "$1" in
     setsid bash -c "bash $SELF wait 16 32; \
       python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs ${LOAD_ARGS:-} > /tmp/logs/load.log 2>&1; \
       $FIDELITY; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip ${SKIP:-none} --out /tmp/logs \
         > /tmp/logs/bench.log 2>&1; \
@@ -97,7 +97,7 @@ case "$1" in
     setsid bash -c "bash $SELF wait 16; \
       $RAY_LEVELS; \
       python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs ${LOAD_ARGS:-} > /tmp/logs/load.log 2>&1; \
       if [ -f /tmp/logs/export16p.pid ]; then bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
         $VALIDATE16; \
         python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-plain /tmp/art-fp16-plain --runs 10 \
@@ -189,7 +189,7 @@ case "$1" in
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done
     setsid bash -c "bash $SELF wait 16; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs > /tmp/logs/load.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs ${LOAD_ARGS:-} > /tmp/logs/load.log 2>&1; \
       touch /tmp/logs/done" &
     echo started ;;
   all-load)  # setup, the fp16 export, load

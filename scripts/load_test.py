@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-placement", action="store_true")
+    ap.add_argument("--placement-only", action="store_true", help="the placement checks, no load")
     args = ap.parse_args()
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
     from audioldm2_trt.runtime.shapes import WARM_T5_BUCKETS, batch_buckets
@@ -162,6 +163,9 @@ def main() -> None:
         except Exception as err:  # reported, and the load figures still measured
             res["placement"] = {"error": f"{type(err).__name__}: {err}"}
     print(res, flush=True)
+    if args.placement_only:
+        Path(args.out, "load.json").write_text(json.dumps(res, indent=1))
+        return
     rt = AudioLDM2Runtime.load(args.artifacts, device=args.device)
     # every bucket the batcher can produce, at the T5 buckets a server warms
     rt.warmup(lengths_s=(SECONDS,), batch_sizes=batch_buckets(MAX_BATCH), t5_buckets=WARM_T5_BUCKETS)
