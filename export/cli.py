@@ -24,6 +24,9 @@ def add_commands(sub) -> None:
                         "ONNX Runtime's fusions (GroupNorm, NHWC conv, LayerNorm, attention with the T5 mask kept), "
                         "or 'none' (needed for TensorRT builds); default for fp16: unet,vae_decoder "
                         "(190 vs 339 ms end to end on an H100, same fidelity)")
+    p.add_argument("--gpt2-graph", default="step", choices=["step", "unrolled"],
+                   help="step: one GPT-2 pass the runtime runs 8 times (fast session creation, the GPU default); "
+                        "unrolled: the 8 steps with a KV cache in one graph (less arithmetic: faster on the CPU)")
     p.add_argument("--validate", action="store_true", help="validate every component after exporting")
     p.set_defaults(run=run_export)
 
@@ -54,7 +57,8 @@ def run_export(args: argparse.Namespace) -> int:
     source = Source(model=args.model, random_config=args.random_weights, seed=args.seed)
     t0 = time.perf_counter()
     fuse = None if args.fuse is None else tuple(n.strip() for n in args.fuse.split(",") if n.strip() not in ("", "none"))
-    out = export(source, args.out, overwrite=args.overwrite, precision=args.precision, fuse=fuse)
+    out = export(source, args.out, overwrite=args.overwrite, precision=args.precision, fuse=fuse,
+                 gpt2_graph=args.gpt2_graph)
     print(f"exported {source.describe()} to {out} in {time.perf_counter() - t0:.1f} s")
     device = "cuda" if args.precision == "fp16" else "cpu"
     return run_validate(argparse.Namespace(artifacts=out, device=device)) if args.validate else 0

@@ -28,7 +28,7 @@ class Fp16Recipe:
 
     ``keep_fp32``: the whole component stays fp32. ``fusion``: the optimizer's model type (None = no
     fusion) and ``fusion_options`` overrides of its FusionOptions. ``fp32_ops``: op types kept fp32 in
-    addition to the converter's defaults. ``attention_mask_input``: the graph input of a key-padding mask that
+    addition to the converter's defaults. ``fp16_nodes``: an allow-list (regex on node names) — the rest stays fp32. ``attention_mask_input``: the graph input of a key-padding mask that
     attention fusion would drop; it is handed to the fused nodes as attention_bias (attention_bias.py).
     Inputs and outputs stay float32 either way.
     """
@@ -38,6 +38,7 @@ class Fp16Recipe:
     fusion_options: tuple[tuple[str, bool], ...] = ()
     fp32_ops: tuple[str, ...] = ()
     attention_mask_input: str | None = None
+    fp16_nodes: str | None = None  # a regex: only nodes whose name matches become fp16, every other node stays fp32
     reason: str = ""
 
 
@@ -92,8 +93,14 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "t5_encoder", lambda p, c: wrappers.T5Encoder(p.text_encoder_2),
         (_t("input_ids", "int64", "batch", "t5_seq"), _t("attention_mask", "int64", "batch", "t5_seq")),
         (_t("last_hidden_state", "float32", "batch", "t5_seq", "t5_dim"),),
-        Fp16Recipe(keep_fp32=True, reason="Flan-T5 overflows fp16 in its feed-forward output (wo) and norms; "
-                   "it runs once per request, so all of it stays fp32"),
+        # Flan-T5 overflows fp16 in its feed-forward output (transformers keeps ``wo`` fp32). Only the weight-heavy
+        # projections that transformers runs in fp16 too become fp16 here: attention q/k/v/o and the gated
+        # feed-forward's wi_0/wi_1. Everything else stays fp32, more than transformers keeps: wo, the RMS norms,
+        # the residual stream, the attention scores and softmax, the gate's GELU × linear product, the embedding.
+        # About 60 % of the weights: ~480 MiB less GPU memory on the full-size model (all fp32 before 2026-11-26).
+        Fp16Recipe(fp16_nodes=r"/SelfAttention/[qkvo]/MatMul$|/DenseReluDense/wi(_0|_1)?/MatMul$",
+                   reason="attention q/k/v/o and wi_0/wi_1 projections fp16; wo, norms, residual stream, attention "
+                          "scores, embedding fp32"),
     ),
     ComponentSpec(
         "projection", lambda p, c: wrappers.Projection(p.projection_model),
@@ -105,10 +112,12 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         (_t("inputs_embeds", "float32", "batch", "lm_seq", "lm_dim"), _t("attention_mask", "int64", "batch", "lm_seq")),
         Fp16Recipe(keep_fp32=True, reason="two linear layers; nothing to gain"),
     ),
+    # One GPT-2 pass, run max_new_tokens times by the runtime (GPT2_GRAPHS below has the unrolled alternative).
     ComponentSpec(
-        "gpt2", lambda p, c: wrappers.Gpt2GenerateKV(p.language_model, c["max_new_tokens"]),
-        (_t("inputs_embeds", "float32", "batch", "lm_seq", "lm_dim"), _t("attention_mask", "int64", "batch", "lm_seq")),
-        (_t("generated", "float32", "batch", "max_new_tokens", "lm_dim"),),
+        "gpt2", lambda p, c: wrappers.Gpt2Step(p.language_model),
+        (_t("inputs_embeds", "float32", "batch", "lm_seq", "lm_dim"), _t("attention_mask", "int64", "batch", "lm_seq"),
+         _t("last", "int64", "one")),
+        (_t("last_hidden_state", "float32", "batch", "one", "lm_dim"),),
     ),
     ComponentSpec(
         "unet", lambda p, c: wrappers.UNet(p.unet),
@@ -153,6 +162,27 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
 )
 
 BY_NAME = {c.name: c for c in COMPONENTS}
+
+# The two GPT-2 graphs (``export --gpt2-graph``; the manifest's gpt2 entry records which, as "graph").
+# "step" (the default): one pass over a fixed-size buffer, run 8 times — its ONNX Runtime session is created in a
+# fraction of the time. "unrolled": the 8 generation steps in one graph with an explicit KV cache (the default until
+# 2026-11-26; one call, less arithmetic: faster on the CPU; its 5 s session creation was the GPU cold start's
+# critical path, docs/benchmarks.md). Artefacts without "graph" are "unrolled".
+GPT2_GRAPHS = {
+    "step": BY_NAME["gpt2"],
+    "unrolled": ComponentSpec(
+        "gpt2", lambda p, c: wrappers.Gpt2GenerateKV(p.language_model, c["max_new_tokens"]),
+        (_t("inputs_embeds", "float32", "batch", "lm_seq", "lm_dim"), _t("attention_mask", "int64", "batch", "lm_seq")),
+        (_t("generated", "float32", "batch", "max_new_tokens", "lm_dim"),),
+    ),
+}
+
+
+def spec_of(name: str, entry: dict | None = None) -> ComponentSpec:
+    """The spec an artefact's component was exported from (``entry``: its manifest entry)."""
+    if name == "gpt2":
+        return GPT2_GRAPHS[(entry or {}).get("graph", "unrolled" if entry else "step")]
+    return BY_NAME[name]
 
 # Fused recipes: the default for fp16 exports of these two components (FUSED_RECIPES below).
 VAE_FUSED = Fp16Recipe(fusion="vae", fusion_options=(("enable_attention", False),),
@@ -246,6 +276,8 @@ def sample_inputs(spec: ComponentSpec, consts: dict, shape: SampleShape, seed: i
             out[t.name] = torch.randint(3, vocab, dims, generator=gen)
         elif t.name == "timestep":
             out[t.name] = torch.randint(0, 1000, dims, generator=gen)
+        elif t.name == "last":  # Gpt2Step: a position inside the buffer, not its end
+            out[t.name] = torch.tensor([sizes["lm_seq"] * 2 // 3], dtype=torch.int64)
         else:
             out[t.name] = torch.randn(dims, generator=gen)
     if spec.name == "clap_text":  # RoBERTa framing: <s> … </s>, padding with <pad>=1 where masked

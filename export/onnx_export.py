@@ -21,7 +21,7 @@ from .. import __version__
 from ..runtime.artifacts import COMPONENTS as COMPONENT_NAMES
 from ..runtime.artifacts import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES
 from ..runtime.errors import ExportError
-from .components import (BY_NAME, FUSED_RECIPES, SampleShape, feature_extractor_config, pipeline_constants,
+from .components import (BY_NAME, FUSED_RECIPES, GPT2_GRAPHS, SampleShape, feature_extractor_config, pipeline_constants,
                          sample_inputs)
 from .fold_shapes import fold_static_shapes
 from .sources import Source, load_pipeline
@@ -74,7 +74,7 @@ def fused_components(precision: str, fuse: tuple[str, ...] | None) -> tuple[str,
 
 
 def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, precision: str = "fp32",
-           fuse: tuple[str, ...] | None = None) -> Path:
+           fuse: tuple[str, ...] | None = None, gpt2_graph: str = "step") -> Path:
     """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``.
 
     precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``; the
@@ -91,7 +91,10 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, 
         for name in COMPONENT_NAMES:
             t0 = time.perf_counter()
             entries[name] = export_component(pipe, consts, name, staging, precision,
-                                             recipe=FUSED_RECIPES[name] if name in fuse else None)
+                                             recipe=FUSED_RECIPES[name] if name in fuse else None,
+                                             spec=GPT2_GRAPHS[gpt2_graph] if name == "gpt2" else None)
+            if name == "gpt2":
+                entries[name]["graph"] = gpt2_graph
             log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
         tokenizers = save_tokenizers(pipe, staging)
         manifest = build_manifest(pipe, source, consts, entries, tokenizers, precision)
@@ -106,14 +109,14 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, 
 
 
 def export_component(pipe, consts: dict, name: str, folder: Path, precision: str = "fp32", fold: bool = True,
-                     recipe=None) -> dict:
+                     recipe=None, spec=None) -> dict:
     """Export one component with the TorchScript exporter, fold its static shape arithmetic into constants
     (fold_shapes.py: what keeps ONNX Runtime from capturing CUDA graphs), then convert to fp16 if asked
     and its recipe allows."""
     import onnx
     import torch
 
-    spec = BY_NAME[name]
+    spec = spec or BY_NAME[name]
     module = spec.build(pipe, consts).eval()
     if name == "unet":
         # ORT's attention fusion matches the classic processor, not SDPA (shared/reference/ort-cuda-facts.md).

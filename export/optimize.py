@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 from .attention_bias import attach_mask_bias, masked_attention_outputs
@@ -39,6 +40,12 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
                  if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization",
                            "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention")}
     blocked_nodes = resize_parameter_nodes(model.model)
+    if recipe.fp16_nodes:
+        allowed = re.compile(recipe.fp16_nodes)
+        chosen = [n.name for n in model.model.graph.node if allowed.search(n.name)]
+        if not chosen:  # a renamed module would otherwise silently give an all-fp32 graph
+            raise RuntimeError(f"no node name matches the fp16 allow-list {recipe.fp16_nodes!r}")
+        blocked_nodes += [n.name for n in model.model.graph.node if not allowed.search(n.name)]
     op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(recipe.fp32_ops))
     model.convert_float_to_float16(keep_io_types=True, op_block_list=op_block, node_block_list=blocked_nodes,
                                    disable_shape_infer=True)
@@ -49,7 +56,8 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     for domain in sorted(domains - known):  # fused contrib ops (GroupNorm, NhwcConv …) live in com.microsoft
         model.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     save(model.model, path)
-    return {"fused": fused, "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes)}
+    return {"fused": fused, "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes),
+            **({"fp16_nodes": recipe.fp16_nodes} if recipe.fp16_nodes else {})}
 
 
 def _fuse(model, recipe: Fp16Recipe):

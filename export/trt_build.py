@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..runtime.artifacts import COMPONENTS, load_artifacts
 from ..runtime.errors import ArtifactError, BackendError
-from ..runtime.shapes import audio_shape, t5_bucket
+from ..runtime.shapes import audio_shape, lm_buffer, t5_bucket
 
 ENGINE_DIR = "trt"
 ENGINE_MANIFEST = "engines.json"
@@ -54,6 +54,7 @@ def dim_ranges(manifest: dict, opts: BuildOptions, component: str) -> dict[str, 
     frames = [audio_shape(c, s).latent_frames for s in opts.lengths_s]
     t5_max = opts.max_t5_tokens or c["t5_model_max_length"]
     rows = 2 * opts.max_batch if component in CFG_COMPONENTS else opts.max_batch
+    step_gpt2 = component == "gpt2" and manifest["components"]["gpt2"].get("graph", "unrolled") == "step"
     t5 = (1, 16, t5_max)
     if component == "unet":  # the runtime pads T5 states to buckets before the UNet
         t5 = (t5_bucket(1), t5_bucket(16), t5_bucket(t5_max))
@@ -62,7 +63,8 @@ def dim_ranges(manifest: dict, opts: BuildOptions, component: str) -> dict[str, 
         "batch": (1, min(2, rows), rows),
         "clap_seq": (1, 16, c["clap_model_max_length"]),
         "t5_seq": t5,
-        "lm_seq": tuple(v + LM_EXTRA_TOKENS for v in t5),
+        "lm_seq": tuple(v + LM_EXTRA_TOKENS for v in t5) if not step_gpt2 else  # the step graph's buffer widths
+        tuple(lm_buffer(v + LM_EXTRA_TOKENS, c["max_new_tokens"], c["lm_max_positions"]) for v in t5),
         "frames": f,
         "mel_frames": tuple(v * c["vae_scale"] for v in f),
     }

@@ -17,7 +17,7 @@ from ..runtime.artifacts import load_artifacts
 from ..runtime.backends.base import Device
 from ..runtime.backends.ort import OrtSessionFactory, default_tf32
 from ..runtime.shapes import t5_bucket
-from .components import BY_NAME, SampleShape, sample_inputs
+from .components import SampleShape, sample_inputs, spec_of
 from .sources import Source, load_pipeline
 
 log = logging.getLogger("audioldm2_trt.export")
@@ -74,7 +74,7 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -
     factory = OrtSessionFactory(device=device, tf32=tf32, precision=art.precision)
     checks = []
     for name, entry in art.manifest["components"].items():
-        spec = BY_NAME[name]
+        spec = spec_of(name, entry)
         module = spec.build(pipe, consts).eval()
         session = factory.create(name, art.component_file(name))
         for i, shape in enumerate(shapes):
@@ -136,8 +136,8 @@ def validate_trt(folder, device: str = "cuda") -> list[ComponentCheck]:
     engines = load_engines(art.folder, dev, list(art.manifest["components"]))
     factory = OrtSessionFactory(device=dev, cuda_graphs=False, precision=art.precision)
     checks = []
-    for name in art.manifest["components"]:
-        spec = BY_NAME[name]
+    for name, entry in art.manifest["components"].items():
+        spec = spec_of(name, entry)
         session = factory.create(name, art.component_file(name))
         for i, shape in enumerate(shapes):
             feeds = {k: v.numpy() for k, v in as_runtime_feeds(name, sample_inputs(spec, art.constants, shape,

@@ -114,7 +114,7 @@ class Gpt2GenerateKV(nn.Module):
     padding, as transformers' GPT-2 does when no position_ids are given.
     """
 
-    def __init__(self, language_model, max_new_tokens: int):
+    def __init__(self, language_model, max_new_tokens: int = 1):
         super().__init__()
         self.gpt2 = gpt2_base(language_model)
         self.max_new_tokens = max_new_tokens
@@ -133,6 +133,7 @@ class Gpt2GenerateKV(nn.Module):
         return attn.c_proj(o), k, v
 
     def _forward(self, x, positions, caches, bias):
+        """Every position's final hidden state [B, T, D] and each layer's keys/values."""
         h = x + self.gpt2.wpe(positions)
         new_caches = []
         for i, block in enumerate(self.gpt2.h):
@@ -141,16 +142,23 @@ class Gpt2GenerateKV(nn.Module):
             h = h + a
             h = h + block.mlp(block.ln_2(h))
             new_caches.append((k, v))
-        return self.gpt2.ln_f(h)[:, -1:, :], new_caches
+        return self.gpt2.ln_f(h), new_caches
 
-    def forward(self, inputs_embeds, attention_mask):
+    def _prompt(self, inputs_embeds, attention_mask):
+        """The whole sequence at once, causal and key-padding masked: (hidden [B, L, D], caches, positions [L])."""
         b, length, _ = inputs_embeds.shape
         keep = attention_mask.to(inputs_embeds.dtype)  # [B, L]
         idx = torch.arange(length, device=inputs_embeds.device)
         causal = (idx[None, :] <= idx[:, None]).to(inputs_embeds.dtype)  # [L, L]
         allowed = causal[None, None] * keep[:, None, None, :]
         bias = (1.0 - allowed) * MASK_VALUE
-        out, caches = self._forward(inputs_embeds, idx[None], None, bias)
+        hidden, caches = self._forward(inputs_embeds, idx[None], None, bias)
+        return hidden, caches, idx
+
+    def forward(self, inputs_embeds, attention_mask):
+        keep = attention_mask.to(inputs_embeds.dtype)  # [B, L]
+        hidden, caches, idx = self._prompt(inputs_embeds, attention_mask)
+        out = hidden[:, -1:, :]
         generated = [out]
         ones = torch.ones_like(keep[:, :1])
         for step in range(1, self.max_new_tokens):
@@ -160,6 +168,26 @@ class Gpt2GenerateKV(nn.Module):
             out, caches = self._forward(out, pos, caches, bias)
             generated.append(out)
         return torch.cat(generated, dim=1)
+
+
+class Gpt2Step(Gpt2GenerateKV):
+    """One generation step of diffusers' ``generate_language_model`` over a fixed-size buffer, the runtime
+    running it ``max_new_tokens`` times (``runtime/conditioning.py``): a graph of one GPT-2 pass instead of
+    eight, which ONNX Runtime creates in a fraction of the unrolled graph's time (its session creation was
+    the cold start's critical path), and one buffer width serves a whole range of prompt lengths.
+
+    inputs_embeds float32 [B, S, D], attention_mask int64 [B, S], last int64 [1] → last_hidden_state float32
+    [B, 1, D], the final hidden state at index ``last``. The caller keeps the sequence so far at the start of
+    the buffer (mask 1 on its attended positions, as the projection gave it plus 1 for each generated state)
+    and mask 0 on the unused tail; causal masking keeps the tail from reaching ``last``. Positions are buffer
+    indices, as transformers' GPT-2 numbers a sequence without position_ids, so the result equals the
+    unrolled graph's step for step. Each call recomputes the whole buffer (no KV cache): on the GPU one pass
+    is launch-bound either way; on the CPU the unrolled KV-cache graph is faster (``--gpt2-graph unrolled``).
+    """
+
+    def forward(self, inputs_embeds, attention_mask, last):
+        hidden, _, _ = self._prompt(inputs_embeds, attention_mask)
+        return torch.index_select(hidden, 1, last)
 
 
 class Gpt2GenerateRecompute(nn.Module):

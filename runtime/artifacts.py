@@ -19,6 +19,7 @@ from .errors import ArtifactError
 FORMAT_VERSION = 1  # bump when a component's contract (names, shapes, meaning) changes
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = {"clap": "tokenizer_clap.json", "t5": "tokenizer_t5.json"}
+GPT2_GRAPHS = ("step", "unrolled")  # export/components.py GPT2_GRAPHS
 COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_audio")
 
 
@@ -45,6 +46,12 @@ class Artifacts:
     @property
     def precision(self) -> str:
         return self.manifest["precision"]
+
+    @property
+    def gpt2_graph(self) -> str:
+        """"step" (one GPT-2 pass, run once per generated state) or "unrolled" (all steps in one call); artefacts
+        from before the step graph carry no "graph" and are unrolled."""
+        return self.manifest["components"]["gpt2"].get("graph", "unrolled")
 
     def check_device(self, device_kind: str, hint: str = "load them with device='cuda'") -> None:
         """fp16 artefacts hold CUDA-only kernels: refuse any other device up front, naming what to do."""
@@ -94,6 +101,9 @@ def load_artifacts(folder: str | Path) -> Artifacts:
             f"{str(folder)!r} is missing {', '.join(missing)}; rebuild with: "
             f"{rebuild_hint(folder, manifest.get('source'))}"
         )
+    if art.gpt2_graph not in GPT2_GRAPHS:
+        raise ArtifactError(f"{str(folder)!r}: gpt2 graph {art.gpt2_graph!r} is not one of {', '.join(GPT2_GRAPHS)}; "
+                            f"rebuild with: {rebuild_hint(folder, manifest.get('source'))}")
     return art
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NonFiniteError
+from .shapes import lm_buffer
 from .tokenization import PromptTokens, Tokens
 
 
@@ -53,8 +54,35 @@ def check_finite(stage: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int) -> Conditioning:
-    """Run the four text components once over [negative; positive] rows."""
+def generate_lm_states(gpt2, inputs_embeds: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
+                       stepwise: bool, max_positions: int) -> np.ndarray:
+    """GPT-2's generated hidden states float32 [R, N, D] (N = ``new_tokens``) from the projection's
+    inputs_embeds float32 [R, L, D] and attention_mask int64 [R, L], as diffusers' ``generate_language_model``:
+    each step appends the last hidden state to the sequence, with mask 1.
+
+    ``stepwise`` (the "step" graph): one pass per step over a buffer [R, lm_buffer(L, N), D] holding the sequence
+    so far at its start and mask 0 on the unused tail (``max_positions``: GPT-2's position table); the graph
+    returns the hidden state at index ``last``.
+    Otherwise the "unrolled" graph does all N steps in one call."""
+    if not stepwise:
+        return gpt2.run({"inputs_embeds": inputs_embeds, "attention_mask": attention_mask})["generated"]
+    rows, length, dim = inputs_embeds.shape
+    width = lm_buffer(length, new_tokens, max_positions)
+    x = np.zeros((rows, width, dim), np.float32)
+    x[:, :length] = inputs_embeds
+    mask = np.zeros((rows, width), np.int64)
+    mask[:, :length] = attention_mask
+    for k in range(new_tokens):
+        out = gpt2.run({"inputs_embeds": x, "attention_mask": mask,
+                        "last": np.array([length + k - 1], np.int64)})["last_hidden_state"]
+        x[:, length + k] = out[:, 0]
+        mask[:, length + k] = 1
+    return x[:, length:length + new_tokens].copy()
+
+
+def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int, constants: dict, stepwise: bool) -> Conditioning:
+    """Run the four text components once over [negative; positive] rows (``generate_lm_states`` for GPT-2;
+    ``constants``: the manifest's, for max_new_tokens and lm_max_positions)."""
     clap = _stack(tokens.clap, tokens.clap_negative, clap_pad_id)
     t5 = _stack(tokens.t5, tokens.t5_negative, 0)  # same width already: negatives take the positive length
     clap_embeds = sessions["clap_text"].run({"input_ids": clap.input_ids, "attention_mask": clap.attention_mask})["text_embeds"]
@@ -64,6 +92,7 @@ def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int) -> Conditionin
         "text_embeds": check_finite("clap_text", clap_embeds), "t5_hidden_states": t5_states,
         "t5_attention_mask": t5.attention_mask,
     })
-    generated = sessions["gpt2"].run({"inputs_embeds": proj["inputs_embeds"], "attention_mask": proj["attention_mask"]})["generated"]
+    generated = generate_lm_states(sessions["gpt2"], proj["inputs_embeds"], proj["attention_mask"],
+                                   constants["max_new_tokens"], stepwise, constants["lm_max_positions"])
     n_pos = tokens.clap.input_ids.shape[0]
     return Conditioning(check_finite("gpt2", generated), t5_states, t5.attention_mask, clap_embeds[-n_pos:])

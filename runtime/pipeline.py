@@ -191,7 +191,8 @@ class AudioLDM2Runtime:
                             guidance_scale, audio_length_in_s, num_waveforms_per_prompt, seed, latents, scheduler)
         # 2. Prompt → conditioning (CLAP, T5, projection, GPT-2), negatives first under CFG.
         tokens = tokenize_prompts(self._clap_tok, self._t5_tok, req.prompts, req.negative_prompts)
-        cond = encode_text(self._sessions, tokens, self._clap_tok.pad_token_id).repeat_rows(req.waveforms_per_prompt)
+        cond = encode_text(self._sessions, tokens, self._clap_tok.pad_token_id, self.constants,
+                           stepwise=self.artifacts.gpt2_graph == "step").repeat_rows(req.waveforms_per_prompt)
         clock.mark("text")
         # 3. Initial latents.
         latents, seed = self._initial_latents(req)

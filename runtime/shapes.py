@@ -61,6 +61,15 @@ def t5_bucket(length: int) -> int:
     return -(-length // step) * step
 
 
+def lm_buffer(length: int, new_tokens: int, max_positions: int) -> int:
+    """The width of the step GPT-2 graph's buffer for a projected sequence of ``length`` positions that grows by
+    ``new_tokens``: length + new_tokens rounded up to a multiple of 16, so that prompts of nearby lengths share
+    one input shape (one set of device buffers, one CUDA graph) for all eight steps; never past GPT-2's
+    ``max_positions`` (its position table)."""
+    need = length + new_tokens
+    return max(need, min(-(-need // 16) * 16, max_positions))
+
+
 # The T5 buckets servers warm up before traffic: prompts of up to 32 T5 tokens (most sound descriptions).
 WARM_T5_BUCKETS = (16, 32)
 

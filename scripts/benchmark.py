@@ -114,6 +114,15 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
         rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0)  # graphs exist already: same shapes
         result["ddim200"] = timed(lambda: rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0), 3)
         result["batch4"] = timed(lambda: rt(**REQUEST, num_waveforms_per_prompt=4, seed=0), 5)
+        staged = []
+        for _ in range(3):
+            t = {}
+            rt(**REQUEST, num_waveforms_per_prompt=4, seed=0, timings=t)
+            staged.append(t)
+        result["batch4"]["stages_ms"] = {
+            key: statistics.median(sum(s[key]) if isinstance(s[key], list) else s[key] for s in staged) * 1e3
+            for key in ("text", "unet", "vae", "vocoder", "ranking", "total") if key in staged[0]}
+        result["batch4"]["stages_ms"]["unet_step"] = statistics.median(x for s in staged for x in s["unet"]) * 1e3
         result["health"] = rt.health()
     rt.close()
     gc.collect()

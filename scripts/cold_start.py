@@ -7,7 +7,8 @@ context, cuDNN handles or plans. A child reports: load (every session created, `
 (stage by stage: text, each UNet step, VAE, vocoder) and the median of 5 warm calls (what the variant costs
 in speed), and the GPU memory used (NVML, MiB over the process's start) after load, the first call and the
 warm calls. The variant ``sequential`` creates the sessions one at a time and reports each one's creation time
-and memory.
+and memory. On CUDA every variant but ``host_loop`` keeps the denoising loop on the device, as
+``AudioLDM2Runtime.load`` does (runs before 2026-11-26 18:00 UTC measured the loop on the host).
 Writes cold_start.json.
 """
 
@@ -25,6 +26,7 @@ REQUEST = dict(prompt="techno music with a strong upbeat tempo and high melodic 
                negative_prompt="low quality, noisy", num_inference_steps=20, guidance_scale=3.5,
                audio_length_in_s=10.24)
 CONVS = ("unet", "vae_decoder", "vocoder")
+COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_audio")
 CACHE = "/tmp/ort-optimized-cache"
 # name: (provider_options, graph optimisation level, sequential creation, optimised-graph cache)
 # cache_write optimises and writes every graph to CACHE (run it before cache_read, which loads them unoptimised).
@@ -39,6 +41,9 @@ VARIANTS = {
     "opt_basic": (None, "basic", False, None),
     "cache_write": (None, "all", True, CACHE),
     "cache_read": (None, "all", True, CACHE),
+    # every session's arena grows by what it is asked for instead of the next power of two (GPU memory)
+    "arena_same": ({c: {"arena_extend_strategy": "kSameAsRequested"} for c in COMPONENTS}, "all", False, None),
+    "host_loop": (None, "all", False, None),  # the denoising loop on the host (runs before 2026-11-26 18:00 did)
 }
 
 
@@ -60,6 +65,7 @@ def child(folder: str, variant: str, device: str) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
     from audioldm2_trt.runtime.artifacts import load_artifacts
     from audioldm2_trt.runtime.backends.ort import OrtSessionFactory, default_tf32
+    from audioldm2_trt.runtime.pipeline import SOLVER_STEP_GRAPH
 
     imported = time.perf_counter() - t_import
     options, level, sequential, cache = VARIANTS[variant]
@@ -69,8 +75,10 @@ def child(folder: str, variant: str, device: str) -> dict:
         shutil.rmtree(CACHE, ignore_errors=True)
     t0 = time.perf_counter()
     art = load_artifacts(folder)
+    device_loop = variant != "host_loop" and device.startswith("cuda")  # as AudioLDM2Runtime.load decides
     factory = OrtSessionFactory(device, component_options=options, tf32=default_tf32(art.precision),
-                                graph_optimization=level, optimized_cache=cache, precision=art.precision)
+                                graph_optimization=level, optimized_cache=cache, precision=art.precision,
+                                bind=True if device_loop else None)
     files = {name: art.component_file(name) for name in art.manifest["components"]}
     created, memory = {}, {}
     if sequential:
@@ -82,7 +90,8 @@ def child(folder: str, variant: str, device: str) -> dict:
             memory[f"after creating {name}"] = used()
     else:
         sessions = factory.create_all(files)
-    rt = AudioLDM2Runtime(art, sessions, factory.device)
+    solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
+    rt = AudioLDM2Runtime(art, sessions, factory.device, solver)
     load = time.perf_counter() - t0
     memory["after load"] = used()
     first: dict = {}
@@ -97,7 +106,7 @@ def child(folder: str, variant: str, device: str) -> dict:
         warm.append(time.perf_counter() - t)
     memory["after 5 more calls"] = used()
     stages = {k: (v if not isinstance(v, list) else [round(x, 4) for x in v]) for k, v in first.items()}
-    return {"variant": variant, "import_s": imported, "load_s": load, "first_call_s": first_call,
+    return {"variant": variant, "device_loop": device_loop, "import_s": imported, "load_s": load, "first_call_s": first_call,
             "cold_start_s": load + first_call, "first_call_stages_s": stages, "create_s": created,
             "gpu_used_mib": memory,
             "warm_median_s": statistics.median(warm)}

@@ -165,8 +165,9 @@ case "$1" in
   all-cold)  # setup, the fp16 export, cold
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" cold ;;
-  final)  # after the fp16 and fp32 exports: validate, cold start in clean processes, the full benchmark (the default
-          # with the device loop first in its process, fp32, the host loop, B0, B1, B2), fidelity
+  final)  # after the fp16 and fp32 exports: validate, cold start in clean processes (also with the unrolled GPT-2
+          # graph), the full benchmark (the default with the device loop first in its process, fp32, the host loop,
+          # B0, B1, B2), fidelity
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done; mkdir -p /tmp/logs/tiny
     export LOOP_CHECK=${LOOP_CHECK:-1}  # 0: without the device-vs-host loop checks
@@ -175,8 +176,12 @@ case "$1" in
       $VALIDATE16; \
       [ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loop_full.log 2>&1; \
       python3 cold_start.py --artifacts /tmp/art-fp16 \
-        --variants ${COLD_VARIANTS:-default,conv_exhaustive_uv} \
+        --variants ${COLD_VARIANTS:-default,sequential,arena_same,host_loop} \
         --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
+      python3 gpt2_graph_variant.py --artifacts /tmp/art-fp16 --graph unrolled --out /tmp/art-fp16-unrolled \
+        > /tmp/logs/unrolled.log 2>&1 && mkdir -p /tmp/logs/unrolled && python3 cold_start.py \
+        --artifacts /tmp/art-fp16-unrolled --variants default,sequential --repeat 2 --out /tmp/logs/unrolled \
+        >> /tmp/logs/unrolled.log 2>&1; \
       bash $SELF wait 32; \
       $BENCH_WITH_PEERS; \
       $FIDELITY; \

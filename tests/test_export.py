@@ -100,18 +100,31 @@ def _diffusers_gpt2_reference(pipe, embeds, mask, n):
         return pipe.generate_language_model(embeds, attention_mask=mask, max_new_tokens=n).numpy()
 
 
-def test_gpt2_graph_equals_diffusers_generation_loop(tiny_pipe, tiny_artifacts):
+@pytest.mark.parametrize("graph", ["step", "unrolled"])
+def test_gpt2_graph_equals_diffusers_generation_loop(tiny_pipe, tiny_artifacts, tmp_path, graph):
+    """Both GPT-2 graphs, as the runtime drives them (``generate_lm_states``), against diffusers' own loop; the
+    step graph's buffer (32 wide here, for 11 + 8 positions) is padded with 13 unused positions."""
     import torch
 
+    from audioldm2_trt.export.components import GPT2_GRAPHS, pipeline_constants
+    from audioldm2_trt.export.onnx_export import export_component
     from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+    from audioldm2_trt.runtime.conditioning import generate_lm_states
 
-    session = OrtSessionFactory("cpu").create("gpt2", tiny_artifacts / "gpt2.onnx")
+    consts = pipeline_constants(tiny_pipe)
+    path = tiny_artifacts / "gpt2.onnx"
+    if graph == "unrolled":  # the default artefact is "step"; export the other graph alone
+        export_component(tiny_pipe, consts, "gpt2", tmp_path, spec=GPT2_GRAPHS["unrolled"])
+        path = tmp_path / "gpt2.onnx"
+    assert load_artifacts(tiny_artifacts).gpt2_graph == "step"
+    session = OrtSessionFactory("cpu").create("gpt2", path)
     gen = torch.Generator().manual_seed(3)
     embeds = torch.randn(2, 11, tiny_pipe.language_model.config.n_embd, generator=gen)
     mask = torch.ones(2, 11, dtype=torch.int64)
     mask[1, 7:10] = 0  # padding inside the sequence, before the T5 stream's EOS, as projection makes it
     ref = _diffusers_gpt2_reference(tiny_pipe, embeds, mask, 8)
-    got = session.run({"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy()})["generated"]
+    got = generate_lm_states(session, embeds.numpy(), mask.numpy(), 8, stepwise=graph == "step",
+                             max_positions=consts["lm_max_positions"])
     assert got.shape == ref.shape == (2, 8, embeds.shape[-1])
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
 

@@ -168,7 +168,7 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
     assert weights, "no fp16 weights after conversion"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "clap_text", "vocoder", "unet"])
+@pytest.mark.parametrize("name", ["gpt2", "clap_text", "vocoder", "unet", "t5_encoder"])
 def test_converted_component_agrees_with_fp32(tiny_artifacts, tmp_path, name):
     from audioldm2_trt.export.components import BY_NAME, SampleShape, sample_inputs
     from audioldm2_trt.export.validate import TOLERANCE, rel_l2
@@ -192,6 +192,42 @@ def test_converted_component_agrees_with_fp32(tiny_artifacts, tmp_path, name):
         assert a.dtype == np.float32
         assert rel_l2(a, b) <= TOLERANCE["fp16"], (out, rel_l2(a, b))
         assert rel_l2(a, b) > 0  # it really is a different (fp16) graph
+
+
+def test_t5_keeps_wo_norms_and_scores_fp32(tiny_artifacts, tmp_path):
+    """The T5 recipe's allow-list: the q/k/v/o and wi projections' weights are fp16, wo's and everything else's
+    fp32; the score MatMuls, Softmax, norms (Pow/ReduceMean/Sqrt) and residual Adds compute in fp32."""
+    import onnx
+
+    path, summary = _fp16_copy(tiny_artifacts, tmp_path, "t5_encoder")
+    model = onnx.load(str(path))
+    init = {t.name: t.data_type for t in model.graph.initializer}
+    weight_type = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            w = [init[i] for i in node.input if i in init]
+            weight_type[node.name] = w[0] if w else None
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    layers = {n.split("/layer.")[0] for n in weight_type if "/block." in n}
+    assert len(layers) == 2  # the tiny T5's blocks
+    for name, dtype in weight_type.items():
+        if name.endswith(("/q/MatMul", "/k/MatMul", "/v/MatMul", "/o/MatMul", "/wi_0/MatMul", "/wi_1/MatMul")):
+            assert dtype == fp16, name
+        elif name.endswith("/wo/MatMul"):
+            assert dtype == fp32, name
+        else:  # the attention score and value products have no weights; they must read fp32 tensors
+            assert dtype is None, name
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type in ("Softmax", "Pow", "ReduceMean", "Sqrt", "Add", "Mul", "Tanh") or (
+                node.op_type == "MatMul" and weight_type[node.name] is None):
+            assert all(types[o] != fp16 for o in node.output), node.name  # (int64 position arithmetic included)
+            checked += 1
+    fp16_outputs = {types[o] for n in model.graph.node if n.op_type == "MatMul" and weight_type[n.name] == fp16
+                    for o in n.output}
+    assert checked > 50 and fp16_outputs == {fp16}
+    assert summary["fp16_nodes"]
 
 
 def test_fp16_artefacts_refuse_the_cpu(tiny_artifacts, tmp_path):

@@ -417,3 +417,25 @@ def test_ray_serve_two_cpu_replicas(tiny_artifacts, singles):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_gpt2_step_graph_runs_eight_passes_over_one_buffer_shape(runtime):
+    """The step graph: one GPT-2 pass per generated state, all eight over the same [R, width, D] buffer (width a
+    multiple of 16), ``last`` moving one position per pass; so one shape key (one CUDA graph) per request shape."""
+    gpt2 = runtime._sessions["gpt2"]
+    calls = []
+
+    def recording(feeds, _run=gpt2.run):
+        calls.append((feeds["inputs_embeds"].shape, int(feeds["last"][0]), int(feeds["attention_mask"][-1].sum())))
+        return _run(feeds)
+
+    gpt2.run = recording
+    try:
+        runtime("a dog barking", num_inference_steps=2, seed=0)
+    finally:
+        del gpt2.run
+    assert len(calls) == runtime.constants["max_new_tokens"] == 8
+    shapes, lasts, attended = zip(*calls)
+    assert len(set(shapes)) == 1 and shapes[0][1] % 16 == 0 and shapes[0][0] == 2  # [negative; positive]
+    assert list(lasts) == list(range(lasts[0], lasts[0] + 8))
+    assert list(attended) == list(range(attended[0], attended[0] + 8))  # each pass attends one more position

@@ -22,7 +22,7 @@ def manifest(tiny_artifacts):
 
 def test_profiles_cover_every_input_from_the_buckets(manifest):
     from audioldm2_trt.export.trt_build import BuildOptions, profiles
-    from audioldm2_trt.runtime.shapes import audio_shape, t5_bucket
+    from audioldm2_trt.runtime.shapes import audio_shape, lm_buffer, t5_bucket
 
     opts = BuildOptions(max_batch=3, lengths_s=(5.12, 2.0, 10.24), max_t5_tokens=70)
     prof = profiles(manifest, opts)
@@ -40,6 +40,10 @@ def test_profiles_cover_every_input_from_the_buckets(manifest):
     assert prof["vocoder"]["mel"][2][2] == max(frames) * c["vae_scale"]
     assert prof["t5_encoder"]["input_ids"] == [[1, 1], [2, 16], [6, 70]]
     assert prof["unet"]["timestep"] == [[1], [1], [1]]
+    # the step GPT-2 graph's buffer: t5 + 5 projected positions + 8 generated, rounded up to 16
+    widths = [shape[1] for shape in prof["gpt2"]["inputs_embeds"]]
+    assert widths == [lm_buffer(t + 5, 8, c["lm_max_positions"]) for t in (1, 16, 70)] == [16, 32, 96]
+    assert prof["gpt2"]["last"] == [[1], [1], [1]]
 
 
 def test_lm_sequence_is_t5_plus_five(tiny_artifacts, manifest):
