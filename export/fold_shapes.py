@@ -22,7 +22,10 @@ import numpy as np
 _FOLDABLE = {"Cast", "Div", "Mul", "Add", "Sub", "Sqrt", "Pow", "Unsqueeze", "Squeeze", "Concat", "Reshape",
              "Gather", "Slice", "Floor", "Ceil", "Neg", "Reciprocal", "Equal", "Less", "Greater", "Not",
              "Where", "Range", "Identity", "Max", "Min", "Mod", "Abs", "ReduceProd", "ConstantOfShape",
-             "Expand", "Sign"}
+             "Expand", "Sign",
+             # CLAP audio's shifted-window mask: padding amounts transposed from a constant, then index ranges
+             # compared against them (20 host→device copies on the H100, which refused its CUDA graph)
+             "Transpose", "GreaterOrEqual", "LessOrEqual", "And", "Or"}
 # Ops that turn a shape into device data (ONNX Runtime runs them on the GPU, reading the shape on the host).
 _DATA_FROM_SHAPE = {"Constant", "ConstantOfShape", "Range", "Expand", "Tile"}
 # Inputs that ONNX Runtime's CUDA kernels take on the host (shapes, indices of slicing, axes).

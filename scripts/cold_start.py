@@ -43,7 +43,9 @@ VARIANTS = {
     "cache_read": (None, "all", True, CACHE),
     # every session's arena grows by what it is asked for instead of the next power of two (GPU memory)
     "arena_same": ({c: {"arena_extend_strategy": "kSameAsRequested"} for c in COMPONENTS}, "all", False, None),
-    "host_loop": (None, "all", False, None),  # the denoising loop on the host (runs before 2026-11-26 18:00 did)
+    "host_loop": (None, "all", False, None),
+    # cuDNN convolutions limited to their default workspace instead of the largest (GPU memory vs speed)
+    "conv_small_workspace": ({c: {"cudnn_conv_use_max_workspace": 0} for c in CONVS}, "all", False, None),  # the denoising loop on the host (runs before 2026-11-26 18:00 did)
 }
 
 

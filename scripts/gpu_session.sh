@@ -165,8 +165,8 @@ case "$1" in
   all-cold)  # setup, the fp16 export, cold
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" cold ;;
-  final)  # after the fp16 and fp32 exports: validate, cold start in clean processes (also with the unrolled GPT-2
-          # graph), the full benchmark (the default with the device loop first in its process, fp32, the host loop,
+  final)  # after the fp16 and fp32 exports: validate, cold start in clean processes (UNROLLED=1: also with the
+          # unrolled GPT-2 graph; PROFILE=1: then the kernel profile), the full benchmark (the default with the device loop first in its process, fp32, the host loop,
           # B0, B1, B2), fidelity
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done; mkdir -p /tmp/logs/tiny
@@ -178,10 +178,12 @@ case "$1" in
       python3 cold_start.py --artifacts /tmp/art-fp16 \
         --variants ${COLD_VARIANTS:-default,sequential,arena_same,host_loop} \
         --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
-      python3 gpt2_graph_variant.py --artifacts /tmp/art-fp16 --graph unrolled --out /tmp/art-fp16-unrolled \
-        > /tmp/logs/unrolled.log 2>&1 && mkdir -p /tmp/logs/unrolled && python3 cold_start.py \
-        --artifacts /tmp/art-fp16-unrolled --variants default,sequential --repeat 2 --out /tmp/logs/unrolled \
-        >> /tmp/logs/unrolled.log 2>&1; \
+      [ ${UNROLLED:-0} = 1 ] && python3 gpt2_graph_variant.py --artifacts /tmp/art-fp16 --graph unrolled \
+        --out /tmp/art-fp16-unrolled > /tmp/logs/unrolled.log 2>&1 && mkdir -p /tmp/logs/unrolled && \
+        python3 cold_start.py --artifacts /tmp/art-fp16-unrolled --variants default,sequential --repeat 2 \
+        --out /tmp/logs/unrolled >> /tmp/logs/unrolled.log 2>&1; \
+      [ ${PROFILE:-0} = 1 ] && python3 profile_kernels.py --artifacts /tmp/art-fp16 \
+        --components t5_encoder,gpt2,clap_text,clap_audio,unet,vocoder --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
       bash $SELF wait 32; \
       $BENCH_WITH_PEERS; \
       $FIDELITY; \

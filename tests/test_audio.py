@@ -61,3 +61,19 @@ def test_pcm16_clips_before_scaling(tmp_path):
     data, rate = soundfile.read(tmp_path / "a.wav", dtype="int16")
     assert rate == 16000 and soundfile.info(tmp_path / "a.wav").subtype == "PCM_16"
     np.testing.assert_array_equal(data, to_pcm16(x))
+
+
+def test_ranking_features_in_threads_equal_the_serial_computation():
+    """clap_input_features runs rows in parallel threads; each row must be exactly what it is alone (16 kHz
+    waveforms of different content and lengths padded the same, resampled to 48 kHz, then log-mel)."""
+    from audioldm2_trt.runtime.ranking import clap_input_features
+
+    fe = ClapFeatures.from_config(_config("audioldm2"))
+    rng = np.random.default_rng(3)
+    audios = (0.2 * rng.standard_normal((5, 16000 * 3))).astype(np.float32)
+    audios[2] *= 0.01  # a quiet row among loud ones
+    serial = fe(resample(audios, 16000, fe.sampling_rate))
+    threaded = clap_input_features(audios, 16000, fe)
+    assert threaded.shape == serial.shape == (5, 1, 1001, 64)
+    assert np.array_equal(threaded, serial)
+    assert np.array_equal(clap_input_features(audios[1:2], 16000, fe), serial[1:2])
