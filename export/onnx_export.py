@@ -202,11 +202,6 @@ def build_manifest(pipe, source: Source, consts: dict, entries: dict, tokenizers
     import torch
     import transformers
 
-    content = hashlib.sha256()
-    for name in sorted(entries):
-        content.update(entries[name]["sha256"].encode())
-    for which in sorted(tokenizers):
-        content.update(tokenizers[which]["sha256"].encode())
     return {
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
@@ -223,8 +218,18 @@ def build_manifest(pipe, source: Source, consts: dict, entries: dict, tokenizers
         "feature_extractor": feature_extractor_config(pipe),
         "tokenizers": tokenizers,
         "components": entries,
-        "content_hash": content.hexdigest(),
+        "content_hash": content_hash(entries, tokenizers),
     }
+
+
+def content_hash(entries: dict, tokenizers: dict) -> str:
+    """The manifest's content hash: every component's and tokenizer's sha256, in name order."""
+    content = hashlib.sha256()
+    for name in sorted(entries):
+        content.update(entries[name]["sha256"].encode())
+    for which in sorted(tokenizers):
+        content.update(tokenizers[which]["sha256"].encode())
+    return content.hexdigest()
 
 
 def _sha256(*paths) -> str:

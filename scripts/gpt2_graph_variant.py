@@ -11,7 +11,6 @@ precision converts it, and the manifest's gpt2 entry replaced (and its content h
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from audioldm2_trt.export.components import GPT2_GRAPHS, pipeline_constants
-    from audioldm2_trt.export.onnx_export import export_component
+    from audioldm2_trt.export.onnx_export import content_hash, export_component
     from audioldm2_trt.export.sources import load_pipeline
     from audioldm2_trt.export.validate import source_of
 
@@ -40,12 +39,7 @@ def main() -> None:
     entry = export_component(pipe, pipeline_constants(pipe), "gpt2", out, manifest["precision"],
                              spec=GPT2_GRAPHS[args.graph])
     manifest["components"]["gpt2"] = {**entry, "graph": args.graph}
-    content = hashlib.sha256()
-    for name in sorted(manifest["components"]):
-        content.update(manifest["components"][name]["sha256"].encode())
-    for which in sorted(manifest["tokenizers"]):
-        content.update(manifest["tokenizers"][which]["sha256"].encode())
-    manifest["content_hash"] = content.hexdigest()
+    manifest["content_hash"] = content_hash(manifest["components"], manifest["tokenizers"])
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(f"{out}: gpt2 graph {args.graph}, {entry['bytes'] / 2**20:.0f} MiB")
 

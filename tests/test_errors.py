@@ -97,6 +97,15 @@ def test_manifest_of_another_format_version(tiny_artifacts, tmp_path):
         AudioLDM2Runtime.load(art)
 
 
+def test_manifest_naming_an_unknown_gpt2_graph(tiny_artifacts, tmp_path):
+    art = _copy(tiny_artifacts, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    m["components"]["gpt2"]["graph"] = "looped"
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="gpt2 graph 'looped' is not one of step, unrolled; rebuild with"):
+        AudioLDM2Runtime.load(art)
+
+
 def test_folder_without_manifest(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(ArtifactError, match="has no manifest.json"):

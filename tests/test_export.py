@@ -296,3 +296,14 @@ def test_export_cli_fuse_none_means_no_fusion(monkeypatch, tmp_path):
                                   *argv])
         export_cli.run_export(args)
         assert seen[-1] == want, argv
+
+
+@needs_export
+def test_unknown_gpt2_graph_is_refused_before_anything_is_written(tmp_path):
+    from audioldm2_trt.export.onnx_export import export
+    from audioldm2_trt.export.sources import Source
+    from audioldm2_trt.runtime.errors import ExportError
+
+    with pytest.raises(ExportError, match="gpt2_graph 'looped' is not one of step, unrolled"):
+        export(Source(random_config="tiny"), tmp_path / "out", gpt2_graph="looped")
+    assert not (tmp_path / "out").exists()
