@@ -80,8 +80,11 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, 
     precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``; the
     components named by ``fused_components(precision, fuse)`` (fp16 default: the UNet and VAE decoder) are
     converted with their fused recipe instead. ``fuse=()`` converts every component without fusion.
+    ``gpt2_graph``: "step" or "unrolled" (``components.GPT2_GRAPHS``).
     """
     fuse = fused_components(precision, fuse)
+    if gpt2_graph not in GPT2_GRAPHS:
+        raise ExportError(f"gpt2_graph {gpt2_graph!r} is not one of {', '.join(GPT2_GRAPHS)}")
     out = Path(out)
     staging = prepare_output(out, overwrite)
     try:
