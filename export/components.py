@@ -178,11 +178,9 @@ GPT2_GRAPHS = {
 }
 
 
-def spec_of(name: str, entry: dict | None = None) -> ComponentSpec:
-    """The spec an artefact's component was exported from (``entry``: its manifest entry)."""
-    if name == "gpt2":
-        return GPT2_GRAPHS[(entry or {}).get("graph", "unrolled" if entry else "step")]
-    return BY_NAME[name]
+def spec_of(name: str, gpt2_graph: str) -> ComponentSpec:
+    """The spec an artefact's component was exported from (``gpt2_graph``: its ``Artifacts.gpt2_graph``)."""
+    return GPT2_GRAPHS[gpt2_graph] if name == "gpt2" else BY_NAME[name]
 
 # Fused recipes: the default for fp16 exports of these two components (FUSED_RECIPES below).
 VAE_FUSED = Fp16Recipe(fusion="vae", fusion_options=(("enable_attention", False),),

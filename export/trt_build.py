@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime.artifacts import COMPONENTS, load_artifacts
+from ..runtime.artifacts import COMPONENTS, gpt2_graph_of, load_artifacts
 from ..runtime.errors import ArtifactError, BackendError
 from ..runtime.shapes import audio_shape, lm_buffer, t5_bucket
 
@@ -54,7 +54,7 @@ def dim_ranges(manifest: dict, opts: BuildOptions, component: str) -> dict[str, 
     frames = [audio_shape(c, s).latent_frames for s in opts.lengths_s]
     t5_max = opts.max_t5_tokens or c["t5_model_max_length"]
     rows = 2 * opts.max_batch if component in CFG_COMPONENTS else opts.max_batch
-    step_gpt2 = component == "gpt2" and manifest["components"]["gpt2"].get("graph", "unrolled") == "step"
+    step_gpt2 = component == "gpt2" and gpt2_graph_of(manifest) == "step"
     t5 = (1, 16, t5_max)
     if component == "unet":  # the runtime pads T5 states to buckets before the UNet
         t5 = (t5_bucket(1), t5_bucket(16), t5_bucket(t5_max))

@@ -114,7 +114,7 @@ class Gpt2GenerateKV(nn.Module):
     padding, as transformers' GPT-2 does when no position_ids are given.
     """
 
-    def __init__(self, language_model, max_new_tokens: int = 1):
+    def __init__(self, language_model, max_new_tokens: int):
         super().__init__()
         self.gpt2 = gpt2_base(language_model)
         self.max_new_tokens = max_new_tokens
@@ -184,6 +184,9 @@ class Gpt2Step(Gpt2GenerateKV):
     unrolled graph's step for step. Each call recomputes the whole buffer (no KV cache): on the GPU one pass
     is launch-bound either way; on the CPU the unrolled KV-cache graph is faster (``--gpt2-graph unrolled``).
     """
+
+    def __init__(self, language_model):
+        super().__init__(language_model, max_new_tokens=1)
 
     def forward(self, inputs_embeds, attention_mask, last):
         hidden, _, _ = self._prompt(inputs_embeds, attention_mask)

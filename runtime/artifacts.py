@@ -49,9 +49,7 @@ class Artifacts:
 
     @property
     def gpt2_graph(self) -> str:
-        """"step" (one GPT-2 pass, run once per generated state) or "unrolled" (all steps in one call); artefacts
-        from before the step graph carry no "graph" and are unrolled."""
-        return self.manifest["components"]["gpt2"].get("graph", "unrolled")
+        return gpt2_graph_of(self.manifest)
 
     def check_device(self, device_kind: str, hint: str = "load them with device='cuda'") -> None:
         """fp16 artefacts hold CUDA-only kernels: refuse any other device up front, naming what to do."""
@@ -65,6 +63,12 @@ class Artifacts:
 
     def tokenizer_file(self, which: str) -> Path:
         return self.folder / self.manifest["tokenizers"][which]["file"]
+
+
+def gpt2_graph_of(manifest: dict) -> str:
+    """"step" (one GPT-2 pass, run once per generated state) or "unrolled" (all steps in one call); artefacts
+    from before the step graph carry no "graph" and are unrolled."""
+    return manifest["components"]["gpt2"].get("graph", "unrolled")
 
 
 def load_artifacts(folder: str | Path) -> Artifacts:
