@@ -73,7 +73,7 @@ def dim_ranges(manifest: dict, opts: BuildOptions, component: str) -> dict[str, 
 def profiles(manifest: dict, opts: BuildOptions) -> dict[str, dict[str, list[list[int]]]]:
     """component → input name → [min shape, opt shape, max shape], from the manifest's named dims."""
     out = {}
-    for name in COMPONENTS:
+    for name in (n for n in COMPONENTS if n in manifest["components"]):
         ranges = dim_ranges(manifest, opts, name)
         consts = manifest["constants"]
         shapes = {}
@@ -127,9 +127,11 @@ def platform_info(device_index: int = 0) -> dict:
             "compute_capability": f"{props.major}.{props.minor}"}
 
 
-def build(folder, opts: BuildOptions = BuildOptions(), components=COMPONENTS, log=print) -> Path:
-    """Build (or keep) one engine per component in ``folder/trt``; returns that folder."""
+def build(folder, opts: BuildOptions = BuildOptions(), components=None, log=print) -> Path:
+    """Build (or keep) one engine per component (default: each the folder holds) in ``folder/trt``; returns that
+    folder."""
     art = load_artifacts(folder)
+    components = art.components if components is None else components
     if art.precision != opts.precision:
         raise ArtifactError(f"{folder} holds {art.precision} artefacts; a {opts.precision} build needs "
                             f"`audioldm2-trt export ... --precision {opts.precision}` first")

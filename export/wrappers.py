@@ -65,6 +65,38 @@ class ClapAudio(nn.Module):
         return _pooled(self.clap.get_audio_features(input_features=input_features))
 
 
+class ClapLogMel(nn.Module):
+    """CLAP's log-mel front end as a graph, for the GPU: waveform float32 [B, N + n_fft] (at CLAP's rate, fitted to
+    its N = max_length_s · rate samples and reflect-padded by n_fft/2 on each side, ``runtime.audio.ClapFeatures.
+    prepare``) → input_features float32 [B, 1, 1 + N / hop, mels], what ``ClapAudio`` takes.
+
+    The same computation as transformers' ``ClapFeatureExtractor`` for AudioLDM 2's ``rand_trunc`` mode
+    (periodic Hann window, |STFT|², slaney mel filters, 10·log10 with a 1e-10 floor): the STFT is one strided
+    convolution with the windowed DFT basis (cos and −sin rows, computed in float64 and stored float32), so it runs
+    as a matrix product on the GPU instead of numpy's single-threaded FFT on the host (60 ms for 4 rows on the
+    H100 machine, docs/benchmarks.md). Always fp32."""
+
+    def __init__(self, feature_extractor):
+        super().__init__()
+        import numpy as np
+
+        fe = feature_extractor
+        n_fft, self.hop = int(fe.fft_window_size), int(fe.hop_length)
+        self.bins = n_fft // 2 + 1
+        window = np.hanning(n_fft + 1)[:-1]  # periodic Hann, as transformers' window_function(n, "hann")
+        angle = 2.0 * np.pi * np.outer(np.arange(self.bins), np.arange(n_fft)) / n_fft
+        basis = np.concatenate([np.cos(angle), -np.sin(angle)]) * window  # [2·bins, n_fft]: real rows, then imaginary
+        self.register_buffer("basis", torch.tensor(basis[:, None, :], dtype=torch.float32))
+        self.register_buffer("mel_filters", torch.tensor(fe.mel_filters_slaney, dtype=torch.float32))  # [bins, mels]
+
+    def forward(self, waveform):
+        spectrum = torch.nn.functional.conv1d(waveform[:, None, :], self.basis, stride=self.hop)  # [B, 2·bins, T]
+        real, imag = spectrum[:, : self.bins], spectrum[:, self.bins:]
+        power = (real * real + imag * imag).transpose(1, 2)  # [B, T, bins]
+        mel = torch.matmul(power, self.mel_filters)  # [B, T, mels]
+        return (10.0 * torch.log10(torch.clamp(mel, min=1e-10)))[:, None]
+
+
 class T5Encoder(nn.Module):
     """input_ids, attention_mask int64 [B, S] → last_hidden_state float32 [B, S, D_t5]."""
 

@@ -20,7 +20,10 @@ FORMAT_VERSION = 1  # bump when a component's contract (names, shapes, meaning) 
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = {"clap": "tokenizer_clap.json", "t5": "tokenizer_t5.json"}
 GPT2_GRAPHS = ("step", "unrolled")  # export/components.py GPT2_GRAPHS
-COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_audio")
+# Every component an export writes, in data-flow order. OPTIONAL ones may be absent from older folders.
+COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_features",
+              "clap_audio")
+OPTIONAL_COMPONENTS = ("clap_features",)  # added 2026-11-26; without it the ranking features are computed on the host
 
 
 def rebuild_hint(folder: Path | str, source: dict | None = None) -> str:
@@ -57,6 +60,11 @@ class Artifacts:
             raise ArtifactError(f"{self.folder}: precision {self.precision!r} is not one of fp32, fp16")
         if self.precision == "fp16" and device_kind != "cuda":
             raise ArtifactError(f"{self.folder}: fp16 artefacts use CUDA-only fused kernels; {hint}")
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components this folder holds, in ``COMPONENTS`` order."""
+        return tuple(n for n in COMPONENTS if n in self.manifest["components"])
 
     def component_file(self, name: str) -> Path:
         return self.folder / self.manifest["components"][name]["file"]
@@ -96,7 +104,7 @@ def load_artifacts(folder: str | Path) -> Artifacts:
             f"{FORMAT_VERSION}; rebuild with: {rebuild_hint(folder, manifest.get('source'))}"
         )
     art = Artifacts(folder=folder, manifest=manifest)
-    missing = [n for n in COMPONENTS if n not in manifest.get("components", {})]
+    missing = [n for n in COMPONENTS if n not in manifest.get("components", {}) and n not in OPTIONAL_COMPONENTS]
     missing += [
         str(f.relative_to(folder)) for f in _listed_files(art) if not f.is_file()
     ]

@@ -96,12 +96,26 @@ class ClapFeatures:
                    int(cfg["max_length_s"] * cfg["sampling_rate"]), cfg["padding"], filters)
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
-        """[B, N] waveforms at ``sampling_rate`` → input_features float32 [B, 1, frames, n_mels].
+        """[B, N] waveforms at ``sampling_rate`` → input_features float32 [B, 1, frames, n_mels], in float64 on the host.
 
         Waveforms longer than ``max_length_s`` are cut to their first ``max_length_s`` seconds
         (transformers picks a random offset from numpy's global RNG; a server must be deterministic).
         """
-        return np.stack([self._log_mel(self._fit(np.asarray(w, np.float64)))[None] for w in audio])
+        return np.stack([self._log_mel(self._padded(np.asarray(w, np.float64)))[None] for w in audio])
+
+    def prepare(self, audio: np.ndarray) -> np.ndarray:
+        """[B, N] waveforms at ``sampling_rate`` → float32 [B, max_samples + fft_window_size]: each fitted to
+        ``max_samples`` (cut or padded, as ``__call__``) and reflect-padded for centred frames — the input of the
+        exported ``clap_features`` graph, which computes the rest of ``__call__`` on the device."""
+        return np.stack([self._padded(np.asarray(w, np.float32)) for w in audio])  # copies only: exact in float32
+
+    @property
+    def padded_samples(self) -> int:
+        return self.max_samples + 2 * (self.fft_window_size // 2)
+
+    def _padded(self, w: np.ndarray) -> np.ndarray:
+        half = self.fft_window_size // 2
+        return np.pad(self._fit(w), (half, half), mode="reflect")
 
     def _fit(self, w: np.ndarray) -> np.ndarray:
         n = self.max_samples
@@ -114,8 +128,8 @@ class ClapFeatures:
         return np.pad(w, (0, n - len(w)))
 
     def _log_mel(self, w: np.ndarray) -> np.ndarray:
+        """float64 [max_samples + n_fft] (``_padded``) → float32 [frames, n_mels]."""
         n_fft, hop = self.fft_window_size, self.hop_length
-        w = np.pad(w, (n_fft // 2, n_fft // 2), mode="reflect")
         n_frames = 1 + (len(w) - n_fft) // hop
         window = np.hanning(n_fft + 1)[:-1]
         frames = np.lib.stride_tricks.sliding_window_view(w, n_fft)[::hop][:n_frames] * window

@@ -63,6 +63,9 @@ class AudioLDM2Runtime:
         self._t5_tok = TextTokenizer(artifacts.tokenizer_file("t5"), toks["t5"]["model_max_length"],
                                      toks["t5"]["pad_token_id"], "T5")
         self._clap_features = ClapFeatures.from_config(artifacts.manifest["feature_extractor"])
+        # The ranking's log-mel features: the artefacts' graph on a GPU; numpy on the CPU, where it is the faster
+        # (ranking.clap_input_features), or with artefacts exported before the graph existed.
+        self._features_graph = sessions.get("clap_features") if device.kind == "cuda" else None
         self._scheduler_config = artifacts.manifest["scheduler"]
         self._warm = False
 
@@ -148,10 +151,11 @@ class AudioLDM2Runtime:
 
     def health(self) -> dict:
         """What a server's health check reports: device, precision, warm or not, whether the denoising loop
-        runs on the device, and per component how many input shapes have buffers / CUDA graphs."""
+        runs on the device, where the ranking's features are computed ("graph" or "host"), and per component how many input shapes have buffers / CUDA graphs."""
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
+            "ranking_features": "graph" if self._features_graph is not None else "host",
             "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),
                                "uncaptured_shapes": s.stats.uncaptured_keys,
                                "graph_refused": bool(s.stats.graph_refused)}
@@ -308,7 +312,8 @@ class AudioLDM2Runtime:
                 scores = None
                 if req.waveforms_per_prompt > 1:  # rank each prompt's waveforms by CLAP similarity
                     order, scores = rank_per_prompt(rows, it.cond.clap_text, req.waveforms_per_prompt,
-                                                    self.sample_rate, self._clap_features, self._sessions["clap_audio"])
+                                                    self.sample_rate, self._clap_features, self._sessions["clap_audio"],
+                                                    self._features_graph)
                     rows = rows[order]
                     it.clock.mark("ranking")
                 results[k] = AudioOutput(rows, self.sample_rate, it.seed, scores)

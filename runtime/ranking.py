@@ -15,27 +15,37 @@ import numpy as np
 from .audio import ClapFeatures, resample
 
 
-def clap_input_features(audios: np.ndarray, rate: int, features: ClapFeatures) -> np.ndarray:
-    """float32 [R, samples] at ``rate`` → CLAP input_features float32 [R, 1, frames, mels]: each row resampled
-    to CLAP's rate and turned into log-mel features, one thread per row. Each row's result is the same as alone.
-    The threads buy little: on the H100 machine's 16 cores 4 rows of 10.24 s take 73 ms threaded against 78 ms one
-    after another (docs/results/features-timing-2026-11-26.json); the host features are batch 4's ranking cost."""
+def clap_input_features(audios: np.ndarray, rate: int, features: ClapFeatures, graph=None) -> np.ndarray:
+    """float32 [R, samples] at ``rate`` → CLAP input_features float32 [R, 1, frames, mels].
+
+    Each row is resampled to CLAP's rate on the host (soxr, as transformers' reference does), one thread per row.
+    ``graph``: the artefacts' ``clap_features`` session — the log-mel features are then computed by it (on the GPU)
+    from the fitted, padded rows (``ClapFeatures.prepare``); without it, in numpy on the host. On the H100 machine's
+    CPU the numpy features of 4 rows of 10.24 s take 73 ms threaded, 78 ms one after another
+    (docs/results/features-timing-2026-11-26.json): batch 4's ranking cost before the graph. On a 2-core CPU the
+    graph under ONNX Runtime's CPU provider is slower than numpy's FFT (69 vs 32 ms for 4 rows), so the runtime
+    passes it on CUDA only (pipeline.py). Each row's result is the same as alone."""
     def one(row: np.ndarray) -> np.ndarray:
-        return features(resample(row[None], rate, features.sampling_rate))[0]
+        at_clap_rate = resample(row[None], rate, features.sampling_rate)
+        return features.prepare(at_clap_rate)[0] if graph is not None else features(at_clap_rate)[0]
 
     if len(audios) == 1:
-        return one(audios[0])[None]
-    with ThreadPoolExecutor(max_workers=min(len(audios), os.cpu_count() or 1)) as pool:
-        return np.stack(list(pool.map(one, audios)))
+        rows = [one(audios[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(audios), os.cpu_count() or 1)) as pool:
+            rows = list(pool.map(one, audios))
+    stacked = np.stack(rows)
+    return graph.run({"waveform": stacked})["input_features"] if graph is not None else stacked
 
 
 def rank_per_prompt(audios: np.ndarray, text_embeds: np.ndarray, n: int, rate: int,
-                    features: ClapFeatures, clap_audio) -> tuple[np.ndarray, np.ndarray]:
-    """audios float32 [P·n, samples] (prompt-major), text_embeds [P, D] (normalised).
+                    features: ClapFeatures, clap_audio, clap_features=None) -> tuple[np.ndarray, np.ndarray]:
+    """audios float32 [P·n, samples] (prompt-major), text_embeds [P, D] (normalised); clap_features: the
+    features graph's session, or None for the host features (``clap_input_features``).
 
     Returns (order [P·n] row indices, best first within each prompt; scores [P·n] cosine similarity).
     """
-    feats = clap_input_features(audios, rate, features)
+    feats = clap_input_features(audios, rate, features, clap_features)
     audio_embeds = clap_audio.run({"input_features": feats})["audio_embeds"]
     scores = np.einsum("pnd,pd->pn", audio_embeds.reshape(len(text_embeds), n, -1), text_embeds)
     local = np.argsort(-scores, axis=1, kind="stable")

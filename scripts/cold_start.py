@@ -26,7 +26,9 @@ REQUEST = dict(prompt="techno music with a strong upbeat tempo and high melodic 
                negative_prompt="low quality, noisy", num_inference_steps=20, guidance_scale=3.5,
                audio_length_in_s=10.24)
 CONVS = ("unet", "vae_decoder", "vocoder")
-COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_audio")
+# audioldm2_trt.runtime.artifacts.COMPONENTS, not imported here: the child measures the runtime's import
+COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_features",
+              "clap_audio")
 CACHE = "/tmp/ort-optimized-cache"
 # name: (provider_options, graph optimisation level, sequential creation, optimised-graph cache)
 # cache_write optimises and writes every graph to CACHE (run it before cache_read, which loads them unoptimised).

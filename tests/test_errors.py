@@ -150,3 +150,16 @@ def test_graph_refusal_is_recognised_from_onnxruntimes_message():
     assert not _is_graph_refusal(RuntimeError("[ONNXRuntimeError] : 3 : NO_SUCHFILE : Load model failed"))
     assert _graph_selector("auto")("unet") and _graph_selector(True)("vae_decoder")
     assert not _graph_selector(False)("unet") and not _graph_selector(["unet"])("gpt2")
+
+
+def test_folder_without_the_features_graph_still_loads_and_ranks_on_the_host(tiny_artifacts, tmp_path):
+    """clap_features is optional: folders exported before it existed load, and rank with host features."""
+    art = _copy(tiny_artifacts, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    del m["components"]["clap_features"]
+    (art / "manifest.json").write_text(json.dumps(m))
+    (art / "clap_features.onnx").unlink()
+    rt = AudioLDM2Runtime.load(art)
+    out = rt("rain", num_waveforms_per_prompt=2, num_inference_steps=2, audio_length_in_s=2.5, seed=0)
+    assert out.scores is not None and out.scores[0] >= out.scores[1]
+    assert "clap_features" not in rt.health()["components"] and rt.health()["ranking_features"] == "host"

@@ -307,3 +307,72 @@ def test_unknown_gpt2_graph_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ExportError, match="gpt2_graph 'looped' is not one of step, unrolled"):
         export(Source(random_config="tiny"), tmp_path / "out", gpt2_graph="looped")
     assert not (tmp_path / "out").exists()
+
+
+def _assert_log_mel_close(got, ref):
+    """dB, per row. A float32 DFT's round-off sits ~140 dB under a row's peak: bins within 80 dB of the peak agree
+    to float32 rounding, the faintest (a pure tone's far bins at -97 dB) to a few hundredths of a dB."""
+    for g, r in zip(got, ref):
+        err = np.abs(g - r)
+        loud = r > r.max() - 80
+        assert err[loud].max() <= 2e-3 and err.max() <= 0.05, (err[loud].max(), err.max())
+
+
+def _features_graph(pipe_like, consts, folder):
+    """The clap_features graph exported through the real export path, and a CPU session of it."""
+    from audioldm2_trt.export.onnx_export import export_component
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+
+    folder.mkdir(exist_ok=True)
+    entry = export_component(pipe_like, consts, "clap_features", folder)
+    return OrtSessionFactory("cpu").create("clap_features", folder / entry["file"])
+
+
+@pytest.mark.parametrize("config", ["audioldm2", "tiny"])
+def test_clap_features_graph_matches_transformers(config, tmp_path):
+    """The exported log-mel graph (DFT as a strided convolution) against transformers' ClapFeatureExtractor,
+    which computes in float64: short rows (repeat-padded), a full-length row, a quiet row, a tone."""
+    import types
+
+    import transformers
+
+    from audioldm2_trt.runtime.audio import ClapFeatures
+
+    from .test_audio import _config
+
+    cfg = _config(config)
+    fe = transformers.ClapFeatureExtractor(**cfg)
+    consts = {"one": 1, "vae_scale": 1, "hop_length": 1,  # (these two only size dims the graph does not have)
+              "clap_frames": int(fe.nb_max_samples // fe.hop_length + 1), "clap_mel_bins": fe.feature_size,
+              "clap_padded_samples": fe.nb_max_samples + 2 * (fe.fft_window_size // 2)}
+    graph = _features_graph(types.SimpleNamespace(feature_extractor=fe), consts, tmp_path / "g")
+    rate, rng = cfg["sampling_rate"], np.random.default_rng(4)
+    rows = [0.3 * rng.standard_normal(int(2.5 * rate)), 0.3 * rng.standard_normal(fe.nb_max_samples),
+            1e-3 * rng.standard_normal(int(7 * rate)), 0.5 * np.sin(2 * np.pi * 440 * np.arange(int(4 * rate)) / rate)]
+    for row in rows:
+        audio = row.astype(np.float32)[None]
+        ref = fe(list(audio), sampling_rate=rate, return_tensors="np").input_features
+        got = graph.run({"waveform": ClapFeatures.from_config(cfg).prepare(audio)})["input_features"]
+        assert got.shape == ref.shape == (1, 1, consts["clap_frames"], cfg["feature_size"])
+        assert ref.max() - ref.min() > 20  # a real spectrum, not the floor
+        _assert_log_mel_close(got, ref)
+
+
+def test_ranking_with_the_features_graph_equals_the_host_features(runtime):
+    """rank_per_prompt with the artefacts' clap_features session (what the runtime uses on a GPU) against the
+    numpy features (its CPU path): same order, same scores to float32 rounding."""
+    from audioldm2_trt.runtime.ranking import clap_input_features, rank_per_prompt
+
+    rng = np.random.default_rng(6)
+    audios = (0.2 * rng.standard_normal((6, 40000))).astype(np.float32)
+    audios[1] *= 0.01
+    audios[4] = 0.4 * np.sin(2 * np.pi * 300 * np.arange(40000) / 16000)
+    text = rng.standard_normal((2, runtime.constants["clap_dim"])).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    graph, clap_audio, fe = runtime._sessions["clap_features"], runtime._sessions["clap_audio"], runtime._clap_features
+    _assert_log_mel_close(clap_input_features(audios, 16000, fe, graph), clap_input_features(audios, 16000, fe))
+    host = rank_per_prompt(audios, text, 3, 16000, fe, clap_audio)
+    on_graph = rank_per_prompt(audios, text, 3, 16000, fe, clap_audio, graph)
+    assert np.array_equal(host[0], on_graph[0])
+    np.testing.assert_allclose(on_graph[1], host[1], atol=1e-5)
+    assert runtime.health()["ranking_features"] == "host"  # the CPU keeps numpy's FFT (faster there)
