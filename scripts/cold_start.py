@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 REQUEST = dict(prompt="techno music with a strong upbeat tempo and high melodic riffs",
@@ -43,11 +44,15 @@ VARIANTS = {
     "opt_basic": (None, "basic", False, None),
     "cache_write": (None, "all", True, CACHE),
     "cache_read": (None, "all", True, CACHE),
-    # every session's arena grows by what it is asked for instead of the next power of two (GPU memory)
+    # every session's arena grows by what it is asked for instead of the next power of two — which is what
+    # cuda_provider_options sets for every session already: the same as "default" (kept to show that it is)
     "arena_same": ({c: {"arena_extend_strategy": "kSameAsRequested"} for c in COMPONENTS}, "all", False, None),
+    # the denoising loop on the host (runs before 2026-11-26 18:00 did)
     "host_loop": (None, "all", False, None),
     # cuDNN convolutions limited to their default workspace instead of the largest (GPU memory vs speed)
-    "conv_small_workspace": ({c: {"cudnn_conv_use_max_workspace": 0} for c in CONVS}, "all", False, None),  # the denoising loop on the host (runs before 2026-11-26 18:00 did)
+    "conv_small_workspace": ({c: {"cudnn_conv_use_max_workspace": 0} for c in CONVS}, "all", False, None),
+    # initializers allocated with the device allocator, outside each session's arena
+    "init_outside_arena": (None, "all", False, None),
 }
 
 
@@ -60,6 +65,56 @@ def _gpu_used_mib():
         return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
     except Exception:
         return None
+
+
+class MemoryTimeline:
+    """The GPU's used memory (NVML, MiB) sampled about every millisecond in a thread, with perf_counter stamps,
+    to tell which stage of a call made it grow."""
+
+    def __init__(self):
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self._read()))
+            self._stop.wait(0.001)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter(), self._read()))
+
+    def at(self, t: float) -> float:
+        """The last sample at or before ``t`` (the first one if none)."""
+        before = [m for s, m in self.samples if s <= t]
+        return before[-1] if before else self.samples[0][1]
+
+    def growth_by_stage(self, start: float, stages: dict) -> dict:
+        """MiB the used memory grew in each stage of one call, from the call's start and its ``timings``
+        (durations: text, unet [per step], vae, vocoder; host glue in between is counted in the next stage)."""
+        bounds = [("text", stages["text"]), ("unet step 1", stages["unet"][0]),
+                  ("unet steps 2…", sum(stages["unet"][1:])), ("vae", stages["vae"]), ("vocoder", stages["vocoder"])]
+        out, t, level = {}, start, self.at(start)
+        for name, seconds in bounds:
+            t += seconds
+            now = self.at(t)
+            out[name] = round(now - level, 1)
+            level = now
+        out["after"] = round(self.samples[-1][1] - level, 1)
+        return out
 
 
 def child(folder: str, variant: str, device: str) -> dict:
@@ -82,7 +137,9 @@ def child(folder: str, variant: str, device: str) -> dict:
     device_loop = variant != "host_loop" and device.startswith("cuda")  # as AudioLDM2Runtime.load decides
     factory = OrtSessionFactory(device, component_options=options, tf32=default_tf32(art.precision),
                                 graph_optimization=level, optimized_cache=cache, precision=art.precision,
-                                bind=True if device_loop else None)
+                                bind=True if device_loop else None,
+                                session_config={"session.use_device_allocator_for_initializers": "1"}
+                                if variant == "init_outside_arena" else None)
     files = {name: art.component_file(name) for name in art.manifest["components"]}
     created, memory = {}, {}
     if sequential:
@@ -99,10 +156,14 @@ def child(folder: str, variant: str, device: str) -> dict:
     load = time.perf_counter() - t0
     memory["after load"] = used()
     first: dict = {}
-    t1 = time.perf_counter()
-    rt(**REQUEST, seed=0, timings=first)
-    first_call = time.perf_counter() - t1
+    timeline = MemoryTimeline() if base is not None else None
+    with timeline or nullcontext():
+        t1 = time.perf_counter()
+        rt(**REQUEST, seed=0, timings=first)
+        first_call = time.perf_counter() - t1
     memory["after the first call"] = used()
+    if timeline is not None:
+        memory["first call, growth by stage"] = timeline.growth_by_stage(t1, first)
     warm = []
     for _ in range(5):
         t = time.perf_counter()

@@ -166,8 +166,9 @@ case "$1" in
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" cold ;;
   final)  # after the fp16 and fp32 exports: validate, cold start in clean processes (UNROLLED=1: also with the
-          # unrolled GPT-2 graph; PROFILE=1: then the kernel profile), the full benchmark (the default with the device loop first in its process, fp32, the host loop,
-          # B0, B1, B2), fidelity
+          # unrolled GPT-2 graph; PROFILE=1: then the kernel profile), the ranking features' timing, peak memory of
+          # the runtime and B0 in fresh processes (PEAKMEM=0: not), the full benchmark (the default with the device
+          # loop first in its process, fp32, the host loop, B0, B1, B2), fidelity
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done; mkdir -p /tmp/logs/tiny
     export LOOP_CHECK=${LOOP_CHECK:-1}  # 0: without the device-vs-host loop checks
@@ -184,6 +185,8 @@ case "$1" in
         --out /tmp/logs/unrolled >> /tmp/logs/unrolled.log 2>&1; \
       [ ${PROFILE:-0} = 1 ] && python3 profile_kernels.py --artifacts /tmp/art-fp16 \
         --components t5_encoder,gpt2,clap_text,clap_audio,unet,vocoder --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
+      python3 features_timing.py --rows 4 --artifacts /tmp/art-fp16 > /tmp/logs/features.log 2>&1; \
+      [ ${PEAKMEM:-1} = 1 ] && python3 peak_memory.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
       bash $SELF wait 32; \
       $BENCH_WITH_PEERS; \
       $FIDELITY; \

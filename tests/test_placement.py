@@ -97,7 +97,8 @@ def test_per_component_defaults_are_for_fp16_artefacts_only():
 
     assert OrtSessionFactory("cpu", precision="fp16").component_options == COMPONENT_PROVIDER_OPTIONS
     assert OrtSessionFactory("cpu", precision="fp32").component_options == {}
-    assert set(COMPONENT_PROVIDER_OPTIONS) == {"unet", "vae_decoder", "vocoder"}
+    assert set(COMPONENT_PROVIDER_OPTIONS) == {"unet", "vae_decoder", "vocoder", "clap_features"}
+    assert COMPONENT_PROVIDER_OPTIONS["clap_features"] == {"use_tf32": 0}  # the DFT needs fp32 accuracy
     assert "cudnn_conv_algo_search" not in COMPONENT_PROVIDER_OPTIONS["vocoder"]  # HEURISTIC fails on its convs
 
 

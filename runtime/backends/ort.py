@@ -299,12 +299,13 @@ class OrtSessionFactory:
     (``default_component_options``) under ``component_options``. optimized_cache: a folder for ONNX Runtime's optimised graphs — a session whose
     optimised graph is there loads it with optimisation off; else it is optimised and written there (for
     measurements of session-creation time; the graph written is specific to this ONNX Runtime, provider and GPU).
+    session_config: extra ONNX Runtime session config entries for every session (for measurements).
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
                  cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
-                 optimized_cache: str | Path | None = None, precision: str = "fp16"):
+                 optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -317,6 +318,7 @@ class OrtSessionFactory:
         if precision not in ("fp16", "fp32"):
             raise BackendError(f"precision {precision!r} is not one of fp16, fp32")
         self.optimized_cache = Path(optimized_cache) if optimized_cache is not None else None
+        self.session_config = dict(session_config or {})
         available = ort.get_available_providers()
         custom = providers is not None
         if providers is None:
@@ -362,6 +364,8 @@ class OrtSessionFactory:
                                               f"{name}.onnx.data")
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                               "1024")
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(key, str(value))
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
@@ -446,9 +450,12 @@ def cuda_provider_options(device: Device, tf32: bool) -> dict:
 #   its dilated 1-D convolutions (CUDNN_FE HEURISTIC_QUERY_FAILED, 14:50 UTC).
 # vocoder prefer_nhwc: HiFi-GAN's 1-D convolutions without the NCHW↔NHWC transposes cuDNN inserts around them
 #   (fp16 9.1 → 7.5 ms, fp32 + TF32 13.4 → 10.7 ms).
+# clap_features use_tf32 0: its DFT is a 1024-tap convolution whose fp32 accuracy the log-mel needs (faint bins
+#   sit 100 dB under loud ones); without TF32 it is still a fraction of a millisecond.
 COMPONENT_PROVIDER_OPTIONS = {"unet": {"sdpa_kernel": 1 | 2 | 16, "cudnn_conv_algo_search": "HEURISTIC"},
                               "vae_decoder": {"cudnn_conv_algo_search": "HEURISTIC"},
-                              "vocoder": {"prefer_nhwc": 1}}
+                              "vocoder": {"prefer_nhwc": 1},
+                              "clap_features": {"use_tf32": 0}}
 
 
 def default_component_options(precision: str) -> dict:

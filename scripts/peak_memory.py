@@ -1,0 +1,128 @@
+"""Peak GPU memory of the runtime and of diffusers (B0), each in a fresh process, counted the same way.
+
+    python scripts/peak_memory.py --artifacts /tmp/art-fp16 [--which runtime,b0] [--calls 5] [--out DIR]
+
+benchmark.py measures each configuration inside one shared process: the runtime first (its figure includes
+creating the CUDA context), B0 last with torch's context already made and not counted, and with the CUDA
+libraries the runtime loaded already resident. Here every configuration gets a process of its own, and its peak
+is NVML's used memory on the GPU above the level before that process started — CUDA context, libraries, weights,
+workspaces and arenas alike — over load, the first call and ``--calls`` warm calls (batch 1, the benchmark's
+request). Writes peak_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmark import REQUEST
+
+
+def _used_mib() -> float:
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
+
+
+class Peak:
+    """The highest used memory (MiB, NVML) seen while in the ``with`` block, sampled every 2 ms."""
+
+    def __init__(self):
+        self.mib = _used_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.mib = max(self.mib, _used_mib())
+            self._stop.wait(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.mib = max(self.mib, _used_mib())
+
+
+def child_runtime(folder: str, calls: int, base: float) -> dict:
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    marks = {}
+    with Peak() as peak:
+        rt = AudioLDM2Runtime.load(folder, device="cuda")
+        marks["after load"] = _used_mib() - base
+        rt(**REQUEST, seed=0)
+        marks["after the first call"] = _used_mib() - base
+        for _ in range(calls):
+            rt(**REQUEST, seed=0)
+        marks["after the warm calls"] = _used_mib() - base
+    return {"peak_mib": peak.mib - base, "marks_mib": marks}
+
+
+def child_b0(calls: int, base: float) -> dict:
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from audioldm2_trt.export.sources import Source, load_pipeline
+
+    pipe = load_pipeline(Source(random_config="audioldm2"))  # on the CPU: nothing on the GPU yet
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    marks = {}
+    with Peak() as peak:
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+        marks["CUDA context"] = _used_mib() - base
+        pipe = pipe.to("cuda", torch.float16)
+        torch.cuda.synchronize()
+        marks["after load"] = _used_mib() - base
+        for i in range(1 + calls):
+            pipe(**REQUEST, generator=torch.Generator("cuda").manual_seed(0))
+            torch.cuda.synchronize()
+            if i == 0:
+                marks["after the first call"] = _used_mib() - base
+        marks["after the warm calls"] = _used_mib() - base
+    return {"peak_mib": peak.mib - base, "marks_mib": marks,
+            "torch_max_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", help="fp16 artefact folder (for 'runtime')")
+    ap.add_argument("--which", default="runtime,b0")
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--base", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        result = child_runtime(args.artifacts, args.calls, args.base) if args.child == "runtime" else \
+            child_b0(args.calls, args.base)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    rows = {}
+    for which in args.which.split(","):
+        time.sleep(2)  # let the previous process's memory go back
+        base = _used_mib()
+        cmd = [sys.executable, __file__, "--child", which, "--calls", str(args.calls), "--base", str(base)]
+        if args.artifacts:
+            cmd += ["--artifacts", args.artifacts]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        rows[which] = {"idle_mib": base, **json.loads(line[0][7:])} if line else {"error": proc.stderr[-3000:]}
+        print(which, json.dumps(rows[which]), flush=True)
+        Path(args.out, "peak_memory.json").write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "artifacts": args.artifacts,
+            "request": REQUEST, "calls": args.calls, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
