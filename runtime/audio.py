@@ -96,7 +96,8 @@ class ClapFeatures:
                    int(cfg["max_length_s"] * cfg["sampling_rate"]), cfg["padding"], filters)
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
-        """[B, N] waveforms at ``sampling_rate`` → input_features float32 [B, 1, frames, n_mels], in float64 on the host.
+        """[B, N] waveforms at ``sampling_rate`` → input_features float32 [B, 1, frames, n_mels], computed in float64
+        on the host.
 
         Waveforms longer than ``max_length_s`` are cut to their first ``max_length_s`` seconds
         (transformers picks a random offset from numpy's global RNG; a server must be deterministic).
@@ -108,10 +109,6 @@ class ClapFeatures:
         ``max_samples`` (cut or padded, as ``__call__``) and reflect-padded for centred frames — the input of the
         exported ``clap_features`` graph, which computes the rest of ``__call__`` on the device."""
         return np.stack([self._padded(np.asarray(w, np.float32)) for w in audio])  # copies only: exact in float32
-
-    @property
-    def padded_samples(self) -> int:
-        return self.max_samples + 2 * (self.fft_window_size // 2)
 
     def _padded(self, w: np.ndarray) -> np.ndarray:
         half = self.fft_window_size // 2

@@ -22,7 +22,9 @@ def clap_input_features(audios: np.ndarray, rate: int, features: ClapFeatures, g
     ``graph``: the artefacts' ``clap_features`` session — the log-mel features are then computed by it (on the GPU)
     from the fitted, padded rows (``ClapFeatures.prepare``); without it, in numpy on the host. On the H100 machine's
     CPU the numpy features of 4 rows of 10.24 s take 73 ms threaded, 78 ms one after another
-    (docs/results/features-timing-2026-11-26.json): batch 4's ranking cost before the graph. On a 2-core CPU the
+    (docs/results/features-timing-2026-11-26.json): batch 4's ranking cost before the graph; through the graph
+    11.2 ms, of which the graph is 2.0 ms and the rest the resampling (run H, features-timing-gpu-2026-11-26.json),
+    and batch 4 went from 2.17 to 1.93 × batch 1 (docs/benchmarks.md). On a 2-core CPU the
     graph under ONNX Runtime's CPU provider is slower than numpy's FFT (69 vs 32 ms for 4 rows), so the runtime
     passes it on CUDA only (pipeline.py). Each row's result is the same as alone."""
     def one(row: np.ndarray) -> np.ndarray:
