@@ -28,7 +28,8 @@ class Fp16Recipe:
 
     ``keep_fp32``: the whole component stays fp32. ``fusion``: the optimizer's model type (None = no
     fusion) and ``fusion_options`` overrides of its FusionOptions. ``fp32_ops``: op types kept fp32 in
-    addition to the converter's defaults. ``fp16_nodes``: an allow-list (regex on node names) — the rest stays fp32. ``attention_mask_input``: the graph input of a key-padding mask that
+    addition to the converter's defaults. ``fp16_nodes``: an allow-list (regex on node names) — the rest stays
+    fp32. ``attention_mask_input``: the graph input of a key-padding mask that
     attention fusion would drop; it is handed to the fused nodes as attention_bias (attention_bias.py).
     Inputs and outputs stay float32 either way.
     """

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime.artifacts import COMPONENTS, gpt2_graph_of, load_artifacts
+from ..runtime.artifacts import components_of, gpt2_graph_of, load_artifacts
 from ..runtime.errors import ArtifactError, BackendError
 from ..runtime.shapes import audio_shape, lm_buffer, t5_bucket
 
@@ -73,7 +73,7 @@ def dim_ranges(manifest: dict, opts: BuildOptions, component: str) -> dict[str, 
 def profiles(manifest: dict, opts: BuildOptions) -> dict[str, dict[str, list[list[int]]]]:
     """component → input name → [min shape, opt shape, max shape], from the manifest's named dims."""
     out = {}
-    for name in (n for n in COMPONENTS if n in manifest["components"]):
+    for name in components_of(manifest):
         ranges = dim_ranges(manifest, opts, name)
         consts = manifest["constants"]
         shapes = {}

@@ -63,14 +63,18 @@ class Artifacts:
 
     @property
     def components(self) -> tuple[str, ...]:
-        """The components this folder holds, in ``COMPONENTS`` order."""
-        return tuple(n for n in COMPONENTS if n in self.manifest["components"])
+        return components_of(self.manifest)
 
     def component_file(self, name: str) -> Path:
         return self.folder / self.manifest["components"][name]["file"]
 
     def tokenizer_file(self, which: str) -> Path:
         return self.folder / self.manifest["tokenizers"][which]["file"]
+
+
+def components_of(manifest: dict) -> tuple[str, ...]:
+    """The components an artefact manifest holds, in ``COMPONENTS`` order (OPTIONAL_COMPONENTS may be absent)."""
+    return tuple(n for n in COMPONENTS if n in manifest["components"])
 
 
 def gpt2_graph_of(manifest: dict) -> str:

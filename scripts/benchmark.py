@@ -21,49 +21,13 @@ import statistics
 import time
 from pathlib import Path
 
+from gpu_memory import GpuMemory  # scripts/gpu_memory.py: peak GPU memory, NVML, sampled every 2 ms
+
 
 PROMPT = "techno music with a strong upbeat tempo and high melodic riffs"
 NEGATIVE = "low quality, noisy"
 REQUEST = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=20, guidance_scale=3.5,
                audio_length_in_s=10.24)
-
-
-class PeakGpuMemory:
-    """Peak of the GPU's used memory (NVML, the whole device) above its level at entry, sampled every
-    2 ms in a thread: one measure for torch and ONNX Runtime alike. ``mib`` after exit."""
-
-    def __init__(self, index: int = 0):
-        import pynvml
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        self.mib = float("nan")
-
-    def used(self) -> int:
-        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
-
-    def __enter__(self):
-        import threading
-
-        self._base = self.used()
-        self._peak = self._base
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self._peak = max(self._peak, self.used())
-                self._stop.wait(0.002)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self.used())
-        self.mib = (self._peak - self._base) / 2**20
 
 
 def timed(fn, runs: int) -> dict:
@@ -82,7 +46,7 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
                   device_loop=None) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
-    with PeakGpuMemory() as mem:
+    with GpuMemory() as mem:
         t0 = time.perf_counter()
         rt = AudioLDM2Runtime.load(folder, device="cuda", cuda_graphs=cuda_graphs, tf32=tf32,
                                    provider_options=provider_options, device_loop=device_loop)
@@ -157,11 +121,11 @@ def bench_diffusers(runs: int, skip: set[str]) -> dict:
     pipe = load_pipeline(Source(random_config="audioldm2"))
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     torch.cuda.init()
-    probe = PeakGpuMemory()
-    before = probe.used()
+    probe = GpuMemory()
+    before = probe.used_mib()
     pipe = pipe.to("cuda", torch.float16)
     torch.cuda.synchronize()
-    weights_mib = (probe.used() - before) / 2**20
+    weights_mib = probe.used_mib() - before
 
     def call():
         out = pipe(**REQUEST, generator=torch.Generator("cuda").manual_seed(0)).audios
@@ -170,7 +134,7 @@ def bench_diffusers(runs: int, skip: set[str]) -> dict:
 
     results = {}
     torch.cuda.reset_peak_memory_stats()
-    with PeakGpuMemory() as mem:
+    with GpuMemory() as mem:
         results["b0"] = timed(call, runs)
     results["b0"]["peak_gpu_mib"] = mem.mib + weights_mib  # weights were moved before the sampler started
     results["b0"]["torch_peak_mib"] = torch.cuda.max_memory_reserved() / 2**20

@@ -23,6 +23,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+# scripts/gpu_memory.py imports threading and time only (pynvml when used): the import time measured below stays
+# the runtime's own
+from gpu_memory import GpuMemory
+
 REQUEST = dict(prompt="techno music with a strong upbeat tempo and high melodic riffs",
                negative_prompt="low quality, noisy", num_inference_steps=20, guidance_scale=3.5,
                audio_length_in_s=10.24)
@@ -56,70 +60,34 @@ VARIANTS = {
 }
 
 
-def _gpu_used_mib():
-    """This GPU's used memory (NVML, MiB), or None off the GPU / without pynvml."""
+def _gpu_memory(interval_s: float = 0.001):
+    """A ``GpuMemory`` of GPU 0 (sampling about every millisecond in a ``with``), or None off the GPU / without
+    pynvml."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
+        return GpuMemory(interval_s=interval_s)
     except Exception:
         return None
 
 
-class MemoryTimeline:
-    """The GPU's used memory (NVML, MiB) sampled about every millisecond in a thread, with perf_counter stamps,
-    to tell which stage of a call made it grow."""
-
-    def __init__(self):
-        import threading
-
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self._read()))
-            self._stop.wait(0.001)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.samples.append((time.perf_counter(), self._read()))
-
-    def at(self, t: float) -> float:
-        """The last sample at or before ``t`` (the first one if none)."""
-        before = [m for s, m in self.samples if s <= t]
-        return before[-1] if before else self.samples[0][1]
-
-    def growth_by_stage(self, start: float, stages: dict) -> dict:
-        """MiB the used memory grew in each stage of one call, from the call's start and its ``timings``
-        (durations: text, unet [per step], vae, vocoder; host glue in between is counted in the next stage)."""
-        bounds = [("text", stages["text"]), ("unet step 1", stages["unet"][0]),
-                  ("unet steps 2…", sum(stages["unet"][1:])), ("vae", stages["vae"]), ("vocoder", stages["vocoder"])]
-        out, t, level = {}, start, self.at(start)
-        for name, seconds in bounds:
-            t += seconds
-            now = self.at(t)
-            out[name] = round(now - level, 1)
-            level = now
-        out["after"] = round(self.samples[-1][1] - level, 1)
-        return out
+def growth_by_stage(timeline: GpuMemory, start: float, stages: dict) -> dict:
+    """MiB the used memory grew in each stage of one call, from the call's start and its ``timings`` (durations:
+    text, unet [per step], vae, vocoder; host glue in between is counted in the next stage)."""
+    bounds = [("text", stages["text"]), ("unet step 1", stages["unet"][0]),
+              ("unet steps 2…", sum(stages["unet"][1:])), ("vae", stages["vae"]), ("vocoder", stages["vocoder"])]
+    out, t, level = {}, start, timeline.at(start)
+    for name, seconds in bounds:
+        t += seconds
+        now = timeline.at(t)
+        out[name] = round(now - level, 1)
+        level = now
+    out["after"] = round(timeline.samples[-1][1] - level, 1)
+    return out
 
 
 def child(folder: str, variant: str, device: str) -> dict:
-    base = _gpu_used_mib()
-    used = lambda: None if base is None else _gpu_used_mib() - base  # noqa: E731
+    probe = _gpu_memory()
+    base = probe.used_mib() if probe is not None else None
+    used = lambda: None if probe is None else probe.used_mib() - base  # noqa: E731
     t_import = time.perf_counter()
     from audioldm2_trt.runtime import AudioLDM2Runtime
     from audioldm2_trt.runtime.artifacts import load_artifacts
@@ -156,14 +124,14 @@ def child(folder: str, variant: str, device: str) -> dict:
     load = time.perf_counter() - t0
     memory["after load"] = used()
     first: dict = {}
-    timeline = MemoryTimeline() if base is not None else None
+    timeline = _gpu_memory()
     with timeline or nullcontext():
         t1 = time.perf_counter()
         rt(**REQUEST, seed=0, timings=first)
         first_call = time.perf_counter() - t1
     memory["after the first call"] = used()
     if timeline is not None:
-        memory["first call, growth by stage"] = timeline.growth_by_stage(t1, first)
+        memory["first call, growth by stage"] = growth_by_stage(timeline, t1, first)
     warm = []
     for _ in range(5):
         t = time.perf_counter()

@@ -16,56 +16,26 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from benchmark import REQUEST
-
-
-def _used_mib() -> float:
-    import pynvml
-
-    pynvml.nvmlInit()
-    return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
-
-
-class Peak:
-    """The highest used memory (MiB, NVML) seen while in the ``with`` block, sampled every 2 ms."""
-
-    def __init__(self):
-        self.mib = _used_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.mib = max(self.mib, _used_mib())
-            self._stop.wait(0.002)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.mib = max(self.mib, _used_mib())
+from gpu_memory import GpuMemory
 
 
 def child_runtime(folder: str, calls: int, base: float) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     marks = {}
-    with Peak() as peak:
+    with GpuMemory() as mem:
         rt = AudioLDM2Runtime.load(folder, device="cuda")
-        marks["after load"] = _used_mib() - base
+        marks["after load"] = mem.used_mib() - base
         rt(**REQUEST, seed=0)
-        marks["after the first call"] = _used_mib() - base
+        marks["after the first call"] = mem.used_mib() - base
         for _ in range(calls):
             rt(**REQUEST, seed=0)
-        marks["after the warm calls"] = _used_mib() - base
-    return {"peak_mib": peak.mib - base, "marks_mib": marks}
+        marks["after the warm calls"] = mem.used_mib() - base
+    return {"peak_mib": mem.peak_mib - base, "marks_mib": marks}
 
 
 def child_b0(calls: int, base: float) -> dict:
@@ -77,20 +47,20 @@ def child_b0(calls: int, base: float) -> dict:
     pipe = load_pipeline(Source(random_config="audioldm2"))  # on the CPU: nothing on the GPU yet
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     marks = {}
-    with Peak() as peak:
+    with GpuMemory() as mem:
         torch.cuda.init()
         torch.zeros(1, device="cuda")
-        marks["CUDA context"] = _used_mib() - base
+        marks["CUDA context"] = mem.used_mib() - base
         pipe = pipe.to("cuda", torch.float16)
         torch.cuda.synchronize()
-        marks["after load"] = _used_mib() - base
+        marks["after load"] = mem.used_mib() - base
         for i in range(1 + calls):
             pipe(**REQUEST, generator=torch.Generator("cuda").manual_seed(0))
             torch.cuda.synchronize()
             if i == 0:
-                marks["after the first call"] = _used_mib() - base
-        marks["after the warm calls"] = _used_mib() - base
-    return {"peak_mib": peak.mib - base, "marks_mib": marks,
+                marks["after the first call"] = mem.used_mib() - base
+        marks["after the warm calls"] = mem.used_mib() - base
+    return {"peak_mib": mem.peak_mib - base, "marks_mib": marks,
             "torch_max_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}
 
 
@@ -111,7 +81,7 @@ def main() -> None:
     rows = {}
     for which in args.which.split(","):
         time.sleep(2)  # let the previous process's memory go back
-        base = _used_mib()
+        base = GpuMemory().used_mib()
         cmd = [sys.executable, __file__, "--child", which, "--calls", str(args.calls), "--base", str(base)]
         if args.artifacts:
             cmd += ["--artifacts", args.artifacts]
