@@ -52,6 +52,9 @@ def main() -> None:
         from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
 
         art = load_artifacts(args.artifacts)
+        if "clap_features" not in art.components:
+            raise SystemExit(f"{args.artifacts} has no clap_features graph (exported before it existed); "
+                             "export again to time it")
         graph = OrtSessionFactory(args.device, precision=art.precision).create(
             "clap_features", art.component_file("clap_features"))
         padded = fe.prepare(up)
