@@ -203,6 +203,7 @@ def main() -> None:
                          'e.g. \'{"unet": {"sdpa_kernel": 19}}\'')
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     skip = {s for s in args.skip.split(",") if s}
     import onnxruntime
     import pynvml

@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.child:
         print("RESULT " + json.dumps(child(args.artifacts, args.child, args.device)), flush=True)
         return

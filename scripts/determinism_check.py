@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--deterministic-compute", action="store_true",
                     help="every session with ONNX Runtime's use_deterministic_compute on")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.deterministic_compute:
         import onnxruntime as ort
 

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     folder = args.artifacts

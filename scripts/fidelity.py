@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--provider-options", type=json.loads, default=None, metavar="JSON",
                     help='per-component CUDA provider options for the runtime, e.g. \'{"unet": {"sdpa_kernel": 19}}\'')
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
 
     import torch
     from diffusers import DPMSolverMultistepScheduler

@@ -21,6 +21,7 @@
 #   bash scripts/gpu_session.sh all-load   # setup, fp16 export, load test on one GPU
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
+#   bash scripts/gpu_session.sh smoke      # setup, tiny fp16 export, then the measurement scripts on it (they run on CUDA?)
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -219,6 +220,27 @@ case "$1" in
     echo "export done in $((SECONDS - t0)) s"
     SKIP=b1,b2,fp16_nograph bash "$SELF" measure
     bash "$SELF" collect $(( $2 - (SECONDS - t0) )) ;;
+  smoke)  # with little device time: setup, the tiny fp16 export, then validate, cold start (default and
+           # init_outside_arena), the ranking features' timing, the runtime's peak memory and its benchmark on it, in the
+           # foreground, logs and results into $OUT/logs.tar. Checks that these scripts run on CUDA; tiny-config
+           # figures are no benchmark of the product
+    t0=$SECONDS
+    bash "$SELF" setup || exit 1
+    cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 --out /tmp/art-tiny16 \
+      --overwrite > /tmp/logs/export_tiny.log 2>&1 || { tail -30 /tmp/logs/export_tiny.log; exit 1; }
+    echo "tiny export done at $((SECONDS - t0)) s"
+    python3 -m audioldm2_trt.cli validate /tmp/art-tiny16 --device cuda > /tmp/logs/validate_tiny.log 2>&1
+    echo "validate rc $? at $((SECONDS - t0)) s"
+    cd "$ROOT/scripts"
+    python3 cold_start.py --artifacts /tmp/art-tiny16 --variants default,init_outside_arena --repeat 1 \
+      --out /tmp/logs/cold > /tmp/logs/cold.log 2>&1; echo "cold_start rc $? at $((SECONDS - t0)) s"
+    python3 features_timing.py --rows 4 --artifacts /tmp/art-tiny16 > /tmp/logs/features.log 2>&1
+    echo "features_timing rc $?"
+    python3 peak_memory.py --artifacts /tmp/art-tiny16 --which runtime --calls 2 --out /tmp/logs/peak \
+      > /tmp/logs/peakmem.log 2>&1; echo "peak_memory rc $? at $((SECONDS - t0)) s"
+    python3 benchmark.py --fp16 /tmp/art-tiny16 --runs 3 --skip b0,b1,b2,fp32,fp16_host_loop,fp16_nograph,fp16_notf32 \
+      --out /tmp/logs/bench > /tmp/logs/bench.log 2>&1; echo "benchmark rc $? at $((SECONDS - t0)) s"
+    tar -C /tmp -cf "$OUT/logs.tar" logs; tail -n 4 /tmp/logs/*.log ;;
   collect)
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && [ ! -f /tmp/logs/done ]; do

@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--skip-placement", action="store_true")
     ap.add_argument("--placement-only", action="store_true", help="the placement checks, no load")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
     from audioldm2_trt.runtime.shapes import WARM_T5_BUCKETS, batch_buckets
 

@@ -224,6 +224,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed requests per level: max(8, rounds × concurrency)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     SECONDS = REQUEST["audio_length_in_s"] = args.seconds
     out = Path(args.out)
     if args.what == "placement":

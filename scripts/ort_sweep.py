@@ -217,6 +217,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sweep")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.unet_recipes:
         if not args.fp32:
             ap.error("--unet-recipes needs --fp32 (the fp32 artefacts' UNet is converted with each recipe)")

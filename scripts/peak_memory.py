@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--base", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.child:
         result = child_runtime(args.artifacts, args.calls, args.base) if args.child == "runtime" else \
             child_b0(args.calls, args.base)

@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
 
     import torch
     from torch.profiler import ProfilerActivity, profile

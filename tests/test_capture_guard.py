@@ -20,7 +20,7 @@ from audioldm2_trt.runtime.backends.base import Device
 from audioldm2_trt.runtime.backends.capture_guard import CaptureGuard
 
 
-def _overlaps(guard: CaptureGuard, kinds: list[str], hold_s: float = 0.05) -> list[tuple[str, int]]:
+def _overlaps(guard: CaptureGuard, kinds: list[str], hold_s: float = 0.2) -> list[tuple[str, int]]:
     """Start one thread per kind ('shared' / 'exclusive'); return (kind, holders at entry) per entry."""
     inside, log, lock = [0], [], threading.Lock()
 
@@ -70,7 +70,10 @@ def test_waiting_exclusive_holder_is_not_starved_by_new_shared_holders():
         time.sleep(0.001)
     t2 = threading.Thread(target=capture)
     t2.start()
-    time.sleep(0.05)  # the capture now waits for shared-1
+    deadline = time.monotonic() + 10
+    while guard._waiting_exclusive == 0 and time.monotonic() < deadline:  # the capture now waits for shared-1
+        time.sleep(0.001)  # (polled, not a fixed sleep: a loaded CI machine may start t2 late)
+    assert guard._waiting_exclusive == 1
     t3 = threading.Thread(target=late_shared)
     t3.start()
     time.sleep(0.05)
