@@ -74,7 +74,7 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
     }
     if heavy:
         unet_session = rt._sessions["unet"]
-        result["unet_step_ms_batch2_session_only"] = _session_only(unet_session) * 1e3
+        result["unet_step_ms_batch2_session_only"] = _session_only(unet_session, rt.constants) * 1e3
         rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0)  # graphs exist already: same shapes
         result["ddim200"] = timed(lambda: rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0), 3)
         result["batch4"] = timed(lambda: rt(**REQUEST, num_waveforms_per_prompt=4, seed=0), 5)
@@ -93,15 +93,20 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
     return result
 
 
-def _session_only(session, runs: int = 50) -> float:
-    """Median seconds of the UNet session alone at batch 2 (inputs copied in, output copied out)."""
+def _session_only(session, constants: dict, runs: int = 50) -> float:
+    """Median seconds of the UNet session alone at batch 2 for REQUEST's length, 16 T5 tokens (inputs copied in,
+    output copied out). Shapes from the artefacts' constants: sample [2, C, F, M] (full size: [2, 8, 256, 16]),
+    GPT-2 states [2, 8, 768], T5 states [2, 16, 1024]."""
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, 8, 256, 16), dtype=np.float32),
+    from audioldm2_trt.runtime.shapes import audio_shape
+
+    c, rng = constants, np.random.default_rng(0)
+    frames = audio_shape(c, REQUEST["audio_length_in_s"]).latent_frames
+    feeds = {"sample": rng.standard_normal((2, c["latent_channels"], frames, c["latent_bins"]), dtype=np.float32),
              "timestep": np.array([500], dtype=np.int64),
-             "encoder_hidden_states": rng.standard_normal((2, 8, 768), dtype=np.float32),
-             "encoder_hidden_states_1": rng.standard_normal((2, 16, 1024), dtype=np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, c["max_new_tokens"], c["lm_dim"]), dtype=np.float32),
+             "encoder_hidden_states_1": rng.standard_normal((2, 16, c["t5_dim"]), dtype=np.float32),
              "encoder_attention_mask_1": np.ones((2, 16), dtype=np.int64)}
     session.run(feeds)
     times = []
