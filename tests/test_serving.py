@@ -139,8 +139,9 @@ def test_batch_waits_for_a_request_still_in_its_text_stage(runtime, singles, gat
     from audioldm2_trt.runtime import MicroBatcher
 
     fast, slow = CASES[0], CASES[2]  # one batch key: same length, steps, guidance on
-    # Both text stages start together: on a loaded 2-core CI machine the second thread once started only
-    # after the first request had been queued and run alone, whatever max_gather_s said.
+    # Both text stages start together, and the gather window is generous: CI once ran these two as two batches
+    # with max_gather_s 1 s (2-core machine, under load). Either the second thread started only after the first
+    # request had been queued, or its text stage outlasted the window; neither can happen now.
     stage = SlowTextStage(runtime, {slow[0]}, 0.3, together=2)
     batcher = MicroBatcher(stage, max_batch=8, max_wait_s=0.01, max_gather_s=gather_s)
     out = {}
