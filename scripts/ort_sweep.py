@@ -34,12 +34,26 @@ from audioldm2_trt.export.validate import rel_l2
 from audioldm2_trt.runtime.backends.base import Device
 from audioldm2_trt.runtime.backends.ort import cuda_provider_options
 
-SHAPES = {  # a 10.24 s request: latent frames 256, mel 1024 × 64; UNet at batch 2 (prompt + negative)
-    "unet": {"sample": (2, 8, 256, 16), "timestep": (1,), "encoder_hidden_states": (2, 8, 768),
-             "encoder_hidden_states_1": (2, 16, 1024), "encoder_attention_mask_1": (2, 16)},
-    "vae_decoder": {"latents": (1, 8, 256, 16)},
-    "vocoder": {"mel": (1, 1, 1024, 64)},
-}
+SECONDS = 10.24  # the benchmark's request length
+
+
+def request_shapes(folder: str | Path) -> dict[str, dict[str, tuple]]:
+    """Input shapes of a SECONDS-long request for an artefact folder's config, the UNet at batch 2 (prompt +
+    negative, 16 T5 tokens). Full size: sample (2, 8, 256, 16), GPT-2 states (2, 8, 768), T5 states (2, 16, 1024),
+    VAE latents (1, 8, 256, 16), vocoder mel (1, 1, 1024, 64)."""
+    from audioldm2_trt.runtime.shapes import audio_shape
+
+    c = json.loads((Path(folder) / "manifest.json").read_text())["constants"]
+    shape = audio_shape(c, SECONDS)
+    latents = (c["latent_channels"], shape.latent_frames, c["latent_bins"])
+    return {
+        "unet": {"sample": (2, *latents), "timestep": (1,),
+                 "encoder_hidden_states": (2, c["max_new_tokens"], c["lm_dim"]),
+                 "encoder_hidden_states_1": (2, 16, c["t5_dim"]), "encoder_attention_mask_1": (2, 16)},
+        "vae_decoder": {"latents": (1, *latents)},
+        "vocoder": {"mel": (1, 1, shape.mel_frames, c["mel_bins"])},
+    }
+
 
 OPTION_VARIANTS = {  # name → changes to the runtime's defaults (graph: capture a CUDA graph)
     "default": {},
@@ -59,10 +73,12 @@ OPTION_VARIANTS = {  # name → changes to the runtime's defaults (graph: captur
 }
 
 
-def feeds_for(component: str) -> dict[str, np.ndarray]:
+def feeds_for(shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Random inputs of one component's ``shapes`` (request_shapes), a real timestep, the negative's T5 row half
+    padding."""
     rng = np.random.default_rng(0)
     feeds = {}
-    for name, shape in SHAPES[component].items():
+    for name, shape in shapes.items():
         if name == "timestep":
             feeds[name] = np.array([500], dtype=np.int64)
         elif name.startswith("encoder_attention_mask"):
@@ -159,8 +175,9 @@ def unet_recipe_rows(args) -> None:
     jobs = [(str(src), str(work / f"unet_{n}.onnx"), n) for n in names]
     with ProcessPoolExecutor(len(jobs)) as pool:
         summaries = dict(zip(names, (json.loads(s) for s in pool.map(_convert, jobs))))
-    feeds = feeds_for("unet")
-    report = {"onnxruntime": ort.__version__, "shapes": SHAPES["unet"], "results": []}
+    shapes = request_shapes(args.fp32)["unet"]
+    feeds = feeds_for(shapes)
+    report = {"onnxruntime": ort.__version__, "shapes": shapes, "results": []}
     reference: list = []
     row = {"recipe": "fp32_artefact_tf32_off", **time_variant(src, feeds, {"use_tf32": 0}, args.runs, True, reference)}
     record(report, row, Path(args.out, "unet_recipes.json"))
@@ -225,11 +242,12 @@ def main() -> None:
     if not args.fp16:
         ap.error("--fp16 is required")
     work = Path(args.work)
-    report = {"onnxruntime": ort.__version__, "results": []}
+    shapes = request_shapes(args.fp16)
+    report = {"onnxruntime": ort.__version__, "shapes": shapes, "results": []}
     for name in args.components.split(","):
         reference: list = []  # the fp32 file's output, TF32 off, when there is one: every row's rel-L2 against it
         try:
-            time_variant(fp32_source(args, name), feeds_for(name), {"use_tf32": 0}, 3, True, reference)
+            time_variant(fp32_source(args, name), feeds_for(shapes[name]), {"use_tf32": 0}, 3, True, reference)
         except FileNotFoundError:
             pass
         models = {"fp16_artefact": (model_path(Path(args.fp16), name), True)}
@@ -242,7 +260,8 @@ def main() -> None:
                 print(f"{name}: fp16 conversion failed: {err!r}", flush=True)
         for model, (path, tf32_default) in models.items():
             for variant in args.variants.split(","):
-                row = timed_row({"component": name, "model": model, "variant": variant}, path, feeds_for(name),
+                row = timed_row({"component": name, "model": model, "variant": variant}, path,
+                                feeds_for(shapes[name]),
                                 OPTION_VARIANTS[variant], args.runs, tf32_default, reference)
                 record(report, row, Path(args.out, "sweep.json"))
 
