@@ -264,6 +264,13 @@ def feature_extractor_config(pipe) -> dict:
     return {k: getattr(fe, k) for k in keys}
 
 
+def input_shapes(spec: ComponentSpec, consts: dict, shape: SampleShape) -> dict[str, tuple[int, ...]]:
+    """{input name: concrete shape} of ``spec``'s inputs: its named dims resolved from the artefacts' constants
+    and one SampleShape."""
+    sizes = {**consts, **shape.sizes(consts)}
+    return {t.name: tuple(sizes[d] for d in t.dims) for t in spec.inputs}
+
+
 def sample_inputs(spec: ComponentSpec, consts: dict, shape: SampleShape, seed: int = 0) -> dict:
     """Random inputs of the right dtypes and shapes; masks pad the tail of every row but the first,
     so that masking is exercised. Returns {input name: torch tensor}."""
@@ -271,9 +278,10 @@ def sample_inputs(spec: ComponentSpec, consts: dict, shape: SampleShape, seed: i
 
     gen = torch.Generator().manual_seed(seed)
     sizes = {**consts, **shape.sizes(consts)}
+    shapes = input_shapes(spec, consts, shape)
     out = {}
     for t in spec.inputs:
-        dims = [sizes[d] for d in t.dims]
+        dims = list(shapes[t.name])
         if "mask" in t.name:
             mask = torch.ones(dims, dtype=torch.int64)
             for row in range(1, dims[0]):

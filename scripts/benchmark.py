@@ -95,19 +95,21 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
 
 def _session_only(session, constants: dict, runs: int = 50) -> float:
     """Median seconds of the UNet session alone at batch 2 for REQUEST's length, 16 T5 tokens (inputs copied in,
-    output copied out). Shapes from the artefacts' constants: sample [2, C, F, M] (full size: [2, 8, 256, 16]),
-    GPT-2 states [2, 8, 768], T5 states [2, 16, 1024]."""
+    output copied out). Shapes from the UNet's spec and the artefacts' constants (full size: sample
+    [2, 8, 256, 16], GPT-2 states [2, 8, 768], T5 states [2, 16, 1024])."""
     import numpy as np
 
+    from audioldm2_trt.export.components import BY_NAME, SampleShape, input_shapes
     from audioldm2_trt.runtime.shapes import audio_shape
 
-    c, rng = constants, np.random.default_rng(0)
-    frames = audio_shape(c, REQUEST["audio_length_in_s"]).latent_frames
-    feeds = {"sample": rng.standard_normal((2, c["latent_channels"], frames, c["latent_bins"]), dtype=np.float32),
+    frames = audio_shape(constants, REQUEST["audio_length_in_s"]).latent_frames
+    shapes = input_shapes(BY_NAME["unet"], constants, SampleShape(batch=2, seq=16, frames=frames))
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
              "timestep": np.array([500], dtype=np.int64),
-             "encoder_hidden_states": rng.standard_normal((2, c["max_new_tokens"], c["lm_dim"]), dtype=np.float32),
-             "encoder_hidden_states_1": rng.standard_normal((2, 16, c["t5_dim"]), dtype=np.float32),
-             "encoder_attention_mask_1": np.ones((2, 16), dtype=np.int64)}
+             "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
+             "encoder_hidden_states_1": rng.standard_normal(shapes["encoder_hidden_states_1"], dtype=np.float32),
+             "encoder_attention_mask_1": np.ones(shapes["encoder_attention_mask_1"], dtype=np.int64)}
     session.run(feeds)
     times = []
     for _ in range(runs):

@@ -38,21 +38,16 @@ SECONDS = 10.24  # the benchmark's request length
 
 
 def request_shapes(folder: str | Path) -> dict[str, dict[str, tuple]]:
-    """Input shapes of a SECONDS-long request for an artefact folder's config, the UNet at batch 2 (prompt +
-    negative, 16 T5 tokens). Full size: sample (2, 8, 256, 16), GPT-2 states (2, 8, 768), T5 states (2, 16, 1024),
-    VAE latents (1, 8, 256, 16), vocoder mel (1, 1, 1024, 64)."""
+    """Input shapes of a SECONDS-long request for an artefact folder's config (its specs' named dims resolved from
+    its constants), the UNet at batch 2 (prompt + negative, 16 T5 tokens). Full size: sample (2, 8, 256, 16),
+    GPT-2 states (2, 8, 768), T5 states (2, 16, 1024), VAE latents (1, 8, 256, 16), vocoder mel (1, 1, 1024, 64)."""
+    from audioldm2_trt.export.components import BY_NAME, SampleShape, input_shapes
     from audioldm2_trt.runtime.shapes import audio_shape
 
     c = json.loads((Path(folder) / "manifest.json").read_text())["constants"]
-    shape = audio_shape(c, SECONDS)
-    latents = (c["latent_channels"], shape.latent_frames, c["latent_bins"])
-    return {
-        "unet": {"sample": (2, *latents), "timestep": (1,),
-                 "encoder_hidden_states": (2, c["max_new_tokens"], c["lm_dim"]),
-                 "encoder_hidden_states_1": (2, 16, c["t5_dim"]), "encoder_attention_mask_1": (2, 16)},
-        "vae_decoder": {"latents": (1, *latents)},
-        "vocoder": {"mel": (1, 1, shape.mel_frames, c["mel_bins"])},
-    }
+    frames = audio_shape(c, SECONDS).latent_frames
+    return {name: input_shapes(BY_NAME[name], c, SampleShape(batch=batch, seq=16, frames=frames))
+            for name, batch in (("unet", 2), ("vae_decoder", 1), ("vocoder", 1))}
 
 
 OPTION_VARIANTS = {  # name → changes to the runtime's defaults (graph: capture a CUDA graph)
