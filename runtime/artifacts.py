@@ -23,6 +23,7 @@ GPT2_GRAPHS = ("step", "unrolled")  # export/components.py GPT2_GRAPHS
 # Every component an export writes, in data-flow order. OPTIONAL ones may be absent from older folders.
 COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_features",
               "clap_audio")
+RANKING_COMPONENTS = ("clap_features", "clap_audio")  # run only to rank several waveforms per prompt
 OPTIONAL_COMPONENTS = ("clap_features",)  # added 2026-11-26; without it the ranking features are computed on the host
 
 

@@ -29,6 +29,8 @@ def add_commands(sub) -> None:
     s.add_argument("--max-seconds", type=float, default=30.0, help="longest audio a request may ask for")
     s.add_argument("--max-steps", type=int, default=200)
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before 504 (the request is cancelled)")
+    s.add_argument("--no-ranking", action="store_true", help="one waveform per request: CLAP's audio branch is not "
+                   "loaded (less GPU memory, shorter load)")
     s.set_defaults(run=run_serve)
 
     d = sub.add_parser("demo", help="offline default: tiny random pipeline → export (cached) → generate → WAV")
@@ -72,7 +74,7 @@ def _generate(args, folder) -> int:
     from .pipeline import AudioLDM2Runtime
 
     t0 = time.perf_counter()
-    rt = AudioLDM2Runtime.load(folder, device=args.device)
+    rt = AudioLDM2Runtime.load(folder, device=args.device, ranking=args.waveforms > 1)  # CLAP audio ranks only
     t1 = time.perf_counter()
     out = rt(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
              guidance_scale=args.guidance, audio_length_in_s=args.seconds, num_waveforms_per_prompt=args.waveforms,
@@ -119,5 +121,6 @@ def run_serve(args) -> int:
               file=sys.stderr)
         return 2
     serve(args.artifacts, args.host, args.port, args.device, args.max_batch, args.max_queue,
-          ServerLimits(args.max_seconds, args.max_steps, 4, args.timeout))
+          ServerLimits(args.max_seconds, args.max_steps, 1 if args.no_ranking else 4, args.timeout),
+          ranking=not args.no_ranking)
     return 0

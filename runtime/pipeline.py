@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifacts import Artifacts, load_artifacts
+from .artifacts import RANKING_COMPONENTS, Artifacts, load_artifacts
 from .audio import ClapFeatures
 from .backends.base import Device
 from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory, default_tf32, ort_tensorrt_providers
@@ -66,6 +66,7 @@ class AudioLDM2Runtime:
         # The ranking's log-mel features: the artefacts' graph on a GPU; numpy on the CPU, where it is the faster
         # (ranking.clap_input_features), or with artefacts exported before the graph existed.
         self._features_graph = sessions.get("clap_features") if device.kind == "cuda" else None
+        self.ranking = "clap_audio" in sessions  # load(ranking=False) leaves CLAP's audio branch out
         self._scheduler_config = artifacts.manifest["scheduler"]
         self._warm = False
 
@@ -73,7 +74,7 @@ class AudioLDM2Runtime:
     def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
              cuda_graphs="auto", max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort",
              tf32: bool | None = None, provider_options: dict | None = None,
-             device_loop: bool | None = None) -> "AudioLDM2Runtime":
+             device_loop: bool | None = None, ranking: bool = True) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
@@ -89,6 +90,9 @@ class AudioLDM2Runtime:
         device_loop (backend "ort"): keep the denoising loop's latents on the device, guidance and the solver
         update in a small ONNX graph (denoising.py); None = on CUDA with the default provider, off elsewhere;
         True on the CPU binds every session (for tests).
+        ranking: open CLAP's audio branch (and its log-mel features graph), which ranks several waveforms per
+        prompt. ``ranking=False`` leaves those sessions out — for a server that asks for one waveform per prompt:
+        less GPU memory and a shorter load — and a request for more than one waveform per prompt is then an error.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
@@ -103,7 +107,8 @@ class AudioLDM2Runtime:
             raise InvalidRequestError("provider_options apply to backend 'ort' with the default CUDA provider; "
                                       f"got backend {backend!r}, device {device!r}, "
                                       f"providers {'given' if providers is not None else 'default'}")
-        files = {name: art.component_file(name) for name in art.manifest["components"]}
+        files = {name: art.component_file(name) for name in art.manifest["components"]
+                 if ranking or name not in RANKING_COMPONENTS}
         if device_loop and backend != "ort":
             raise InvalidRequestError(f"device_loop runs on backend 'ort' (ONNX Runtime sessions); got backend {backend!r}")
         if backend == "trt":
@@ -135,8 +140,10 @@ class AudioLDM2Runtime:
             prompt = self.prompt_in_t5_bucket(bucket)
             for length in lengths_s:
                 for batch in batch_sizes:
-                    self(prompt, num_inference_steps=steps, audio_length_in_s=length,
-                         num_waveforms_per_prompt=batch, seed=0)
+                    # several waveforms of one prompt (ranked) or, without ranking, one each of several prompts:
+                    # the same UNet, VAE and vocoder batch
+                    self(prompt if self.ranking else [prompt] * batch, num_inference_steps=steps,
+                         audio_length_in_s=length, num_waveforms_per_prompt=batch if self.ranking else 1, seed=0)
         self._warm = True
         return time.perf_counter() - start
 
@@ -156,7 +163,8 @@ class AudioLDM2Runtime:
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
-            "ranking_features": "graph" if self._features_graph is not None else "host",
+            "ranking": self.ranking,
+            "ranking_features": None if not self.ranking else "graph" if self._features_graph is not None else "host",
             "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),
                                "uncaptured_shapes": s.stats.uncaptured_keys,
                                "graph_refused": bool(s.stats.graph_refused)}
@@ -194,6 +202,10 @@ class AudioLDM2Runtime:
         # 1. Check the request once, up front.
         req = build_request(self.constants, self._scheduler_config, prompt, negative_prompt, num_inference_steps,
                             guidance_scale, audio_length_in_s, num_waveforms_per_prompt, seed, latents, scheduler)
+        if req.waveforms_per_prompt > 1 and not self.ranking:
+            raise InvalidRequestError(f"num_waveforms_per_prompt={req.waveforms_per_prompt} needs CLAP ranking, and this "
+                                      "runtime was loaded with ranking=False: the allowed value is 1 (or load with "
+                                      "ranking=True)")
         # 2. Prompt → conditioning (CLAP, T5, projection, GPT-2), negatives first under CFG.
         tokens = tokenize_prompts(self._clap_tok, self._t5_tok, req.prompts, req.negative_prompts)
         cond = encode_text(self._sessions, tokens, self._clap_tok.pad_token_id, self.constants,

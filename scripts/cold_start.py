@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,21 @@ VARIANTS = {
     "conv_small_workspace": ({c: {"cudnn_conv_use_max_workspace": 0} for c in CONVS}, "all", False, None),
     # initializers allocated with the device allocator, outside each session's arena
     "init_outside_arena": (None, "all", False, None),
+    # Where the first call's fixed GPU memory goes (VARIANT_EXTRAS): no CUDA graph captured; every kernel module
+    # loaded at context creation instead of on first use; cuBLAS's own workspace at 4 MiB; no ranking sessions
+    # (CLAP audio and its features; a batch-1 request never runs them)
+    "no_graphs": (None, "all", True, None),
+    "eager_modules": (None, "all", True, None),
+    "cublas_small_ws": (None, "all", True, None),
+    "no_ranking": (None, "all", True, None),
+}
+# Variants that change more than provider options. env: set in the child's environment before CUDA starts;
+# factory: OrtSessionFactory arguments; skip: components whose session is not created.
+VARIANT_EXTRAS = {
+    "no_graphs": {"factory": {"cuda_graphs": False}},
+    "eager_modules": {"env": {"CUDA_MODULE_LOADING": "EAGER"}},
+    "cublas_small_ws": {"env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}},
+    "no_ranking": {"skip": ("clap_features", "clap_audio")},
 }
 
 
@@ -96,6 +112,7 @@ def child(folder: str, variant: str, device: str) -> dict:
 
     imported = time.perf_counter() - t_import
     options, level, sequential, cache = VARIANTS[variant]
+    extras = VARIANT_EXTRAS.get(variant, {})
     if variant == "cache_write":
         import shutil
 
@@ -107,8 +124,9 @@ def child(folder: str, variant: str, device: str) -> dict:
                                 graph_optimization=level, optimized_cache=cache, precision=art.precision,
                                 bind=True if device_loop else None,
                                 session_config={"session.use_device_allocator_for_initializers": "1"}
-                                if variant == "init_outside_arena" else None)
-    files = {name: art.component_file(name) for name in art.manifest["components"]}
+                                if variant == "init_outside_arena" else None, **extras.get("factory", {}))
+    files = {name: art.component_file(name) for name in art.manifest["components"]
+             if name not in extras.get("skip", ())}
     created, memory = {}, {}
     if sequential:
         sessions = {}
@@ -161,9 +179,10 @@ def main() -> None:
     rows = []
     for r in range(args.repeat):  # interleaved: variant A, B, …, then again
         for variant in args.variants.split(","):
+            env = {**os.environ, **VARIANT_EXTRAS.get(variant, {}).get("env", {})}
             proc = subprocess.run([sys.executable, __file__, "--artifacts", args.artifacts, "--device", args.device,
                                    "--child", variant],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             row = json.loads(line[0][7:]) if line else {"variant": variant, "error": proc.stderr[-2000:]}
             row["repeat"] = r

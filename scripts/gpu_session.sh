@@ -22,6 +22,9 @@
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 #   bash scripts/gpu_session.sh smoke      # setup, tiny fp16 export, then the measurement scripts on it (they run on CUDA?)
+#   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
+#                                          # options swept from the runtime's own, peak memory with and without ranking,
+#                                          # the full benchmark with a fuse_conv_bias row, fidelity
 # 'short' is the plan for a session with little device time left: fp16 artefacts only, no compiled peers.
 # For 'multi', pack Ray too:  bash ../shared/device/prepare.sh soxr==1.0.0 nvidia-ml-py $(cat scripts/device_ray_specs.txt)
 set -uo pipefail
@@ -196,6 +199,34 @@ case "$1" in
   all-final)  # setup, the fp16 and fp32 exports, final
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 32 && bash "$SELF" final ;;
+  memory)  # after the fp16 and fp32 exports started: while they run, a tiny fp16 export and where its GPU memory goes
+           # (cold_start.py's anatomy variants); then validate, the UNet / VAE / vocoder options swept from the
+           # runtime's own (fuse_conv_bias), the anatomy at full size, peak memory (the runtime with and without
+           # ranking, B0), the full benchmark with a fuse_conv_bias row, fidelity
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done; mkdir -p /tmp/logs/tiny
+    export FUSE_OPTS='{"unet": {"fuse_conv_bias": 1}, "vae_decoder": {"fuse_conv_bias": 1}, "vocoder": {"fuse_conv_bias": 1}}'
+    ANATOMY=sequential,no_graphs,eager_modules,cublas_small_ws,no_ranking,init_outside_arena
+    setsid bash -c "(cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 \
+        --out /tmp/art-tiny16 --overwrite > /tmp/logs/export_tiny.log 2>&1) && \
+      python3 cold_start.py --artifacts /tmp/art-tiny16 --variants $ANATOMY --repeat 1 --out /tmp/logs/tiny \
+        > /tmp/logs/anatomy_tiny.log 2>&1; \
+      bash $SELF wait 16 32; \
+      $VALIDATE16; \
+      python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runtime-defaults --variants default,fuse_conv_bias \
+        --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants $ANATOMY --repeat 1 --out /tmp/logs \
+        > /tmp/logs/cold.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,b0 --out /tmp/logs \
+        > /tmp/logs/peakmem.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip fp16_nograph,fp16_notf32 \
+        --provider-options \"\$FUSE_OPTS\" --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      $FIDELITY; \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-memory)  # setup, the fp16 and fp32 exports, memory
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 32 && bash "$SELF" memory ;;
   load)  # after the fp16 export: the one-GPU load test (micro-batcher on and off; two runtimes from two threads)
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done

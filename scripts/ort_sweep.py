@@ -12,7 +12,8 @@ second row's T5 tokens half padding. Writes unet_recipes.json.
 Components: the UNet at batch 2 (CFG), the VAE decoder and the vocoder at batch 1, 10.24 s. Model
 variants: the fp16 artefacts as exported and, for the VAE decoder and vocoder, a plain fp16 conversion of
 their fp32 file, made here with the export's own converter.
-Option variants start from the runtime's defaults (``cuda_provider_options``) and change one thing each.
+Option variants start from the runtime's common defaults (``cuda_provider_options``; with ``--runtime-defaults``
+also each component's own, ``COMPONENT_PROVIDER_OPTIONS``, on the fp16 artefacts' files) and change one thing each.
 Inputs are random with the shapes of a real request; every output is checked finite. Writes sweep.json
 and prints ms per run (median) for each (component, model, options).
 """
@@ -32,7 +33,7 @@ import onnxruntime as ort
 from audioldm2_trt.export.validate import rel_l2
 
 from audioldm2_trt.runtime.backends.base import Device
-from audioldm2_trt.runtime.backends.ort import cuda_provider_options
+from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, cuda_provider_options
 
 SECONDS = 10.24  # the benchmark's request length
 
@@ -65,6 +66,8 @@ OPTION_VARIANTS = {  # name → changes to the runtime's defaults (graph: captur
     "sdpa_flash_efficient": {"sdpa_kernel": 1 | 2 | 16},
     "sdpa_efficient": {"sdpa_kernel": 2 | 16},
     "sdpa_cudnn": {"sdpa_kernel": 8 | 16},
+    # each convolution's bias added by cuDNN's fused conv + bias engine instead of a separate cudnnAddTensor
+    "fuse_conv_bias": {"fuse_conv_bias": 1},
 }
 
 
@@ -86,10 +89,11 @@ def feeds_for(shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
 
 
 def time_variant(path: Path, feeds: dict, changes: dict, runs: int, tf32_default: bool,
-                 keep_output: list | None = None) -> dict:
+                 keep_output: list | None = None, base: dict | None = None) -> dict:
+    """``base``: options over ``cuda_provider_options`` that every variant starts from (``--runtime-defaults``)."""
     changes = dict(changes)
     graph = changes.pop("graph", True)
-    options = {**cuda_provider_options(Device.parse("cuda:0"), tf32_default), **changes}
+    options = {**cuda_provider_options(Device.parse("cuda:0"), tf32_default), **(base or {}), **changes}
     if graph:
         options["enable_cuda_graph"] = 1
     so = ort.SessionOptions()
@@ -172,7 +176,8 @@ def unet_recipe_rows(args) -> None:
         summaries = dict(zip(names, (json.loads(s) for s in pool.map(_convert, jobs))))
     shapes = request_shapes(args.fp32)["unet"]
     feeds = feeds_for(shapes)
-    report = {"onnxruntime": ort.__version__, "shapes": shapes, "results": []}
+    report = {"onnxruntime": ort.__version__, "shapes": shapes, "runtime_defaults": args.runtime_defaults,
+              "results": []}
     reference: list = []
     row = {"recipe": "fp32_artefact_tf32_off", **time_variant(src, feeds, {"use_tf32": 0}, args.runs, True, reference)}
     record(report, row, Path(args.out, "unet_recipes.json"))
@@ -183,12 +188,12 @@ def unet_recipe_rows(args) -> None:
 
 
 def timed_row(row: dict, path: Path, feeds: dict, changes: dict, runs: int, tf32_default: bool,
-              reference: list) -> dict:
+              reference: list, base: dict | None = None) -> dict:
     """``row`` plus ``time_variant``'s figures and, given a reference output, the rel-L2 against it; a failure is
     recorded in the row (the sweep goes on)."""
     try:
         out: list = []
-        row.update(time_variant(path, feeds, changes, runs, tf32_default, out))
+        row.update(time_variant(path, feeds, changes, runs, tf32_default, out, base))
         if reference:
             row["rel_l2_vs_fp32"] = rel_l2(out[0], reference[0])
     except Exception as err:
@@ -226,6 +231,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--components", default="unet,vae_decoder,vocoder")
     ap.add_argument("--variants", default=",".join(OPTION_VARIANTS))
+    ap.add_argument("--runtime-defaults", action="store_true",
+                    help="variants start from the runtime's per-component options for fp16 artefacts "
+                         "(COMPONENT_PROVIDER_OPTIONS: the UNet's attention kernels and heuristic convolution search, "
+                         "the vocoder's NHWC) on the fp16 artefacts' files, not from the common options alone")
     ap.add_argument("--work", default="/tmp/sweep")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
@@ -238,7 +247,8 @@ def main() -> None:
         ap.error("--fp16 is required")
     work = Path(args.work)
     shapes = request_shapes(args.fp16)
-    report = {"onnxruntime": ort.__version__, "shapes": shapes, "results": []}
+    report = {"onnxruntime": ort.__version__, "shapes": shapes, "runtime_defaults": args.runtime_defaults,
+              "results": []}
     for name in args.components.split(","):
         reference: list = []  # the fp32 file's output, TF32 off, when there is one: every row's rel-L2 against it
         try:
@@ -254,10 +264,12 @@ def main() -> None:
             except Exception as err:  # report, go on with the rest
                 print(f"{name}: fp16 conversion failed: {err!r}", flush=True)
         for model, (path, tf32_default) in models.items():
+            base = COMPONENT_PROVIDER_OPTIONS.get(name) if args.runtime_defaults and model == "fp16_artefact" else None
             for variant in args.variants.split(","):
-                row = timed_row({"component": name, "model": model, "variant": variant}, path,
+                row = timed_row({"component": name, "model": model, "variant": variant,
+                                 **({"base_options": base} if base else {})}, path,
                                 feeds_for(shapes[name]),
-                                OPTION_VARIANTS[variant], args.runs, tf32_default, reference)
+                                OPTION_VARIANTS[variant], args.runs, tf32_default, reference, base)
                 record(report, row, Path(args.out, "sweep.json"))
 
 

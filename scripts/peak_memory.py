@@ -1,6 +1,6 @@
 """Peak GPU memory of the runtime and of diffusers (B0), each in a fresh process, counted the same way.
 
-    python scripts/peak_memory.py --artifacts /tmp/art-fp16 [--which runtime,b0] [--calls 5] [--out DIR]
+    python scripts/peak_memory.py --artifacts /tmp/art-fp16 [--which runtime,runtime_no_ranking,b0] [--calls 5] [--out DIR]
 
 benchmark.py measures each configuration inside one shared process: the runtime first (its figure includes
 creating the CUDA context), B0 last with torch's context already made and not counted, and with the CUDA
@@ -23,12 +23,12 @@ from benchmark import REQUEST
 from gpu_memory import GpuMemory
 
 
-def child_runtime(folder: str, calls: int, base: float) -> dict:
+def child_runtime(folder: str, calls: int, base: float, ranking: bool = True) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     marks = {}
     with GpuMemory() as mem:
-        rt = AudioLDM2Runtime.load(folder, device="cuda")
+        rt = AudioLDM2Runtime.load(folder, device="cuda", ranking=ranking)
         marks["after load"] = mem.used_mib() - base
         rt(**REQUEST, seed=0)
         marks["after the first call"] = mem.used_mib() - base
@@ -67,7 +67,8 @@ def child_b0(calls: int, base: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", help="fp16 artefact folder (for 'runtime')")
-    ap.add_argument("--which", default="runtime,b0")
+    ap.add_argument("--which", default="runtime,b0",
+                    help="comma-separated: runtime, runtime_no_ranking (loaded with ranking=False), b0")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--out", default=".")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -75,10 +76,13 @@ def main() -> None:
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.child:
-        result = child_runtime(args.artifacts, args.calls, args.base) if args.child == "runtime" else \
-            child_b0(args.calls, args.base)
+        result = child_b0(args.calls, args.base) if args.child == "b0" else \
+            child_runtime(args.artifacts, args.calls, args.base, ranking=args.child != "runtime_no_ranking")
         print("RESULT " + json.dumps(result), flush=True)
         return
+    unknown = set(args.which.split(",")) - {"runtime", "runtime_no_ranking", "b0"}
+    if unknown:
+        ap.error(f"--which: unknown {sorted(unknown)}; choose from runtime, runtime_no_ranking, b0")
     rows = {}
     for which in args.which.split(","):
         time.sleep(2)  # let the previous process's memory go back

@@ -163,3 +163,26 @@ def test_folder_without_the_features_graph_still_loads_and_ranks_on_the_host(tin
     out = rt("rain", num_waveforms_per_prompt=2, num_inference_steps=2, audio_length_in_s=2.5, seed=0)
     assert out.scores is not None and out.scores[0] >= out.scores[1]
     assert "clap_features" not in rt.health()["components"] and rt.health()["ranking_features"] == "host"
+
+
+def test_runtime_without_ranking_opens_no_clap_audio_and_refuses_several_waveforms(tiny_artifacts, runtime):
+    """load(ranking=False) for servers that want one waveform per prompt: CLAP's audio branch and its features
+    graph are not opened, one waveform comes out as with ranking, and more than one is an error naming the value."""
+    rt = AudioLDM2Runtime.load(tiny_artifacts, ranking=False)
+    kw = dict(num_inference_steps=2, audio_length_in_s=2.5, seed=3)
+    np.testing.assert_allclose(rt("rain", **kw).audios, runtime("rain", **kw).audios, rtol=0, atol=1e-6)
+    health = rt.health()
+    assert health["ranking"] is False and runtime.health()["ranking"] is True
+    assert not {"clap_audio", "clap_features"} & set(health["components"]) and "unet" in health["components"]
+    with pytest.raises(InvalidRequestError, match=r"num_waveforms_per_prompt=2 needs CLAP ranking.*allowed value is 1"):
+        rt("rain", num_waveforms_per_prompt=2, **kw)
+    vocoder, batches = rt._sessions["vocoder"], []
+
+    class Recorder:  # the vocoder, noting the batch of each mel it decodes
+        def run(self, feeds):
+            batches.append(len(feeds["mel"]))
+            return vocoder.run(feeds)
+
+    rt._sessions["vocoder"] = Recorder()
+    rt.warmup(lengths_s=(2.5,), batch_sizes=(1, 2), steps=1)  # batch 2 as two prompts of one waveform each
+    assert rt.health()["warm"] and batches == [1, 2]
