@@ -18,7 +18,8 @@ import numpy as np
 from .artifacts import RANKING_COMPONENTS, Artifacts, load_artifacts
 from .audio import ClapFeatures
 from .backends.base import Device
-from .backends.ort import DEFAULT_MAX_GRAPHS, OrtSessionFactory, default_tf32, ort_tensorrt_providers
+from .backends.ort import (CUBLAS_WORKSPACE_KIB, DEFAULT_MAX_GRAPHS, OrtSessionFactory, default_tf32,
+                           ort_tensorrt_providers)
 from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
 from .denoising import DeviceStepper, HostStepper, pad_rows
@@ -74,7 +75,8 @@ class AudioLDM2Runtime:
     def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
              cuda_graphs="auto", max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort",
              tf32: bool | None = None, provider_options: dict | None = None,
-             device_loop: bool | None = None, ranking: bool = True) -> "AudioLDM2Runtime":
+             device_loop: bool | None = None, ranking: bool = True,
+             cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
@@ -93,6 +95,9 @@ class AudioLDM2Runtime:
         ranking: open CLAP's audio branch (and its log-mel features graph), which ranks several waveforms per
         prompt. ``ranking=False`` leaves those sessions out — for a server that asks for one waveform per prompt:
         less GPU memory and a shorter load — and a request for more than one waveform per prompt is then an error.
+        cublas_workspace_kib (CUDA): cuBLAS's workspace per handle, 4 MiB by default, set through the process's
+        CUBLAS_WORKSPACE_CONFIG unless that is set already (``backends.ort.limit_cublas_workspace``): cuBLAS's own
+        default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
@@ -125,7 +130,7 @@ class AudioLDM2Runtime:
         factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
                                     tf32=default_tf32(art.precision) if tf32 is None else tf32,
                                     component_options=provider_options, bind=True if device_loop else None,
-                                    precision=art.precision)
+                                    precision=art.precision, cublas_workspace_kib=cublas_workspace_kib)
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
         return cls(art, sessions, factory.device, solver)
@@ -164,6 +169,7 @@ class AudioLDM2Runtime:
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
             "ranking": self.ranking,
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG") if self.device.kind == "cuda" else None,
             "ranking_features": None if not self.ranking else "graph" if self._features_graph is not None else "host",
             "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),
                                "uncaptured_shapes": s.stats.uncaptured_keys,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -188,7 +189,9 @@ def table(res: dict) -> str:
                        ("fp16_plain", "ORT CUDA fp16, no fusion (--fuse none)"),
                        ("fp16_options", f"ORT CUDA fp16, provider options {res.get('provider_options')}")):
         r = res.get(f"runtime_{key}")
-        if r:
+        if r and "error" in r:
+            rows.append(f"| this runtime, {label} | failed | | {r['error'][:200]} |")
+        elif r:
             s = r["stages_ms"]
             rows.append(f"| this runtime, {label} | {r['median_s'] * 1e3:.0f} ms | {r['first_s']:.2f} s | "
                         f"text {s['text']:.1f} ms, UNet step {s['unet_step']:.1f} ms, VAE {s['vae']:.1f} ms, "
@@ -221,6 +224,7 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip),
            "provider_options": args.provider_options}
+    cublas_env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     variants = (  # key, artefacts, cuda_graphs, heavy (DDIM-200, batch 4), tf32, provider_options, device_loop
         ("fp16", args.fp16, "auto", True, None, None, None), ("fp32", args.fp32, "auto", False, None, None, None),
         ("fp16_host_loop", args.fp16, "auto", True, None, None, False),
@@ -233,10 +237,18 @@ def main() -> None:
             print(f"{key}: no artefacts in {folder} (export failed or was stopped); skipped", flush=True)
             res["skipped"].append(key)
         elif folder and key not in skip:
-            res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs, tf32=tf32,
-                                                  provider_options=options, device_loop=loop)
-            print(key, json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
+            try:
+                res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs, tf32=tf32,
+                                                      provider_options=options, device_loop=loop)
+                print(key, json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
+            except Exception as err:  # one configuration failing (a provider option cuDNN rejects) ends only its row
+                res[f"runtime_{key}"] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+                print(key, "failed:", res[f"runtime_{key}"]["error"], flush=True)
             Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
+    # The runtime set CUBLAS_WORKSPACE_CONFIG for its sessions (unless it was set when this ran): the peers run as
+    # they do out of the box, with torch's own cuBLAS workspace.
+    if cublas_env_before is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     import torch
 
     import diffusers

@@ -65,13 +65,19 @@ VARIANTS = {
     "eager_modules": (None, "all", True, None),
     "cublas_small_ws": (None, "all", True, None),
     "no_ranking": (None, "all", True, None),
+    # cuBLAS's own default workspace (the runtime asks for 4 MiB per handle since run I: CUBLAS_WORKSPACE_KIB)
+    "cublas_default_ws": (None, "all", True, None),
+    # each convolution's bias in cuDNN's fused conv + bias engine (the vocoder's dilated 1-D convolutions fail so)
+    "fuse_unet": ({"unet": {"fuse_conv_bias": 1}}, "all", False, None),
+    "fuse_unet_vae": ({c: {"fuse_conv_bias": 1} for c in CONVS[:2]}, "all", False, None),
 }
 # Variants that change more than provider options. env: set in the child's environment before CUDA starts;
 # factory: OrtSessionFactory arguments; skip: components whose session is not created.
 VARIANT_EXTRAS = {
     "no_graphs": {"factory": {"cuda_graphs": False}},
     "eager_modules": {"env": {"CUDA_MODULE_LOADING": "EAGER"}},
-    "cublas_small_ws": {"env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}},
+    "cublas_small_ws": {"env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}},  # the runtime's default since run I
+    "cublas_default_ws": {"factory": {"cublas_workspace_kib": None}},
     "no_ranking": {"skip": ("clap_features", "clap_audio")},
 }
 

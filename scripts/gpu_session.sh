@@ -227,6 +227,23 @@ case "$1" in
   all-memory)  # setup, the fp16 and fp32 exports, memory
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 32 && bash "$SELF" memory ;;
+  all-cublas)  # with ~11 minutes of device time: setup, the fp16 export in the foreground, then peak memory (the
+               # runtime with and without ranking), cold start (the default, cuBLAS's own workspace, fused conv bias
+               # in the UNet), validate, the runtime's benchmark with a fused-conv-bias row; $OUT/logs.tar after each
+    t0=$SECONDS
+    bash "$SELF" setup || exit 1
+    cd /tmp && python3 -m audioldm2_trt.cli export --random-weights audioldm2 --precision fp16 --out /tmp/art-fp16 \
+      --overwrite > /tmp/logs/export16.log 2>&1 || { tail -30 /tmp/logs/export16.log; exit 1; }
+    echo "export done at $((SECONDS - t0)) s"
+    cd "$ROOT/scripts"
+    python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking --out /tmp/logs \
+      > /tmp/logs/peakmem.log 2>&1; echo "peak_memory rc $? at $((SECONDS - t0)) s"; tar -C /tmp -cf "$OUT/logs.tar" logs
+    python3 cold_start.py --artifacts /tmp/art-fp16 --variants sequential,cublas_default_ws,fuse_unet --repeat 1 \
+      --out /tmp/logs > /tmp/logs/cold.log 2>&1; echo "cold_start rc $? at $((SECONDS - t0)) s"; tar -C /tmp -cf "$OUT/logs.tar" logs
+    $VALIDATE16; echo "validate rc $? at $((SECONDS - t0)) s"; tar -C /tmp -cf "$OUT/logs.tar" logs
+    python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_host_loop,fp16_nograph,fp16_notf32 \
+      --provider-options '{"unet": {"fuse_conv_bias": 1}}' --out /tmp/logs > /tmp/logs/bench.log 2>&1
+    echo "benchmark rc $? at $((SECONDS - t0)) s"; tar -C /tmp -cf "$OUT/logs.tar" logs; tail -n 3 /tmp/logs/*.log ;;
   load)  # after the fp16 export: the one-GPU load test (micro-batcher on and off; two runtimes from two threads)
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -186,3 +187,20 @@ def test_runtime_without_ranking_opens_no_clap_audio_and_refuses_several_wavefor
     rt._sessions["vocoder"] = Recorder()
     rt.warmup(lengths_s=(2.5,), batch_sizes=(1, 2), steps=1)  # batch 2 as two prompts of one waveform each
     assert rt.health()["warm"] and batches == [1, 2]
+
+
+def test_cublas_workspace_is_asked_for_unless_the_process_sets_it(monkeypatch, tiny_artifacts):
+    """CUBLAS_WORKSPACE_CONFIG: set to one 4 MiB buffer per handle when absent, an operator's value kept, nothing
+    touched on the CPU or with None, and a bad size named."""
+    from audioldm2_trt.runtime.backends.ort import CUBLAS_WORKSPACE_KIB, limit_cublas_workspace
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    AudioLDM2Runtime.load(tiny_artifacts, device="cpu")  # no cuBLAS on the CPU: the environment is left alone
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert limit_cublas_workspace(None) is None
+    assert limit_cublas_workspace(CUBLAS_WORKSPACE_KIB) == ":4096:1"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    assert limit_cublas_workspace(4096) == ":16:8"
+    for bad in (0, -1, 2.5, True, "4096"):
+        with pytest.raises(BackendError, match=rf"cublas_workspace_kib must be a positive integer \(KiB\) or None, got {bad!r}"):
+            limit_cublas_workspace(bad)

@@ -10,6 +10,7 @@ captured with; the key → id map here is what guarantees it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -27,6 +28,11 @@ log = logging.getLogger("audioldm2_trt.runtime")
 
 GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                       "all": "ORT_ENABLE_ALL"}
+# cuBLAS's workspace per handle, in KiB (CUBLAS_WORKSPACE_CONFIG=:4096:1, one 4 MiB buffer). cuBLAS's own default
+# on the H100 cost about 120 MiB per ONNX Runtime session (half at creation, half on the first run; the UNet about
+# 240): 5007 → 3863 MiB for the fp16 runtime after its first call, with the same warm speed (cold_start.py,
+# docs/benchmarks.md, run I).
+CUBLAS_WORKSPACE_KIB = 4096
 DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
 _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
 # ONNX Runtime runs each graph id a few times uncaptured (memory allocation) before it captures; runs of a shape
@@ -300,12 +306,15 @@ class OrtSessionFactory:
     optimised graph is there loads it with optimisation off; else it is optimised and written there (for
     measurements of session-creation time; the graph written is specific to this ONNX Runtime, provider and GPU).
     session_config: extra ONNX Runtime session config entries for every session (for measurements).
+    cublas_workspace_kib (CUDA): cuBLAS's workspace per handle, set through CUBLAS_WORKSPACE_CONFIG unless the process
+    sets it already (``limit_cublas_workspace``); None leaves cuBLAS's default.
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
                  cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
-                 optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None):
+                 optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
+                 cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB):
         import onnxruntime as ort
 
         self.ort = ort
@@ -337,6 +346,9 @@ class OrtSessionFactory:
             raise BackendError(f"device {self.device} asked for, but providers {names} contain no GPU provider")
         if self.device.kind == "cuda":
             _check_gpu_index(ort, self.device)
+            self.cublas_workspace = limit_cublas_workspace(cublas_workspace_kib)
+        else:
+            self.cublas_workspace = None
         self.providers = providers
         # CUDA graphs only with our default CUDA provider (custom provider lists are taken as given).
         self._default_cuda = self.device.kind == "cuda" and not custom
@@ -418,6 +430,21 @@ class OrtSessionFactory:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = {name: pool.submit(self.create, name, path) for name, path in files.items()}
             return {name: f.result() for name, f in futures.items()}
+
+
+def limit_cublas_workspace(kib: int | None) -> str | None:
+    """Ask cuBLAS for one ``kib`` KiB workspace per handle (``CUBLAS_WORKSPACE_CONFIG=:kib:1``) unless the process
+    already sets CUBLAS_WORKSPACE_CONFIG — a value there is the operator's and is kept. cuBLAS reads it when it
+    creates a handle, so it acts on the sessions created after this call; it is process-wide (a torch in the same
+    process sizes its own cuBLAS workspace from it too). ``kib=None`` leaves the environment alone. Returns the
+    value in effect."""
+    if kib is not None:
+        if isinstance(kib, bool) or not isinstance(kib, int) or kib < 1:
+            raise BackendError(f"cublas_workspace_kib must be a positive integer (KiB) or None, got {kib!r}")
+        if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = f":{kib}:1"
+            log.info("CUBLAS_WORKSPACE_CONFIG=:%d:1 (one %d KiB cuBLAS workspace per handle)", kib, kib)
+    return os.environ.get("CUBLAS_WORKSPACE_CONFIG")
 
 
 def cuda_provider_options(device: Device, tf32: bool) -> dict:
