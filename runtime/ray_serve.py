@@ -36,12 +36,13 @@ class AudioLDM2Deployment:
     audio_pcm16_base64 (list, best first)}. HTTP (``POST /``) takes the same JSON."""
 
     def __init__(self, artifacts: str, device: str = "cpu", max_batch: int = 8, max_queue: int = 64,
-                 warmup: bool = True, threads: int = 0):
+                 warmup: bool = True, threads: int = 0, ranking: bool = True):
         from .batching import MicroBatcher
         from .pipeline import AudioLDM2Runtime
         from .shapes import WARM_T5_BUCKETS, batch_buckets
 
-        self.runtime = AudioLDM2Runtime.load(artifacts, device=device, threads=threads)
+        # ranking=False: one waveform per request, CLAP's audio branch not loaded (AudioLDM2Runtime.load)
+        self.runtime = AudioLDM2Runtime.load(artifacts, device=device, threads=threads, ranking=ranking)
         if warmup:  # every batch bucket the micro-batcher can produce, before the replica takes traffic
             self.runtime.warmup(batch_sizes=batch_buckets(max_batch), t5_buckets=WARM_T5_BUCKETS)
         self.batcher = MicroBatcher(self.runtime, max_batch=max_batch, max_queue=max_queue)

@@ -36,8 +36,9 @@ SELF="$ROOT/scripts/gpu_session.sh"
 RAY_LEVELS="python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 8 16 32 --rounds 6 \
   --out /tmp/logs > /tmp/logs/multi_ray.log 2>&1"
 # Steps several modes share (run from scripts/ after the exports they need)
+# BENCH_OPTIONS='{"unet": {...}}' (exported): also a row with those per-component provider options
 BENCH_WITH_PEERS="python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 \
-  --skip fp16_nograph,fp16_notf32 --out /tmp/logs > /tmp/logs/bench.log 2>&1"
+  --skip fp16_nograph,fp16_notf32 ${BENCH_OPTIONS:+--provider-options \"\$BENCH_OPTIONS\"} --out /tmp/logs > /tmp/logs/bench.log 2>&1"
 FIDELITY="python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1"
 VALIDATE16="(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1)"
 mkdir -p /tmp/logs

@@ -30,8 +30,8 @@ GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                       "all": "ORT_ENABLE_ALL"}
 # cuBLAS's workspace per handle, in KiB (CUBLAS_WORKSPACE_CONFIG=:4096:1, one 4 MiB buffer). cuBLAS's own default
 # on the H100 cost about 120 MiB per ONNX Runtime session (half at creation, half on the first run; the UNet about
-# 240): 5007 → 3863 MiB for the fp16 runtime after its first call, with the same warm speed (cold_start.py,
-# docs/benchmarks.md, run I).
+# 240): 5007 → 3863 MiB for the fp16 runtime after its first call, with no slowdown measured (cold_start.py,
+# docs/benchmarks.md, runs I and J).
 CUBLAS_WORKSPACE_KIB = 4096
 DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
 _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
@@ -434,10 +434,11 @@ class OrtSessionFactory:
 
 def limit_cublas_workspace(kib: int | None) -> str | None:
     """Ask cuBLAS for one ``kib`` KiB workspace per handle (``CUBLAS_WORKSPACE_CONFIG=:kib:1``) unless the process
-    already sets CUBLAS_WORKSPACE_CONFIG — a value there is the operator's and is kept. cuBLAS reads it when it
-    creates a handle, so it acts on the sessions created after this call; it is process-wide (a torch in the same
-    process sizes its own cuBLAS workspace from it too). ``kib=None`` leaves the environment alone. Returns the
-    value in effect."""
+    already sets CUBLAS_WORKSPACE_CONFIG — a value there is the operator's and is kept. Set this way before the
+    process's first CUDA session, as ``OrtSessionFactory`` does, it took effect (docs/benchmarks.md, run J); whether
+    cuBLAS honours it for handles made after it was first used in the process is not measured. It is process-wide: a
+    torch in the same process sizes its own cuBLAS workspace from it too. ``kib=None`` leaves the environment alone.
+    Returns the value in effect."""
     if kib is not None:
         if isinstance(kib, bool) or not isinstance(kib, int) or kib < 1:
             raise BackendError(f"cublas_workspace_kib must be a positive integer (KiB) or None, got {kib!r}")
