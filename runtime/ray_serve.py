@@ -77,9 +77,10 @@ class AudioLDM2Deployment:
 
 def build_app(artifacts: str, num_replicas: int = 1, device: str = "cpu", max_batch: int = 8,
               cpus_per_replica: float = 1.0, warmup: bool = True, threads: int = 0,
-              max_ongoing_requests: int | None = None):
+              max_ongoing_requests: int | None = None, ranking: bool = True):
     """The bound application: ``num_replicas`` replicas, each with one GPU when ``device`` is CUDA, each
-    holding at most ``max_ongoing_requests`` requests (default ``max_batch``: one batch's worth)."""
+    holding at most ``max_ongoing_requests`` requests (default ``max_batch``: one batch's worth). ``ranking=False``:
+    one waveform per request, CLAP's audio branch not loaded."""
     max_ongoing_requests = max_batch if max_ongoing_requests is None else max_ongoing_requests
     if max_batch < 1 or max_ongoing_requests < 1:
         raise InvalidRequestError(f"max_batch={max_batch} and max_ongoing_requests={max_ongoing_requests} must be ≥ 1")
@@ -90,4 +91,4 @@ def build_app(artifacts: str, num_replicas: int = 1, device: str = "cpu", max_ba
     return AudioLDM2Deployment.options(
         num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_gpus": gpus, "num_cpus": cpus_per_replica},
-    ).bind(artifacts, device=device, max_batch=max_batch, warmup=warmup, threads=threads)
+    ).bind(artifacts, device=device, max_batch=max_batch, warmup=warmup, threads=threads, ranking=ranking)

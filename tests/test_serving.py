@@ -373,6 +373,27 @@ def test_server_queue_full_is_429_and_timeout_is_504(runtime):
     batcher.close()
 
 
+@needs_server
+def test_server_without_ranking_refuses_several_waveforms(tiny_artifacts):
+    """A server over ``load(ranking=False)`` answers one waveform per request and names the limit for more; serve()
+    refuses limits that would let a request ask for more."""
+    from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
+    from audioldm2_trt.runtime.server import ServerLimits, create_app, serve
+    from fastapi.testclient import TestClient
+
+    rt = AudioLDM2Runtime.load(tiny_artifacts, ranking=False)
+    batcher = MicroBatcher(rt, max_batch=2)
+    client = TestClient(create_app(batcher, ServerLimits(max_waveforms=1)))
+    r = client.post("/v1/generate", json={"prompt": "a", "steps": 2, "seconds": 2.0, "waveforms": 2})
+    assert r.status_code == 422 and "waveforms=2 is above this server's limit 1" in r.text
+    r = client.post("/v1/generate", json={"prompt": "a", "steps": 2, "seconds": 2.0, "seed": 1},
+                    headers={"Accept": "audio/wav"})
+    assert r.status_code == 200 and r.content[:4] == b"RIFF"
+    batcher.close()
+    with pytest.raises(ValueError, match="ranking=False serves one waveform per request; limits.max_waveforms is 4"):
+        serve(str(tiny_artifacts), ranking=False)
+
+
 # -- Ray Serve ---------------------------------------------------------------------------------------
 @pytest.mark.skipif(not _has("ray"), reason="needs the ray extra: pip install -e '.[ray]'")
 def test_ray_replica_holds_one_batch_by_default_and_bad_bounds_are_refused(tiny_artifacts):
