@@ -36,9 +36,9 @@ SELF="$ROOT/scripts/gpu_session.sh"
 RAY_LEVELS="python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --concurrency 1 4 8 16 32 --rounds 6 \
   --out /tmp/logs > /tmp/logs/multi_ray.log 2>&1"
 # Steps several modes share (run from scripts/ after the exports they need)
-# BENCH_OPTIONS='{"unet": {...}}' (exported): also a row with those per-component provider options
+# BENCH_OPTIONS='{"unet": {...}}' (exported, read when the step runs): also a row with those per-component options
 BENCH_WITH_PEERS="python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 \
-  --skip fp16_nograph,fp16_notf32 ${BENCH_OPTIONS:+--provider-options \"\$BENCH_OPTIONS\"} --out /tmp/logs > /tmp/logs/bench.log 2>&1"
+  --skip fp16_nograph,fp16_notf32 \${BENCH_OPTIONS:+--provider-options \"\$BENCH_OPTIONS\"} --out /tmp/logs > /tmp/logs/bench.log 2>&1"
 FIDELITY="python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1"
 VALIDATE16="(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1)"
 mkdir -p /tmp/logs
@@ -206,7 +206,7 @@ case "$1" in
            # ranking, B0), the full benchmark with a fuse_conv_bias row, fidelity
     cd "$ROOT/scripts"
     rm -f /tmp/logs/done; mkdir -p /tmp/logs/tiny
-    export FUSE_OPTS='{"unet": {"fuse_conv_bias": 1}, "vae_decoder": {"fuse_conv_bias": 1}, "vocoder": {"fuse_conv_bias": 1}}'
+    export BENCH_OPTIONS='{"unet": {"fuse_conv_bias": 1}, "vae_decoder": {"fuse_conv_bias": 1}, "vocoder": {"fuse_conv_bias": 1}}'
     ANATOMY=sequential,no_graphs,eager_modules,cublas_small_ws,no_ranking,init_outside_arena
     setsid bash -c "(cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 \
         --out /tmp/art-tiny16 --overwrite > /tmp/logs/export_tiny.log 2>&1) && \
@@ -220,8 +220,7 @@ case "$1" in
         > /tmp/logs/cold.log 2>&1; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,b0 --out /tmp/logs \
         > /tmp/logs/peakmem.log 2>&1; \
-      python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 --skip fp16_nograph,fp16_notf32 \
-        --provider-options \"\$FUSE_OPTS\" --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      $BENCH_WITH_PEERS; \
       $FIDELITY; \
       touch /tmp/logs/done" &
     echo started ;;

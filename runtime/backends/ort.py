@@ -346,9 +346,7 @@ class OrtSessionFactory:
             raise BackendError(f"device {self.device} asked for, but providers {names} contain no GPU provider")
         if self.device.kind == "cuda":
             _check_gpu_index(ort, self.device)
-            self.cublas_workspace = limit_cublas_workspace(cublas_workspace_kib)
-        else:
-            self.cublas_workspace = None
+            limit_cublas_workspace(cublas_workspace_kib)  # before any session: cuBLAS makes its handles in them
         self.providers = providers
         # CUDA graphs only with our default CUDA provider (custom provider lists are taken as given).
         self._default_cuda = self.device.kind == "cuda" and not custom
