@@ -70,6 +70,9 @@ VARIANTS = {
     # each convolution's bias in cuDNN's fused conv + bias engine (the vocoder's dilated 1-D convolutions fail so)
     "fuse_unet": ({"unet": {"fuse_conv_bias": 1}}, "all", False, None),
     "fuse_unet_vae": ({c: {"fuse_conv_bias": 1} for c in CONVS[:2]}, "all", False, None),
+    # the vocoder without cuDNN's exhaustive algorithm search (2.6 s of run K's first call), or with its heuristic
+    "voc_default_search": ({"vocoder": {"cudnn_conv_algo_search": "DEFAULT"}}, "all", False, None),
+    "voc_heuristic": ({"vocoder": {"cudnn_conv_algo_search": "HEURISTIC"}}, "all", False, None),
 }
 # Variants that change more than provider options. env: set in the child's environment before CUDA starts;
 # factory: OrtSessionFactory arguments; skip: components whose session is not created.

@@ -19,6 +19,8 @@
 #   bash scripts/gpu_session.sh all-cold   # setup, fp16 export, cold start in clean processes (scripts/cold_start.py), validate
 #   bash scripts/gpu_session.sh all-final  # setup, fp16 + fp32 exports, validate, cold start, full benchmark, fidelity
 #   bash scripts/gpu_session.sh all-load   # setup, fp16 export, load test on one GPU
+#   bash scripts/gpu_session.sh all-conv-search  # setup, fp16 + fp32 exports, the vocoder's cuDNN algorithm search
+#                                          # swept (exhaustive, heuristic, none), cold start with each
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 #   bash scripts/gpu_session.sh smoke      # setup, tiny fp16 export, then the measurement scripts on it (they run on CUDA?)
@@ -167,6 +169,20 @@ case "$1" in
       $VALIDATE16; \
       touch /tmp/logs/done" &
     echo started ;;
+  conv-search)  # after the fp16 and fp32 exports: the vocoder's cuDNN algorithm search swept (the runtime's exhaustive
+                # search, heuristic, none: first run, warm time, rel-L2 against fp32), then cold start with each
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16 32; \
+      python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runtime-defaults --components vocoder \
+        --variants default,heuristic,default_search --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default,voc_default_search,voc_heuristic \
+        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-conv-search)  # setup, the fp16 and fp32 exports, conv-search
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 32 && bash "$SELF" conv-search ;;
   all-cold)  # setup, the fp16 export, cold
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" cold ;;

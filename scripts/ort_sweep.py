@@ -57,6 +57,8 @@ OPTION_VARIANTS = {  # name → changes to the runtime's defaults (graph: captur
     "tf32_on": {"use_tf32": 1},
     "no_pad_nc1d": {"cudnn_conv1d_pad_to_nc1d": 0},
     "heuristic": {"cudnn_conv_algo_search": "HEURISTIC"},
+    # no algorithm search at all: cuDNN's implicit-precomputed-GEMM algorithm (a first run without the search)
+    "default_search": {"cudnn_conv_algo_search": "DEFAULT"},
     "no_max_workspace": {"cudnn_conv_use_max_workspace": 0},
     "prefer_nhwc": {"prefer_nhwc": 1},
     "tunable_op": {"tunable_op_enable": 1, "tunable_op_tuning_enable": 1},
