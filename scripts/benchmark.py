@@ -100,11 +100,9 @@ def _session_only(session, constants: dict, runs: int = 50) -> float:
     [2, 8, 256, 16], GPT-2 states [2, 8, 768], T5 states [2, 16, 1024])."""
     import numpy as np
 
-    from audioldm2_trt.export.components import BY_NAME, SampleShape, input_shapes
-    from audioldm2_trt.runtime.shapes import audio_shape
+    from ort_sweep import shapes_for  # scripts/ort_sweep.py: the same request's shapes for the option sweep
 
-    frames = audio_shape(constants, REQUEST["audio_length_in_s"]).latent_frames
-    shapes = input_shapes(BY_NAME["unet"], constants, SampleShape(batch=2, seq=16, frames=frames))
+    shapes = shapes_for(constants, REQUEST["audio_length_in_s"])["unet"]
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
              "timestep": np.array([500], dtype=np.int64),

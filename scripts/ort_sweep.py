@@ -39,14 +39,19 @@ SECONDS = 10.24  # the benchmark's request length
 
 
 def request_shapes(folder: str | Path) -> dict[str, dict[str, tuple]]:
-    """Input shapes of a SECONDS-long request for an artefact folder's config (its specs' named dims resolved from
-    its constants), the UNet at batch 2 (prompt + negative, 16 T5 tokens). Full size: sample (2, 8, 256, 16),
-    GPT-2 states (2, 8, 768), T5 states (2, 16, 1024), VAE latents (1, 8, 256, 16), vocoder mel (1, 1, 1024, 64)."""
+    """``shapes_for`` an artefact folder's constants and a SECONDS-long request."""
+    return shapes_for(json.loads((Path(folder) / "manifest.json").read_text())["constants"], SECONDS)
+
+
+def shapes_for(c: dict, seconds: float) -> dict[str, dict[str, tuple]]:
+    """Input shapes of a ``seconds``-long request for artefact constants ``c`` (the specs' named dims resolved from
+    them), the UNet at batch 2 (prompt + negative, 16 T5 tokens). Full size, 10.24 s: sample (2, 8, 256, 16),
+    GPT-2 states (2, 8, 768), T5 states (2, 16, 1024), VAE latents (1, 8, 256, 16), vocoder mel (1, 1, 1024, 64).
+    benchmark.py's UNet-alone timing uses it too."""
     from audioldm2_trt.export.components import BY_NAME, SampleShape, input_shapes
     from audioldm2_trt.runtime.shapes import audio_shape
 
-    c = json.loads((Path(folder) / "manifest.json").read_text())["constants"]
-    frames = audio_shape(c, SECONDS).latent_frames
+    frames = audio_shape(c, seconds).latent_frames
     return {name: input_shapes(BY_NAME[name], c, SampleShape(batch=batch, seq=16, frames=frames))
             for name, batch in (("unet", 2), ("vae_decoder", 1), ("vocoder", 1))}
 
