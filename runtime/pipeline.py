@@ -70,13 +70,14 @@ class AudioLDM2Runtime:
         self.ranking = "clap_audio" in sessions  # load(ranking=False) leaves CLAP's audio branch out
         self._scheduler_config = artifacts.manifest["scheduler"]
         self._warm = False
+        self.shared_arena = False  # load(shared_arena=True) sets it
 
     @classmethod
     def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
              cuda_graphs="auto", max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort",
              tf32: bool | None = None, provider_options: dict | None = None,
              device_loop: bool | None = None, ranking: bool = True,
-             cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB) -> "AudioLDM2Runtime":
+             cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
@@ -98,6 +99,10 @@ class AudioLDM2Runtime:
         cublas_workspace_kib (CUDA): cuBLAS's workspace per handle, 4 MiB by default, set through the process's
         CUBLAS_WORKSPACE_CONFIG unless that is set already (``backends.ort.limit_cublas_workspace``): cuBLAS's own
         default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
+        shared_arena (backend "ort", default providers): the sessions share one ONNX Runtime arena for their
+        activations instead of one each (``backends/shared_arena.py``) — less GPU memory, but on that device the
+        components' runs take turns (two requests in different stages no longer overlap), and every runtime of the
+        process that shares the arena must be loaded before the first request.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
@@ -114,6 +119,9 @@ class AudioLDM2Runtime:
                                       f"providers {'given' if providers is not None else 'default'}")
         files = {name: art.component_file(name) for name in art.manifest["components"]
                  if ranking or name not in RANKING_COMPONENTS}
+        if shared_arena and (backend != "ort" or providers is not None):
+            raise InvalidRequestError(f"shared_arena applies to backend 'ort' with the default provider; got backend "
+                                      f"{backend!r}, providers {'given' if providers is not None else 'default'}")
         if device_loop and backend != "ort":
             raise InvalidRequestError(f"device_loop runs on backend 'ort' (ONNX Runtime sessions); got backend {backend!r}")
         if backend == "trt":
@@ -130,10 +138,13 @@ class AudioLDM2Runtime:
         factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
                                     tf32=default_tf32(art.precision) if tf32 is None else tf32,
                                     component_options=provider_options, bind=True if device_loop else None,
-                                    precision=art.precision, cublas_workspace_kib=cublas_workspace_kib)
+                                    precision=art.precision, cublas_workspace_kib=cublas_workspace_kib,
+                                    shared_arena=shared_arena)
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
-        return cls(art, sessions, factory.device, solver)
+        runtime = cls(art, sessions, factory.device, solver)
+        runtime.shared_arena = shared_arena
+        return runtime
 
     def warmup(self, lengths_s=(None,), batch_sizes=(1,), t5_buckets=(16,), steps: int = 2) -> float:
         """Run each (length, batch, T5 bucket) once so that buffers, cuDNN algorithms and CUDA graphs exist
@@ -169,7 +180,7 @@ class AudioLDM2Runtime:
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
-            "ranking": self.ranking,
+            "ranking": self.ranking, "shared_arena": self.shared_arena,
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG") if self.device.kind == "cuda" else None,
             "ranking_features": None if not self.ranking else "graph" if self._features_graph is not None else "host",
             "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),

@@ -73,6 +73,9 @@ VARIANTS = {
     # the vocoder without cuDNN's exhaustive algorithm search (2.6 s of run K's first call), or with its heuristic
     "voc_default_search": ({"vocoder": {"cudnn_conv_algo_search": "DEFAULT"}}, "all", False, None),
     "voc_heuristic": ({"vocoder": {"cudnn_conv_algo_search": "HEURISTIC"}}, "all", False, None),
+    # one ONNX Runtime arena for every session (load(shared_arena=True)), sessions created one at a time as in
+    # "sequential", whose memory figures it is compared with
+    "shared_arena": (None, "all", True, None),
 }
 # Variants that change more than provider options. env: set in the child's environment before CUDA starts;
 # factory: OrtSessionFactory arguments; skip: components whose session is not created.
@@ -82,6 +85,7 @@ VARIANT_EXTRAS = {
     "cublas_small_ws": {"env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}},  # the runtime's default since run I
     "cublas_default_ws": {"factory": {"cublas_workspace_kib": None}},
     "no_ranking": {"skip": ("clap_features", "clap_audio")},
+    "shared_arena": {"factory": {"shared_arena": True}},
 }
 
 

@@ -24,6 +24,8 @@
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 #   bash scripts/gpu_session.sh smoke      # setup, tiny fp16 export, then the measurement scripts on it (they run on CUDA?)
+#   bash scripts/gpu_session.sh all-arena  # setup, fp16 export, the shared arena against the default (peak memory and
+#                                          # audio, anatomy and cold start, load test and placement)
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -305,6 +307,31 @@ case "$1" in
     python3 benchmark.py --fp16 /tmp/art-tiny16 --runs 3 --skip b0,b1,b2,fp32,fp16_host_loop,fp16_nograph,fp16_notf32 \
       --out /tmp/logs/bench > /tmp/logs/bench.log 2>&1; echo "benchmark rc $? at $((SECONDS - t0)) s"
     tar -C /tmp -cf "$OUT/logs.tar" logs; tail -n 4 /tmp/logs/*.log ;;
+  arena)  # after the fp16 export: one shared ONNX Runtime arena (load(shared_arena=True)) against the default — peak
+          # memory and audio in fresh processes (with and without ranking; B0), the memory anatomy and cold start of
+          # both, the weights ONNX Runtime's optimiser adds at load (initializer_bytes.py), then the one-GPU load test
+          # with the shared arena and without (placement: two runtimes, two threads)
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done; mkdir -p /tmp/logs/load-shared /tmp/logs/load-default
+    setsid bash -c "bash $SELF wait 16; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 \
+        --which runtime,runtime_shared,runtime_no_ranking,runtime_shared_no_ranking,b0 --out /tmp/logs \
+        > /tmp/logs/peakmem.log 2>&1; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants sequential,shared_arena --repeat 2 --out /tmp/logs \
+        > /tmp/logs/cold.log 2>&1; \
+      mkdir -p /tmp/logs/cache; python3 cold_start.py --artifacts /tmp/art-fp16 --variants cache_write --repeat 1 \
+        --out /tmp/logs/cache > /tmp/logs/cache.log 2>&1; \
+      python3 initializer_bytes.py --artifacts /tmp/art-fp16 --optimized /tmp/ort-optimized-cache --out /tmp/logs \
+        > /tmp/logs/initializers.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --shared-arena --out /tmp/logs/load-shared \
+        > /tmp/logs/load-shared.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs/load-default \
+        > /tmp/logs/load-default.log 2>&1; \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-arena)  # setup, the fp16 export, arena
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" arena ;;
   collect)
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && [ ! -f /tmp/logs/done ]; do

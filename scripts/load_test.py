@@ -1,6 +1,6 @@
 """Serving load on one GPU: throughput and latency of the micro-batcher at several concurrencies.
 
-    python scripts/load_test.py --artifacts /tmp/art-fp16 [--device cuda] [--concurrency 1 4 16] [--out DIR]
+    python scripts/load_test.py --artifacts /tmp/art-fp16 [--device cuda] [--concurrency 1 4 16] [--shared-arena] [--out DIR]
 
 Each configuration: ``c`` client threads each sending requests back to back (10.24 s, DPM-20, CFG 3.5,
 a different prompt and seed per request) through one ``MicroBatcher`` — with micro-batching
@@ -111,18 +111,21 @@ class TorchGpuLoad:
         self._thread.join()
 
 
-def placement(folder: str, device: str) -> dict:
+def placement(folder: str, device: str, shared_arena: bool = False) -> dict:
     """Two runtimes on one GPU from two threads against each alone, for the device loop (the default) and the loop
     on the host; each runtime's repeats alone, which tell run-to-run nondeterminism from cross-talk; and one
     runtime repeated beside an unrelated torch workload (where torch is installed), which tells sensitivity to
-    kernel scheduling (a difference with nothing shared) from cross-talk between runtimes."""
+    kernel scheduling (a difference with nothing shared) from cross-talk between runtimes. All four runtimes are
+    loaded before any runs: with ``shared_arena`` they share one arena, which no session may join after a capture."""
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     kwargs = dict(num_inference_steps=5, audio_length_in_s=2.0)
-    out = {"device": device}
-    for label, loop in (("", None), ("host_loop_", False)):
-        a = AudioLDM2Runtime.load(folder, device=device, device_loop=loop)
-        b = AudioLDM2Runtime.load(folder, device=device, device_loop=loop)
+    out = {"device": device, "shared_arena": shared_arena}
+    loops = (("", None), ("host_loop_", False))
+    pairs = {label: [AudioLDM2Runtime.load(folder, device=device, device_loop=loop, shared_arena=shared_arena)
+                     for _ in range(2)] for label, loop in loops}
+    for label, _ in loops:
+        a, b = pairs[label]
         call_a, call_b = (lambda: a("a dog", seed=1, **kwargs).audios), (lambda: b("rain", seed=2, **kwargs).audios)
         call_a(), call_b()  # shapes captured before anything is compared
         out[f"{label}one_runtime_repeated_alone_worst_rel_l2"] = worst_repeat_vs_first(call_a)
@@ -152,22 +155,27 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-placement", action="store_true")
     ap.add_argument("--placement-only", action="store_true", help="the placement checks, no load")
+    ap.add_argument("--shared-arena", action="store_true",
+                    help="every runtime loaded with shared_arena=True (one ONNX Runtime arena; runs take turns)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
     from audioldm2_trt.runtime.shapes import WARM_T5_BUCKETS, batch_buckets
 
-    res = {"placement": "skipped"}
+    res = {"placement": "skipped", "shared_arena": args.shared_arena}
+    # loaded before the placement runtimes capture anything (a shared arena takes no session after a capture)
+    rt = None if args.placement_only else AudioLDM2Runtime.load(args.artifacts, device=args.device,
+                                                                shared_arena=args.shared_arena)
     if not args.skip_placement:
         try:
-            res["placement"] = placement(args.artifacts, args.device + ":0" if args.device == "cuda" else args.device)
+            res["placement"] = placement(args.artifacts, args.device + ":0" if args.device == "cuda" else args.device,
+                                         shared_arena=args.shared_arena)
         except Exception as err:  # reported, and the load figures still measured
             res["placement"] = {"error": f"{type(err).__name__}: {err}"}
     print(res, flush=True)
     if args.placement_only:
         Path(args.out, "load.json").write_text(json.dumps(res, indent=1))
         return
-    rt = AudioLDM2Runtime.load(args.artifacts, device=args.device)
     # every bucket the batcher can produce, at the T5 buckets a server warms
     rt.warmup(lengths_s=(SECONDS,), batch_sizes=batch_buckets(MAX_BATCH), t5_buckets=WARM_T5_BUCKETS)
     res["load"] = []

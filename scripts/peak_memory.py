@@ -8,6 +8,13 @@ libraries the runtime loaded already resident. Here every configuration gets a p
 is NVML's used memory on the GPU above the level before that process started — CUDA context, libraries, weights,
 workspaces and arenas alike — over load, the first call and ``--calls`` warm calls (batch 1, the benchmark's
 request). Writes peak_memory.json.
+
+The ``runtime*`` rows then make two more calls — two waveforms of the request (seed 1: the batch-4 UNet and the
+ranking sessions; skipped without ranking) and the first request again — reported apart from the batch-1 peak, and
+save their audio (``--audio-dir``). The parent compares each row's audio with the ``runtime`` row's and a row's
+repeated first request with its first, as rel-L2: ``runtime_shared`` (``load(shared_arena=True)``) must give the same
+audio up to the fp16 UNet's run-to-run spread (~2e-3, docs/benchmarks.md), which is how a captured graph writing
+into another component's memory would show.
 """
 
 from __future__ import annotations
@@ -22,20 +29,35 @@ from pathlib import Path
 from benchmark import REQUEST
 from gpu_memory import GpuMemory
 
+# runtime rows: name → child_runtime arguments
+ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared": {"shared_arena": True},
+        "runtime_shared_no_ranking": {"ranking": False, "shared_arena": True}, "b0": None}
 
-def child_runtime(folder: str, calls: int, base: float, ranking: bool = True) -> dict:
+
+def child_runtime(folder: str, calls: int, base: float, ranking: bool = True, shared_arena: bool = False,
+                  audio_path: str | None = None) -> dict:
+    import numpy as np
+
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
-    marks = {}
+    marks, audio = {}, {}
     with GpuMemory() as mem:
-        rt = AudioLDM2Runtime.load(folder, device="cuda", ranking=ranking)
+        rt = AudioLDM2Runtime.load(folder, device="cuda", ranking=ranking, shared_arena=shared_arena)
         marks["after load"] = mem.used_mib() - base
-        rt(**REQUEST, seed=0)
+        audio["first"] = rt(**REQUEST, seed=0).audios
         marks["after the first call"] = mem.used_mib() - base
         for _ in range(calls):
             rt(**REQUEST, seed=0)
         marks["after the warm calls"] = mem.used_mib() - base
-    return {"peak_mib": mem.peak_mib - base, "marks_mib": marks}
+        peak_batch1 = max(m for _, m in mem.samples)
+        if ranking:
+            audio["two"] = rt(**REQUEST, seed=1, num_waveforms_per_prompt=2).audios
+        audio["again"] = rt(**REQUEST, seed=0).audios
+        marks["after two waveforms and the first request again"] = mem.used_mib() - base
+    if audio_path:
+        np.savez(audio_path, **audio)
+    return {"peak_mib": peak_batch1 - base, "peak_with_the_later_calls_mib": mem.peak_mib - base, "marks_mib": marks,
+            "health": rt.health()}
 
 
 def child_b0(calls: int, base: float) -> dict:
@@ -68,21 +90,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", help="fp16 artefact folder (for 'runtime')")
     ap.add_argument("--which", default="runtime,b0",
-                    help="comma-separated: runtime, runtime_no_ranking (loaded with ranking=False), b0")
+                    help="comma-separated: " + ", ".join(ROWS))
+    ap.add_argument("--audio-dir", help="where the runtime rows save their audio (default: --out)")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--out", default=".")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--base", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--audio-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.child:
         result = child_b0(args.calls, args.base) if args.child == "b0" else \
-            child_runtime(args.artifacts, args.calls, args.base, ranking=args.child != "runtime_no_ranking")
+            child_runtime(args.artifacts, args.calls, args.base, audio_path=args.audio_file, **ROWS[args.child])
         print("RESULT " + json.dumps(result), flush=True)
         return
-    unknown = set(args.which.split(",")) - {"runtime", "runtime_no_ranking", "b0"}
+    unknown = set(args.which.split(",")) - set(ROWS)
     if unknown:
-        ap.error(f"--which: unknown {sorted(unknown)}; choose from runtime, runtime_no_ranking, b0")
+        ap.error(f"--which: unknown {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    audio_dir = Path(args.audio_dir or args.out)
+    audio_dir.mkdir(parents=True, exist_ok=True)
     rows = {}
     for which in args.which.split(","):
         time.sleep(2)  # let the previous process's memory go back
@@ -90,13 +116,33 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", which, "--calls", str(args.calls), "--base", str(base)]
         if args.artifacts:
             cmd += ["--artifacts", args.artifacts]
+        if which != "b0":
+            cmd += ["--audio-file", str(audio_dir / f"audio-{which}.npz")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         rows[which] = {"idle_mib": base, **json.loads(line[0][7:])} if line else {"error": proc.stderr[-3000:]}
         print(which, json.dumps(rows[which]), flush=True)
         Path(args.out, "peak_memory.json").write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "artifacts": args.artifacts,
-            "request": REQUEST, "calls": args.calls, "rows": rows}, indent=1))
+            "request": REQUEST, "calls": args.calls, "rows": rows,
+            "audio_rel_l2": compare_audio(audio_dir, [w for w in rows if w != "b0" and "error" not in rows[w]])},
+            indent=1))
+
+
+def compare_audio(audio_dir: Path, rows: list[str]) -> dict:
+    """rel-L2 of each runtime row's audio against the ``runtime`` row's (same call), and of each row's repeated first
+    request against its first."""
+    import numpy as np
+
+    rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
+    saved = {w: dict(np.load(audio_dir / f"audio-{w}.npz")) for w in rows}
+    out = {}
+    for which, audio in saved.items():
+        out[which] = {"again vs its first call": rel(audio["again"], audio["first"])}
+        if which != "runtime" and "runtime" in saved:
+            out[which].update({f"{call} vs runtime": rel(audio[call], saved["runtime"][call])
+                               for call in audio if call in saved["runtime"]})
+    return out
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,9 @@ from ..errors import BackendError
 from .base import Device
 from .capture_guard import CUDA_CAPTURE_GUARD
 from .cuda_driver import caller_context_kept, cuda_device_count
+from .shared_arena import SESSION_CONFIG as SHARED_ARENA_CONFIG
+from .shared_arena import SharedArena
+from .shared_arena import shared_arena as _shared_arena
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
@@ -78,10 +81,14 @@ class OrtSession:
     the H100, docs/benchmarks.md). The worker also leaves the caller's current CUDA device alone. Those runs
     hold the process's ``CUDA_CAPTURE_GUARD`` too: exclusively while a shape key may still be captured,
     shared afterwards, since another session's worker may capture at the same time.
+
+    arena: the shared arena this CUDA session allocates from (``shared_arena.py``), or None for its own arena. Each
+    run then also holds the arena's lock until its outputs are synchronised, and its first captured graph marks the
+    arena as captured.
     """
 
     def __init__(self, name: str, session, ort, device: Device, bind: bool, cuda_graphs: bool,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS):
+                 max_graphs: int = DEFAULT_MAX_GRAPHS, arena: SharedArena | None = None):
         self.name = name
         self._session = session
         self._ort = ort
@@ -96,6 +103,7 @@ class OrtSession:
         self._next_graph_id = 1  # 0 is reserved by ONNX Runtime
         cuda = device.kind == "cuda"
         self._guard = CUDA_CAPTURE_GUARD if cuda else None
+        self._arena = arena
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}") if cuda else None
         self.stats = SessionStats()
 
@@ -127,9 +135,7 @@ class OrtSession:
         exclusive where ``fn`` may capture a CUDA graph, shared otherwise; returns its result. The caller
         holds ``held()``. An ONNX Runtime error comes back as BackendError naming this component and ``what``."""
         def guarded():
-            if self._guard is None:
-                return fn()
-            with self._guard.exclusive() if may_capture else self._guard.shared():
+            with self._guarded(may_capture):
                 return fn()
 
         try:
@@ -182,12 +188,17 @@ class OrtSession:
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         key = _shape_key(feeds)
-        if self._guard is None:
-            return self._run_key(key, feeds)
         bound = self._bound.get(key)
-        may_capture = self.cuda_graphs and (bound is None or self.may_capture(bound))
-        with self._guard.exclusive() if may_capture else self._guard.shared():
+        with self._guarded(self.cuda_graphs and (bound is None or self.may_capture(bound))):
             return self._run_key(key, feeds)
+
+    @contextmanager
+    def _guarded(self, may_capture: bool):
+        """What a run holds: the capture guard on CUDA (exclusive where it may capture), then the shared arena's lock
+        where the session has one (runs on one arena never overlap)."""
+        guard = nullcontext() if self._guard is None else self._guard.exclusive() if may_capture else self._guard.shared()
+        with guard, self._arena.lock if self._arena is not None else nullcontext():
+            yield
 
     def _key_bound(self, key: tuple, feeds: dict[str, np.ndarray]) -> "_Bound | None":
         """This key's buffers with ``feeds`` copied in, created (one uncaptured run) if new; None past ``max_graphs``."""
@@ -222,6 +233,8 @@ class OrtSession:
         bound.binding.synchronize_outputs()
         bound.runs += 1
         self.stats.runs += 1
+        if self._arena is not None and ro is not None and bound.graph_id != _NO_GRAPH:
+            self._arena.captured = True  # (from its first graph run on: ONNX Runtime captures within CAPTURE_RUNS)
 
     def _ortvalue(self, array: np.ndarray):
         if self.device.kind == "cpu":  # a CPU OrtValue wraps the array itself: never alias the caller's
@@ -277,7 +290,7 @@ class OrtSession:
 
     def close(self) -> None:
         def release():
-            with self._guard.shared() if self._guard else nullcontext():
+            with self._guarded(False):
                 self._bound.clear()  # frees device buffers: not while another thread captures
                 self._session = None
 
@@ -308,13 +321,17 @@ class OrtSessionFactory:
     session_config: extra ONNX Runtime session config entries for every session (for measurements).
     cublas_workspace_kib (CUDA): cuBLAS's workspace per handle, set through CUBLAS_WORKSPACE_CONFIG unless the process
     sets it already (``limit_cublas_workspace``); None leaves cuBLAS's default.
+    shared_arena (default providers only): every session allocates its activations from the device's one shared
+    arena instead of an arena of its own, and its weights from the device allocator (``shared_arena.py``: less
+    memory; on CUDA runs of different sessions then take turns, and no session may be created on the arena after
+    one of its graphs was captured).
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
                  cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
-                 cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB):
+                 cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -358,6 +375,9 @@ class OrtSessionFactory:
         self._graphs_for = _graph_selector(cuda_graphs if use_graphs else False)
         self._graphs_optional = cuda_graphs == "auto"
         self.bind = self.device.kind == "cuda" if bind is None else bind
+        if shared_arena and custom:
+            raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
+        self.arena = _shared_arena(ort, self.device) if shared_arena else None
 
     def create(self, name: str, path: str | Path, graphs: bool | None = None) -> OrtSession:
         """One session; ``graphs=False`` never captures it (whatever ``cuda_graphs`` says)."""
@@ -374,7 +394,9 @@ class OrtSessionFactory:
                                               f"{name}.onnx.data")
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                               "1024")
-        for key, value in self.session_config.items():
+        if self.arena is not None:
+            self.arena.check_can_join(name)
+        for key, value in {**(SHARED_ARENA_CONFIG if self.arena is not None else {}), **self.session_config}.items():
             opts.add_session_config_entry(key, str(value))
         if self.threads:
             opts.intra_op_num_threads = self.threads
@@ -405,7 +427,8 @@ class OrtSessionFactory:
         if dropped:  # ONNX Runtime drops a provider it cannot start (e.g. TensorRT without libnvinfer)
             raise BackendError(f"{name}: onnxruntime could not start {dropped} (running on {used}); "
                                "check that provider's libraries are installed")
-        made = OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs)
+        made = OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs,
+                          arena=self.arena if self.device.kind == "cuda" else None)
         made.stats.graph_refused = refused
         return made
 

@@ -1,0 +1,82 @@
+"""load(shared_arena=True): one ONNX Runtime arena for every session (runtime/backends/shared_arena.py).
+
+What it saves is GPU memory, measured on the GPU (scripts/peak_memory.py, docs/benchmarks.md). Here: the audio is
+the default runtime's, the safety rules hold (runs on the arena take its lock; no session joins it after a graph
+of it was captured), and what it does not apply to is refused by name.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from audioldm2_trt.runtime import AudioLDM2Runtime
+from audioldm2_trt.runtime.backends.base import Device
+from audioldm2_trt.runtime.backends.ort import OrtSession, OrtSessionFactory
+from audioldm2_trt.runtime.backends.shared_arena import shared_arena
+from audioldm2_trt.runtime.errors import BackendError, InvalidRequestError
+
+KW = dict(num_inference_steps=2, audio_length_in_s=2.5, seed=3)
+
+
+def test_shared_arena_gives_the_default_runtimes_audio(tiny_artifacts, runtime):
+    shared = AudioLDM2Runtime.load(tiny_artifacts, shared_arena=True)
+    np.testing.assert_array_equal(shared("rain", **KW).audios, runtime("rain", **KW).audios)
+    two = dict(KW, num_waveforms_per_prompt=2)  # the ranking sessions too
+    out, ref = shared("rain on a tin roof", **two), runtime("rain on a tin roof", **two)
+    np.testing.assert_array_equal(out.audios, ref.audios)
+    np.testing.assert_array_equal(out.scores, ref.scores)
+    # every session bound and the denoising loop kept in bound buffers, as on CUDA
+    bound = AudioLDM2Runtime.load(tiny_artifacts, shared_arena=True, device_loop=True)
+    reference = AudioLDM2Runtime.load(tiny_artifacts, device_loop=True)
+    np.testing.assert_array_equal(bound("rain", **KW).audios, reference("rain", **KW).audios)
+    assert shared.health()["shared_arena"] is True and runtime.health()["shared_arena"] is False
+
+
+def test_shared_arena_is_refused_where_it_does_not_apply(tiny_artifacts):
+    with pytest.raises(InvalidRequestError, match="shared_arena applies to backend 'ort' with the default provider; "
+                                                  "got backend 'ort', providers given"):
+        AudioLDM2Runtime.load(tiny_artifacts, shared_arena=True, providers=["CPUExecutionProvider"])
+    with pytest.raises(BackendError, match="shared_arena applies to the default CPU or CUDA provider only"):
+        OrtSessionFactory("cpu", providers=["CPUExecutionProvider"], shared_arena=True)
+
+
+def test_no_session_joins_the_arena_after_one_of_its_graphs_was_captured(tiny_artifacts, monkeypatch):
+    """Rule 2: a later session's long-lived buffers could land in a captured graph's memory."""
+    factory = OrtSessionFactory("cpu", shared_arena=True)
+    assert factory.arena is shared_arena(factory.ort, Device.parse("cpu"))  # one arena per device and process
+    factory.create("projection", tiny_artifacts / "projection.onnx")  # joins before any capture
+    monkeypatch.setattr(factory.arena, "captured", True)
+    with pytest.raises(BackendError, match=r"projection: cannot join the shared arena of cpu: a CUDA graph of a "
+                                           r"session on it has been captured already.*shared_arena=False"):
+        factory.create("projection", tiny_artifacts / "projection.onnx")
+
+
+def test_a_run_on_the_arena_waits_for_its_lock(tiny_artifacts, runtime):
+    """Rule 1: runs on one arena never overlap — a run waits while another holds the arena's lock."""
+    factory = OrtSessionFactory("cpu", shared_arena=True)
+    plain = factory.create("projection", tiny_artifacts / "projection.onnx")
+    session = OrtSession("projection", plain._session, factory.ort, factory.device, bind=True, cuda_graphs=False,
+                         arena=factory.arena)  # as the factory makes it on CUDA
+    rng = np.random.default_rng(0)
+    feeds = {i.name: np.ones([d if isinstance(d, int) else 2 for d in i.shape], np.int64) if "int64" in i.type
+             else rng.standard_normal([d if isinstance(d, int) else 2 for d in i.shape]).astype(np.float32)
+             for i in plain._session.get_inputs()}
+    expected = plain.run(feeds)
+    done = threading.Event()
+    result = {}
+
+    def run():
+        result.update(session.run(feeds))
+        done.set()
+
+    with factory.arena.lock:
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert not done.wait(0.5), "the run went ahead while another held the arena's lock"
+    thread.join(10)
+    assert done.is_set()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(result[name], value)
