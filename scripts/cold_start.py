@@ -76,6 +76,10 @@ VARIANTS = {
     # one ONNX Runtime arena for every session (load(shared_arena=True)), sessions created one at a time as in
     # "sequential", whose memory figures it is compared with
     "shared_arena": (None, "all", True, None),
+    # ONNX Runtime's memory pattern off (activations allocated tensor by tensor instead of one planned block per
+    # run), with the shared arena and without
+    "shared_arena_nopattern": (None, "all", True, None),
+    "nopattern": (None, "all", True, None),
 }
 # Variants that change more than provider options. env: set in the child's environment before CUDA starts;
 # factory: OrtSessionFactory arguments; skip: components whose session is not created.
@@ -86,6 +90,8 @@ VARIANT_EXTRAS = {
     "cublas_default_ws": {"factory": {"cublas_workspace_kib": None}},
     "no_ranking": {"skip": ("clap_features", "clap_audio")},
     "shared_arena": {"factory": {"shared_arena": True}},
+    "shared_arena_nopattern": {"factory": {"shared_arena": True, "mem_pattern": False}},
+    "nopattern": {"factory": {"mem_pattern": False}},
 }
 
 
@@ -113,7 +119,7 @@ def growth_by_stage(timeline: GpuMemory, start: float, stages: dict) -> dict:
     return out
 
 
-def child(folder: str, variant: str, device: str) -> dict:
+def child(folder: str, variant: str, device: str, audio_file: str | None = None) -> dict:
     probe = _gpu_memory()
     base = probe.used_mib() if probe is not None else None
     used = lambda: None if probe is None else probe.used_mib() - base  # noqa: E731
@@ -158,8 +164,12 @@ def child(folder: str, variant: str, device: str) -> dict:
     timeline = _gpu_memory()
     with timeline or nullcontext():
         t1 = time.perf_counter()
-        rt(**REQUEST, seed=0, timings=first)
+        audio = rt(**REQUEST, seed=0, timings=first).audios
         first_call = time.perf_counter() - t1
+    if audio_file:
+        import numpy as np
+
+        np.save(audio_file, audio)
     memory["after the first call"] = used()
     if timeline is not None:
         memory["first call, growth by stage"] = growth_by_stage(timeline, t1, first)
@@ -184,27 +194,42 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--audio-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.child:
-        print("RESULT " + json.dumps(child(args.artifacts, args.child, args.device)), flush=True)
+        print("RESULT " + json.dumps(child(args.artifacts, args.child, args.device, args.audio_file)), flush=True)
         return
-    rows = []
+    rows, audio_files = [], []
     for r in range(args.repeat):  # interleaved: variant A, B, …, then again
         for variant in args.variants.split(","):
             env = {**os.environ, **VARIANT_EXTRAS.get(variant, {}).get("env", {})}
+            audio_file = Path(args.out, f"audio-{variant}-{r}.npy")
             proc = subprocess.run([sys.executable, __file__, "--artifacts", args.artifacts, "--device", args.device,
-                                   "--child", variant],
+                                   "--child", variant, "--audio-file", str(audio_file)],
                                   capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             row = json.loads(line[0][7:]) if line else {"variant": variant, "error": proc.stderr[-2000:]}
             row["repeat"] = r
+            if line:
+                row["audio_rel_l2_vs_first_row"] = audio_vs_first(audio_files, audio_file)
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in ("variant", "repeat", "load_s", "first_call_s", "cold_start_s",
                                                       "warm_median_s", "error")}), flush=True)
             Path(args.out, "cold_start.json").write_text(json.dumps({
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "artifacts": args.artifacts,
                 "request": REQUEST, "rows": rows}, indent=1))
+
+
+def audio_vs_first(saved: list, audio_file: Path) -> float:
+    """rel-L2 of the first call's audio (seed 0, saved at ``audio_file``) against the first row's (0.0 for the first
+    row, which is recorded in ``saved``): a variant that changes the audio beyond the fp16 UNet's run-to-run spread
+    (~2e-3) shows here."""
+    import numpy as np
+
+    saved.append(audio_file)
+    first, this = np.load(saved[0]), np.load(audio_file)
+    return float(np.linalg.norm(this - first) / np.linalg.norm(first))
 
 
 if __name__ == "__main__":

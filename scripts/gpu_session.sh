@@ -26,6 +26,7 @@
 #   bash scripts/gpu_session.sh smoke      # setup, tiny fp16 export, then the measurement scripts on it (they run on CUDA?)
 #   bash scripts/gpu_session.sh all-arena  # setup, fp16 export, the shared arena against the default (peak memory and
 #                                          # audio, anatomy and cold start, load test and placement)
+#   bash scripts/gpu_session.sh all-arena-pattern  # setup, fp16 export, the shared arena with the memory pattern off
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -329,6 +330,18 @@ case "$1" in
         > /tmp/logs/load-default.log 2>&1; \
       touch /tmp/logs/done" &
     echo started ;;
+  arena-pattern)  # after the fp16 export: the shared arena with ONNX Runtime's memory pattern on and off, and the
+                  # pattern off alone, against the default (cold_start.py: memory by stage, first call, warm, audio)
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants sequential,shared_arena,shared_arena_nopattern,nopattern \
+        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-arena-pattern)  # setup, the fp16 export, arena-pattern
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" arena-pattern ;;
   all-arena)  # setup, the fp16 export, arena
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" arena ;;

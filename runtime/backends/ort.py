@@ -325,13 +325,17 @@ class OrtSessionFactory:
     arena instead of an arena of its own, and its weights from the device allocator (``shared_arena.py``: less
     memory; on CUDA runs of different sessions then take turns, and no session may be created on the arena after
     one of its graphs was captured).
+    mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
+    as one block); False allocates them tensor by tensor (for measurements: with CUDA graphs only the uncaptured
+    runs allocate at all).
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
                  cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
-                 cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False):
+                 cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
+                 mem_pattern: bool = True):
         import onnxruntime as ort
 
         self.ort = ort
@@ -378,11 +382,13 @@ class OrtSessionFactory:
         if shared_arena and custom:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
         self.arena = _shared_arena(ort, self.device) if shared_arena else None
+        self.mem_pattern = mem_pattern
 
     def create(self, name: str, path: str | Path, graphs: bool | None = None) -> OrtSession:
         """One session; ``graphs=False`` never captures it (whatever ``cuda_graphs`` says)."""
         opts = self.ort.SessionOptions()
         opts.graph_optimization_level = self.graph_optimization
+        opts.enable_mem_pattern = self.mem_pattern
         if self.optimized_cache is not None:
             cached = self.optimized_cache / f"{name}.onnx"
             if cached.exists():
