@@ -77,9 +77,11 @@ VARIANTS = {
     # "sequential", whose memory figures it is compared with
     "shared_arena": (None, "all", True, None),
     # ONNX Runtime's memory pattern off (activations allocated tensor by tensor instead of one planned block per
-    # run), with the shared arena and without
+    # run), with the shared arena and without — the default on CUDA since run N; mem_pattern_on: the default before
     "shared_arena_nopattern": (None, "all", True, None),
     "nopattern": (None, "all", True, None),
+    "mem_pattern_on": (None, "all", True, None),
+    "shared_arena_pattern": (None, "all", True, None),
 }
 # Variants that change more than provider options. env: set in the child's environment before CUDA starts;
 # factory: OrtSessionFactory arguments; skip: components whose session is not created.
@@ -92,6 +94,8 @@ VARIANT_EXTRAS = {
     "shared_arena": {"factory": {"shared_arena": True}},
     "shared_arena_nopattern": {"factory": {"shared_arena": True, "mem_pattern": False}},
     "nopattern": {"factory": {"mem_pattern": False}},
+    "mem_pattern_on": {"factory": {"mem_pattern": True}},
+    "shared_arena_pattern": {"factory": {"shared_arena": True, "mem_pattern": True}},
 }
 
 

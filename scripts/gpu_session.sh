@@ -27,6 +27,8 @@
 #   bash scripts/gpu_session.sh all-arena  # setup, fp16 export, the shared arena against the default (peak memory and
 #                                          # audio, anatomy and cold start, load test and placement)
 #   bash scripts/gpu_session.sh all-arena-pattern  # setup, fp16 export, the shared arena with the memory pattern off
+#   bash scripts/gpu_session.sh all-arena-final  # setup, fp16 export, validate, peak memory, cold start, benchmark
+#                                                # (runtime rows), fidelity at the memory-pattern default
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -342,6 +344,25 @@ case "$1" in
   all-arena-pattern)  # setup, the fp16 export, arena-pattern
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" arena-pattern ;;
+  arena-final)  # after the fp16 export, at the defaults since run N (memory pattern off on CUDA): validate, peak memory
+                # and audio (with and without the shared arena and ranking), cold start against the pattern on, the
+                # runtime's benchmark rows (no peers), fidelity
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16; \
+      $VALIDATE16; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 \
+        --which runtime,runtime_shared,runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs \
+        > /tmp/logs/peakmem.log 2>&1; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default,mem_pattern_on --repeat 2 --out /tmp/logs \
+        > /tmp/logs/cold.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
+        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      $FIDELITY; touch /tmp/logs/done" &
+    echo started ;;
+  all-arena-final)  # setup, the fp16 export, arena-final
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" arena-final ;;
   all-arena)  # setup, the fp16 export, arena
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" arena ;;

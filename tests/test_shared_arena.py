@@ -1,4 +1,5 @@
-"""load(shared_arena=True): one ONNX Runtime arena for every session (runtime/backends/shared_arena.py).
+"""GPU-memory options of the ONNX Runtime backend: load(shared_arena=True), one arena for every session
+(runtime/backends/shared_arena.py), and the memory pattern (off on CUDA).
 
 What it saves is GPU memory, measured on the GPU (scripts/peak_memory.py, docs/benchmarks.md). Here: the audio is
 the default runtime's, the safety rules hold (runs on the arena take its lock; no session joins it after a graph
@@ -14,7 +15,7 @@ import pytest
 
 from audioldm2_trt.runtime import AudioLDM2Runtime
 from audioldm2_trt.runtime.backends.base import Device
-from audioldm2_trt.runtime.backends.ort import OrtSession, OrtSessionFactory
+from audioldm2_trt.runtime.backends.ort import OrtSession, OrtSessionFactory, default_mem_pattern
 from audioldm2_trt.runtime.backends.shared_arena import shared_arena
 from audioldm2_trt.runtime.errors import BackendError, InvalidRequestError
 
@@ -80,3 +81,12 @@ def test_a_run_on_the_arena_waits_for_its_lock(tiny_artifacts, runtime):
     assert done.is_set()
     for name, value in expected.items():
         np.testing.assert_array_equal(result[name], value)
+
+
+def test_memory_pattern_is_off_on_cuda_only_and_leaves_outputs_alone(tiny_artifacts):
+    assert default_mem_pattern(Device.parse("cuda:1")) is False and default_mem_pattern(Device.parse("cpu")) is True
+    on, off = OrtSessionFactory("cpu"), OrtSessionFactory("cpu", mem_pattern=False)
+    assert on.mem_pattern is True and off.mem_pattern is False
+    feeds = {"latents": np.random.default_rng(1).standard_normal((1, 8, 64, 16)).astype(np.float32)}
+    for name, value in off.create("vae_decoder", tiny_artifacts / "vae_decoder.onnx").run(feeds).items():
+        np.testing.assert_array_equal(value, on.create("vae_decoder", tiny_artifacts / "vae_decoder.onnx").run(feeds)[name])
