@@ -31,6 +31,8 @@ def add_commands(sub) -> None:
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before 504 (the request is cancelled)")
     s.add_argument("--no-ranking", action="store_true", help="one waveform per request: CLAP's audio branch is not "
                    "loaded (less GPU memory, shorter load)")
+    s.add_argument("--shared-arena", action="store_true", help="one ONNX Runtime memory arena for every component "
+                   "(less GPU memory; the components' runs take turns)")
     s.set_defaults(run=run_serve)
 
     d = sub.add_parser("demo", help="offline default: tiny random pipeline → export (cached) → generate → WAV")
@@ -122,5 +124,5 @@ def run_serve(args) -> int:
         return 2
     serve(args.artifacts, args.host, args.port, args.device, args.max_batch, args.max_queue,
           ServerLimits(args.max_seconds, args.max_steps, 1 if args.no_ranking else 4, args.timeout),
-          ranking=not args.no_ranking)
+          ranking=not args.no_ranking, shared_arena=args.shared_arena)
     return 0

@@ -394,6 +394,29 @@ def test_server_without_ranking_refuses_several_waveforms(tiny_artifacts):
         serve(str(tiny_artifacts), ranking=False)
 
 
+@needs_server
+def test_serve_command_passes_shared_arena_to_the_runtime(tiny_artifacts, monkeypatch):
+    """``audioldm2-trt serve --shared-arena`` loads the runtime with one arena (health says so); without the flag it
+    does not. uvicorn.run is replaced by a call that checks the app's runtime and returns."""
+    import uvicorn
+
+    from audioldm2_trt.cli import main
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    loaded = []
+    original = AudioLDM2Runtime.load.__func__
+
+    def load(cls, *args, **kwargs):
+        loaded.append(original(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(AudioLDM2Runtime, "load", classmethod(load))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    for flags, expected in ((["--shared-arena"], True), ([], False)):
+        assert main(["serve", "--artifacts", str(tiny_artifacts), *flags]) == 0
+        assert loaded[-1].health()["shared_arena"] is expected
+
+
 # -- Ray Serve ---------------------------------------------------------------------------------------
 @pytest.mark.skipif(not _has("ray"), reason="needs the ray extra: pip install -e '.[ray]'")
 def test_ray_replica_holds_one_batch_by_default_and_bad_bounds_are_refused(tiny_artifacts):
