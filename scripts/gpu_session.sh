@@ -29,6 +29,7 @@
 #   bash scripts/gpu_session.sh all-arena-pattern  # setup, fp16 export, the shared arena with the memory pattern off
 #   bash scripts/gpu_session.sh all-arena-final  # setup, fp16 export, validate, peak memory, cold start, benchmark
 #                                                # (runtime rows), fidelity at the memory-pattern default
+#   bash scripts/gpu_session.sh all-check-memory  # setup, fp16 export, validate, peak memory and audio
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -363,6 +364,19 @@ case "$1" in
   all-arena-final)  # setup, the fp16 export, arena-final
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" arena-final ;;
+  check-memory)  # after the fp16 export: validate, then peak memory and audio (the runtime with and without ranking,
+                 # and with the shared arena) — for a change to the artefacts' weights
+    cd "$ROOT/scripts"
+    rm -f /tmp/logs/done
+    setsid bash -c "bash $SELF wait 16; \
+      $VALIDATE16; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,runtime_shared --out /tmp/logs \
+        > /tmp/logs/peakmem.log 2>&1; \
+      touch /tmp/logs/done" &
+    echo started ;;
+  all-check-memory)  # setup, the fp16 export, check-memory
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" check-memory ;;
   all-arena)  # setup, the fp16 export, arena
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" arena ;;

@@ -195,13 +195,16 @@ def test_converted_component_agrees_with_fp32(tiny_artifacts, tmp_path, name):
 
 
 def test_t5_keeps_wo_norms_and_scores_fp32(tiny_artifacts, tmp_path):
-    """The T5 recipe's allow-list: the q/k/v/o and wi projections' weights are fp16, wo's and everything else's
-    fp32; the score MatMuls, Softmax, norms (Pow/ReduceMean/Sqrt) and residual Adds compute in fp32."""
+    """The T5 recipe's allow-list: the q/k/v/o and wi projections' weights and the embedding table are fp16, wo's and
+    everything else's fp32; the score MatMuls, Softmax, norms (Pow/ReduceMean/Sqrt) and residual Adds compute in
+    fp32."""
     import onnx
 
     path, summary = _fp16_copy(tiny_artifacts, tmp_path, "t5_encoder")
     model = onnx.load(str(path))
     init = {t.name: t.data_type for t in model.graph.initializer}
+    embedding = [n for n in model.graph.node if n.op_type == "Gather" and n.name.endswith("/embed_tokens/Gather")]
+    assert len(embedding) == 1 and init[embedding[0].input[0]] == onnx.TensorProto.FLOAT16
     weight_type = {}
     for node in model.graph.node:
         if node.op_type == "MatMul":
@@ -228,6 +231,38 @@ def test_t5_keeps_wo_norms_and_scores_fp32(tiny_artifacts, tmp_path):
                     for o in n.output}
     assert checked > 50 and fp16_outputs == {fp16}
     assert summary["fp16_nodes"]
+
+
+def test_t5_embedding_table_in_fp16_changes_no_output_bit(tiny_artifacts, tmp_path):
+    """The fp16 table gives the same encoder output, bit for bit, as the fp32 table the recipe kept before: that graph
+    rounded each looked-up row to fp16 before the first norm (CPU, both optimisation levels)."""
+    import dataclasses
+
+    import onnx
+
+    from audioldm2_trt.export.components import BY_NAME
+    from audioldm2_trt.export.optimize import to_fp16
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+
+    recipe = BY_NAME["t5_encoder"].fp16
+    before = dataclasses.replace(recipe, fp16_nodes=recipe.fp16_nodes.replace("|/embed_tokens/Gather$", ""))
+    assert before.fp16_nodes != recipe.fp16_nodes
+    paths = {}
+    for label, r in (("now", recipe), ("before", before)):
+        paths[label] = tmp_path / f"t5_{label}.onnx"
+        shutil.copy(tiny_artifacts / "t5_encoder.onnx", paths[label])
+        to_fp16(paths[label], r, lambda m, p: onnx.save(m, str(p)))
+    tables = {label: {t.name: t.data_type for t in onnx.load(str(p)).graph.initializer}["t5.shared.weight"]
+              for label, p in paths.items()}
+    assert tables == {"now": onnx.TensorProto.FLOAT16, "before": onnx.TensorProto.FLOAT}
+    rng = np.random.default_rng(5)
+    mask = np.ones((2, 11), np.int64)
+    mask[1, 7:] = 0
+    feeds = {"input_ids": rng.integers(0, 100, (2, 11)).astype(np.int64), "attention_mask": mask}
+    for level in ("disable", "all"):
+        factory = OrtSessionFactory("cpu", graph_optimization=level)
+        out = {label: factory.create("t5_encoder", p).run(feeds)["last_hidden_state"] for label, p in paths.items()}
+        np.testing.assert_array_equal(out["now"], out["before"])
 
 
 def test_fp16_artefacts_refuse_the_cpu(tiny_artifacts, tmp_path):
