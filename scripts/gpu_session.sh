@@ -49,6 +49,19 @@ BENCH_WITH_PEERS="python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32
   --skip fp16_nograph,fp16_notf32 \${BENCH_OPTIONS:+--provider-options \"\$BENCH_OPTIONS\"} --out /tmp/logs > /tmp/logs/bench.log 2>&1"
 FIDELITY="python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1"
 VALIDATE16="(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1)"
+# A mode's steps ($1: shell commands joined by "; ") in the background, run from scripts/; /tmp/logs/done once they
+# have ended (collect waits for it)
+in_background() {
+  cd "$ROOT/scripts" || exit 1
+  rm -f /tmp/logs/done
+  setsid bash -c "$1; touch /tmp/logs/done" &
+  echo started
+}
+# setup, the exports named in $1 ("16 32" …), then the mode $2
+setup_export_then() {
+  bash "$SELF" setup || exit 1
+  bash "$SELF" export $1 && bash "$SELF" "$2"
+}
 mkdir -p /tmp/logs
 case "$1" in
   setup)
@@ -85,9 +98,7 @@ case "$1" in
       while [ -f /tmp/logs/export$tag.pid ] && kill -0 "$(cat /tmp/logs/export$tag.pid)" 2>/dev/null; do sleep 2; done
     done ;;
   measure)  # in the background, most wanted first; logs in /tmp/logs, /tmp/logs/done at the end
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16 32; \
+    in_background "bash $SELF wait 16 32; \
       python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs ${LOAD_ARGS:-} > /tmp/logs/load.log 2>&1; \
@@ -97,109 +108,76 @@ case "$1" in
       bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
       $VALIDATE16; \
       python3 benchmark.py --fp16-plain /tmp/art-fp16-plain --runs 10 --skip b0 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; \
-      python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1; touch /tmp/logs/done" &
-    echo started ;;
+      python3 ort_placement.py /tmp/art-fp16 > /tmp/logs/placement.log 2>&1" ;;
   all)  # setup, then exports and measurements in the background
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 32 16p && bash "$SELF" measure ;;
+    setup_export_then "16 32 16p" measure ;;
   multi)  # (2+ GPUs, Ray wheels in the bundle) after the fp16 export: Ray 1 and 2 replicas (profiled), placement on
            # cuda:1, load test on GPU 0; then, if the plain fp16 export was started, the
            # validation of the default fp16 artefacts and a benchmark of both
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16; \
+    in_background "bash $SELF wait 16; \
       $RAY_LEVELS; \
       python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs ${LOAD_ARGS:-} > /tmp/logs/load.log 2>&1; \
       if [ -f /tmp/logs/export16p.pid ]; then bash $SELF wait 16p; mkdir -p /tmp/logs/plain; \
         $VALIDATE16; \
         python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-plain /tmp/art-fp16-plain --runs 10 \
-          --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; fi; \
-      touch /tmp/logs/done" &
-    echo started ;;
+          --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; fi" ;;
   ray)  # (2+ GPUs, Ray wheels) after the fp16 export: only the Ray 1- and 2-replica levels, profiled
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16; \
-      $RAY_LEVELS; touch /tmp/logs/done" &
-    echo started ;;
+    in_background "bash $SELF wait 16; \
+      $RAY_LEVELS" ;;
   unet)  # after the fp16 and fp32 exports: UNet recipes, then validate, benchmark, fidelity and profile of the default
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 32; \
+    in_background "bash $SELF wait 32; \
       python3 ort_sweep.py --unet-recipes --fp32 /tmp/art-fp32 --out /tmp/logs > /tmp/logs/unet_recipes.log 2>&1; \
       bash $SELF wait 16; \
       $VALIDATE16; \
       $BENCH_WITH_PEERS; \
       $FIDELITY; \
-      python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1; \
-      touch /tmp/logs/done" &
-    echo started ;;
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/kernels.log 2>&1" ;;
   all-unet)  # setup, the fp16 and fp32 exports, unet
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 32 && bash "$SELF" unet ;;
+    setup_export_then "16 32" unet ;;
   check-ray)  # after the fp16 export: validate, fidelity, benchmark (B0 and the runtime), then the Ray levels
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16; \
+    in_background "bash $SELF wait 16; \
       $VALIDATE16; \
       $FIDELITY; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b1,b2,fp32,fp16_nograph,fp16_notf32 \
         --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      $RAY_LEVELS; touch /tmp/logs/done" &
-    echo started ;;
+      $RAY_LEVELS" ;;
   all-check-ray)  # setup, the fp16 export, check-ray
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" check-ray ;;
+    setup_export_then "16" check-ray ;;
   sdpa)  # after the fp16 and fp32 exports: attention kernels of the UNet (cold first run, step, error)
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
     export SDPA_OPTS='{"unet": {"sdpa_kernel": 0}}'  # ORT's choice (cuDNN first on Hopper); the default is 19
-    setsid bash -c "bash $SELF wait 16 32; \
+    in_background "bash $SELF wait 16 32; \
       python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --components unet \
         --variants default,sdpa_flash_efficient,sdpa_efficient,sdpa_cudnn --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --provider-options \"\$SDPA_OPTS\" --runs 10 \
         --skip b1,b2,fp32,fp16_nograph,fp16_notf32 --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
       python3 fidelity.py --fp16 /tmp/art-fp16 --provider-options \"\$SDPA_OPTS\" --out /tmp/logs \
-        > /tmp/logs/fidelity.log 2>&1; touch /tmp/logs/done" &
-    echo started ;;
+        > /tmp/logs/fidelity.log 2>&1" ;;
   all-sdpa)  # setup, the fp16 and fp32 exports, sdpa
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 32 && bash "$SELF" sdpa ;;
+    setup_export_then "16 32" sdpa ;;
   cold)  # after the fp16 export: cold start in clean processes (variants interleaved, twice), then validate
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16; \
+    in_background "bash $SELF wait 16; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants ${COLD_VARIANTS:-default,sequential,seq_disable,cache_write,cache_read,conv_heuristic_uv} \
         --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
-      $VALIDATE16; \
-      touch /tmp/logs/done" &
-    echo started ;;
+      $VALIDATE16" ;;
   conv-search)  # after the fp16 and fp32 exports: the vocoder's cuDNN algorithm search swept (the runtime's exhaustive
                 # search, heuristic, none: first run, warm time, rel-L2 against fp32), then cold start with each
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16 32; \
+    in_background "bash $SELF wait 16 32; \
       python3 ort_sweep.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runtime-defaults --components vocoder \
         --variants default,heuristic,default_search --out /tmp/logs > /tmp/logs/sweep.log 2>&1; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants default,voc_default_search,voc_heuristic \
-        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
-      touch /tmp/logs/done" &
-    echo started ;;
+        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1" ;;
   all-conv-search)  # setup, the fp16 and fp32 exports, conv-search
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 32 && bash "$SELF" conv-search ;;
+    setup_export_then "16 32" conv-search ;;
   all-cold)  # setup, the fp16 export, cold
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" cold ;;
+    setup_export_then "16" cold ;;
   final)  # after the fp16 and fp32 exports: validate, cold start in clean processes (UNROLLED=1: also with the
           # unrolled GPT-2 graph; PROFILE=1: then the kernel profile), the ranking features' timing, peak memory of
           # the runtime and B0 in fresh processes (PEAKMEM=0: not), the full benchmark (the default with the device
           # loop first in its process, fp32, the host loop, B0, B1, B2), fidelity
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done; mkdir -p /tmp/logs/tiny
+    mkdir -p /tmp/logs/tiny
     export LOOP_CHECK=${LOOP_CHECK:-1}  # 0: without the device-vs-host loop checks
-    setsid bash -c "[ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --out /tmp/logs/tiny > /tmp/logs/loop_tiny.log 2>&1; \
+    in_background "[ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --out /tmp/logs/tiny > /tmp/logs/loop_tiny.log 2>&1; \
       bash $SELF wait 16; \
       $VALIDATE16; \
       [ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loop_full.log 2>&1; \
@@ -216,21 +194,17 @@ case "$1" in
       [ ${PEAKMEM:-1} = 1 ] && python3 peak_memory.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
       bash $SELF wait 32; \
       $BENCH_WITH_PEERS; \
-      $FIDELITY; \
-      touch /tmp/logs/done" &
-    echo started ;;
+      $FIDELITY" ;;
   all-final)  # setup, the fp16 and fp32 exports, final
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 32 && bash "$SELF" final ;;
+    setup_export_then "16 32" final ;;
   memory)  # after the fp16 and fp32 exports started: while they run, a tiny fp16 export and where its GPU memory goes
            # (cold_start.py's anatomy variants); then validate, the UNet / VAE / vocoder options swept from the
            # runtime's own (fuse_conv_bias), the anatomy at full size, peak memory (the runtime with and without
            # ranking, B0), the full benchmark with a fuse_conv_bias row, fidelity
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done; mkdir -p /tmp/logs/tiny
+    mkdir -p /tmp/logs/tiny
     export BENCH_OPTIONS='{"unet": {"fuse_conv_bias": 1}, "vae_decoder": {"fuse_conv_bias": 1}, "vocoder": {"fuse_conv_bias": 1}}'
     ANATOMY=sequential,no_graphs,eager_modules,cublas_small_ws,no_ranking,init_outside_arena
-    setsid bash -c "(cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 \
+    in_background "(cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 \
         --out /tmp/art-tiny16 --overwrite > /tmp/logs/export_tiny.log 2>&1) && \
       python3 cold_start.py --artifacts /tmp/art-tiny16 --variants $ANATOMY --repeat 1 --out /tmp/logs/tiny \
         > /tmp/logs/anatomy_tiny.log 2>&1; \
@@ -243,12 +217,9 @@ case "$1" in
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,b0 --out /tmp/logs \
         > /tmp/logs/peakmem.log 2>&1; \
       $BENCH_WITH_PEERS; \
-      $FIDELITY; \
-      touch /tmp/logs/done" &
-    echo started ;;
+      $FIDELITY" ;;
   all-memory)  # setup, the fp16 and fp32 exports, memory
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 32 && bash "$SELF" memory ;;
+    setup_export_then "16 32" memory ;;
   all-cublas)  # with ~11 minutes of device time: setup, the fp16 export in the foreground, then peak memory (the
                # runtime with and without ranking), cold start (the default, cuBLAS's own workspace, fused conv bias
                # in the UNet), validate, the runtime's benchmark with a fused-conv-bias row; $OUT/logs.tar after each
@@ -267,21 +238,14 @@ case "$1" in
       --provider-options '{"unet": {"fuse_conv_bias": 1}}' --out /tmp/logs > /tmp/logs/bench.log 2>&1
     echo "benchmark rc $? at $((SECONDS - t0)) s"; tar -C /tmp -cf "$OUT/logs.tar" logs; tail -n 3 /tmp/logs/*.log ;;
   load)  # after the fp16 export: the one-GPU load test (micro-batcher on and off; two runtimes from two threads)
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs ${LOAD_ARGS:-} > /tmp/logs/load.log 2>&1; \
-      touch /tmp/logs/done" &
-    echo started ;;
+    in_background "bash $SELF wait 16; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs ${LOAD_ARGS:-} > /tmp/logs/load.log 2>&1" ;;
   all-load)  # setup, the fp16 export, load
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" load ;;
+    setup_export_then "16" load ;;
   all-ray)  # setup, the fp16 export, ray
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" ray ;;
+    setup_export_then "16" ray ;;
   all-multi)  # setup, the fp16 and plain fp16 exports, the multi-GPU runs, in the background
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 16p && bash "$SELF" multi ;;
+    setup_export_then "16 16p" multi ;;
   short)  # the fp16 export (fused, the default) takes about 7 minutes on the 16-core machine
     t0=$SECONDS
     bash "$SELF" setup || exit 1
@@ -315,9 +279,8 @@ case "$1" in
           # memory and audio in fresh processes (with and without ranking; B0), the memory anatomy and cold start of
           # both, the weights ONNX Runtime's optimiser adds at load (initializer_bytes.py), then the one-GPU load test
           # with the shared arena and without (placement: two runtimes, two threads)
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done; mkdir -p /tmp/logs/load-shared /tmp/logs/load-default
-    setsid bash -c "bash $SELF wait 16; \
+    mkdir -p /tmp/logs/load-shared /tmp/logs/load-default
+    in_background "bash $SELF wait 16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 \
         --which runtime,runtime_shared,runtime_no_ranking,runtime_shared_no_ranking,b0 --out /tmp/logs \
         > /tmp/logs/peakmem.log 2>&1; \
@@ -330,27 +293,18 @@ case "$1" in
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --shared-arena --out /tmp/logs/load-shared \
         > /tmp/logs/load-shared.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs/load-default \
-        > /tmp/logs/load-default.log 2>&1; \
-      touch /tmp/logs/done" &
-    echo started ;;
+        > /tmp/logs/load-default.log 2>&1" ;;
   arena-pattern)  # after the fp16 export: the shared arena with ONNX Runtime's memory pattern on and off, and the
                   # pattern off alone, against the default (cold_start.py: memory by stage, first call, warm, audio)
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16; \
+    in_background "bash $SELF wait 16; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants sequential,shared_arena,shared_arena_nopattern,nopattern \
-        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
-      touch /tmp/logs/done" &
-    echo started ;;
+        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1" ;;
   all-arena-pattern)  # setup, the fp16 export, arena-pattern
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" arena-pattern ;;
+    setup_export_then "16" arena-pattern ;;
   arena-final)  # after the fp16 export, at the defaults since run N (memory pattern off on CUDA): validate, peak memory
                 # and audio (with and without the shared arena and ranking), cold start against the pattern on, the
                 # runtime's benchmark rows (no peers), fidelity
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16; \
+    in_background "bash $SELF wait 16; \
       $VALIDATE16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 \
         --which runtime,runtime_shared,runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs \
@@ -359,27 +313,19 @@ case "$1" in
         > /tmp/logs/cold.log 2>&1; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
         --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      $FIDELITY; touch /tmp/logs/done" &
-    echo started ;;
+      $FIDELITY" ;;
   all-arena-final)  # setup, the fp16 export, arena-final
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" arena-final ;;
+    setup_export_then "16" arena-final ;;
   check-memory)  # after the fp16 export: validate, then peak memory and audio (the runtime with and without ranking,
                  # and with the shared arena) — for a change to the artefacts' weights
-    cd "$ROOT/scripts"
-    rm -f /tmp/logs/done
-    setsid bash -c "bash $SELF wait 16; \
+    in_background "bash $SELF wait 16; \
       $VALIDATE16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,runtime_shared --out /tmp/logs \
-        > /tmp/logs/peakmem.log 2>&1; \
-      touch /tmp/logs/done" &
-    echo started ;;
+        > /tmp/logs/peakmem.log 2>&1" ;;
   all-check-memory)  # setup, the fp16 export, check-memory
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" check-memory ;;
+    setup_export_then "16" check-memory ;;
   all-arena)  # setup, the fp16 export, arena
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" arena ;;
+    setup_export_then "16" arena ;;
   collect)
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && [ ! -f /tmp/logs/done ]; do
