@@ -204,7 +204,7 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.artifacts, args.child, args.device, args.audio_file)), flush=True)
         return
-    rows, audio_files = [], []
+    rows, first_audio = [], None
     for r in range(args.repeat):  # interleaved: variant A, B, …, then again
         for variant in args.variants.split(","):
             env = {**os.environ, **VARIANT_EXTRAS.get(variant, {}).get("env", {})}
@@ -216,7 +216,8 @@ def main() -> None:
             row = json.loads(line[0][7:]) if line else {"variant": variant, "error": proc.stderr[-2000:]}
             row["repeat"] = r
             if line:
-                row["audio_rel_l2_vs_first_row"] = audio_vs_first(audio_files, audio_file)
+                first_audio = first_audio or audio_file
+                row["audio_rel_l2_vs_first_row"] = audio_rel_l2(audio_file, first_audio)
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in ("variant", "repeat", "load_s", "first_call_s", "cold_start_s",
                                                       "warm_median_s", "error")}), flush=True)
@@ -225,14 +226,13 @@ def main() -> None:
                 "request": REQUEST, "rows": rows}, indent=1))
 
 
-def audio_vs_first(saved: list, audio_file: Path) -> float:
-    """rel-L2 of the first call's audio (seed 0, saved at ``audio_file``) against the first row's (0.0 for the first
-    row, which is recorded in ``saved``): a variant that changes the audio beyond the fp16 UNet's run-to-run spread
-    (~2e-3) shows here."""
+def audio_rel_l2(audio_file: Path, first_file: Path) -> float:
+    """rel-L2 of the first call's audio (seed 0) saved at ``audio_file`` against the first row's, at ``first_file``
+    (0.0 for the first row itself): a variant that changes the audio beyond the fp16 UNet's run-to-run spread (~2e-3)
+    shows here."""
     import numpy as np
 
-    saved.append(audio_file)
-    first, this = np.load(saved[0]), np.load(audio_file)
+    this, first = np.load(audio_file), np.load(first_file)
     return float(np.linalg.norm(this - first) / np.linalg.norm(first))
 
 
