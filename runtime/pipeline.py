@@ -77,7 +77,8 @@ class AudioLDM2Runtime:
              cuda_graphs="auto", max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort",
              tf32: bool | None = None, provider_options: dict | None = None,
              device_loop: bool | None = None, ranking: bool = True,
-             cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False) -> "AudioLDM2Runtime":
+             cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
+             packed_weights=None) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
@@ -103,6 +104,9 @@ class AudioLDM2Runtime:
         activations instead of one each (``backends/shared_arena.py``) — less GPU memory, but on that device the
         components' runs take turns (two requests in different stages no longer overlap), and every runtime of the
         process that shares the arena must be loaded before the first request.
+        packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
+        allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``); None = all but the VAE
+        decoder and the vocoder on CUDA, False = none (ONNX Runtime's default), True or component names.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
@@ -139,7 +143,7 @@ class AudioLDM2Runtime:
                                     tf32=default_tf32(art.precision) if tf32 is None else tf32,
                                     component_options=provider_options, bind=True if device_loop else None,
                                     precision=art.precision, cublas_workspace_kib=cublas_workspace_kib,
-                                    shared_arena=shared_arena)
+                                    shared_arena=shared_arena, packed_weights=packed_weights)
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
         runtime = cls(art, sessions, factory.device, solver)
@@ -185,7 +189,8 @@ class AudioLDM2Runtime:
             "ranking_features": None if not self.ranking else "graph" if self._features_graph is not None else "host",
             "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),
                                "uncaptured_shapes": s.stats.uncaptured_keys,
-                               "graph_refused": bool(s.stats.graph_refused)}
+                               "graph_refused": bool(s.stats.graph_refused),
+                               "packed_weights": s.stats.packed_weights}
                            for n, s in self._sessions.items() if hasattr(s, "stats")},
         }
 

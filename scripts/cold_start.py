@@ -82,6 +82,8 @@ VARIANTS = {
     "nopattern": (None, "all", True, None),
     "mem_pattern_on": (None, "all", True, None),
     "shared_arena_pattern": (None, "all", True, None),
+    # every session's weights in allocations of their own (ONNX Runtime's default; the runtime's until packed weights)
+    "unpacked": (None, "all", True, None),
 }
 # Variants that change more than provider options. env: set in the child's environment before CUDA starts;
 # factory: OrtSessionFactory arguments; skip: components whose session is not created.
@@ -96,6 +98,7 @@ VARIANT_EXTRAS = {
     "nopattern": {"factory": {"mem_pattern": False}},
     "mem_pattern_on": {"factory": {"mem_pattern": True}},
     "shared_arena_pattern": {"factory": {"shared_arena": True, "mem_pattern": True}},
+    "unpacked": {"factory": {"packed_weights": False}},
 }
 
 

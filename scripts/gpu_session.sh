@@ -30,6 +30,8 @@
 #   bash scripts/gpu_session.sh all-arena-final  # setup, fp16 export, validate, peak memory, cold start, benchmark
 #                                                # (runtime rows), fidelity at the memory-pattern default
 #   bash scripts/gpu_session.sh all-check-memory  # setup, fp16 export, validate, peak memory and audio
+#   bash scripts/gpu_session.sh all-packed  # setup, fp16 export, each session's memory packed and unpacked, peak memory
+#                                           # and audio, validate, benchmark (runtime rows), cold start
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -324,6 +326,23 @@ case "$1" in
         > /tmp/logs/peakmem.log 2>&1" ;;
   all-check-memory)  # setup, the fp16 export, check-memory
     setup_export_then "16" check-memory ;;
+  packed)  # after the fp16 export: each session's memory at creation with packed weights (the default) and without,
+           # cudaMalloc's cost by size; peak memory and audio (packed, unpacked, shared arena, VAE packed too, no
+           # ranking); validate; the runtime's benchmark rows; cold start packed and unpacked
+    in_background "bash $SELF wait 16; \
+      python3 session_memory.py --artifacts /tmp/art-fp16 --probe 200 --out /tmp/logs/sessions-packed \
+        > /tmp/logs/sessions.log 2>&1; \
+      python3 session_memory.py --artifacts /tmp/art-fp16 --unpacked --out /tmp/logs/sessions-unpacked \
+        >> /tmp/logs/sessions.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_unpacked,runtime_shared,\
+runtime_packed_vae,runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      $VALIDATE16; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
+        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants sequential,unpacked --repeat 2 --out /tmp/logs \
+        > /tmp/logs/cold.log 2>&1" ;;
+  all-packed)  # setup, the fp16 export, packed
+    setup_export_then "16" packed ;;
   all-arena)  # setup, the fp16 export, arena
     setup_export_then "16" arena ;;
   collect)

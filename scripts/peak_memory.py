@@ -29,20 +29,26 @@ from pathlib import Path
 from benchmark import REQUEST
 from gpu_memory import GpuMemory
 
-# runtime rows: name → child_runtime arguments
+# runtime rows: name → child_runtime arguments. runtime_unpacked: each weight in an allocation of its own (the default
+# until packed weights, ONNX Runtime's own); runtime_packed_vae: the VAE decoder's weights packed too.
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared": {"shared_arena": True},
-        "runtime_shared_no_ranking": {"ranking": False, "shared_arena": True}, "b0": None}
+        "runtime_shared_no_ranking": {"ranking": False, "shared_arena": True},
+        "runtime_unpacked": {"packed_weights": False},
+        "runtime_packed_vae": {"packed_weights": ["clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder",
+                                                  "clap_features", "clap_audio"]},
+        "b0": None}
 
 
 def child_runtime(folder: str, calls: int, base: float, ranking: bool = True, shared_arena: bool = False,
-                  audio_path: str | None = None) -> dict:
+                  packed_weights=None, audio_path: str | None = None) -> dict:
     import numpy as np
 
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     marks, audio = {}, {}
     with GpuMemory() as mem:
-        rt = AudioLDM2Runtime.load(folder, device="cuda", ranking=ranking, shared_arena=shared_arena)
+        rt = AudioLDM2Runtime.load(folder, device="cuda", ranking=ranking, shared_arena=shared_arena,
+                                   packed_weights=packed_weights)
         marks["after load"] = mem.used_mib() - base
         audio["first"] = rt(**REQUEST, seed=0).audios
         marks["after the first call"] = mem.used_mib() - base

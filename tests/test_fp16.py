@@ -168,7 +168,7 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
     assert weights, "no fp16 weights after conversion"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "clap_text", "vocoder", "unet", "t5_encoder"])
+@pytest.mark.parametrize("name", ["gpt2", "clap_text", "vocoder", "unet", "t5_encoder", "clap_audio"])
 def test_converted_component_agrees_with_fp32(tiny_artifacts, tmp_path, name):
     from audioldm2_trt.export.components import BY_NAME, SampleShape, sample_inputs
     from audioldm2_trt.export.validate import TOLERANCE, rel_l2

@@ -90,3 +90,38 @@ def test_memory_pattern_is_off_on_cuda_only_and_leaves_outputs_alone(tiny_artifa
     feeds = {"latents": np.random.default_rng(1).standard_normal((1, 8, 64, 16)).astype(np.float32)}
     for name, value in off.create("vae_decoder", tiny_artifacts / "vae_decoder.onnx").run(feeds).items():
         np.testing.assert_array_equal(value, on.create("vae_decoder", tiny_artifacts / "vae_decoder.onnx").run(feeds)[name])
+
+
+def test_packed_weights_config_plans_the_weights_as_one_block(tiny_artifacts, capfd):
+    """PACKED_CONFIG with the memory pattern on is what makes ONNX Runtime plan a session's initializers as one block
+    (its log says it "statically allocates" them); without it, each is allocated on its own. A key that ONNX Runtime
+    does not know would be ignored silently, so this asks its log. On the CPU, as on CUDA, the outputs are the same."""
+    import onnxruntime as ort
+
+    from audioldm2_trt.runtime.backends.ort import PACKED_CONFIG
+
+    feeds = {"latents": np.random.default_rng(1).standard_normal((1, 8, 64, 16)).astype(np.float32)}
+    outputs = {}
+    for packed in (False, True):
+        opts = ort.SessionOptions()
+        opts.enable_mem_pattern = True
+        opts.log_severity_level = 1  # INFO: the session's initializer plan
+        for key, value in (PACKED_CONFIG if packed else {}).items():
+            opts.add_session_config_entry(key, value)
+        capfd.readouterr()
+        session = ort.InferenceSession(str(tiny_artifacts / "vae_decoder.onnx"), opts,
+                                       providers=["CPUExecutionProvider"])
+        log = capfd.readouterr().err
+        assert ("SessionStateInitializer statically allocates" in log) is packed, log[-2000:]
+        outputs[packed] = session.run(None, feeds)[0]
+    np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_weights_apply_to_the_default_cuda_provider_only(tiny_artifacts):
+    from audioldm2_trt.runtime.backends.ort import PACKED_WEIGHTS
+
+    assert {"unet", "t5_encoder", "gpt2", "clap_text"} <= PACKED_WEIGHTS and "vocoder" not in PACKED_WEIGHTS
+    with pytest.raises(BackendError, match=r"packed_weights applies to the default CUDA provider only \(device cpu\)"):
+        OrtSessionFactory("cpu", packed_weights=True)
+    runtime = AudioLDM2Runtime.load(tiny_artifacts)  # CPU: ONNX Runtime's own allocation, prepacking on
+    assert not any(c["packed_weights"] for c in runtime.health()["components"].values())

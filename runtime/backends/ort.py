@@ -41,6 +41,11 @@ _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
 # ONNX Runtime runs each graph id a few times uncaptured (memory allocation) before it captures; runs of a shape
 # key below this count hold the process's capture guard exclusively (capture_guard.py), later ones share it.
 CAPTURE_RUNS = 4
+# Components whose weights a CUDA session places in one device block (OrtSessionFactory's packed_weights): all but
+# the VAE decoder (its first run would plan more activation memory than its weights' allocations waste) and the
+# vocoder (prefer_nhwc: its convolution weights are transposed by ONNX Runtime's prepacking, which packing turns off).
+PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "unet", "clap_features", "clap_audio"})
+PACKED_CONFIG = {"session.disable_prepacking": "1"}
 
 
 @dataclass
@@ -61,6 +66,7 @@ class SessionStats:
     runs: int = 0
     keys: list = field(default_factory=list)
     graph_refused: str = ""  # why ONNX Runtime refused CUDA graph capture (cuda_graphs="auto"), else ""
+    packed_weights: bool = False  # its weights in one device block (OrtSessionFactory's packed_weights)
 
 
 def _shape_key(feeds: dict[str, np.ndarray]) -> tuple:
@@ -331,6 +337,15 @@ class OrtSessionFactory:
     instead of 634 (the VAE 132 instead of 214, the vocoder 142 instead of 208), the same audio and no speed change
     measured (docs/benchmarks.md, run N). With CUDA graphs only uncaptured runs allocate at all; on the CPU every run
     does, and the pattern saves that work.
+    packed_weights (CUDA): the components whose weights ONNX Runtime places in one device allocation instead of one
+    allocation per initializer — None = ``PACKED_WEIGHTS`` on CUDA, none on the CPU; True = every component whose
+    provider options allow it; False = none; or a collection of names. Each CUDA allocation of an initializer is
+    rounded up in whole 2 MiB pages past 1 MiB (a 1.125 MiB fp16 768×768 matrix takes 2 MiB), which cost the fp16
+    runtime ~400 MiB over its sessions on the H100 (docs/benchmarks.md). ONNX Runtime plans all initializers into
+    one buffer only with prepacking off (``session.disable_prepacking``) and the memory pattern on, and the one
+    switch also plans each uncaptured run's activations as one block: a packed session has the memory pattern on,
+    whatever ``mem_pattern`` says. Prepacking on CUDA only transposes the weights of convolutions that ``prefer_nhwc``
+    moved to NHWC, so a component with ``prefer_nhwc`` cannot be packed (an error if named).
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
@@ -338,7 +353,7 @@ class OrtSessionFactory:
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
                  cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
-                 mem_pattern: bool | None = None):
+                 mem_pattern: bool | None = None, packed_weights=None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -386,12 +401,32 @@ class OrtSessionFactory:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
         self.arena = _shared_arena(ort, self.device) if shared_arena else None
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
+        self._packed = self._packed_selector(packed_weights)
+
+    def _packed_selector(self, packed_weights):
+        """component name → whether its session packs its weights (see ``packed_weights`` above)."""
+        if packed_weights is None:
+            packed_weights = PACKED_WEIGHTS if self._default_cuda else False
+        if packed_weights is False:
+            return lambda name: False
+        if not self._default_cuda:
+            raise BackendError(f"packed_weights applies to the default CUDA provider only (device {self.device})")
+        nhwc = {name for name, opts in self.component_options.items() if int(opts.get("prefer_nhwc", 0))}
+        if packed_weights is True:
+            return lambda name: name not in nhwc
+        chosen = frozenset(packed_weights)
+        refused = sorted(chosen & nhwc)
+        if refused:
+            raise BackendError(f"packed_weights {refused}: prefer_nhwc needs ONNX Runtime's prepacking, which packed "
+                               "weights turn off; leave them out or drop prefer_nhwc from their provider options")
+        return lambda name: name in chosen
 
     def create(self, name: str, path: str | Path, graphs: bool | None = None) -> OrtSession:
         """One session; ``graphs=False`` never captures it (whatever ``cuda_graphs`` says)."""
         opts = self.ort.SessionOptions()
         opts.graph_optimization_level = self.graph_optimization
-        opts.enable_mem_pattern = self.mem_pattern
+        packed = self._packed(name)
+        opts.enable_mem_pattern = self.mem_pattern or packed
         if self.optimized_cache is not None:
             cached = self.optimized_cache / f"{name}.onnx"
             if cached.exists():
@@ -405,7 +440,9 @@ class OrtSessionFactory:
                                               "1024")
         if self.arena is not None:
             self.arena.check_can_join(name)
-        for key, value in {**(SHARED_ARENA_CONFIG if self.arena is not None else {}), **self.session_config}.items():
+        config = {**(SHARED_ARENA_CONFIG if self.arena is not None else {}), **(PACKED_CONFIG if packed else {}),
+                  **self.session_config}
+        for key, value in config.items():
             opts.add_session_config_entry(key, str(value))
         if self.threads:
             opts.intra_op_num_threads = self.threads
@@ -439,6 +476,7 @@ class OrtSessionFactory:
         made = OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs,
                           arena=self.arena if self.device.kind == "cuda" else None)
         made.stats.graph_refused = refused
+        made.stats.packed_weights = packed
         return made
 
     def _open(self, name: str, path, opts, providers, graphs: bool):
