@@ -66,6 +66,13 @@ class Artifacts:
     def components(self) -> tuple[str, ...]:
         return components_of(self.manifest)
 
+    @property
+    def nhwc_components(self) -> frozenset[str]:
+        """Components whose fp16 recipe fused NHWC convolutions (NhwcConv): ONNX Runtime learns that their weights
+        are NHWC already only while prepacking, so their sessions cannot pack weights (``backends.ort``)."""
+        return frozenset(name for name, entry in self.manifest["components"].items()
+                         if ((entry.get("fp16") or {}).get("fused") or {}).get("NhwcConv"))
+
     def component_file(self, name: str) -> Path:
         return self.folder / self.manifest["components"][name]["file"]
 

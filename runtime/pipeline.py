@@ -105,8 +105,9 @@ class AudioLDM2Runtime:
         components' runs take turns (two requests in different stages no longer overlap), and every runtime of the
         process that shares the arena must be loaded before the first request.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
-        allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``); None = all but the VAE
-        decoder and the vocoder on CUDA, False = none (ONNX Runtime's default), True or component names.
+        allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack
+        and the ranking components on CUDA (the UNet, VAE decoder and vocoder hold NHWC convolutions, which cannot be
+        packed), False = none (ONNX Runtime's default), True = every component that allows it, or component names.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
@@ -143,7 +144,8 @@ class AudioLDM2Runtime:
                                     tf32=default_tf32(art.precision) if tf32 is None else tf32,
                                     component_options=provider_options, bind=True if device_loop else None,
                                     precision=art.precision, cublas_workspace_kib=cublas_workspace_kib,
-                                    shared_arena=shared_arena, packed_weights=packed_weights)
+                                    shared_arena=shared_arena, packed_weights=packed_weights,
+                                    needs_prepacking=art.nhwc_components)
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
         runtime = cls(art, sessions, factory.device, solver)

@@ -335,7 +335,7 @@ case "$1" in
       python3 session_memory.py --artifacts /tmp/art-fp16 --unpacked --out /tmp/logs/sessions-unpacked \
         >> /tmp/logs/sessions.log 2>&1; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_unpacked,runtime_shared,\
-runtime_packed_vae,runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
       $VALIDATE16; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
         --out /tmp/logs > /tmp/logs/bench.log 2>&1; \

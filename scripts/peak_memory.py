@@ -30,12 +30,10 @@ from benchmark import REQUEST
 from gpu_memory import GpuMemory
 
 # runtime rows: name → child_runtime arguments. runtime_unpacked: each weight in an allocation of its own (the default
-# until packed weights, ONNX Runtime's own); runtime_packed_vae: the VAE decoder's weights packed too.
+# until packed weights, ONNX Runtime's own).
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared": {"shared_arena": True},
         "runtime_shared_no_ranking": {"ranking": False, "shared_arena": True},
         "runtime_unpacked": {"packed_weights": False},
-        "runtime_packed_vae": {"packed_weights": ["clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder",
-                                                  "clap_features", "clap_audio"]},
         "b0": None}
 
 

@@ -1,9 +1,11 @@
 """Where a session's GPU memory goes at creation: its weights, its arena, and what lies outside both.
 
-    python scripts/session_memory.py --artifacts /tmp/art-fp16 [--components unet,gpt2] [--out DIR]
+    python scripts/session_memory.py --artifacts /tmp/art-fp16 [--components unet,gpt2] [--unpacked] [--probe K] [--out DIR]
 
-A CUDA session of the runtime held 7–128 MiB more than its artefact's weights after creation (docs/benchmarks.md,
-"What limits it"), and neither ONNX Runtime's optimiser (initializer_bytes.py) nor the arenas' rounding explained it.
+A CUDA session of the runtime held 7–128 MiB more than its artefact's weights after creation, and neither ONNX
+Runtime's optimiser (initializer_bytes.py) nor the arenas explained it. This script found the cause (run Q,
+docs/benchmarks.md): CUDA rounds each allocation over 1 MiB up to whole 2 MiB pages, and ONNX Runtime allocates each
+weight on its own unless the session packs them (``packed_weights``; ``--unpacked`` measures without).
 Here each component gets a fresh process (``--child``) that creates, with the runtime's own factory and options:
 
 1. a primer: a one-node graph, so the CUDA context, the libraries and one session's CUDA state exist before;
@@ -49,7 +51,9 @@ def primer_model() -> bytes:
     graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "primer",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what ONNX Runtime 1.2x/1.3x reads (the onnx package may write a newer one)
+    return model.SerializeToString()
 
 
 def child(folder: str, name: str, primer_path: str, packed: bool) -> dict:

@@ -1,5 +1,5 @@
 """GPU-memory options of the ONNX Runtime backend: load(shared_arena=True), one arena for every session
-(runtime/backends/shared_arena.py), and the memory pattern (off on CUDA).
+(runtime/backends/shared_arena.py), the memory pattern (off on CUDA) and packed weights.
 
 What it saves is GPU memory, measured on the GPU (scripts/peak_memory.py, docs/benchmarks.md). Here: the audio is
 the default runtime's, the safety rules hold (runs on the arena take its lock; no session joins it after a graph
@@ -118,10 +118,38 @@ def test_packed_weights_config_plans_the_weights_as_one_block(tiny_artifacts, ca
 
 
 def test_packed_weights_apply_to_the_default_cuda_provider_only(tiny_artifacts):
-    from audioldm2_trt.runtime.backends.ort import PACKED_WEIGHTS
-
-    assert {"unet", "t5_encoder", "gpt2", "clap_text"} <= PACKED_WEIGHTS and "vocoder" not in PACKED_WEIGHTS
     with pytest.raises(BackendError, match=r"packed_weights applies to the default CUDA provider only \(device cpu\)"):
         OrtSessionFactory("cpu", packed_weights=True)
     runtime = AudioLDM2Runtime.load(tiny_artifacts)  # CPU: ONNX Runtime's own allocation, prepacking on
     assert not any(c["packed_weights"] for c in runtime.health()["components"].values())
+
+
+def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
+    """Which sessions pack their weights on CUDA (the selection alone: this machine has no CUDA provider). NhwcConv
+    nodes (named by the manifest's fused ops) and prefer_nhwc need ONNX Runtime's prepacking: True leaves them out,
+    naming one is an error, the default is the text stack and the ranking components."""
+    from audioldm2_trt.runtime.artifacts import Artifacts, load_artifacts
+    from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, PACKED_WEIGHTS
+
+    art = load_artifacts(tiny_artifacts)
+    assert art.nhwc_components == frozenset()  # fp32 artefacts: plain convolutions
+    manifest = {**art.manifest, "components": {**art.manifest["components"],
+                                               "unet": {"fp16": {"fused": {"NhwcConv": 67, "GroupNorm": 61}}},
+                                               "vae_decoder": {"fp16": {"fused": {"NhwcConv": 29}}},
+                                               "gpt2": {"fp16": {"fused": {}}}, "projection": {"fp16": None}}}
+    nhwc = Artifacts(art.folder, manifest).nhwc_components
+    assert nhwc == {"unet", "vae_decoder"}
+
+    factory = OrtSessionFactory.__new__(OrtSessionFactory)  # a CUDA factory's selection state, without CUDA
+    factory.device, factory._default_cuda = Device.parse("cuda"), True
+    factory.component_options = COMPONENT_PROVIDER_OPTIONS  # the fp16 defaults: the vocoder has prefer_nhwc
+    every = ["clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_features",
+             "clap_audio"]
+    default = factory._packed_selector(None, nhwc)
+    assert {n for n in every if default(n)} == PACKED_WEIGHTS
+    allowed = factory._packed_selector(True, nhwc)
+    assert {n for n in every if allowed(n)} == set(every) - {"unet", "vae_decoder", "vocoder"}
+    assert not any(factory._packed_selector(False, nhwc)(n) for n in every)
+    for name in ("unet", "vocoder"):
+        with pytest.raises(BackendError, match=rf"packed_weights \['{name}'\]: their NHWC convolutions"):
+            factory._packed_selector(["gpt2", name], nhwc)

@@ -41,10 +41,11 @@ _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
 # ONNX Runtime runs each graph id a few times uncaptured (memory allocation) before it captures; runs of a shape
 # key below this count hold the process's capture guard exclusively (capture_guard.py), later ones share it.
 CAPTURE_RUNS = 4
-# Components whose weights a CUDA session places in one device block (OrtSessionFactory's packed_weights): all but
-# the VAE decoder (its first run would plan more activation memory than its weights' allocations waste) and the
-# vocoder (prefer_nhwc: its convolution weights are transposed by ONNX Runtime's prepacking, which packing turns off).
-PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "unet", "clap_features", "clap_audio"})
+# Components whose weights a CUDA session places in one device block by default (OrtSessionFactory's packed_weights):
+# all but the convolution networks. Their NHWC convolutions need ONNX Runtime's prepacking, which packing turns off:
+# without it the fused UNet's NhwcConv nodes read their NHWC weights as NCHW and fail ("Input channels C is not equal
+# to kernel channels * group", H100, 2026-11-27); the VAE decoder's NhwcConv and the vocoder's prefer_nhwc likewise.
+PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "clap_features", "clap_audio"})
 PACKED_CONFIG = {"session.disable_prepacking": "1"}
 
 
@@ -338,14 +339,18 @@ class OrtSessionFactory:
     measured (docs/benchmarks.md, run N). With CUDA graphs only uncaptured runs allocate at all; on the CPU every run
     does, and the pattern saves that work.
     packed_weights (CUDA): the components whose weights ONNX Runtime places in one device allocation instead of one
-    allocation per initializer — None = ``PACKED_WEIGHTS`` on CUDA, none on the CPU; True = every component whose
-    provider options allow it; False = none; or a collection of names. Each CUDA allocation of an initializer is
-    rounded up in whole 2 MiB pages past 1 MiB (a 1.125 MiB fp16 768×768 matrix takes 2 MiB), which cost the fp16
-    runtime ~400 MiB over its sessions on the H100 (docs/benchmarks.md). ONNX Runtime plans all initializers into
-    one buffer only with prepacking off (``session.disable_prepacking``) and the memory pattern on, and the one
-    switch also plans each uncaptured run's activations as one block: a packed session has the memory pattern on,
-    whatever ``mem_pattern`` says. Prepacking on CUDA only transposes the weights of convolutions that ``prefer_nhwc``
-    moved to NHWC, so a component with ``prefer_nhwc`` cannot be packed (an error if named).
+    allocation per initializer — None = ``PACKED_WEIGHTS`` on CUDA, none on the CPU; True = every component that
+    allows it; False = none; or a collection of names. ONNX Runtime allocates each initializer of a session with a
+    ``cudaMalloc`` of its own, and CUDA rounds an allocation over 1 MiB up to whole 2 MiB pages (measured on the
+    H100: 1.5 MiB costs 2 MiB, 3 MiB costs 4), so a 1.125 MiB fp16 768×768 matrix takes 2 MiB: 87 MiB beyond its
+    weights for CLAP text, 61 for T5, 64 for GPT-2, 174 for the UNet (scripts/session_memory.py, docs/benchmarks.md).
+    ONNX Runtime plans a session's initializers into one buffer only with prepacking off
+    (``session.disable_prepacking``) and the memory pattern on; the one switch also plans each uncaptured run's
+    activations as one block, so a packed session has the memory pattern on, whatever ``mem_pattern`` says. On CUDA
+    prepacking matters to NHWC convolutions only — it transposes the weights of those ``prefer_nhwc`` moved to NHWC
+    and tells an ``NhwcConv`` (the fused UNet's and VAE decoder's) that its weights are NHWC already — so those
+    components cannot be packed: ``needs_prepacking`` names the ones with NhwcConv nodes (``Artifacts.nhwc_components``),
+    and naming one of them, or a ``prefer_nhwc`` one, is an error.
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
@@ -353,7 +358,7 @@ class OrtSessionFactory:
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
                  cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
-                 mem_pattern: bool | None = None, packed_weights=None):
+                 mem_pattern: bool | None = None, packed_weights=None, needs_prepacking=()):
         import onnxruntime as ort
 
         self.ort = ort
@@ -401,9 +406,9 @@ class OrtSessionFactory:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
         self.arena = _shared_arena(ort, self.device) if shared_arena else None
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
-        self._packed = self._packed_selector(packed_weights)
+        self._packed = self._packed_selector(packed_weights, frozenset(needs_prepacking))
 
-    def _packed_selector(self, packed_weights):
+    def _packed_selector(self, packed_weights, needs_prepacking: frozenset):
         """component name → whether its session packs its weights (see ``packed_weights`` above)."""
         if packed_weights is None:
             packed_weights = PACKED_WEIGHTS if self._default_cuda else False
@@ -411,14 +416,15 @@ class OrtSessionFactory:
             return lambda name: False
         if not self._default_cuda:
             raise BackendError(f"packed_weights applies to the default CUDA provider only (device {self.device})")
-        nhwc = {name for name, opts in self.component_options.items() if int(opts.get("prefer_nhwc", 0))}
+        nhwc = needs_prepacking | {name for name, opts in self.component_options.items()
+                                   if int(opts.get("prefer_nhwc", 0))}
         if packed_weights is True:
             return lambda name: name not in nhwc
         chosen = frozenset(packed_weights)
         refused = sorted(chosen & nhwc)
         if refused:
-            raise BackendError(f"packed_weights {refused}: prefer_nhwc needs ONNX Runtime's prepacking, which packed "
-                               "weights turn off; leave them out or drop prefer_nhwc from their provider options")
+            raise BackendError(f"packed_weights {refused}: their NHWC convolutions (NhwcConv, or prefer_nhwc) need "
+                               "ONNX Runtime's prepacking, which packed weights turn off; leave them out")
         return lambda name: name in chosen
 
     def create(self, name: str, path: str | Path, graphs: bool | None = None) -> OrtSession:

@@ -14,9 +14,10 @@ session's run may be handed the same blocks. Two rules keep that harmless:
 1. Runs never overlap. Every run of a session on the arena holds the arena's ``lock`` from its launch to the
    synchronisation of its outputs (``OrtSession`` does this); between runs a graph's intermediates are dead.
 2. Nothing long-lived lands in the arena once a graph was captured. Weights go to the device allocator
-   (``session.use_device_allocator_for_initializers``), and no session may join the arena after one of its graphs
-   has been captured (kernels' prepacked weights would come from the arena): ``check_can_join`` raises, naming the
-   remedy (create every session, of every runtime that shares the arena, before the first request).
+   (``session.use_device_allocator_for_initializers``; a session with packed weights reserves one block for all of
+   them, outside the arena's pool too), and no session may join the arena after one of its graphs has been captured
+   (kernels' prepacked weights would come from the arena): ``check_can_join`` raises, naming the remedy (create
+   every session, of every runtime that shares the arena, before the first request).
 
 What it costs: on that device the runs of different components no longer overlap, so two requests in different
 stages take turns (run M: ~10 % less unbatched throughput at 4 and 16 concurrent clients, 2 % with micro-batching). The arena is the process's (ONNX Runtime has one environment per
