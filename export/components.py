@@ -7,6 +7,7 @@ the dynamic names in ``DYNAMIC_DIMS``, whose sizes come from a ``SampleShape``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -212,6 +213,18 @@ UNET_FUSED = Fp16Recipe(
     attention_mask_input="encoder_attention_mask_1",
     reason="GroupNorm, NHWC convolution, LayerNorm and attention (T5 mask kept as attention_bias) fused",
 )
+
+# ``export --unet-layout nchw``: the fused UNet without NHWC convolutions, so that the runtime can place its weights in
+# one allocation (``packed_weights``; an NhwcConv learns that its weights are NHWC only while ONNX Runtime prepacks,
+# which packing turns off). H100, run R (docs/benchmarks.md): peak memory 3307 MiB against the default's 3405 (3105
+# with the shared arena, under diffusers' 3129), at a UNet step of 8.6 ms against 7.5 (200 vs 179 ms end to end): the
+# GroupNorms stay channels-last, with transposes around them, as ONNX Runtime's CUDA GroupNorm supports no other
+# layout ("only the channels_last layout is supported", run R).
+UNET_FUSED_NCHW = dataclasses.replace(
+    UNET_FUSED, fusion_options=UNET_FUSED.fusion_options + (("enable_nhwc_conv", False),),
+    reason="GroupNorm, LayerNorm and attention (T5 mask kept as attention_bias) fused; convolutions NCHW (its weights "
+           "can be packed)")
+UNET_LAYOUTS = {"nhwc": UNET_FUSED, "nchw": UNET_FUSED_NCHW}
 
 # The previous default, for comparison runs (scripts/ort_sweep.py --unet-recipes): attention left unfused.
 UNET_FUSED_NO_ATTENTION = Fp16Recipe(

@@ -21,8 +21,8 @@ from .. import __version__
 from ..runtime.artifacts import COMPONENTS as COMPONENT_NAMES
 from ..runtime.artifacts import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES
 from ..runtime.errors import ExportError
-from .components import (BY_NAME, FUSED_RECIPES, GPT2_GRAPHS, SampleShape, feature_extractor_config, pipeline_constants,
-                         sample_inputs)
+from .components import (BY_NAME, FUSED_RECIPES, GPT2_GRAPHS, UNET_LAYOUTS, SampleShape, feature_extractor_config,
+                         pipeline_constants, sample_inputs)
 from .fold_shapes import fold_static_shapes
 from .sources import Source, load_pipeline
 
@@ -74,15 +74,22 @@ def fused_components(precision: str, fuse: tuple[str, ...] | None) -> tuple[str,
 
 
 def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, precision: str = "fp32",
-           fuse: tuple[str, ...] | None = None, gpt2_graph: str = "step") -> Path:
+           fuse: tuple[str, ...] | None = None, gpt2_graph: str = "step", unet_layout: str = "nhwc") -> Path:
     """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``.
 
     precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``; the
     components named by ``fused_components(precision, fuse)`` (fp16 default: the UNet and VAE decoder) are
     converted with their fused recipe instead. ``fuse=()`` converts every component without fusion.
-    ``gpt2_graph``: "step" or "unrolled" (``components.GPT2_GRAPHS``).
+    ``gpt2_graph``: "step" or "unrolled" (``components.GPT2_GRAPHS``). ``unet_layout``: the fused UNet's convolutions,
+    "nhwc" (the fastest) or "nchw" (its weights can then be packed by the runtime: ``components.UNET_FUSED_NCHW``).
     """
     fuse = fused_components(precision, fuse)
+    if unet_layout not in UNET_LAYOUTS:
+        raise ExportError(f"unet_layout {unet_layout!r} is not one of {', '.join(UNET_LAYOUTS)}")
+    if unet_layout != "nhwc" and "unet" not in fuse:
+        raise ExportError(f"unet_layout {unet_layout!r} applies to the fused UNet (--precision fp16 with the UNet fused); "
+                          "the plain recipe has NCHW convolutions already")
+    recipes = {**FUSED_RECIPES, "unet": UNET_LAYOUTS[unet_layout]}
     if gpt2_graph not in GPT2_GRAPHS:
         raise ExportError(f"gpt2_graph {gpt2_graph!r} is not one of {', '.join(GPT2_GRAPHS)}")
     out = Path(out)
@@ -94,7 +101,7 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, 
         for name in COMPONENT_NAMES:
             t0 = time.perf_counter()
             entries[name] = export_component(pipe, consts, name, staging, precision,
-                                             recipe=FUSED_RECIPES[name] if name in fuse else None,
+                                             recipe=recipes[name] if name in fuse else None,
                                              spec=GPT2_GRAPHS[gpt2_graph] if name == "gpt2" else None)
             if name == "gpt2":
                 entries[name]["graph"] = gpt2_graph

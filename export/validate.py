@@ -16,6 +16,7 @@ import numpy as np
 from ..runtime.artifacts import load_artifacts
 from ..runtime.backends.base import Device
 from ..runtime.backends.ort import OrtSessionFactory, default_tf32
+from ..runtime.errors import ExportError
 from ..runtime.shapes import t5_bucket
 from .components import SampleShape, sample_inputs, spec_of
 from .sources import Source, load_pipeline
@@ -61,8 +62,10 @@ def source_of(manifest: dict) -> Source:
     return Source(model=src["model"])
 
 
-def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -> list[ComponentCheck]:
-    """Compare every component of the artefact folder with PyTorch; returns one check per output."""
+def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None,
+             components=None) -> list[ComponentCheck]:
+    """Compare every component of the artefact folder (or those named in ``components``) with PyTorch; returns one
+    check per output."""
     import torch
 
     art = load_artifacts(folder)
@@ -72,8 +75,13 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None) -
     # As the runtime runs them: fp16 artefacts' fp32 parts on TF32 (CUDA only), judged by the fp16 bar there.
     tf32 = default_tf32(art.precision) and Device.parse(device).kind == "cuda"
     factory = OrtSessionFactory(device=device, tf32=tf32, precision=art.precision)
+    unknown = sorted(set(components or ()) - set(art.manifest["components"]))
+    if unknown:
+        raise ExportError(f"components {unknown} are not in {folder} (it holds {', '.join(art.manifest['components'])})")
     checks = []
     for name, entry in art.manifest["components"].items():
+        if components and name not in components:
+            continue
         spec = spec_of(name, art.gpt2_graph)
         module = spec.build(pipe, consts).eval()
         session = factory.create(name, art.component_file(name))

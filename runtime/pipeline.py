@@ -105,9 +105,10 @@ class AudioLDM2Runtime:
         components' runs take turns (two requests in different stages no longer overlap), and every runtime of the
         process that shares the arena must be loaded before the first request.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
-        allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack
-        and the ranking components on CUDA (the UNet, VAE decoder and vocoder hold NHWC convolutions, which cannot be
-        packed), False = none (ONNX Runtime's default), True = every component that allows it, or component names.
+        allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack,
+        the ranking components and a UNet exported with ``--unet-layout nchw`` on CUDA (NHWC convolutions cannot be
+        packed: the default UNet's, the VAE decoder's, the vocoder's), False = none (ONNX Runtime's default), True =
+        every component that allows it, or component names.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """

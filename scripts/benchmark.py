@@ -44,13 +44,14 @@ def timed(fn, runs: int) -> dict:
 
 
 def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=None, provider_options=None,
-                  device_loop=None) -> dict:
+                  device_loop=None, packed_weights=None) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     with GpuMemory() as mem:
         t0 = time.perf_counter()
         rt = AudioLDM2Runtime.load(folder, device="cuda", cuda_graphs=cuda_graphs, tf32=tf32,
-                                   provider_options=provider_options, device_loop=device_loop)
+                                   provider_options=provider_options, device_loop=device_loop,
+                                   packed_weights=packed_weights)
         load = time.perf_counter() - t0
         t1 = time.perf_counter()
         rt(**REQUEST, seed=0)
@@ -209,6 +210,8 @@ def main() -> None:
     ap.add_argument("--provider-options", type=json.loads, default=None, metavar="JSON",
                     help='adds a row: the --fp16 artefacts with these per-component CUDA provider options, '
                          'e.g. \'{"unet": {"sdpa_kernel": 19}}\'')
+    ap.add_argument("--packed-all", action="store_true",
+                    help="the runtime rows pack every component's weights that allows it (load(packed_weights=True))")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -221,7 +224,7 @@ def main() -> None:
     res = {"device": device if isinstance(device, str) else device.decode(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip),
-           "provider_options": args.provider_options}
+           "provider_options": args.provider_options, "packed_all": args.packed_all}
     cublas_env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     variants = (  # key, artefacts, cuda_graphs, heavy (DDIM-200, batch 4), tf32, provider_options, device_loop
         ("fp16", args.fp16, "auto", True, None, None, None), ("fp32", args.fp32, "auto", False, None, None, None),
@@ -237,7 +240,8 @@ def main() -> None:
         elif folder and key not in skip:
             try:
                 res[f"runtime_{key}"] = bench_runtime(folder, args.runs, heavy=heavy, cuda_graphs=graphs, tf32=tf32,
-                                                      provider_options=options, device_loop=loop)
+                                                      provider_options=options, device_loop=loop,
+                                                      packed_weights=True if args.packed_all else None)
                 print(key, json.dumps(res[f"runtime_{key}"]["stages_ms"]), res[f"runtime_{key}"]["median_s"], flush=True)
             except Exception as err:  # one configuration failing (a provider option cuDNN rejects) ends only its row
                 res[f"runtime_{key}"] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}

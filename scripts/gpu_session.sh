@@ -32,6 +32,8 @@
 #   bash scripts/gpu_session.sh all-check-memory  # setup, fp16 export, validate, peak memory and audio
 #   bash scripts/gpu_session.sh all-packed  # setup, fp16 export, each session's memory packed and unpacked, peak memory
 #                                           # and audio, validate, benchmark (runtime rows), cold start
+#   bash scripts/gpu_session.sh all-unet-variants  # setup, fp16 export and UNets fused without NHWC convolutions
+#                                           # (unet_variant.py), peak memory with every weight packed, benchmarks, validate
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -343,6 +345,21 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
         > /tmp/logs/cold.log 2>&1" ;;
   all-packed)  # setup, the fp16 export, packed
     setup_export_then "16" packed ;;
+  unet-variants)  # while the fp16 export runs: the UNet fused without NHWC convolutions (two variants), so that
+                  # packed_weights=True packs it; then peak memory packed, benchmarks (default, variants), validate
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant nchw nchw_gn \
+        --out /tmp/art-nchw /tmp/art-nchwgn > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      for v in nchw nchwgn; do python3 peak_memory.py --artifacts /tmp/art-\$v \
+        --which runtime_packed_all,runtime_shared_packed_all --out /tmp/logs/pm-\$v > /tmp/logs/pm-\$v.log 2>&1; done; \
+      for v in fp16 nchw nchwgn; do python3 benchmark.py --fp16 /tmp/art-\$v --packed-all --runs 10 \
+        --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32,fp16_host_loop --out /tmp/logs/bench-\$v \
+        > /tmp/logs/bench-\$v.log 2>&1; done; \
+      for v in nchw nchwgn; do (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-\$v --device cuda \
+        --components unet > /tmp/logs/validate-\$v.log 2>&1); done" ;;
+  all-unet-variants)  # setup, the fp16 export and unet-variants at once
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" unet-variants ;;
   all-arena)  # setup, the fp16 export, arena
     setup_export_then "16" arena ;;
   collect)

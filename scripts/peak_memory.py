@@ -30,10 +30,12 @@ from benchmark import REQUEST
 from gpu_memory import GpuMemory
 
 # runtime rows: name → child_runtime arguments. runtime_unpacked: each weight in an allocation of its own (the default
-# until packed weights, ONNX Runtime's own).
+# until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet).
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared": {"shared_arena": True},
         "runtime_shared_no_ranking": {"ranking": False, "shared_arena": True},
         "runtime_unpacked": {"packed_weights": False},
+        "runtime_packed_all": {"packed_weights": True},
+        "runtime_shared_packed_all": {"shared_arena": True, "packed_weights": True},
         "b0": None}
 
 

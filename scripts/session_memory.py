@@ -45,7 +45,6 @@ KEEP = re.compile(r"BFCArena|Extended allocation|@@session_memory|Error|error|Tr
 
 def primer_model() -> bytes:
     """A one-node float32 graph (y = x + x) for the CUDA provider."""
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "primer",

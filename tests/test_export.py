@@ -29,6 +29,17 @@ def test_every_component_matches_pytorch(tiny_pipe, tiny_artifacts):
     assert worst.rel_l2 <= FP32_TOLERANCE, worst
 
 
+def test_validate_checks_only_the_components_named(tiny_pipe, tiny_artifacts):
+    from audioldm2_trt.export.validate import FP32_TOLERANCE, validate
+    from audioldm2_trt.runtime.errors import ExportError
+
+    checks = validate(tiny_artifacts, pipe=tiny_pipe, components=["vocoder", "projection"])
+    assert {c.component for c in checks} == {"vocoder", "projection"}
+    assert max(c.rel_l2 for c in checks) <= FP32_TOLERANCE
+    with pytest.raises(ExportError, match=r"components \['unet2'\] are not in .* \(it holds clap_text, t5_encoder"):
+        validate(tiny_artifacts, pipe=tiny_pipe, components=["vocoder", "unet2"])
+
+
 def test_validation_feeds_the_unet_its_t5_bucket_as_the_runtime_does(tiny_pipe, tiny_artifacts):
     import torch
 
@@ -270,6 +281,22 @@ def test_fuse_option_errors_name_the_problem(tmp_path, fuse, precision, message)
 
 
 @needs_export
+@pytest.mark.parametrize("fuse, layout, message", [
+    ((), "nchw", "unet_layout 'nchw' applies to the fused UNet"),         # --fuse none: plain convolutions already
+    (("vae_decoder",), "nchw", "unet_layout 'nchw' applies to the fused UNet"),
+    (None, "nhwc8", "unet_layout 'nhwc8' is not one of nhwc, nchw"),
+])
+def test_unet_layout_errors_name_the_problem(tmp_path, fuse, layout, message):
+    from audioldm2_trt.export.onnx_export import export
+    from audioldm2_trt.export.sources import Source
+    from audioldm2_trt.runtime.errors import ExportError
+
+    with pytest.raises(ExportError, match=message):
+        export(Source(random_config="tiny"), tmp_path / "out", precision="fp16", fuse=fuse, unet_layout=layout)
+    assert not (tmp_path / "out").exists()
+
+
+@needs_export
 @pytest.mark.parametrize("precision, fuse, expected", [
     ("fp16", None, ("unet", "vae_decoder")),  # the fp16 default: both fused recipes
     ("fp16", (), ()),                         # --fuse none
@@ -288,10 +315,12 @@ def test_export_cli_fuse_none_means_no_fusion(monkeypatch, tmp_path):
     from audioldm2_trt.export import cli as export_cli
 
     seen = []
-    monkeypatch.setattr("audioldm2_trt.export.onnx_export.export", lambda *a, **k: seen.append(k["fuse"]) or tmp_path)
+    monkeypatch.setattr("audioldm2_trt.export.onnx_export.export",
+                        lambda *a, **k: seen.append((k["fuse"], k["unet_layout"])) or tmp_path)
     parser = argparse.ArgumentParser()
     export_cli.add_commands(parser.add_subparsers())
-    for argv, want in ((["--fuse", "none"], ()), ([], None), (["--fuse", "unet"], ("unet",))):
+    for argv, want in ((["--fuse", "none"], ((), "nhwc")), ([], (None, "nhwc")), (["--fuse", "unet"], (("unet",), "nhwc")),
+                       (["--unet-layout", "nchw"], (None, "nchw"))):
         args = parser.parse_args(["export", "--random-weights", "tiny", "--out", str(tmp_path), "--precision", "fp16",
                                   *argv])
         export_cli.run_export(args)

@@ -16,15 +16,15 @@ from .conftest import needs_export
 pytestmark = needs_export
 
 
-def _fp16_copy(tiny_artifacts, tmp_path, name, fused=False):
-    from audioldm2_trt.export.components import BY_NAME, FP16_PLAIN, UNET_FUSED, VAE_FUSED
+def _fp16_copy(tiny_artifacts, tmp_path, name, fused=False, unet_layout="nhwc"):
+    from audioldm2_trt.export.components import BY_NAME, FP16_PLAIN, UNET_LAYOUTS, VAE_FUSED
     from audioldm2_trt.export.onnx_export import save_model
     from audioldm2_trt.export.optimize import to_fp16
 
     path = tmp_path / f"{name}.onnx"
     shutil.copy(tiny_artifacts / f"{name}.onnx", path)
     if fused:
-        recipe = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED}[name]
+        recipe = {"unet": UNET_LAYOUTS[unet_layout], "vae_decoder": VAE_FUSED}[name]
     else:  # components kept fp32 by default are still converted here, to test the converter
         recipe = BY_NAME[name].fp16 if not BY_NAME[name].fp16.keep_fp32 else FP16_PLAIN
     summary = to_fp16(path, recipe, save_model)
@@ -136,17 +136,22 @@ def _elem_types(model):
     return {i.name: onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type) for i in model.graph.input}
 
 
-@pytest.mark.parametrize("name", ["unet", "vae_decoder"])
-def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path, name):
+@pytest.mark.parametrize("name,layout", [("unet", "nhwc"), ("unet", "nchw"), ("vae_decoder", "nhwc")])
+def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path, name, layout):
     import onnx
 
     fp32 = onnx.load(str(tiny_artifacts / f"{name}.onnx"))
-    path, summary = _fp16_copy(tiny_artifacts, tmp_path, name, fused=True)
+    path, summary = _fp16_copy(tiny_artifacts, tmp_path, name, fused=True, unet_layout=layout)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert _elem_types(model) == _elem_types(fp32)  # same names, float32/int64 at the boundary
     assert [o.name for o in model.graph.output] == [o.name for o in fp32.graph.output]
-    assert summary["fused"].get("GroupNorm", 0) > 0 and summary["fused"].get("NhwcConv", 0) > 0
+    assert summary["fused"].get("GroupNorm", 0) > 0
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    if layout == "nhwc":
+        assert summary["fused"].get("NhwcConv", 0) > 0 and convs == 0
+    else:  # export --unet-layout nchw: every convolution a plain Conv, whose weights the runtime can pack
+        assert "NhwcConv" not in summary["fused"] and convs == sum(n.op_type == "Conv" for n in fp32.graph.node) > 0
     if name == "unet":  # attention fused, and the T5 mask still reaches the graph as attention_bias
         assert summary["fused"].get("MultiHeadAttention", 0) > 0
         biased = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and len(n.input) > 5 and n.input[5]]

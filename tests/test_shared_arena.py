@@ -127,7 +127,7 @@ def test_packed_weights_apply_to_the_default_cuda_provider_only(tiny_artifacts):
 def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
     """Which sessions pack their weights on CUDA (the selection alone: this machine has no CUDA provider). NhwcConv
     nodes (named by the manifest's fused ops) and prefer_nhwc need ONNX Runtime's prepacking: True leaves them out,
-    naming one is an error, the default is the text stack and the ranking components."""
+    naming one is an error; the default is the text stack, the ranking components and a UNet without NhwcConv."""
     from audioldm2_trt.runtime.artifacts import Artifacts, load_artifacts
     from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, PACKED_WEIGHTS
 
@@ -146,7 +146,10 @@ def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
     every = ["clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_features",
              "clap_audio"]
     default = factory._packed_selector(None, nhwc)
-    assert {n for n in every if default(n)} == PACKED_WEIGHTS
+    assert {n for n in every if default(n)} == PACKED_WEIGHTS - {"unet"} == {
+        "clap_text", "t5_encoder", "projection", "gpt2", "clap_features", "clap_audio"}
+    nchw_unet = factory._packed_selector(None, frozenset({"vae_decoder"}))  # export --unet-layout nchw
+    assert {n for n in every if nchw_unet(n)} == PACKED_WEIGHTS
     allowed = factory._packed_selector(True, nhwc)
     assert {n for n in every if allowed(n)} == set(every) - {"unet", "vae_decoder", "vocoder"}
     assert not any(factory._packed_selector(False, nhwc)(n) for n in every)

@@ -42,10 +42,12 @@ _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
 # key below this count hold the process's capture guard exclusively (capture_guard.py), later ones share it.
 CAPTURE_RUNS = 4
 # Components whose weights a CUDA session places in one device block by default (OrtSessionFactory's packed_weights):
-# all but the convolution networks. Their NHWC convolutions need ONNX Runtime's prepacking, which packing turns off:
-# without it the fused UNet's NhwcConv nodes read their NHWC weights as NCHW and fail ("Input channels C is not equal
-# to kernel channels * group", H100, 2026-11-27); the VAE decoder's NhwcConv and the vocoder's prefer_nhwc likewise.
-PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "clap_features", "clap_audio"})
+# all but the VAE decoder and the vocoder, and the UNet only where it has no NHWC convolutions. Those need ONNX
+# Runtime's prepacking, which packing turns off: without it the fused UNet's NhwcConv nodes read their NHWC weights as
+# NCHW and fail ("Input channels C is not equal to kernel channels * group", H100, 2026-11-27); the VAE decoder's
+# NhwcConv and the vocoder's prefer_nhwc likewise. ``export --unet-layout nchw`` gives a UNet that can be packed. (The
+# VAE decoder would gain less than the memory pattern, which packing turns on, costs its first run: runs N and Q.)
+PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "unet", "clap_features", "clap_audio"})
 PACKED_CONFIG = {"session.disable_prepacking": "1"}
 
 
@@ -339,8 +341,8 @@ class OrtSessionFactory:
     measured (docs/benchmarks.md, run N). With CUDA graphs only uncaptured runs allocate at all; on the CPU every run
     does, and the pattern saves that work.
     packed_weights (CUDA): the components whose weights ONNX Runtime places in one device allocation instead of one
-    allocation per initializer — None = ``PACKED_WEIGHTS`` on CUDA, none on the CPU; True = every component that
-    allows it; False = none; or a collection of names. ONNX Runtime allocates each initializer of a session with a
+    allocation per initializer — None = those of ``PACKED_WEIGHTS`` that allow it on CUDA, none on the CPU; True =
+    every component that allows it; False = none; or a collection of names. ONNX Runtime allocates each initializer of a session with a
     ``cudaMalloc`` of its own, and CUDA rounds an allocation over 1 MiB up to whole 2 MiB pages (measured on the
     H100: 1.5 MiB costs 2 MiB, 3 MiB costs 4), so a 1.125 MiB fp16 768×768 matrix takes 2 MiB: 87 MiB beyond its
     weights for CLAP text, 61 for T5, 64 for GPT-2, 174 for the UNet (scripts/session_memory.py, docs/benchmarks.md).
@@ -410,14 +412,16 @@ class OrtSessionFactory:
 
     def _packed_selector(self, packed_weights, needs_prepacking: frozenset):
         """component name → whether its session packs its weights (see ``packed_weights`` above)."""
-        if packed_weights is None:
-            packed_weights = PACKED_WEIGHTS if self._default_cuda else False
+        if packed_weights is None and not self._default_cuda:
+            packed_weights = False
         if packed_weights is False:
             return lambda name: False
         if not self._default_cuda:
             raise BackendError(f"packed_weights applies to the default CUDA provider only (device {self.device})")
         nhwc = needs_prepacking | {name for name, opts in self.component_options.items()
                                    if int(opts.get("prefer_nhwc", 0))}
+        if packed_weights is None:  # the default: PACKED_WEIGHTS where they allow it
+            return lambda name: name in PACKED_WEIGHTS and name not in nhwc
         if packed_weights is True:
             return lambda name: name not in nhwc
         chosen = frozenset(packed_weights)

@@ -1,0 +1,95 @@
+"""A copy of an fp16 artefact folder with its UNet fused another way — for measurements without a full re-export.
+
+    python scripts/unet_variant.py --artifacts /tmp/art-fp16 [--source random:audioldm2] --variant nchw --out /tmp/art-nchw
+
+The UNet of ``--artifacts``' source (the same random weights or checkpoint) is exported again with a variant of
+``UNET_FUSED`` into a new folder, whose other files are hard links to the base folder's, and whose manifest is the base
+one with the new UNet entry. With ``--source`` it starts while the base folder's export is still running and waits for
+its manifest. Variants (H100 results in docs/benchmarks.md, run R):
+
+- ``nchw``: ``UNET_FUSED_NCHW`` (what ``export --unet-layout nchw`` writes): no NhwcConv, so that the runtime can
+  pack the UNet's weights;
+- ``nchw_gn``: NhwcConv off and GroupNorm on NCHW as well — ONNX Runtime's CUDA GroupNorm refuses it ("only the
+  channels_last layout is supported", run R); kept to show that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+VARIANTS = ("nchw", "nchw_gn")
+
+
+def variant_recipe(variant: str):
+    import dataclasses
+
+    from audioldm2_trt.export.components import UNET_FUSED_NCHW
+
+    if variant == "nchw":
+        return UNET_FUSED_NCHW
+    return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
+                               + (("group_norm_channels_last", False),), reason="GroupNorm on NCHW (CUDA refuses it)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", required=True, help="an fp16 artefact folder (its source is re-loaded)")
+    ap.add_argument("--variant", nargs="+", choices=VARIANTS, default=["nchw"])
+    ap.add_argument("--out", required=True, nargs="+", help="one folder per variant")
+    ap.add_argument("--source", help="random:CONFIG or model:PATH — the base folder's source, to start before its "
+                                     "export has finished (default: read from its manifest)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait-s", type=float, default=1800, help="how long to wait for the base folder's manifest")
+    args = ap.parse_args()
+    if len(args.out) != len(args.variant):
+        ap.error("--out needs one folder per --variant")
+
+    from audioldm2_trt.export.components import pipeline_constants
+    from audioldm2_trt.export.onnx_export import MANIFEST, content_hash, export_component
+    from audioldm2_trt.export.sources import Source, load_pipeline
+    from audioldm2_trt.export.validate import source_of
+
+    base = Path(args.artifacts)
+    t0 = time.perf_counter()
+    if args.source:  # the base folder's export may still be running: its manifest appears when it has finished
+        kind, _, rest = args.source.partition(":")
+        source = Source(random_config=rest, seed=args.seed) if kind == "random" else Source(model=rest)
+    else:
+        source = source_of(json.loads((base / MANIFEST).read_text()))
+    pipe = load_pipeline(source)
+    consts = pipeline_constants(pipe)
+    entries = {}
+    for variant, out in zip(args.variant, args.out):
+        out = Path(out)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        entries[variant] = export_component(pipe, consts, "unet", out, "fp16", recipe=variant_recipe(variant))
+        entries[variant]["graph_variant"] = variant
+        print(f"{variant}: UNet exported in {time.perf_counter() - t0:.0f} s; fused {entries[variant]['fp16']['fused']}",
+              flush=True)
+    while not (base / MANIFEST).exists():
+        if time.perf_counter() - t0 > args.wait_s:
+            raise SystemExit(f"{base}: no manifest after {args.wait_s} s")
+        time.sleep(5)
+    manifest = json.loads((base / MANIFEST).read_text())
+    if manifest["precision"] != "fp16" or source_of(manifest) != source:
+        raise SystemExit(f"{base}: fp16 artefacts of {source} expected, got {manifest['precision']} of "
+                         f"{manifest['source']}")
+    for variant, out in zip(args.variant, args.out):
+        out = Path(out)
+        for f in base.iterdir():
+            if f.is_file() and f.name not in ("unet.onnx", "unet.onnx.data", MANIFEST):
+                os.link(f, out / f.name)
+        manifest_out = {**manifest, "components": {**manifest["components"], "unet": entries[variant]}}
+        manifest_out["content_hash"] = content_hash(manifest_out["components"], manifest_out["tokenizers"])
+        (out / MANIFEST).write_text(json.dumps(manifest_out, indent=1))
+        print(f"{variant}: {out} ready", flush=True)
+
+
+if __name__ == "__main__":
+    main()
