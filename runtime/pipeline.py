@@ -128,6 +128,9 @@ class AudioLDM2Runtime:
         if shared_arena and (backend != "ort" or providers is not None):
             raise InvalidRequestError(f"shared_arena applies to backend 'ort' with the default provider; got backend "
                                       f"{backend!r}, providers {'given' if providers is not None else 'default'}")
+        if packed_weights not in (None, False) and (backend != "ort" or providers is not None):
+            raise InvalidRequestError(f"packed_weights applies to backend 'ort' with the default provider; got backend "
+                                      f"{backend!r}, providers {'given' if providers is not None else 'default'}")
         if device_loop and backend != "ort":
             raise InvalidRequestError(f"device_loop runs on backend 'ort' (ONNX Runtime sessions); got backend {backend!r}")
         if backend == "trt":

@@ -120,6 +120,9 @@ def test_packed_weights_config_plans_the_weights_as_one_block(tiny_artifacts, ca
 def test_packed_weights_apply_to_the_default_cuda_provider_only(tiny_artifacts):
     with pytest.raises(BackendError, match=r"packed_weights applies to the default CUDA provider only \(device cpu\)"):
         OrtSessionFactory("cpu", packed_weights=True)
+    with pytest.raises(InvalidRequestError, match="packed_weights applies to backend 'ort' with the default provider; "
+                                                  "got backend 'ort', providers given"):
+        AudioLDM2Runtime.load(tiny_artifacts, packed_weights=["unet"], providers=["CPUExecutionProvider"])
     runtime = AudioLDM2Runtime.load(tiny_artifacts)  # CPU: ONNX Runtime's own allocation, prepacking on
     assert not any(c["packed_weights"] for c in runtime.health()["components"].values())
 

@@ -342,10 +342,11 @@ class OrtSessionFactory:
     does, and the pattern saves that work.
     packed_weights (CUDA): the components whose weights ONNX Runtime places in one device allocation instead of one
     allocation per initializer — None = those of ``PACKED_WEIGHTS`` that allow it on CUDA, none on the CPU; True =
-    every component that allows it; False = none; or a collection of names. ONNX Runtime allocates each initializer of a session with a
-    ``cudaMalloc`` of its own, and CUDA rounds an allocation over 1 MiB up to whole 2 MiB pages (measured on the
-    H100: 1.5 MiB costs 2 MiB, 3 MiB costs 4), so a 1.125 MiB fp16 768×768 matrix takes 2 MiB: 87 MiB beyond its
-    weights for CLAP text, 61 for T5, 64 for GPT-2, 174 for the UNet (scripts/session_memory.py, docs/benchmarks.md).
+    every component that allows it; False = none; or a collection of names. ONNX Runtime allocates each initializer
+    of a session with a ``cudaMalloc`` of its own, and CUDA rounds an allocation over 1 MiB up to whole 2 MiB pages
+    (measured on the H100: 1.5 MiB costs 2 MiB, 3 MiB costs 4), so a 1.125 MiB fp16 768×768 matrix takes 2 MiB: 87 MiB
+    beyond its weights for CLAP text, 61 for T5, 64 for GPT-2, 174 for the UNet (scripts/session_memory.py,
+    docs/benchmarks.md).
     ONNX Runtime plans a session's initializers into one buffer only with prepacking off
     (``session.disable_prepacking``) and the memory pattern on; the one switch also plans each uncaptured run's
     activations as one block, so a packed session has the memory pattern on, whatever ``mem_pattern`` says. On CUDA
