@@ -186,7 +186,7 @@ class AudioLDM2Runtime:
         """What a server's health check reports: device, precision, warm or not, whether the denoising loop
         runs on the device, whether ranking is loaded and where its features are computed ("graph" or "host"; None
         without ranking), the CUBLAS_WORKSPACE_CONFIG in effect (CUDA), and per component how many input shapes have
-        buffers / CUDA graphs."""
+        buffers / CUDA graphs and whether its weights are packed in one allocation (``packed_weights``)."""
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
