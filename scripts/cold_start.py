@@ -147,6 +147,7 @@ def child(folder: str, variant: str, device: str, audio_file: str | None = None)
     art = load_artifacts(folder)
     device_loop = variant != "host_loop" and device.startswith("cuda")  # as AudioLDM2Runtime.load decides
     factory = OrtSessionFactory(device, component_options=options, tf32=default_tf32(art.precision),
+                                needs_prepacking=art.nhwc_components,
                                 graph_optimization=level, optimized_cache=cache, precision=art.precision,
                                 bind=True if device_loop else None,
                                 session_config={"session.use_device_allocator_for_initializers": "1"}

@@ -63,7 +63,8 @@ def child(folder: str, name: str, primer_path: str, packed: bool) -> dict:
 
     ort.set_default_logger_severity(1)  # the arenas log at INFO through the default logger
     art = load_artifacts(folder)
-    factory = OrtSessionFactory("cuda", precision=art.precision, packed_weights=None if packed else False)
+    factory = OrtSessionFactory("cuda", precision=art.precision, packed_weights=None if packed else False,
+                                needs_prepacking=art.nhwc_components)
     mem = GpuMemory()
     marks = {"start": mem.used_mib()}
     sessions = []

@@ -132,7 +132,7 @@ def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
     nodes (named by the manifest's fused ops) and prefer_nhwc need ONNX Runtime's prepacking: True leaves them out,
     naming one is an error; the default is the text stack, the ranking components and a UNet without NhwcConv."""
     from audioldm2_trt.runtime.artifacts import Artifacts, load_artifacts
-    from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, PACKED_WEIGHTS
+    from audioldm2_trt.runtime.backends.ort import ASSUMED_NHWC, COMPONENT_PROVIDER_OPTIONS, PACKED_WEIGHTS
 
     art = load_artifacts(tiny_artifacts)
     assert art.nhwc_components == frozenset()  # fp32 artefacts: plain convolutions
@@ -153,6 +153,10 @@ def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
         "clap_text", "t5_encoder", "projection", "gpt2", "clap_features", "clap_audio"}
     nchw_unet = factory._packed_selector(None, frozenset({"vae_decoder"}))  # export --unet-layout nchw
     assert {n for n in every if nchw_unet(n)} == PACKED_WEIGHTS
+    # a factory not told which components have NhwcConv (validate, scripts) assumes the default export's
+    assert ASSUMED_NHWC == {"unet", "vae_decoder"}
+    unknown = factory._packed_selector(None, ASSUMED_NHWC)
+    assert {n for n in every if unknown(n)} == PACKED_WEIGHTS - {"unet"}
     allowed = factory._packed_selector(True, nhwc)
     assert {n for n in every if allowed(n)} == set(every) - {"unet", "vae_decoder", "vocoder"}
     assert not any(factory._packed_selector(False, nhwc)(n) for n in every)

@@ -48,6 +48,9 @@ CAPTURE_RUNS = 4
 # NhwcConv and the vocoder's prefer_nhwc likewise. ``export --unet-layout nchw`` gives a UNet that can be packed. (The
 # VAE decoder would gain less than the memory pattern, which packing turns on, costs its first run: runs N and Q.)
 PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "unet", "clap_features", "clap_audio"})
+# Where a factory is not told which components have NhwcConv nodes (``needs_prepacking=None``), the fused ones of the
+# default fp16 export are assumed to: a UNet packed by mistake fails at its first run.
+ASSUMED_NHWC = frozenset({"unet", "vae_decoder"})
 PACKED_CONFIG = {"session.disable_prepacking": "1"}
 
 
@@ -352,8 +355,8 @@ class OrtSessionFactory:
     activations as one block, so a packed session has the memory pattern on, whatever ``mem_pattern`` says. On CUDA
     prepacking matters to NHWC convolutions only — it transposes the weights of those ``prefer_nhwc`` moved to NHWC
     and tells an ``NhwcConv`` (the fused UNet's and VAE decoder's) that its weights are NHWC already — so those
-    components cannot be packed: ``needs_prepacking`` names the ones with NhwcConv nodes (``Artifacts.nhwc_components``),
-    and naming one of them, or a ``prefer_nhwc`` one, is an error.
+    components cannot be packed: ``needs_prepacking`` names the ones with NhwcConv nodes (``Artifacts.nhwc_components``;
+    None = ``ASSUMED_NHWC``, the UNet and VAE decoder), and naming one of them, or a ``prefer_nhwc`` one, is an error.
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
@@ -361,7 +364,7 @@ class OrtSessionFactory:
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
                  cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
-                 mem_pattern: bool | None = None, packed_weights=None, needs_prepacking=()):
+                 mem_pattern: bool | None = None, packed_weights=None, needs_prepacking=None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -409,7 +412,8 @@ class OrtSessionFactory:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
         self.arena = _shared_arena(ort, self.device) if shared_arena else None
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
-        self._packed = self._packed_selector(packed_weights, frozenset(needs_prepacking))
+        self._packed = self._packed_selector(
+            packed_weights, ASSUMED_NHWC if needs_prepacking is None else frozenset(needs_prepacking))
 
     def _packed_selector(self, packed_weights, needs_prepacking: frozenset):
         """component name → whether its session packs its weights (see ``packed_weights`` above)."""
