@@ -26,7 +26,7 @@ def add_commands(sub) -> None:
                         "(190 vs 339 ms end to end on an H100, same fidelity)")
     p.add_argument("--unet-layout", default="nhwc", choices=["nhwc", "nchw"],
                    help="with the fused UNet: nhwc (the fastest) or nchw, whose weights the runtime can place in one "
-                        "allocation: ~100 MiB less GPU memory, ~12 %% slower UNet steps on an H100")
+                        "allocation: ~100 MiB less GPU memory, 12 %% slower end to end on an H100")
     p.add_argument("--gpt2-graph", default="step", choices=["step", "unrolled"],
                    help="step: one GPT-2 pass the runtime runs 8 times (fast session creation, the GPU default); "
                         "unrolled: the 8 steps with a KV cache in one graph (less arithmetic: faster on the CPU)")
