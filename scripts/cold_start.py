@@ -58,48 +58,45 @@ VARIANTS = {
     "conv_small_workspace": ({c: {"cudnn_conv_use_max_workspace": 0} for c in CONVS}, "all", False, None),
     # initializers allocated with the device allocator, outside each session's arena
     "init_outside_arena": (None, "all", False, None),
-    # Where the first call's fixed GPU memory goes (VARIANT_EXTRAS): no CUDA graph captured; every kernel module
-    # loaded at context creation instead of on first use; cuBLAS's own workspace at 4 MiB; no ranking sessions
+    # Where the first call's fixed GPU memory goes (VARIANT_EXTRAS; no_graphs in FACTORY_VARIANTS): every kernel
+    # module loaded at context creation instead of on first use; cuBLAS's own workspace at 4 MiB; no ranking sessions
     # (CLAP audio and its features; a batch-1 request never runs them)
-    "no_graphs": (None, "all", True, None),
     "eager_modules": (None, "all", True, None),
     "cublas_small_ws": (None, "all", True, None),
     "no_ranking": (None, "all", True, None),
-    # cuBLAS's own default workspace (the runtime asks for 4 MiB per handle since run I: CUBLAS_WORKSPACE_KIB)
-    "cublas_default_ws": (None, "all", True, None),
     # each convolution's bias in cuDNN's fused conv + bias engine (the vocoder's dilated 1-D convolutions fail so)
     "fuse_unet": ({"unet": {"fuse_conv_bias": 1}}, "all", False, None),
     "fuse_unet_vae": ({c: {"fuse_conv_bias": 1} for c in CONVS[:2]}, "all", False, None),
     # the vocoder without cuDNN's exhaustive algorithm search (2.6 s of run K's first call), or with its heuristic
     "voc_default_search": ({"vocoder": {"cudnn_conv_algo_search": "DEFAULT"}}, "all", False, None),
     "voc_heuristic": ({"vocoder": {"cudnn_conv_algo_search": "HEURISTIC"}}, "all", False, None),
-    # one ONNX Runtime arena for every session (load(shared_arena=True)), sessions created one at a time as in
-    # "sequential", whose memory figures it is compared with
-    "shared_arena": (None, "all", True, None),
-    # ONNX Runtime's memory pattern off (activations allocated tensor by tensor instead of one planned block per
-    # run), with the shared arena and without — the default on CUDA since run N; mem_pattern_on: the default before
-    "shared_arena_nopattern": (None, "all", True, None),
-    "nopattern": (None, "all", True, None),
-    "mem_pattern_on": (None, "all", True, None),
-    "shared_arena_pattern": (None, "all", True, None),
-    # every session's weights in allocations of their own (ONNX Runtime's default; the runtime's until packed weights)
-    "unpacked": (None, "all", True, None),
 }
 # Variants that change more than provider options. env: set in the child's environment before CUDA starts;
 # factory: OrtSessionFactory arguments; skip: components whose session is not created.
 VARIANT_EXTRAS = {
-    "no_graphs": {"factory": {"cuda_graphs": False}},
     "eager_modules": {"env": {"CUDA_MODULE_LOADING": "EAGER"}},
     "cublas_small_ws": {"env": {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}},  # the runtime's default since run I
-    "cublas_default_ws": {"factory": {"cublas_workspace_kib": None}},
     "no_ranking": {"skip": ("clap_features", "clap_audio")},
-    "shared_arena": {"factory": {"shared_arena": True}},
-    "shared_arena_nopattern": {"factory": {"shared_arena": True, "mem_pattern": False}},
-    "nopattern": {"factory": {"mem_pattern": False}},
-    "mem_pattern_on": {"factory": {"mem_pattern": True}},
-    "shared_arena_pattern": {"factory": {"shared_arena": True, "mem_pattern": True}},
-    "unpacked": {"factory": {"packed_weights": False}},
 }
+# Variants that change only OrtSessionFactory arguments, sessions created one at a time (as "sequential", whose
+# memory figures they are compared with): name → arguments.
+FACTORY_VARIANTS = {
+    "no_graphs": {"cuda_graphs": False},  # no CUDA graph captured
+    # cuBLAS's own default workspace (the runtime asks for 4 MiB per handle since run I: CUBLAS_WORKSPACE_KIB)
+    "cublas_default_ws": {"cublas_workspace_kib": None},
+    # one ONNX Runtime arena for every session (load(shared_arena=True))
+    "shared_arena": {"shared_arena": True},
+    # ONNX Runtime's memory pattern off (activations allocated tensor by tensor instead of one planned block per
+    # run), with the shared arena and without — the default on CUDA since run N; mem_pattern_on: the default before
+    "shared_arena_nopattern": {"shared_arena": True, "mem_pattern": False},
+    "nopattern": {"mem_pattern": False},
+    "mem_pattern_on": {"mem_pattern": True},
+    "shared_arena_pattern": {"shared_arena": True, "mem_pattern": True},
+    # every session's weights in allocations of their own (ONNX Runtime's default; the runtime's until packed weights)
+    "unpacked": {"packed_weights": False},
+}
+VARIANTS.update({name: (None, "all", True, None) for name in FACTORY_VARIANTS})
+VARIANT_EXTRAS.update({name: {"factory": args} for name, args in FACTORY_VARIANTS.items()})
 
 
 def _gpu_memory(interval_s: float = 0.001):

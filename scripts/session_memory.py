@@ -11,15 +11,15 @@ Here each component gets a fresh process (``--child``) that creates, with the ru
 1. a primer: a one-node graph, so the CUDA context, the libraries and one session's CUDA state exist before;
 2. the component's session; 3. the same session a second time.
 
-After each, NVML's used memory (MiB). ONNX Runtime's default logger is at VERBOSE in the child, so the log holds
+After each, NVML's used memory (MiB). ONNX Runtime's default logger is at INFO in the child, so the log holds
 every arena extension and reservation ("Extending BFCArena for Cuda", "Reserving memory in BFCArena"); the parent
 splits it at the child's phase markers and sums the bytes per phase and per allocator. What a phase grew beyond
 its arena's bytes was allocated outside ONNX Runtime's arenas (CUDA/cuDNN/cuBLAS state, kernel modules, direct
 allocations); the second creation tells what repeats per session from what a process pays once.
-``--probe``: one more child that makes K ``cudaMalloc`` calls of each of several sizes (ONNX Runtime reserves
-each initializer with a call of its own: "Reserving memory in BFCArena" per initializer) and reports NVML's growth per
-call, so the initializers' count and sizes (reported per component, by size bucket) tell what that way of
-allocating costs. Writes session_memory.json and each child's log beside it.
+``--probe``: one more child that makes K ``cudaMalloc`` calls of each of several sizes (unpacked, ONNX Runtime
+allocates each initializer on its own: an arena extension per initializer) and reports NVML's growth per call, so
+the initializers' count and sizes (reported per component, by size bucket) tell what that way of allocating costs.
+Writes session_memory.json and each child's log beside it.
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ def child(folder: str, name: str, primer_path: str, packed: bool) -> dict:
                                 needs_prepacking=art.nhwc_components)
     mem = GpuMemory()
     marks = {"start": mem.used_mib()}
-    sessions = []
-    for phase, (label, path, graphs) in enumerate([("primer", primer_path, False), ("first", art.component_file(name), None),
-                                                   ("second", art.component_file(name), None)]):
+    alive = []  # every session stays open until the end
+    for label, session_name, path, graphs in (("primer", "primer", primer_path, False),
+                                              ("first", name, art.component_file(name), None),
+                                              ("second", name, art.component_file(name), None)):
         print(f"{MARK}{label}", file=sys.stderr, flush=True)
-        sessions.append(factory.create(name if label != "primer" else "primer", path, graphs=graphs))
+        alive.append(factory.create(session_name, path, graphs=graphs))
         marks[label] = mem.used_mib()
     print(f"{MARK}end", file=sys.stderr, flush=True)
     return {"marks_mib": marks}
