@@ -70,15 +70,15 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None,
 
     art = load_artifacts(folder)
     art.check_device(Device.parse(device).kind, hint="validate with --device cuda")
+    unknown = sorted(set(components or ()) - set(art.manifest["components"]))
+    if unknown:  # before the pipeline is loaded
+        raise ExportError(f"components {unknown} are not in {folder} (it holds {', '.join(art.manifest['components'])})")
     pipe = pipe or load_pipeline(source_of(art.manifest))
     consts = art.constants
     # As the runtime runs them: fp16 artefacts' fp32 parts on TF32 (CUDA only), judged by the fp16 bar there.
     tf32 = default_tf32(art.precision) and Device.parse(device).kind == "cuda"
     factory = OrtSessionFactory(device=device, tf32=tf32, precision=art.precision,
                                 needs_prepacking=art.nhwc_components)
-    unknown = sorted(set(components or ()) - set(art.manifest["components"]))
-    if unknown:
-        raise ExportError(f"components {unknown} are not in {folder} (it holds {', '.join(art.manifest['components'])})")
     checks = []
     for name, entry in art.manifest["components"].items():
         if components and name not in components:
