@@ -77,8 +77,7 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None,
     consts = art.constants
     # As the runtime runs them: fp16 artefacts' fp32 parts on TF32 (CUDA only), judged by the fp16 bar there.
     tf32 = default_tf32(art.precision) and Device.parse(device).kind == "cuda"
-    factory = OrtSessionFactory(device=device, tf32=tf32, precision=art.precision,
-                                needs_prepacking=art.nhwc_components)
+    factory = OrtSessionFactory.for_artifacts(art, device, tf32=tf32)
     checks = []
     for name, entry in art.manifest["components"].items():
         if components and name not in components:
@@ -143,8 +142,7 @@ def validate_trt(folder, device: str = "cuda") -> list[ComponentCheck]:
     frames = entries["unet"]["profile"]["sample"]  # [min, opt, max] shapes of [B, C, F, M]
     shapes = (SampleShape(batch=1, seq=5, frames=frames[1][2]), SampleShape(batch=2, seq=12, frames=frames[2][2]))
     engines = load_engines(art.folder, dev, list(art.manifest["components"]))
-    factory = OrtSessionFactory(device=dev, cuda_graphs=False, precision=art.precision,
-                                needs_prepacking=art.nhwc_components)
+    factory = OrtSessionFactory.for_artifacts(art, dev, cuda_graphs=False)
     checks = []
     for name in art.manifest["components"]:
         spec = spec_of(name, art.gpt2_graph)

@@ -144,12 +144,11 @@ class AudioLDM2Runtime:
             raise InvalidRequestError(f"provider_options name unknown components {unknown}; components: {sorted(files)}")
         if device_loop is None:
             device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
-        factory = OrtSessionFactory(dev, providers, threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
-                                    tf32=default_tf32(art.precision) if tf32 is None else tf32,
-                                    component_options=provider_options, bind=True if device_loop else None,
-                                    precision=art.precision, cublas_workspace_kib=cublas_workspace_kib,
-                                    shared_arena=shared_arena, packed_weights=packed_weights,
-                                    needs_prepacking=art.nhwc_components)
+        factory = OrtSessionFactory.for_artifacts(
+            art, dev, providers=providers, threads=threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
+            tf32=default_tf32(art.precision) if tf32 is None else tf32, component_options=provider_options,
+            bind=True if device_loop else None, cublas_workspace_kib=cublas_workspace_kib,
+            shared_arena=shared_arena, packed_weights=packed_weights)
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
         runtime = cls(art, sessions, factory.device, solver)

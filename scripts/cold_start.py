@@ -143,12 +143,12 @@ def child(folder: str, variant: str, device: str, audio_file: str | None = None)
     t0 = time.perf_counter()
     art = load_artifacts(folder)
     device_loop = variant != "host_loop" and device.startswith("cuda")  # as AudioLDM2Runtime.load decides
-    factory = OrtSessionFactory(device, component_options=options, tf32=default_tf32(art.precision),
-                                needs_prepacking=art.nhwc_components,
-                                graph_optimization=level, optimized_cache=cache, precision=art.precision,
-                                bind=True if device_loop else None,
-                                session_config={"session.use_device_allocator_for_initializers": "1"}
-                                if variant == "init_outside_arena" else None, **extras.get("factory", {}))
+    factory = OrtSessionFactory.for_artifacts(art, device, component_options=options, tf32=default_tf32(art.precision),
+                                              graph_optimization=level, optimized_cache=cache,
+                                              bind=True if device_loop else None,
+                                              session_config={"session.use_device_allocator_for_initializers": "1"}
+                                              if variant == "init_outside_arena" else None,
+                                              **extras.get("factory", {}))
     files = {name: art.component_file(name) for name in art.manifest["components"]
              if name not in extras.get("skip", ())}
     created, memory = {}, {}

@@ -34,6 +34,8 @@
 #                                           # and audio, validate, benchmark (runtime rows), cold start
 #   bash scripts/gpu_session.sh all-unet-variants  # setup, fp16 export and UNets fused without NHWC convolutions
 #                                           # (unet_variant.py), peak memory with every weight packed, benchmarks, validate
+#   bash scripts/gpu_session.sh all-nchw   # setup, export --unet-layout nchw, validate, fidelity, peak memory (shared
+#                                          # arena too, and B0), benchmark (runtime rows)
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -75,7 +77,7 @@ case "$1" in
     ln -sfn "$ROOT/runtime" /tmp/pkg/audioldm2_trt/runtime
     [ -d "$ROOT/.whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$ROOT"/.whl/*.whl
     cd /tmp && python3 -c "import audioldm2_trt.runtime, soxr, pynvml; print('setup ok')" ;;
-  export)  # in the background: the exports named (16, 32, 16p; default all three); each pid in /tmp/logs/export*.pid
+  export)  # in the background: the exports named (16, 32, 16p, nchw; default 16 32 16p); each pid in /tmp/logs/export*.pid
     shift
     tags=${@:-16 32 16p}
     set -- $tags
@@ -89,6 +91,7 @@ case "$1" in
         16) args="--precision fp16 --out /tmp/art-fp16" ;;
         32) args="--out /tmp/art-fp32" ;;
         16p) args="--precision fp16 --fuse none --out /tmp/art-fp16-plain" ;;
+        nchw) args="--precision fp16 --unet-layout nchw --out /tmp/art-nchw" ;;
       esac
       # --verbose: one line per component with its time
       setsid python3 -m audioldm2_trt.cli --verbose export --random-weights audioldm2 $args --overwrite \
@@ -96,7 +99,7 @@ case "$1" in
       echo $! > /tmp/logs/export$tag.pid
     done
     echo started ;;
-  wait)  # until the exports named (16, 32, 16p) have ended
+  wait)  # until the exports named (16, 32, 16p, nchw) have ended
     shift
     for tag in "$@"; do
       while [ -f /tmp/logs/export$tag.pid ] && kill -0 "$(cat /tmp/logs/export$tag.pid)" 2>/dev/null; do sleep 2; done
@@ -360,6 +363,18 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
   all-unet-variants)  # setup, the fp16 export and unet-variants at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" unet-variants ;;
+  nchw)  # after the export --unet-layout nchw (the UNet without NHWC convolutions, its weights packed): validate,
+         # the 100-prompt fidelity, peak memory with and without the shared arena and B0's, the runtime's benchmark rows
+    mkdir -p /tmp/logs/nchw
+    in_background "bash $SELF wait nchw; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-nchw --device cuda > /tmp/logs/nchw/validate.log 2>&1); \
+      python3 fidelity.py --fp16 /tmp/art-nchw --out /tmp/logs/nchw > /tmp/logs/nchw/fidelity.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-nchw --which runtime,runtime_shared,b0 --out /tmp/logs/nchw \
+        > /tmp/logs/nchw/peakmem.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-nchw --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
+        --out /tmp/logs/nchw > /tmp/logs/nchw/bench.log 2>&1" ;;
+  all-nchw)  # setup, the export --unet-layout nchw, nchw
+    setup_export_then "nchw" nchw ;;
   all-arena)  # setup, the fp16 export, arena
     setup_export_then "16" arena ;;
   collect)

@@ -63,8 +63,7 @@ def child(folder: str, name: str, primer_path: str, packed: bool) -> dict:
 
     ort.set_default_logger_severity(1)  # the arenas log at INFO through the default logger
     art = load_artifacts(folder)
-    factory = OrtSessionFactory("cuda", precision=art.precision, packed_weights=None if packed else False,
-                                needs_prepacking=art.nhwc_components)
+    factory = OrtSessionFactory.for_artifacts(art, "cuda", packed_weights=None if packed else False)
     mem = GpuMemory()
     marks = {"start": mem.used_mib()}
     alive = []  # every session stays open until the end

@@ -415,6 +415,12 @@ class OrtSessionFactory:
         self._packed = self._packed_selector(
             packed_weights, ASSUMED_NHWC if needs_prepacking is None else frozenset(needs_prepacking))
 
+    @classmethod
+    def for_artifacts(cls, art, device: str | Device = "cpu", **options) -> "OrtSessionFactory":
+        """A factory for the sessions of an export folder (``Artifacts``): its precision, and its NHWC components
+        left unpacked (``Artifacts.nhwc_components``); ``options`` as for the constructor."""
+        return cls(device, precision=art.precision, needs_prepacking=art.nhwc_components, **options)
+
     def _packed_selector(self, packed_weights, needs_prepacking: frozenset):
         """component name → whether its session packs its weights (see ``packed_weights`` above)."""
         if packed_weights is None and not self._default_cuda:
