@@ -55,7 +55,7 @@ def main() -> None:
         if "clap_features" not in art.components:
             raise SystemExit(f"{args.artifacts} has no clap_features graph (exported before it existed); "
                              "export again to time it")
-        graph = OrtSessionFactory(args.device, precision=art.precision).create(
+        graph = OrtSessionFactory.for_artifacts(art, args.device).create(
             "clap_features", art.component_file("clap_features"))
         padded = fe.prepare(up)
         graph.run({"waveform": padded})

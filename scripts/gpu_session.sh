@@ -36,6 +36,7 @@
 #                                           # (unet_variant.py), peak memory with every weight packed, benchmarks, validate
 #   bash scripts/gpu_session.sh all-nchw   # setup, export --unet-layout nchw, validate, fidelity, peak memory (shared
 #                                          # arena too, and B0), benchmark (runtime rows)
+#   bash scripts/gpu_session.sh all-load-nchw  # setup, export --unet-layout nchw, load test with the shared arena and without
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -375,6 +376,16 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
         --out /tmp/logs/nchw > /tmp/logs/nchw/bench.log 2>&1" ;;
   all-nchw)  # setup, the export --unet-layout nchw, nchw
     setup_export_then "nchw" nchw ;;
+  load-nchw)  # after the export --unet-layout nchw: the one-GPU load test with the shared arena (and its placement
+              # checks: two runtimes from two threads) and without
+    mkdir -p /tmp/logs/nchw/load-shared /tmp/logs/nchw/load-default
+    in_background "bash $SELF wait nchw; \
+      python3 load_test.py --artifacts /tmp/art-nchw --device cuda --shared-arena --out /tmp/logs/nchw/load-shared \
+        > /tmp/logs/nchw/load-shared.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-nchw --device cuda --skip-placement --out /tmp/logs/nchw/load-default \
+        > /tmp/logs/nchw/load-default.log 2>&1" ;;
+  all-load-nchw)  # setup, the export --unet-layout nchw, load-nchw
+    setup_export_then "nchw" load-nchw ;;
   all-arena)  # setup, the fp16 export, arena
     setup_export_then "16" arena ;;
   collect)
