@@ -163,3 +163,24 @@ def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
     for name in ("unet", "vocoder"):
         with pytest.raises(BackendError, match=rf"packed_weights \['{name}'\]: their NHWC convolutions"):
             factory._packed_selector(["gpt2", name], nhwc)
+
+
+def test_factory_for_artifacts_takes_their_precision_and_nhwc_components(tiny_artifacts, monkeypatch):
+    """``OrtSessionFactory.for_artifacts`` (what load, validate and the scripts use) passes the folder's own precision
+    and NhwcConv components, not the constructor's defaults (fp16, ``ASSUMED_NHWC``)."""
+    from audioldm2_trt.runtime.artifacts import load_artifacts
+    from audioldm2_trt.runtime.backends.ort import ASSUMED_NHWC, COMPONENT_PROVIDER_OPTIONS
+
+    seen = []
+    selector = OrtSessionFactory._packed_selector
+    monkeypatch.setattr(OrtSessionFactory, "_packed_selector",
+                        lambda self, packed, needs: seen.append(needs) or selector(self, packed, needs))
+    art = load_artifacts(tiny_artifacts)
+    assert art.precision == "fp32" and art.nhwc_components == frozenset()
+    assert ASSUMED_NHWC and COMPONENT_PROVIDER_OPTIONS  # the defaults differ from this folder's
+    factory = OrtSessionFactory.for_artifacts(art, "cpu", threads=1)
+    assert seen == [frozenset()]
+    assert factory.component_options == {}  # fp32: none of the fp16 per-component options
+    assert factory.threads == 1
+    default = OrtSessionFactory("cpu")  # the constructor's defaults, for contrast
+    assert seen[1] == ASSUMED_NHWC and default.component_options == COMPONENT_PROVIDER_OPTIONS
