@@ -35,8 +35,6 @@ from gpu_memory import GpuMemory
 from initializer_bytes import initializers
 
 MARK = "@@session_memory phase "
-COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_features",
-              "clap_audio")
 _EXTENDING = re.compile(r"Extending BFCArena for (\S+?)\.")
 _EXTENDED = re.compile(r"Extended allocation by (\d+) bytes")
 _RESERVING = re.compile(r"Reserving memory in BFCArena for (\S+) size: (\d+)")
@@ -143,7 +141,7 @@ def arena_bytes(log: str) -> dict[str, dict[str, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", required=True)
-    ap.add_argument("--components", default=",".join(COMPONENTS))
+    ap.add_argument("--components", default=None, help="comma-separated (default: every component of the folder)")
     ap.add_argument("--out", default=".")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--primer", help=argparse.SUPPRESS)
@@ -158,6 +156,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.artifacts, args.child, args.primer, not args.unpacked)))
         return
+    from audioldm2_trt.runtime.artifacts import load_artifacts
+
+    art = load_artifacts(args.artifacts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     primer = out / "primer.onnx"
@@ -169,7 +170,7 @@ def main() -> None:
         probed = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
             "error": f"probe exited {proc.returncode}"}
         print("cudaMalloc probe:", json.dumps(probed), flush=True)
-    for name in args.components.split(","):
+    for name in args.components.split(",") if args.components else art.components:
         log_path = out / f"session_memory_{name}.log"
         with open(log_path, "w") as log:
             proc = subprocess.run([sys.executable, __file__, "--artifacts", args.artifacts, "--child", name,
@@ -183,7 +184,7 @@ def main() -> None:
             continue
         marks = json.loads(proc.stdout.strip().splitlines()[-1])["marks_mib"]
         arenas = arena_bytes(text)
-        sizes = [size for size, _ in initializers(Path(args.artifacts, f"{name}.onnx")).values()]
+        sizes = [size for size, _ in initializers(art.component_file(name)).values()]
         weights = sum(sizes) / 2**20
         reserves = len(_RESERVING.findall(text.split(f"{MARK}first")[-1].split(f"{MARK}second")[0]))
         row = {"weights_mib": round(weights, 1), "initializers": len(sizes), "by_size": size_buckets(sizes),
