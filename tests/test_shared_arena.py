@@ -131,6 +131,7 @@ def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
     """Which sessions pack their weights on CUDA (the selection alone: this machine has no CUDA provider). NhwcConv
     nodes (named by the manifest's fused ops) and prefer_nhwc need ONNX Runtime's prepacking: True leaves them out,
     naming one is an error; the default is the text stack, the ranking components and a UNet without NhwcConv."""
+    from audioldm2_trt.runtime.artifacts import COMPONENTS as every
     from audioldm2_trt.runtime.artifacts import Artifacts, load_artifacts
     from audioldm2_trt.runtime.backends.ort import ASSUMED_NHWC, COMPONENT_PROVIDER_OPTIONS, PACKED_WEIGHTS
 
@@ -146,8 +147,6 @@ def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
     factory = OrtSessionFactory.__new__(OrtSessionFactory)  # a CUDA factory's selection state, without CUDA
     factory.device, factory._default_cuda = Device.parse("cuda"), True
     factory.component_options = COMPONENT_PROVIDER_OPTIONS  # the fp16 defaults: the vocoder has prefer_nhwc
-    every = ["clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_features",
-             "clap_audio"]
     default = factory._packed_selector(None, nhwc)
     assert {n for n in every if default(n)} == PACKED_WEIGHTS - {"unet"} == {
         "clap_text", "t5_encoder", "projection", "gpt2", "clap_features", "clap_audio"}
