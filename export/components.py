@@ -159,11 +159,11 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         # runtime/backends/ort.py); with TF32 off fp32 80 ms and fp16 167 ms (the earlier "fp16 slower" reading).
         Fp16Recipe(reason="plain fp16 conversion; rel-L2 against PyTorch fp32 about 1e-3 (ort-cuda-facts.md)"),
     ),
-    # CLAP's log-mel features of the waveforms to rank, on the device (optional in artefact folders: older ones
-    # have none, and the runtime then computes them on the host).
+    # CLAP's input features of the waveforms to rank, from the vocoder's waveforms: resampling to CLAP's rate, fitting
+    # and log-mel, on the device (the runtime computes them on the host on a CPU, where numpy and soxr are faster).
     ComponentSpec(
-        "clap_features", lambda p, c: wrappers.ClapLogMel(p.feature_extractor),
-        (_t("waveform", "float32", "batch", "clap_padded_samples"),),
+        "clap_features", lambda p, c: wrappers.ClapLogMel(p.feature_extractor, c["sampling_rate"]),
+        (_t("audio", "float32", "batch", "samples"),),
         (_t("input_features", "float32", "batch", "one", "clap_frames", "clap_mel_bins"),),
         Fp16Recipe(keep_fp32=True, reason="log-mel features in fp32 (TF32 off: COMPONENT_PROVIDER_OPTIONS)"),
     ),
@@ -272,7 +272,6 @@ def pipeline_constants(pipe) -> dict:
         "clap_sampling_rate": int(fe.sampling_rate),
         "clap_frames": int(fe.nb_max_samples // fe.hop_length + 1),
         "clap_mel_bins": int(fe.feature_size),
-        "clap_padded_samples": int(fe.nb_max_samples) + 2 * (int(fe.fft_window_size) // 2),  # clap_features' input
         "one": 1,
     }
 

@@ -168,6 +168,7 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
         "folded_shape_values": folded,
         "sha256": _sha256(path, folder / external if external else None),
         "bytes": path.stat().st_size + ((folder / external).stat().st_size if external else 0),
+        **(module.manifest_extra() if hasattr(module, "manifest_extra") else {}),
     }
 
 

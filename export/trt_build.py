@@ -52,6 +52,7 @@ def dim_ranges(manifest: dict, opts: BuildOptions, component: str) -> dict[str, 
     """(min, opt, max) of every dynamic dimension name for one component."""
     c = manifest["constants"]
     frames = [audio_shape(c, s).latent_frames for s in opts.lengths_s]
+    samples = [audio_shape(c, s).samples for s in opts.lengths_s]
     t5_max = opts.max_t5_tokens or c["t5_model_max_length"]
     rows = 2 * opts.max_batch if component in CFG_COMPONENTS else opts.max_batch
     step_gpt2 = component == "gpt2" and gpt2_graph_of(manifest) == "step"
@@ -67,6 +68,7 @@ def dim_ranges(manifest: dict, opts: BuildOptions, component: str) -> dict[str, 
         tuple(lm_buffer(v + LM_EXTRA_TOKENS, c["max_new_tokens"], c["lm_max_positions"]) for v in t5),
         "frames": f,
         "mel_frames": tuple(v * c["vae_scale"] for v in f),
+        "samples": (min(samples), samples[0], max(samples)),  # clap_features' input: the trimmed waveforms
     }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .resampling import QUALITY, soxr_polyphase
+
 # Additive mask value: large enough to zero a softmax weight, finite in fp16 (fp16 conversion later).
 MASK_VALUE = -65504.0
 
@@ -66,22 +68,38 @@ class ClapAudio(nn.Module):
 
 
 class ClapLogMel(nn.Module):
-    """CLAP's log-mel front end as a graph, for the GPU: waveform float32 [B, N + n_fft] (at CLAP's rate, fitted to
-    its N = max_length_s · rate samples and reflect-padded by n_fft/2 on each side, ``runtime.audio.ClapFeatures.
-    prepare``) → input_features float32 [B, 1, 1 + N / hop, mels], what ``ClapAudio`` takes.
+    """CLAP's input features of the waveforms to rank, as a graph for the GPU: audio float32 [B, N] at the vocoder's
+    rate → input_features float32 [B, 1, 1 + M / hop, mels] at CLAP's (M = max_length_s · CLAP's rate), what
+    ``ClapAudio`` takes. The same steps as diffusers' ranking — ``librosa.resample`` (soxr HQ) to CLAP's rate, then
+    transformers' ``ClapFeatureExtractor`` in AudioLDM 2's ``rand_trunc`` mode — with no host work:
 
-    The same computation as transformers' ``ClapFeatureExtractor`` for AudioLDM 2's ``rand_trunc`` mode
-    (periodic Hann window, |STFT|², slaney mel filters, 10·log10 with a 1e-10 floor): the STFT is one strided
-    convolution with the windowed DFT basis (cos and −sin rows, computed in float64 and stored float32), so it runs
-    as a matrix product on the GPU instead of numpy's single-threaded FFT on the host (4 rows of 10.24 s on the
-    H100 machine: 2.0 ms here against 60–77 ms in numpy, docs/benchmarks.md run H). Always fp32."""
+    1. resampling: soxr's own response as polyphase filters (``resampling.soxr_polyphase``: one convolution with one
+       output channel per phase, then the phases interleaved), which reproduces soxr to float32 rounding;
+    2. fitting to M samples (``runtime.audio.ClapFeatures._fit``: the first M samples of a longer row — transformers
+       picks a random offset, a server must be deterministic —, a shorter one repeated and zero-padded as the
+       config's ``padding`` says) and reflect-padding by n_fft/2 for centred frames, as one gather whose indices are
+       computed from the row length inside the graph (no Python branch on it, so any length traces the same graph);
+    3. log-mel: periodic Hann window, |STFT|², slaney mel filters, 10·log10 with a 1e-10 floor. The STFT is one
+       strided convolution with the windowed DFT basis (cos and −sin rows, computed in float64, stored float32).
 
-    def __init__(self, feature_extractor):
+    Resampling and features on the host took 11 ms of batch 4's ranking on the H100 machine, most of it soxr's
+    (features_timing.py, run S); numpy's FFT alone 60–77 ms (run H). Always fp32."""
+
+    def __init__(self, feature_extractor, audio_rate: int):
         super().__init__()
         import numpy as np
 
         fe = feature_extractor
+        self.resampler = soxr_polyphase(int(audio_rate), int(fe.sampling_rate))
+        self.register_buffer("polyphase", torch.tensor(self.resampler.weight[:, None, :]))  # [ratio, 1, taps]
         n_fft, self.hop = int(fe.fft_window_size), int(fe.hop_length)
+        if fe.padding not in ("repeatpad", "repeat", "pad"):
+            raise ValueError(f"CLAP feature extractor padding {fe.padding!r} is not one of repeatpad, repeat, pad")
+        self.padding, self.max_samples = fe.padding, int(fe.nb_max_samples)
+        # Index into the fitted row of each sample of the reflect-padded one (numpy's "reflect": no edge repeat).
+        fitted = np.abs(np.arange(-(n_fft // 2), self.max_samples + n_fft // 2))
+        fitted = np.where(fitted >= self.max_samples, 2 * (self.max_samples - 1) - fitted, fitted)
+        self.register_buffer("reflected", torch.tensor(fitted, dtype=torch.int64))  # [M + n_fft]
         self.bins = n_fft // 2 + 1
         window = np.hanning(n_fft + 1)[:-1]  # periodic Hann, as transformers' window_function(n, "hann")
         angle = 2.0 * np.pi * np.outer(np.arange(self.bins), np.arange(n_fft)) / n_fft
@@ -89,7 +107,37 @@ class ClapLogMel(nn.Module):
         self.register_buffer("basis", torch.tensor(basis[:, None, :], dtype=torch.float32))
         self.register_buffer("mel_filters", torch.tensor(fe.mel_filters_slaney, dtype=torch.float32))  # [bins, mels]
 
-    def forward(self, waveform):
+    def manifest_extra(self) -> dict:
+        """What the manifest records of the resampler baked into the graph."""
+        r = self.resampler
+        return {"resampler": {"library": "soxr", "version": r.soxr_version, "quality": QUALITY, "ratio": r.ratio,
+                              "taps_per_phase": int(r.weight.shape[1])}}
+
+    def resample(self, audio):
+        """[B, N] → [B, ratio·N] at CLAP's rate."""
+        r = self.resampler
+        padded = torch.nn.functional.pad(audio[:, None, :], (r.pad_left, r.pad_right))
+        phases = torch.nn.functional.conv1d(padded, self.polyphase)  # [B, ratio, N]
+        return phases.transpose(1, 2).reshape(audio.shape[0], -1)
+
+    def fit_and_pad(self, audio):
+        """[B, L] → [B, M + n_fft]: fitted to M samples, then reflect-padded."""
+        # The row length as device data (a sum of ones): one taken from Shape would be computed on the host and copied
+        # to the device for the index arithmetic, which forbids capturing the graph (fold_shapes.py); and a graph
+        # value, not a constant traced from the export's sample.
+        length = torch.ones_like(audio[0]).sum().to(torch.int64)
+        src = torch.remainder(self.reflected, length)  # the sample each position repeats (repeat, repeatpad)
+        if self.padding == "repeatpad":  # ⌊M / L⌋ whole copies, then zeros (one copy, cut: a row longer than M)
+            keep = (self.reflected < length) | (self.reflected < torch.div(self.max_samples, length,
+                                                                           rounding_mode="trunc") * length)
+        elif self.padding == "pad":
+            src, keep = torch.minimum(self.reflected, length - 1), self.reflected < length
+        else:  # "repeat": copies cut to M
+            keep = torch.ones_like(self.reflected, dtype=torch.bool)
+        return torch.index_select(audio, 1, src) * keep.to(audio.dtype)
+
+    def forward(self, audio):
+        waveform = self.fit_and_pad(self.resample(audio))
         spectrum = torch.nn.functional.conv1d(waveform[:, None, :], self.basis, stride=self.hop)  # [B, 2·bins, T]
         real, imag = spectrum[:, : self.bins], spectrum[:, self.bins:]
         power = (real * real + imag * imag).transpose(1, 2)  # [B, T, bins]

@@ -16,15 +16,16 @@ from pathlib import Path
 
 from .errors import ArtifactError
 
-FORMAT_VERSION = 1  # bump when a component's contract (names, shapes, meaning) changes
+# Bump when a component's contract (names, shapes, meaning) changes. 2 (2026-11-27): clap_features takes the vocoder's
+# audio and resamples it itself (format 1 took CLAP-rate rows fitted on the host, and could be absent).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = {"clap": "tokenizer_clap.json", "t5": "tokenizer_t5.json"}
 GPT2_GRAPHS = ("step", "unrolled")  # export/components.py GPT2_GRAPHS
-# Every component an export writes, in data-flow order. OPTIONAL ones may be absent from older folders.
+# Every component an export writes, in data-flow order.
 COMPONENTS = ("clap_text", "t5_encoder", "projection", "gpt2", "unet", "vae_decoder", "vocoder", "clap_features",
               "clap_audio")
 RANKING_COMPONENTS = ("clap_features", "clap_audio")  # run only to rank several waveforms per prompt
-OPTIONAL_COMPONENTS = ("clap_features",)  # added 2026-11-26; without it the ranking features are computed on the host
 
 
 def rebuild_hint(folder: Path | str, source: dict | None = None) -> str:
@@ -81,7 +82,7 @@ class Artifacts:
 
 
 def components_of(manifest: dict) -> tuple[str, ...]:
-    """The components an artefact manifest holds, in ``COMPONENTS`` order (OPTIONAL_COMPONENTS may be absent)."""
+    """The components an artefact manifest holds, in ``COMPONENTS`` order."""
     return tuple(n for n in COMPONENTS if n in manifest["components"])
 
 
@@ -116,7 +117,7 @@ def load_artifacts(folder: str | Path) -> Artifacts:
             f"{FORMAT_VERSION}; rebuild with: {rebuild_hint(folder, manifest.get('source'))}"
         )
     art = Artifacts(folder=folder, manifest=manifest)
-    missing = [n for n in COMPONENTS if n not in manifest.get("components", {}) and n not in OPTIONAL_COMPONENTS]
+    missing = [n for n in COMPONENTS if n not in manifest.get("components", {})]
     missing += [
         str(f.relative_to(folder)) for f in _listed_files(art) if not f.is_file()
     ]

@@ -104,12 +104,6 @@ class ClapFeatures:
         """
         return np.stack([self._log_mel(self._padded(np.asarray(w, np.float64)))[None] for w in audio])
 
-    def prepare(self, audio: np.ndarray) -> np.ndarray:
-        """[B, N] waveforms at ``sampling_rate`` → float32 [B, max_samples + fft_window_size]: each fitted to
-        ``max_samples`` (cut or padded, as ``__call__``) and reflect-padded for centred frames — the input of the
-        exported ``clap_features`` graph, which computes the rest of ``__call__`` on the device."""
-        return np.stack([self._padded(np.asarray(w, np.float32)) for w in audio])  # copies only: exact in float32
-
     def _padded(self, w: np.ndarray) -> np.ndarray:
         half = self.fft_window_size // 2
         return np.pad(self._fit(w), (half, half), mode="reflect")

@@ -16,28 +16,25 @@ from .audio import ClapFeatures, resample
 
 
 def clap_input_features(audios: np.ndarray, rate: int, features: ClapFeatures, graph=None) -> np.ndarray:
-    """float32 [R, samples] at ``rate`` → CLAP input_features float32 [R, 1, frames, mels].
+    """float32 [R, samples] at ``rate`` (the vocoder's) → CLAP input_features float32 [R, 1, frames, mels].
 
-    Each row is resampled to CLAP's rate on the host (soxr, as transformers' reference does), one thread per row.
-    ``graph``: the artefacts' ``clap_features`` session — the log-mel features are then computed by it (on the GPU)
-    from the fitted, padded rows (``ClapFeatures.prepare``); without it, in numpy on the host. On the H100 machine's
-    CPU the numpy features of 4 rows of 10.24 s take 73 ms threaded, 78 ms one after another
-    (docs/results/features-timing-2026-11-26.json): batch 4's ranking cost before the graph; through the graph
-    11.2 ms, of which the graph is 2.0 ms and the rest the resampling (run H, features-timing-gpu-2026-11-26.json),
-    and batch 4 went from 2.17 to 1.93 × batch 1 (docs/benchmarks.md). On a 2-core CPU the
-    graph under ONNX Runtime's CPU provider is slower than numpy's FFT (69 vs 32 ms for 4 rows), so the runtime
-    passes it on CUDA only (pipeline.py). Each row's result is the same as alone."""
+    ``graph``: the artefacts' ``clap_features`` session, which resamples to CLAP's rate (soxr's filter, baked in at
+    export), fits and computes the log-mel features itself — on the GPU, with no host work. Without it, on the host:
+    each row resampled with soxr (as transformers' reference, through librosa, does) and its features computed in
+    numpy, one thread per row. On the H100 machine the host's resampling alone was ~6 ms of batch 4's 11 ms
+    features (4 rows of 10.24 s; 19 ms one row after another, run S), numpy's features 60–77 ms; on a 2-core CPU
+    the graph under ONNX Runtime's CPU provider is slower than numpy's FFT (69 vs 32 ms for 4 rows, features
+    alone), so the runtime passes it on CUDA only (pipeline.py). Each row's result is the same as alone."""
+    if graph is not None:
+        return graph.run({"audio": np.ascontiguousarray(audios, dtype=np.float32)})["input_features"]
+
     def one(row: np.ndarray) -> np.ndarray:
-        at_clap_rate = resample(row[None], rate, features.sampling_rate)
-        return features.prepare(at_clap_rate)[0] if graph is not None else features(at_clap_rate)[0]
+        return features(resample(row[None], rate, features.sampling_rate))[0]
 
     if len(audios) == 1:
-        rows = [one(audios[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=min(len(audios), os.cpu_count() or 1)) as pool:
-            rows = list(pool.map(one, audios))
-    stacked = np.stack(rows)
-    return graph.run({"waveform": stacked})["input_features"] if graph is not None else stacked
+        return np.stack([one(audios[0])])
+    with ThreadPoolExecutor(max_workers=min(len(audios), os.cpu_count() or 1)) as pool:
+        return np.stack(list(pool.map(one, audios)))
 
 
 def rank_per_prompt(audios: np.ndarray, text_embeds: np.ndarray, n: int, rate: int,

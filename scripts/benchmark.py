@@ -79,9 +79,9 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
         result["unet_step_ms_batch2_session_only"] = _session_only(unet_session, rt.constants) * 1e3
         rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0)  # graphs exist already: same shapes
         result["ddim200"] = timed(lambda: rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0), 3)
-        result["batch4"] = timed(lambda: rt(**REQUEST, num_waveforms_per_prompt=4, seed=0), 5)
+        result["batch4"] = timed(lambda: rt(**REQUEST, num_waveforms_per_prompt=4, seed=0), runs)
         staged = []
-        for _ in range(3):
+        for _ in range(5):
             t = {}
             rt(**REQUEST, num_waveforms_per_prompt=4, seed=0, timings=t)
             staged.append(t)

@@ -37,6 +37,9 @@
 #   bash scripts/gpu_session.sh all-nchw   # setup, export --unet-layout nchw, validate, fidelity, peak memory (shared
 #                                          # arena too, and B0), benchmark (runtime rows)
 #   bash scripts/gpu_session.sh all-load-nchw  # setup, export --unet-layout nchw, load test with the shared arena and without
+#   bash scripts/gpu_session.sh all-ranking  # setup, fp16 export, validate, the ranking features' timing, benchmark
+#                                          # (runtime rows), the ranking against diffusers fp32, peak memory (and B0),
+#                                          # then the load test with the shared arena and without
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -386,6 +389,23 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
         > /tmp/logs/nchw/load-default.log 2>&1" ;;
   all-load-nchw)  # setup, the export --unet-layout nchw, load-nchw
     setup_export_then "nchw" load-nchw ;;
+  ranking)  # after the fp16 export: validate, the ranking features' timing (graph against host), the runtime's
+            # benchmark rows (batch 4's ranking stage), the ranking's choice against diffusers' CLAP in fp32, peak memory
+            # (the runtime and B0), then the one-GPU load test with the shared arena and without
+    mkdir -p /tmp/logs/load-shared /tmp/logs/load-default
+    in_background "bash $SELF wait 16; \
+      $VALIDATE16; \
+      python3 features_timing.py --rows 4 --artifacts /tmp/art-fp16 > /tmp/logs/features.log 2>&1; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_host_loop,fp16_nograph,fp16_notf32 \
+        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
+      python3 ranking_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/ranking.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --shared-arena --out /tmp/logs/load-shared \
+        > /tmp/logs/load-shared.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs/load-default \
+        > /tmp/logs/load-default.log 2>&1" ;;
+  all-ranking)  # setup, the fp16 export, ranking
+    setup_export_then "16" ranking ;;
   all-arena)  # setup, the fp16 export, arena
     setup_export_then "16" arena ;;
   collect)

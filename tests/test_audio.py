@@ -77,3 +77,29 @@ def test_ranking_features_in_threads_equal_the_serial_computation():
     assert threaded.shape == serial.shape == (5, 1, 1001, 64)
     assert np.array_equal(threaded, serial)
     assert np.array_equal(clap_input_features(audios[1:2], 16000, fe), serial[1:2])
+
+
+@pytest.mark.parametrize("samples", [1, 37, 3001, 163840])
+def test_soxr_polyphase_filter_reproduces_soxr(samples):
+    """The features graph's resampler: soxr's impulse response as 3 polyphase filters gives soxr's own output,
+    edges included, to float32 rounding (soxr computes in float32)."""
+    import soxr
+
+    from audioldm2_trt.export.resampling import soxr_polyphase
+
+    filt = soxr_polyphase(16000, 48000)
+    assert filt.ratio == 3 and filt.weight.shape[0] == 3
+    audio = (0.3 * np.random.default_rng(samples).standard_normal((2, samples))).astype(np.float32)
+    got = filt.apply(audio)
+    for row, g in zip(audio, got):
+        want = soxr.resample(row, 16000, 48000, quality="HQ")
+        assert g.shape == want.shape
+        assert np.abs(g - want).max() <= 1e-6 * max(1.0, np.abs(want).max())
+
+
+def test_soxr_polyphase_refuses_a_fractional_ratio():
+    from audioldm2_trt.export.resampling import soxr_polyphase
+    from audioldm2_trt.runtime.errors import ExportError
+
+    with pytest.raises(ExportError, match=r"22050 → 48000 Hz: only integer upsampling ratios .* \(this ratio is 2\.177\)"):
+        soxr_polyphase(22050, 48000)

@@ -38,6 +38,8 @@ def test_profiles_cover_every_input_from_the_buckets(manifest):
     assert unet["encoder_hidden_states_1"][0][1] == 16  # the runtime never sends fewer than one bucket
     assert prof["vae_decoder"]["latents"][2][0] == 3  # no CFG after the UNet
     assert prof["vocoder"]["mel"][2][2] == max(frames) * c["vae_scale"]
+    samples = [audio_shape(c, s).samples for s in opts.lengths_s]  # ranked rows are the trimmed waveforms
+    assert prof["clap_features"]["audio"] == [[1, min(samples)], [2, samples[0]], [3, max(samples)]]
     assert prof["t5_encoder"]["input_ids"] == [[1, 1], [2, 16], [6, 70]]
     assert prof["unet"]["timestep"] == [[1], [1], [1]]
     # the step GPT-2 graph's buffer: t5 + 5 projected positions + 8 generated, rounded up to 16
