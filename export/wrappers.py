@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime.errors import ExportError
 from .resampling import QUALITY, soxr_polyphase
 
 # Additive mask value: large enough to zero a softmax weight, finite in fp16 (fp16 conversion later).
@@ -82,8 +83,9 @@ class ClapLogMel(nn.Module):
     3. log-mel: periodic Hann window, |STFT|², slaney mel filters, 10·log10 with a 1e-10 floor. The STFT is one
        strided convolution with the windowed DFT basis (cos and −sin rows, computed in float64, stored float32).
 
-    Resampling and features on the host took 11 ms of batch 4's ranking on the H100 machine, most of it soxr's
-    (features_timing.py, run S); numpy's FFT alone 60–77 ms (run H). Always fp32."""
+    4 rows of 10.24 s on the H100 machine (features_timing.py): 2.2 ms through this graph (run V), against 10.9 ms
+    when the host resampled for the previous graph (run S) and 60–77 ms for numpy's FFT alone (run H); batch 4's
+    ranking stage went from 19.5 to 6–7 ms (docs/benchmarks.md). Always fp32."""
 
     def __init__(self, feature_extractor, audio_rate: int):
         super().__init__()
@@ -94,7 +96,7 @@ class ClapLogMel(nn.Module):
         self.register_buffer("polyphase", torch.tensor(self.resampler.weight[:, None, :]))  # [ratio, 1, taps]
         n_fft, self.hop = int(fe.fft_window_size), int(fe.hop_length)
         if fe.padding not in ("repeatpad", "repeat", "pad"):
-            raise ValueError(f"CLAP feature extractor padding {fe.padding!r} is not one of repeatpad, repeat, pad")
+            raise ExportError(f"CLAP feature extractor padding {fe.padding!r} is not one of repeatpad, repeat, pad")
         self.padding, self.max_samples = fe.padding, int(fe.nb_max_samples)
         # Index into the fitted row of each sample of the reflect-padded one (numpy's "reflect": no edge repeat).
         fitted = np.abs(np.arange(-(n_fft // 2), self.max_samples + n_fft // 2))

@@ -18,13 +18,14 @@ from .audio import ClapFeatures, resample
 def clap_input_features(audios: np.ndarray, rate: int, features: ClapFeatures, graph=None) -> np.ndarray:
     """float32 [R, samples] at ``rate`` (the vocoder's) → CLAP input_features float32 [R, 1, frames, mels].
 
-    ``graph``: the artefacts' ``clap_features`` session, which resamples to CLAP's rate (soxr's filter, baked in at
-    export), fits and computes the log-mel features itself — on the GPU, with no host work. Without it, on the host:
-    each row resampled with soxr (as transformers' reference, through librosa, does) and its features computed in
-    numpy, one thread per row. On the H100 machine the host's resampling alone was ~6 ms of batch 4's 11 ms
-    features (4 rows of 10.24 s; 19 ms one row after another, run S), numpy's features 60–77 ms; on a 2-core CPU
-    the graph under ONNX Runtime's CPU provider is slower than numpy's FFT (69 vs 32 ms for 4 rows, features
-    alone), so the runtime passes it on CUDA only (pipeline.py). Each row's result is the same as alone."""
+    ``graph``: the artefacts' ``clap_features`` session, which resamples from the vocoder's rate it was exported for
+    (``rate`` must be that rate: the runtime passes its own) to CLAP's with soxr's filter baked in at export, fits and
+    computes the log-mel features itself — on the GPU, with no host work. Without it, on the host: each row
+    resampled with soxr (as transformers' reference, through librosa, does) and its features computed in numpy, one
+    thread per row. 4 rows of 10.24 s on the H100 machine: 2.2 ms through the graph (run V), 10.9 ms when the host
+    resampled for the previous graph (run S), 69 ms all on the host (docs/benchmarks.md). On a 2-core CPU a features
+    graph under ONNX Runtime's CPU provider is slower than numpy's FFT (69 vs 32 ms for 4 rows, features alone), so
+    the runtime passes it on CUDA only (pipeline.py). Each row's result is the same as alone."""
     if graph is not None:
         return graph.run({"audio": np.ascontiguousarray(audios, dtype=np.float32)})["input_features"]
 
