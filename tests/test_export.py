@@ -417,6 +417,7 @@ def test_features_graph_fits_rows_as_the_host_does(padding):
 def test_ranking_with_the_features_graph_equals_the_host_features(runtime):
     """rank_per_prompt with the artefacts' clap_features session (what the runtime uses on a GPU) against the
     numpy features (its CPU path): same order, same scores to float32 rounding."""
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
     from audioldm2_trt.runtime.ranking import clap_input_features, rank_per_prompt
 
     rng = np.random.default_rng(6)
@@ -425,10 +426,12 @@ def test_ranking_with_the_features_graph_equals_the_host_features(runtime):
     audios[4] = 0.4 * np.sin(2 * np.pi * 300 * np.arange(40000) / 16000)
     text = rng.standard_normal((2, runtime.constants["clap_dim"])).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    graph, clap_audio, fe = runtime._sessions["clap_features"], runtime._sessions["clap_audio"], runtime._clap_features
+    graph = OrtSessionFactory("cpu").create("clap_features", runtime.artifacts.component_file("clap_features"))
+    clap_audio, fe = runtime._sessions["clap_audio"], runtime._clap_features
     _assert_log_mel_close(clap_input_features(audios, 16000, fe, graph), clap_input_features(audios, 16000, fe))
     host = rank_per_prompt(audios, text, 3, 16000, fe, clap_audio)
     on_graph = rank_per_prompt(audios, text, 3, 16000, fe, clap_audio, graph)
     assert np.array_equal(host[0], on_graph[0])
     np.testing.assert_allclose(on_graph[1], host[1], atol=1e-5)
     assert runtime.health()["ranking_features"] == "host"  # the CPU keeps numpy's FFT (faster there)
+    assert "clap_features" not in runtime.health()["components"]  # and does not open the graph
