@@ -40,6 +40,7 @@
 #   bash scripts/gpu_session.sh all-ranking  # setup, fp16 export, validate, the ranking features' timing, benchmark
 #                                          # (runtime rows), the ranking against diffusers fp32, peak memory (and B0),
 #                                          # then the load test with the shared arena and without
+#   bash scripts/gpu_session.sh all-profile  # setup, fp16 export, every component's kernels by category (profile_kernels.py)
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
 #                                          # the full benchmark with a fuse_conv_bias row, fidelity
@@ -404,6 +405,13 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
         > /tmp/logs/load-shared.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs/load-default \
         > /tmp/logs/load-default.log 2>&1" ;;
+  profile)  # after the fp16 export: every component's kernels by category and name (profile_kernels.py, 40 listed)
+    in_background "bash $SELF wait 16; \
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 \
+        --components unet,vocoder,vae_decoder,t5_encoder,gpt2,clap_text,clap_audio,clap_features \
+        --out /tmp/logs > /tmp/logs/kernels.log 2>&1" ;;
+  all-profile)  # setup, the fp16 export, profile
+    setup_export_then "16" profile ;;
   all-ranking)  # setup, the fp16 export, ranking
     setup_export_then "16" ranking ;;
   all-arena)  # setup, the fp16 export, arena

@@ -5,8 +5,10 @@ docs/benchmarks.md.
 
 One request (10.24 s, DPM-20, CFG) records each component's real inputs; then each component's session is run
 ``--runs`` times alone under ``torch.profiler`` (CUPTI sees every kernel of the process, ONNX Runtime's too, also
-inside CUDA graphs). Prints and writes, per component, the wall time per run and the top kernels by GPU time
-(count per run, µs per run), and the sum of kernel time against wall time: a large gap means launch or host
+inside CUDA graphs). Prints and writes, per component, the wall time per run, the kernels by GPU time (count per
+run, µs per run; kernels.txt the ``--top``, kernels.json all), their time by category (``CATEGORIES``: convolution,
+attention, GEMM, normalisation, and the element-wise and layout glue a fusing compiler would fold away), and the sum
+of kernel time against wall time: a large gap means launch or host
 overhead, a small one means the kernels themselves are slow. torch is only the profiler here; the runtime under
 test imports none.
 """
@@ -15,9 +17,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
+
+# Kernel name → what it does, first match wins (cuDNN's convolutions are implicit GEMMs: matched before GEMM; its
+# fused attention is named "…sdpa…flash_fprop…": matched before convolutions).
+# "elementwise" and "layout" are the glue a fusing compiler folds into the kernels around it.
+CATEGORIES = (
+    ("attention", r"flash|sdpa|fmha|AddBiasUnpack|AddBiasTranspose|Attention|softmax"),
+    ("convolution", r"fprop|dgrad|wgrad|conv"),
+    ("gemm", r"nvjet|gemm|cublas|cutlass"),
+    ("normalization", r"LayerNorm|GroupNorm|InstanceNorm|SkipLayerNorm|RMSNorm|normali[sz]"),
+    ("elementwise", r"ElementWise|op_generic_tensor|_Fill|Gelu|Relu|Sigmoid|Silu|Tanh|Erf|Where|Clip|Pow"),
+    ("layout", r"Transpose|transpose|Split|Concat|Slice|Gather|Expand|Pad|Cast|Copy|copy|Memcpy|Memset|Resize|Upsample|Tile"),
+)
+
+
+def category(kernel: str) -> str:
+    return next((name for name, pattern in CATEGORIES if re.search(pattern, kernel)), "other")
 
 
 def main() -> None:
@@ -26,7 +45,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--components", default="unet,vocoder,vae_decoder,t5_encoder,gpt2,clap_text")
-    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per component in kernels.txt (kernels.json has all)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -71,13 +90,22 @@ def main() -> None:
         row = {"wall_ms": statistics.median(walls) * 1e3, "kernel_ms_per_run": gpu_us / 1e3,
                "kernels_per_run": sum(e.count for e in kernels) / args.runs,
                "inputs": {k: list(v.shape) for k, v in inputs.items()},
-               "top": [{"kernel": e.key[:160], "count_per_run": e.count / args.runs,
-                        "us_per_run": e.device_time_total / args.runs} for e in kernels[: args.top]]}
+               "all": [{"kernel": e.key[:160], "category": category(e.key), "count_per_run": e.count / args.runs,
+                        "us_per_run": e.device_time_total / args.runs} for e in kernels]}
+        by_category: dict = {}
+        for k in row["all"]:
+            c = by_category.setdefault(k["category"], {"us_per_run": 0.0, "count_per_run": 0.0})
+            c["us_per_run"] += k["us_per_run"]
+            c["count_per_run"] += k["count_per_run"]
+        row["by_category"] = dict(sorted(by_category.items(), key=lambda kv: -kv[1]["us_per_run"]))
         report["components"][name] = row
         lines.append(f"== {name} {row['inputs']}: wall {row['wall_ms']:.2f} ms, kernels {row['kernel_ms_per_run']:.2f} ms "
                      f"in {row['kernels_per_run']:.0f} launches per run")
-        lines += [f"   {k['us_per_run']:9.1f} us  x{k['count_per_run']:<6.0f} {k['kernel']}" for k in row["top"]]
-        print("\n".join(lines[-1 - len(row["top"]):]), flush=True)
+        lines.append("   by category: " + ", ".join(f"{c} {v['us_per_run']:.0f} us / {v['count_per_run']:.0f}"
+                                                   for c, v in row["by_category"].items()))
+        lines += [f"   {k['us_per_run']:9.1f} us  x{k['count_per_run']:<6.0f} {k['category']:<13} {k['kernel']}"
+                  for k in row["all"][: args.top]]
+        print("\n".join(lines[-2 - len(row["all"][: args.top]):]), flush=True)
         Path(args.out, "kernels.json").write_text(json.dumps(report, indent=1))
     Path(args.out, "kernels.txt").write_text("\n".join(lines) + "\n")
     rt.close()
