@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime.audio import CLAP_PADDINGS
 from ..runtime.errors import ExportError
 from .resampling import QUALITY, soxr_polyphase
 
@@ -95,8 +96,8 @@ class ClapLogMel(nn.Module):
         self.resampler = soxr_polyphase(int(audio_rate), int(fe.sampling_rate))
         self.register_buffer("polyphase", torch.tensor(self.resampler.weight[:, None, :]))  # [ratio, 1, taps]
         n_fft, self.hop = int(fe.fft_window_size), int(fe.hop_length)
-        if fe.padding not in ("repeatpad", "repeat", "pad"):
-            raise ExportError(f"CLAP feature extractor padding {fe.padding!r} is not one of repeatpad, repeat, pad")
+        if fe.padding not in CLAP_PADDINGS:
+            raise ExportError(f"CLAP feature extractor padding {fe.padding!r} is not one of {', '.join(CLAP_PADDINGS)}")
         self.padding, self.max_samples = fe.padding, int(fe.nb_max_samples)
         # Index into the fitted row of each sample of the reflect-padded one (numpy's "reflect": no edge repeat).
         fitted = np.abs(np.arange(-(n_fft // 2), self.max_samples + n_fft // 2))

@@ -70,6 +70,11 @@ def mel_filter_bank(n_freqs: int, n_mels: int, f_min: float, f_max: float, sr: i
     return filters
 
 
+# transformers' ClapFeatureExtractor paddings of a row shorter than CLAP's window (``ClapFeatures._fit``; the export's
+# features graph fits rows the same way)
+CLAP_PADDINGS = ("repeatpad", "repeat", "pad")
+
+
 @dataclass(frozen=True)
 class ClapFeatures:
     """CLAP's log-mel front end, configured from the artefact manifest's ``feature_extractor``."""
@@ -88,8 +93,9 @@ class ClapFeatures:
                 f"CLAP feature extractor truncation {cfg['truncation']!r} is not supported by this runtime "
                 "(supported: 'rand_trunc', the unfused CLAP of AudioLDM 2)"
             )
-        if cfg["padding"] not in ("repeatpad", "repeat", "pad"):
-            raise ArtifactError(f"CLAP feature extractor padding {cfg['padding']!r} is not one of repeatpad, repeat, pad")
+        if cfg["padding"] not in CLAP_PADDINGS:
+            raise ArtifactError(f"CLAP feature extractor padding {cfg['padding']!r} is not one of "
+                                f"{', '.join(CLAP_PADDINGS)}")
         filters = mel_filter_bank(cfg["fft_window_size"] // 2 + 1, cfg["feature_size"], cfg["frequency_min"],
                                   cfg["frequency_max"], cfg["sampling_rate"], slaney=True)
         return cls(cfg["sampling_rate"], cfg["hop_length"], cfg["fft_window_size"],

@@ -103,9 +103,10 @@ def main() -> None:
                      f"in {row['kernels_per_run']:.0f} launches per run")
         lines.append("   by category: " + ", ".join(f"{c} {v['us_per_run']:.0f} us / {v['count_per_run']:.0f}"
                                                    for c, v in row["by_category"].items()))
-        lines += [f"   {k['us_per_run']:9.1f} us  x{k['count_per_run']:<6.0f} {k['category']:<13} {k['kernel']}"
+        listed = [f"   {k['us_per_run']:9.1f} us  x{k['count_per_run']:<6.0f} {k['category']:<13} {k['kernel']}"
                   for k in row["all"][: args.top]]
-        print("\n".join(lines[-2 - len(row["all"][: args.top]):]), flush=True)
+        lines += listed
+        print("\n".join(lines[-2 - len(listed):]), flush=True)
         Path(args.out, "kernels.json").write_text(json.dumps(report, indent=1))
     Path(args.out, "kernels.txt").write_text("\n".join(lines) + "\n")
     rt.close()
