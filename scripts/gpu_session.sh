@@ -12,6 +12,7 @@
 #                                          # load test, plain fp16 validate + benchmark
 #   bash scripts/gpu_session.sh all-multi  # setup, fp16 + plain fp16 exports, multi
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
+#   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
 #   bash scripts/gpu_session.sh all-sdpa   # setup, fp16 + fp32 exports, the UNet's attention kernels swept, then benchmark
@@ -134,6 +135,12 @@ case "$1" in
         $VALIDATE16; \
         python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-plain /tmp/art-fp16-plain --runs 10 \
           --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; fi" ;;
+  two-gpu)  # (2+ GPUs, Ray wheels) after the fp16 export: placement on cuda:1, then the Ray 1- and 2-replica levels
+    in_background "bash $SELF wait 16; \
+      python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \
+      $RAY_LEVELS" ;;
+  all-two-gpu)  # setup, the fp16 export, two-gpu
+    setup_export_then "16" two-gpu ;;
   ray)  # (2+ GPUs, Ray wheels) after the fp16 export: only the Ray 1- and 2-replica levels, profiled
     in_background "bash $SELF wait 16; \
       $RAY_LEVELS" ;;
