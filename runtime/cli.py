@@ -1,4 +1,4 @@
-"""Sub-commands of the runtime: ``generate`` and ``demo``."""
+"""Sub-commands of the runtime: ``generate``, ``bench``, ``serve`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from .bench import BenchRequest
 
 DEMO_DIR = Path.home() / ".cache" / "audioldm2-trt" / "tiny-random"
 
@@ -34,6 +36,22 @@ def add_commands(sub) -> None:
     s.add_argument("--shared-arena", action="store_true", help="one ONNX Runtime memory arena for every component "
                    "(less GPU memory; the components' runs take turns)")
     s.set_defaults(run=run_serve)
+
+    b = sub.add_parser("bench", help="latency of an artefact folder on a device: load, first call, warm calls by "
+                       "stage (the runtime alone; scripts/benchmark.py adds the diffusers peers)")
+    b.add_argument("--artifacts", required=True, help="artefact folder written by `audioldm2-trt export`")
+    b.add_argument("--runs", type=int, default=10, help="warm calls timed after the first (default 10)")
+    b.add_argument("--prompt", default=BenchRequest.prompt)
+    b.add_argument("--negative-prompt", default=BenchRequest.negative_prompt)
+    b.add_argument("--steps", type=int, default=BenchRequest.steps)
+    b.add_argument("--guidance", type=float, default=BenchRequest.guidance)
+    b.add_argument("--seconds", type=float, default=BenchRequest.seconds, help="audio length (default 10.24 s)")
+    b.add_argument("--waveforms", type=int, default=1, help="waveforms per prompt, ranked by CLAP")
+    b.add_argument("--scheduler", default="dpmsolver++", choices=["dpmsolver++", "ddim"])
+    b.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    b.add_argument("--backend", default="ort", choices=["ort", "ort-trt", "trt"])
+    b.add_argument("--json", help="also write the result, every warm call's time included, to this JSON file")
+    b.set_defaults(run=run_bench)
 
     d = sub.add_parser("demo", help="offline default: tiny random pipeline → export (cached) → generate → WAV")
     d.add_argument("prompt", nargs="?", default="a hammer hitting a wooden surface")
@@ -113,6 +131,20 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"exporting the tiny random pipeline to {folder} (once) …", file=sys.stderr)
         export(Source(random_config="tiny"), folder, overwrite=True)
     return _generate(args, folder)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import bench, report
+
+    request = BenchRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seconds,
+                           args.waveforms, args.scheduler)
+    result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend)
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
 
 
 def run_serve(args) -> int:

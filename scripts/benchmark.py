@@ -46,6 +46,7 @@ def timed(fn, runs: int) -> dict:
 def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=None, provider_options=None,
                   device_loop=None, packed_weights=None) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
+    from audioldm2_trt.runtime.bench import stage_medians_ms
 
     with GpuMemory() as mem:
         t0 = time.perf_counter()
@@ -67,13 +68,7 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
             rt(**REQUEST, seed=0, timings=t)
             stages.append(t)
     result["peak_gpu_mib"] = mem.mib  # load + cold call + warm calls at batch 1
-    pick = lambda key: statistics.median(s[key] for s in stages)  # noqa: E731
-    unet = statistics.median(x for s in stages for x in s["unet"])
-    result["stages_ms"] = {
-        "text": pick("text") * 1e3, "unet_step": unet * 1e3, "unet_total": statistics.median(sum(s["unet"]) for s in stages) * 1e3,
-        "vae": pick("vae") * 1e3, "vocoder": pick("vocoder") * 1e3,
-        "host_glue": statistics.median(s["total"] - s["text"] - sum(s["unet"]) - s["vae"] - s["vocoder"] for s in stages) * 1e3,
-    }
+    result["stages_ms"] = stage_medians_ms(stages)
     if heavy:
         unet_session = rt._sessions["unet"]
         result["unet_step_ms_batch2_session_only"] = _session_only(unet_session, rt.constants) * 1e3
@@ -85,10 +80,7 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
             t = {}
             rt(**REQUEST, num_waveforms_per_prompt=4, seed=0, timings=t)
             staged.append(t)
-        result["batch4"]["stages_ms"] = {
-            key: statistics.median(sum(s[key]) if isinstance(s[key], list) else s[key] for s in staged) * 1e3
-            for key in ("text", "unet", "vae", "vocoder", "ranking", "total") if key in staged[0]}
-        result["batch4"]["stages_ms"]["unet_step"] = statistics.median(x for s in staged for x in s["unet"]) * 1e3
+        result["batch4"]["stages_ms"] = stage_medians_ms(staged)  # "unet_total" was "unet" up to run X
         result["health"] = rt.health()
     rt.close()
     gc.collect()

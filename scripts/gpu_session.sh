@@ -12,6 +12,8 @@
 #                                          # load test, plain fp16 validate + benchmark
 #   bash scripts/gpu_session.sh all-multi  # setup, fp16 + plain fp16 exports, multi
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
+#   bash scripts/gpu_session.sh all-bench  # setup, fp16 export, `audioldm2-trt bench` (batch 1, 4 waveforms, DDIM-200,
+#                                          # --backend ort-trt without TensorRT), benchmark.py's runtime rows
 #   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
@@ -135,6 +137,21 @@ case "$1" in
         $VALIDATE16; \
         python3 benchmark.py --fp16 /tmp/art-fp16 --fp16-plain /tmp/art-fp16-plain --runs 10 \
           --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; fi" ;;
+  bench)  # after the fp16 export: the bench command (batch 1, 4 waveforms, DDIM-200), the TensorRT provider's
+           # refusal where TensorRT is missing, then benchmark.py's runtime rows on the same machine
+    in_background "bash $SELF wait 16; cd /tmp; \
+      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
+        --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1; \
+      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 10 --waveforms 4 \
+        --json /tmp/logs/bench-cli-batch4.json > /tmp/logs/bench-cli-batch4.log 2>&1; \
+      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 3 --scheduler ddim \
+        --steps 200 --json /tmp/logs/bench-cli-ddim200.json > /tmp/logs/bench-cli-ddim200.log 2>&1; \
+      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 1 --backend ort-trt \
+        > /tmp/logs/bench-cli-ort-trt.log 2>&1; echo \"exit status \$?\" >> /tmp/logs/bench-cli-ort-trt.log; \
+      cd $ROOT/scripts; python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 \
+        --skip b0,b1,b2,fp32,fp16_host_loop,fp16_nograph,fp16_notf32 --out /tmp/logs > /tmp/logs/bench.log 2>&1" ;;
+  all-bench)  # setup, the fp16 export, bench
+    setup_export_then "16" bench ;;
   two-gpu)  # (2+ GPUs, Ray wheels) after the fp16 export: placement on cuda:1, then the Ray 1- and 2-replica levels
     in_background "bash $SELF wait 16; \
       python3 multi_gpu.py placement --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/multi_placement.log 2>&1; \

@@ -43,6 +43,19 @@ def cuda_device_count() -> int | None:
     return count.value
 
 
+def device_name(index: int) -> str | None:
+    """The name of CUDA GPU ``index`` (``cuDeviceGetName``, e.g. "NVIDIA H100 80GB HBM3"), or None where the driver
+    does not start or has no such GPU."""
+    lib = _libcuda()
+    if lib is None:
+        return None
+    dev = ctypes.c_int(0)
+    name = ctypes.create_string_buffer(256)
+    if lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0 or lib.cuDeviceGetName(name, len(name), dev) != 0:
+        return None
+    return name.value.decode(errors="replace")
+
+
 def current_context() -> int | None:
     """The calling thread's current CUDA context handle (0 = none), or None without a driver."""
     lib = _libcuda()

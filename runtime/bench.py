@@ -1,0 +1,144 @@
+"""Latency of one artefact folder on one device (``audioldm2-trt bench``): load, first call, warm calls by stage.
+
+Measures this runtime alone, with nothing but the runtime's own dependencies; ``scripts/benchmark.py`` runs the
+diffusers peers (eager and ``torch.compile``d) beside it in one process, which needs torch. Every timed call returns
+its audio to the host, so each wall-clock time covers the GPU work it launched; the denoising loop reads each step's
+finiteness flags back to the host, so the per-step times are synchronised too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from .errors import InvalidRequestError
+
+STAGES = ("text", "unet", "vae", "vocoder", "ranking")  # AudioLDM2Runtime.__call__(timings=...) keys, in order
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request, repeated: the benchmark's defaults are the speed issue's (10.24 s, DPM-Solver++ 20, CFG 3.5,
+    a negative prompt, one waveform)."""
+
+    prompt: str = "techno music with a strong upbeat tempo and high melodic riffs"
+    negative_prompt: str | None = "low quality, noisy"
+    steps: int = 20
+    guidance: float = 3.5
+    seconds: float | None = 10.24
+    waveforms: int = 1
+    scheduler: str = "dpmsolver++"
+    seed: int = 0
+
+    def kwargs(self) -> dict:
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, num_inference_steps=self.steps,
+                    guidance_scale=self.guidance, audio_length_in_s=self.seconds,
+                    num_waveforms_per_prompt=self.waveforms, scheduler=self.scheduler, seed=self.seed)
+
+
+def stage_medians_ms(calls: list[dict]) -> dict[str, float]:
+    """Median milliseconds per stage over calls, each a ``timings`` dict filled by ``AudioLDM2Runtime.__call__``:
+    text, unet_step (over every step of every call), unet_total (the loop), vae, vocoder, ranking (when the calls
+    ranked), host_glue (total minus the stages) and total."""
+    if not calls:
+        raise ValueError("no timed calls")
+
+    def seconds(call: dict, key: str) -> float:
+        value = call.get(key, 0.0)
+        return sum(value) if isinstance(value, list) else value
+
+    med = lambda values: statistics.median(values) * 1e3  # noqa: E731
+    out = {"text": med([c["text"] for c in calls]),
+           "unet_step": med([s for c in calls for s in c["unet"]]),
+           "unet_total": med([seconds(c, "unet") for c in calls]),
+           "vae": med([c["vae"] for c in calls]), "vocoder": med([c["vocoder"] for c in calls])}
+    if all("ranking" in c for c in calls):
+        out["ranking"] = med([c["ranking"] for c in calls])
+    out["host_glue"] = med([c["total"] - sum(seconds(c, k) for k in STAGES) for c in calls])
+    out["total"] = med([c["total"] for c in calls])
+    return out
+
+
+def time_requests(rt, request: BenchRequest, runs: int) -> dict:
+    """The first call (CUDA graphs are captured there), then ``runs`` warm calls, each timed whole and by stage.
+
+    Returns seconds: ``first_s``, ``median_s``, ``min_s``, ``max_s``, ``all_s``; ``stages_ms`` (stage_medians_ms of
+    the warm calls); ``audio_s`` (seconds of audio per waveform)."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise InvalidRequestError(f"runs must be an integer ≥ 1, got {runs!r}")
+    t0 = time.perf_counter()
+    out = rt(**request.kwargs())
+    first = time.perf_counter() - t0
+    walls, calls = [], []
+    for _ in range(runs):
+        timings: dict = {}
+        t0 = time.perf_counter()
+        rt(**request.kwargs(), timings=timings)
+        walls.append(time.perf_counter() - t0)
+        calls.append(timings)
+    return {"first_s": first, "median_s": statistics.median(walls), "min_s": min(walls), "max_s": max(walls),
+            "all_s": walls, "runs": runs, "stages_ms": stage_medians_ms(calls),
+            "audio_s": out.audios.shape[1] / out.sample_rate}
+
+
+def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = BenchRequest(), **load_options) -> dict:
+    """Load ``folder`` on ``device`` (``AudioLDM2Runtime.load`` options pass through), then ``time_requests``.
+
+    Adds ``load_s``, ``cold_start_s`` (load + first call), the artefacts' precision, the device (and its GPU's name
+    on CUDA), ONNX Runtime's version and which components ran without a CUDA graph."""
+    from .pipeline import AudioLDM2Runtime
+
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:  # before minutes of loading
+        raise InvalidRequestError(f"runs must be an integer ≥ 1, got {runs!r}")
+    t0 = time.perf_counter()
+    rt = AudioLDM2Runtime.load(folder, device=device, ranking=request.waveforms > 1, **load_options)
+    load_s = time.perf_counter() - t0
+    try:
+        timed = time_requests(rt, request, runs)
+        health = rt.health()
+    finally:
+        rt.close()
+    return {"artifacts": str(folder), "precision": rt.artifacts.precision, "device": str(rt.device),
+            "gpu": _gpu_name(rt.device), "onnxruntime": _onnxruntime_version(), "request": request.kwargs(),
+            "load_s": load_s, "cold_start_s": load_s + timed["first_s"], **timed,
+            "without_cuda_graphs": sorted(n for n, c in health["components"].items()
+                                          if rt.device.kind == "cuda" and c["graphs"] == 0)}
+
+
+def report(result: dict) -> str:
+    """The bench result as a few lines of text."""
+    s = result["stages_ms"]
+    req = result["request"]
+    rows = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in s.items() if k != "total")
+    gpu = f" ({result['gpu']})" if result.get("gpu") else ""
+    ort = f", onnxruntime {result['onnxruntime']}" if result.get("onnxruntime") else ""
+    lines = [
+        f"{result['artifacts']}: {result['precision']} on {result['device']}{gpu}{ort}",
+        f"request: {result['audio_s']:.2f} s of audio, {req['scheduler']} {req['num_inference_steps']} steps, "
+        f"CFG {req['guidance_scale']}, {req['num_waveforms_per_prompt']} waveform(s) per prompt",
+        f"load {result['load_s']:.2f} s, first call {result['first_s']:.2f} s, cold start {result['cold_start_s']:.2f} s",
+        f"end to end over {result['runs']} warm calls: median {result['median_s'] * 1e3:.1f} ms "
+        f"(min {result['min_s'] * 1e3:.1f}, max {result['max_s'] * 1e3:.1f}); "
+        f"{result['audio_s'] * req['num_waveforms_per_prompt'] / result['median_s']:.1f} s of audio per second",
+        f"stages, median ms: {rows}",
+    ]
+    if result["without_cuda_graphs"]:
+        lines.append(f"without a CUDA graph: {', '.join(result['without_cuda_graphs'])}")
+    return "\n".join(lines)
+
+
+def _gpu_name(device) -> str | None:
+    if device.kind != "cuda":
+        return None
+    from .backends.cuda_driver import device_name
+
+    return device_name(device.index)
+
+
+def _onnxruntime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ModuleNotFoundError:  # the "trt" backend needs no ONNX Runtime
+        return None
+    return onnxruntime.__version__

@@ -1,0 +1,81 @@
+"""``audioldm2-trt bench``: stage medians computed as stated, the command's result consistent with its own calls,
+bad input refused before anything loads."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from audioldm2_trt.runtime.bench import BenchRequest, bench, stage_medians_ms
+
+from .conftest import needs_export
+
+
+def _call(text, unet, vae, vocoder, total, ranking=None):
+    call = {"text": text, "unet": unet, "vae": vae, "vocoder": vocoder, "total": total}
+    if ranking is not None:
+        call["ranking"] = ranking
+    return call
+
+
+def test_stage_medians_against_hand_computed_values():
+    calls = [_call(0.010, [0.001, 0.003], 0.002, 0.004, 0.021),
+             _call(0.020, [0.002, 0.002], 0.004, 0.006, 0.040),
+             _call(0.030, [0.005, 0.001], 0.006, 0.008, 0.050)]
+    got = stage_medians_ms(calls)
+    # steps 1, 3, 2, 2, 5, 1 ms → median 2; loops 4, 4, 6 → 4; host glue 21-20, 40-34, 50-50 ms → 1, 6, 0 → 1
+    want = {"text": 20.0, "unet_step": 2.0, "unet_total": 4.0, "vae": 4.0, "vocoder": 6.0, "host_glue": 1.0,
+            "total": 40.0}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_stage_medians_count_the_ranking_when_every_call_ranked():
+    calls = [_call(0.010, [0.002], 0.001, 0.001, 0.020, ranking=0.005),
+             _call(0.010, [0.002], 0.001, 0.001, 0.024, ranking=0.007)]
+    got = stage_medians_ms(calls)
+    assert got["ranking"] == pytest.approx(6.0)
+    assert got["host_glue"] == pytest.approx(statistics.median([1.0, 3.0]))  # 20-19, 24-21 ms
+    with pytest.raises(ValueError, match="no timed calls"):
+        stage_medians_ms([])
+
+
+@needs_export
+def test_bench_cli_reports_its_own_calls(tiny_artifacts, tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "audioldm2_trt.cli", "bench", "--artifacts", str(tiny_artifacts),
+                        "--runs", "3", "--steps", "3", "--seconds", "1.5", "--waveforms", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert (res["runs"], len(res["all_s"])) == (3, 3)
+    assert res["median_s"] == statistics.median(res["all_s"])
+    assert (res["min_s"], res["max_s"]) == (min(res["all_s"]), max(res["all_s"]))
+    assert res["cold_start_s"] == pytest.approx(res["load_s"] + res["first_s"])
+    assert res["audio_s"] == 1.5  # 24000 samples at 16 kHz
+    assert (res["precision"], res["device"], res["gpu"]) == ("fp32", "cpu", None)
+    assert res["request"]["num_inference_steps"] == 3 and res["request"]["num_waveforms_per_prompt"] == 2
+    stages = res["stages_ms"]
+    assert set(stages) == {"text", "unet_step", "unet_total", "vae", "vocoder", "ranking", "host_glue", "total"}
+    assert 0 < stages["unet_step"] <= stages["unet_total"] <= stages["total"]
+    assert min(res["all_s"]) * 1e3 <= stages["total"] <= max(res["all_s"]) * 1e3
+    assert "end to end over 3 warm calls" in r.stdout and "ranking" in r.stdout
+
+
+@needs_export
+def test_bench_one_waveform_has_no_ranking_stage(tiny_artifacts):
+    res = bench(tiny_artifacts, "cpu", runs=1, request=BenchRequest(steps=2, seconds=1.0))
+    assert "ranking" not in res["stages_ms"] and res["audio_s"] == 1.0
+
+
+@pytest.mark.parametrize("runs", ["0", "-2"])
+def test_bench_bad_runs_is_refused_before_loading(tmp_path, runs):
+    r = subprocess.run([sys.executable, "-m", "audioldm2_trt.cli", "bench", "--artifacts", str(tmp_path / "none"),
+                        "--runs", runs], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"audioldm2-trt bench: error: runs must be an integer ≥ 1, got {runs}"
