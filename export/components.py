@@ -41,6 +41,7 @@ class Fp16Recipe:
     fp32_ops: tuple[str, ...] = ()
     attention_mask_input: str | None = None
     fp16_nodes: str | None = None  # a regex: only nodes whose name matches become fp16, every other node stays fp32
+    bias_split_gelu: bool = False  # GEGLU tails of the widths ONNX Runtime's kernel takes → BiasSplitGelu (bias_split_gelu.py)
     reason: str = ""
 
 

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from .attention_bias import attach_mask_bias, masked_attention_outputs
+from .bias_split_gelu import fuse_bias_split_gelu
 from .components import Fp16Recipe
 
 log = logging.getLogger("audioldm2_trt.export")
@@ -36,8 +37,11 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     fused = {}
     if recipe.fusion:
         model = _fuse(model, recipe)
+        if recipe.bias_split_gelu:
+            log.info("%s: %d GEGLU tails fused as BiasSplitGelu", recipe.fusion,
+                     fuse_bias_split_gelu(model.model))
         fused = {op: n for op, n in _op_counts(model.model).items()
-                 if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization",
+                 if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization", "BiasSplitGelu",
                            "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention")}
     blocked_nodes = resize_parameter_nodes(model.model)
     if recipe.fp16_nodes:

@@ -14,6 +14,8 @@
 #   bash scripts/gpu_session.sh all-ray    # setup, fp16 export, the Ray levels only
 #   bash scripts/gpu_session.sh all-bench  # setup, fp16 export, `audioldm2-trt bench` (batch 1, 4 waveforms, DDIM-200,
 #                                          # --backend ort-trt without TensorRT), benchmark.py's runtime rows
+#   bash scripts/gpu_session.sh all-splitgelu  # setup, fp16 export and a UNet variant with BiasSplitGelu at once, its
+#                                          # UNet validated, bench default vs variant, its kernels, its fidelity
 #   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
@@ -389,6 +391,21 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
         > /tmp/logs/bench-\$v.log 2>&1; done; \
       for v in nchw nchwgn; do (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-\$v --device cuda \
         --components unet > /tmp/logs/validate-\$v.log 2>&1); done" ;;
+  splitgelu)  # while the fp16 export runs: the UNet with BiasSplitGelu (unet_variant.py splitgelu); then its UNet
+              # validated, bench default vs variant alternating (twice each), its kernels and the 100-prompt fidelity
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant splitgelu \
+        --out /tmp/art-sg > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-sg --device cuda --components unet \
+        > /tmp/logs/validate-sg.log 2>&1); \
+      for r in 1 2; do for v in fp16 sg; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$v \
+        --device cuda --runs 20 --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
+      python3 profile_kernels.py --artifacts /tmp/art-sg --top 40 --components unet --out /tmp/logs/kernels-sg \
+        > /tmp/logs/kernels-sg.log 2>&1; \
+      python3 fidelity.py --fp16 /tmp/art-sg --out /tmp/logs/sg > /tmp/logs/fidelity-sg.log 2>&1" ;;
+  all-splitgelu)  # setup, the fp16 export and splitgelu at once
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" splitgelu ;;
   all-unet-variants)  # setup, the fp16 export and unet-variants at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" unet-variants ;;

@@ -11,6 +11,8 @@ its manifest. Variants (H100 results in docs/benchmarks.md, run R):
   pack the UNet's weights;
 - ``nchw_gn``: NhwcConv off and GroupNorm on NCHW as well — ONNX Runtime's CUDA GroupNorm refuses it ("only the
   channels_last layout is supported", run R); kept to show that.
+- ``splitgelu``: ``UNET_FUSED`` with ``bias_split_gelu``: the GEGLU tails whose width ONNX Runtime's CUDA kernel
+  takes (the 640-channel blocks' 5120) as one BiasSplitGelu node each (``export/bias_split_gelu.py``).
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ import shutil
 import time
 from pathlib import Path
 
-VARIANTS = ("nchw", "nchw_gn")
+VARIANTS = ("nchw", "nchw_gn", "splitgelu")
 
 
 def variant_recipe(variant: str):
     import dataclasses
 
-    from audioldm2_trt.export.components import UNET_FUSED_NCHW
+    from audioldm2_trt.export.components import UNET_FUSED, UNET_FUSED_NCHW
 
     if variant == "nchw":
         return UNET_FUSED_NCHW
+    if variant == "splitgelu":
+        return dataclasses.replace(UNET_FUSED, bias_split_gelu=True,
+                                   reason=UNET_FUSED.reason + "; GEGLU tails of supported widths as BiasSplitGelu")
     return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
                                + (("group_norm_channels_last", False),), reason="GroupNorm on NCHW (CUDA refuses it)")
 

@@ -1,0 +1,114 @@
+"""GEGLU's bias, split and GELU as one ``BiasSplitGelu`` node, where ONNX Runtime's CUDA kernel takes the width.
+
+diffusers' GEGLU is ``h, gate = proj(x).chunk(2, -1); h * gelu(gate)``. Exported and fused, the UNet runs it as
+four kernels after the projection's MatMul: the bias ``Add``, two ``Slice``s, ``Gelu`` and ``Mul``. ONNX Runtime's
+``com.microsoft.BiasSplitGelu(x, bias)`` does all of it in one: ``(x + bias)[..., :H] * gelu((x + bias)[..., H:])``
+with the exact (erf) GELU, as diffusers. Its CUDA kernel accepts only a few widths 2H (``SUPPORTED_WIDTHS``; Stable
+Diffusion's), so ONNX Runtime's own fusion (``enable_bias_splitgelu``) fails at run time on AudioLDM 2's other widths
+(shared/reference/ort-cuda-facts.md §3) and stays off; this pass fuses only the GEGLUs whose width the kernel takes —
+in the full-size UNet the 640-channel blocks' (2H = 5120).
+"""
+
+from __future__ import annotations
+
+SUPPORTED_WIDTHS = (2560, 5120, 10240)  # 2H that ONNX Runtime's CUDA BiasSplitGelu accepts (bias_split_gelu.cc)
+INT64_MAX = 2**63 - 1
+
+
+def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS) -> int:
+    """Replace each GEGLU tail Add(x, bias) → Slice[:H], Slice[H:] → Gelu → Mul whose 2H is in ``widths`` by one
+    ``BiasSplitGelu(x, bias)`` node in place (``model``: an ``onnx.ModelProto``); returns how many were fused.
+    A tail is fused only if none of its intermediate tensors is read elsewhere or is a graph output."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def const(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
+        return None
+
+    def only_reader(name, node) -> bool:
+        return name not in outputs and [id(n) for n in readers.get(name, [])] == [id(node)]
+
+    def last_axis_range(sl, rank_hint):
+        """(start, end) of a Slice over the last axis only, step 1; None otherwise."""
+        if sl.op_type != "Slice" or len(sl.input) < 3:
+            return None
+        starts, ends = const(sl.input[1]), const(sl.input[2])
+        axes = const(sl.input[3]) if len(sl.input) > 3 and sl.input[3] else None
+        steps = const(sl.input[4]) if len(sl.input) > 4 and sl.input[4] else None
+        if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+            return None
+        if steps is not None and (steps.size != 1 or int(steps.reshape(-1)[0]) != 1):
+            return None
+        axis = int(axes.reshape(-1)[0]) if axes is not None else 0
+        if axis not in (-1, rank_hint - 1):
+            return None
+        return int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
+
+    fused, drop = 0, set()
+    new_nodes = {}
+    for gelu in graph.node:
+        if gelu.op_type != "Gelu" or gelu.domain not in ("", "com.microsoft", "ai.onnx"):
+            continue
+        if any(a.name == "approximate" and a.s not in (b"", b"none") for a in gelu.attribute):
+            continue  # the kernel computes the erf GELU only
+        right = producer.get(gelu.input[0])
+        muls = readers.get(gelu.output[0], [])
+        if right is None or len(muls) != 1 or muls[0].op_type != "Mul":
+            continue
+        mul = muls[0]
+        left_name = mul.input[0] if mul.input[1] == gelu.output[0] else mul.input[1]
+        left = producer.get(left_name)
+        if left is None or right.input[0] != left.input[0]:
+            continue
+        add = producer.get(left.input[0])
+        if add is None or add.op_type != "Add":
+            continue
+        bias_names = [n for n in add.input if n in inits]
+        if len(bias_names) != 1:
+            continue
+        bias = numpy_helper.to_array(inits[bias_names[0]])
+        width = int(bias.size)
+        if bias.ndim != 1 or width not in widths:
+            continue
+        half = width // 2
+        x = add.input[1] if add.input[0] == bias_names[0] else add.input[0]
+        if last_axis_range(left, 3) not in ((0, half),):
+            continue
+        r = last_axis_range(right, 3)
+        if r is None or r[0] != half or r[1] not in (width, INT64_MAX, 2**31 - 1):
+            continue
+        if not (only_reader(gelu.output[0], mul) and only_reader(right.output[0], gelu)
+                and only_reader(left.output[0], mul)
+                and sorted(id(n) for n in readers.get(add.output[0], [])) == sorted((id(left), id(right)))
+                and add.output[0] not in outputs):
+            continue
+        node = onnx.helper.make_node("BiasSplitGelu", [x, bias_names[0]], [mul.output[0]],
+                                     name=f"BiasSplitGelu_{fused}_{mul.name}", domain="com.microsoft")
+        new_nodes[id(mul)] = node
+        drop.update({id(add), id(left), id(right), id(gelu)})
+        fused += 1
+    if fused:
+        kept = []
+        for node in graph.node:
+            if id(node) in drop:
+                continue
+            kept.append(new_nodes.get(id(node), node))
+        del graph.node[:]
+        graph.node.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return fused
