@@ -23,10 +23,11 @@ def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
+    nodes = list(graph.node)  # one wrapper per node for the whole pass: identities (id) below refer to these
     inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = {out: node for node in nodes for out in node.output}
     readers: dict[str, list] = {}
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
@@ -60,7 +61,7 @@ def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS) -> int:
 
     fused, drop = 0, set()
     new_nodes = {}
-    for gelu in graph.node:
+    for gelu in nodes:
         if gelu.op_type != "Gelu" or gelu.domain not in ("", "com.microsoft", "ai.onnx"):
             continue
         if any(a.name == "approximate" and a.s not in (b"", b"none") for a in gelu.attribute):
@@ -103,7 +104,7 @@ def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS) -> int:
         fused += 1
     if fused:
         kept = []
-        for node in graph.node:
+        for node in nodes:
             if id(node) in drop:
                 continue
             kept.append(new_nodes.get(id(node), node))

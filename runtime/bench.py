@@ -65,8 +65,7 @@ def time_requests(rt, request: BenchRequest, runs: int) -> dict:
 
     Returns seconds: ``first_s``, ``median_s``, ``min_s``, ``max_s``, ``all_s``; ``stages_ms`` (stage_medians_ms of
     the warm calls); ``audio_s`` (seconds of audio per waveform)."""
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise InvalidRequestError(f"runs must be an integer ≥ 1, got {runs!r}")
+    _check_runs(runs)
     t0 = time.perf_counter()
     out = rt(**request.kwargs())
     first = time.perf_counter() - t0
@@ -89,8 +88,7 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
     on CUDA), ONNX Runtime's version and which components ran without a CUDA graph."""
     from .pipeline import AudioLDM2Runtime
 
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:  # before minutes of loading
-        raise InvalidRequestError(f"runs must be an integer ≥ 1, got {runs!r}")
+    _check_runs(runs)  # before seconds of loading
     t0 = time.perf_counter()
     rt = AudioLDM2Runtime.load(folder, device=device, ranking=request.waveforms > 1, **load_options)
     load_s = time.perf_counter() - t0
@@ -126,6 +124,11 @@ def report(result: dict) -> str:
     if result["without_cuda_graphs"]:
         lines.append(f"without a CUDA graph: {', '.join(result['without_cuda_graphs'])}")
     return "\n".join(lines)
+
+
+def _check_runs(runs) -> None:
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise InvalidRequestError(f"runs must be an integer ≥ 1, got {runs!r}")
 
 
 def _gpu_name(device) -> str | None:

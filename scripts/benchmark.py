@@ -80,7 +80,7 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
             t = {}
             rt(**REQUEST, num_waveforms_per_prompt=4, seed=0, timings=t)
             staged.append(t)
-        result["batch4"]["stages_ms"] = stage_medians_ms(staged)  # "unet_total" was "unet" up to run X
+        result["batch4"]["stages_ms"] = stage_medians_ms(staged)  # "unet_total" was "unet" up to run W
         result["health"] = rt.health()
     rt.close()
     gc.collect()
