@@ -17,7 +17,8 @@ INT64_MAX = 2**63 - 1
 
 def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS) -> int:
     """Replace each GEGLU tail Add(x, bias) → Slice[:H], Slice[H:] → Gelu → Mul whose 2H is in ``widths`` by one
-    ``BiasSplitGelu(x, bias)`` node in place (``model``: an ``onnx.ModelProto``); returns how many were fused.
+    ``BiasSplitGelu(x, bias)`` node in place (``model``: an ``onnx.ModelProto``; x [B, S, 2H] the projection's
+    MatMul output, bias [2H] an initializer, the output [B, S, H]); returns how many were fused.
     A tail is fused only if none of its intermediate tensors is read elsewhere or is a graph output."""
     import onnx
     from onnx import numpy_helper
