@@ -3,16 +3,19 @@
 Measures this runtime alone, with nothing but the runtime's own dependencies; ``scripts/benchmark.py`` runs the
 diffusers peers (eager and ``torch.compile``d) beside it in one process, which needs torch. Every timed call returns
 its audio to the host, so each wall-clock time covers the GPU work it launched; the denoising loop reads each step's
-finiteness flags back to the host, so the per-step times are synchronised too.
+finiteness flags back to the host, so the per-step times are synchronised too. On CUDA it also reports the GPU's
+used memory above its level before loading, as NVML reads it (``backends/nvml.py``, the scripts' measure too).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from .backends.nvml import GpuMemory
+from .errors import BackendError, InvalidRequestError
 
 STAGES = ("text", "unet", "vae", "vocoder", "ranking")  # AudioLDM2Runtime.__call__(timings=...) keys, in order
 
@@ -60,8 +63,9 @@ def stage_medians_ms(calls: list[dict]) -> dict[str, float]:
     return out
 
 
-def time_requests(rt, request: BenchRequest, runs: int) -> dict:
-    """The first call (CUDA graphs are captured there), then ``runs`` warm calls, each timed whole and by stage.
+def time_requests(rt, request: BenchRequest, runs: int, after_first: Callable[[], None] | None = None) -> dict:
+    """The first call (CUDA graphs are captured there), ``after_first()`` if given, then ``runs`` warm calls, each
+    timed whole and by stage.
 
     Returns seconds: ``first_s``, ``median_s``, ``min_s``, ``max_s``, ``all_s``; ``stages_ms`` (stage_medians_ms of
     the warm calls); ``audio_s`` (seconds of audio per waveform)."""
@@ -69,6 +73,8 @@ def time_requests(rt, request: BenchRequest, runs: int) -> dict:
     t0 = time.perf_counter()
     out = rt(**request.kwargs())
     first = time.perf_counter() - t0
+    if after_first is not None:
+        after_first()
     walls, calls = [], []
     for _ in range(runs):
         timings: dict = {}
@@ -85,23 +91,57 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
     """Load ``folder`` on ``device`` (``AudioLDM2Runtime.load`` options pass through), then ``time_requests``.
 
     Adds ``load_s``, ``cold_start_s`` (load + first call), the artefacts' precision, the device (and its GPU's name
-    on CUDA), ONNX Runtime's version and which components ran without a CUDA graph."""
+    on CUDA), ONNX Runtime's version, which components ran without a CUDA graph and, on CUDA, ``gpu_memory_mib``:
+    the GPU's used memory (NVML, the whole device, so other processes' allocations count too) above its level
+    before loading — after load, and the peak. It is sampled through load and the first call, where the arenas
+    grow, then read once after the warm calls, so that sampling does not run during their timing."""
+    from .backends.base import Device
     from .pipeline import AudioLDM2Runtime
 
     _check_runs(runs)  # before seconds of loading
-    t0 = time.perf_counter()
-    rt = AudioLDM2Runtime.load(folder, device=device, ranking=request.waveforms > 1, **load_options)
-    load_s = time.perf_counter() - t0
+    dev = device if isinstance(device, Device) else Device.parse(device)
+    memory, memory_error = _gpu_memory(dev)
+    if memory is not None:
+        memory.start()
     try:
-        timed = time_requests(rt, request, runs)
-        health = rt.health()
+        t0 = time.perf_counter()
+        rt = AudioLDM2Runtime.load(folder, device=dev, ranking=request.waveforms > 1, **load_options)
+        load_s = time.perf_counter() - t0
+        loaded_at = time.perf_counter()
+        try:
+            timed = time_requests(rt, request, runs, after_first=memory.stop if memory is not None else None)
+            health = rt.health()
+            if memory is not None:
+                memory.stop()  # one more reading: after the warm calls
+        finally:
+            rt.close()
     finally:
-        rt.close()
-    return {"artifacts": str(folder), "precision": rt.artifacts.precision, "device": str(rt.device),
-            "gpu": _gpu_name(rt.device), "onnxruntime": _onnxruntime_version(), "request": request.kwargs(),
-            "load_s": load_s, "cold_start_s": load_s + timed["first_s"], **timed,
-            "without_cuda_graphs": sorted(n for n, c in health["components"].items()
-                                          if rt.device.kind == "cuda" and c["graphs"] == 0)}
+        if memory is not None:
+            memory.stop()
+    result = {"artifacts": str(folder), "precision": rt.artifacts.precision, "device": str(rt.device),
+              "gpu": _gpu_name(rt.device), "onnxruntime": _onnxruntime_version(), "request": request.kwargs(),
+              "load_s": load_s, "cold_start_s": load_s + timed["first_s"], **timed,
+              "without_cuda_graphs": sorted(n for n, c in health["components"].items()
+                                            if rt.device.kind == "cuda" and c["graphs"] == 0),
+              "gpu_memory_mib": None}
+    if memory is not None:
+        base = memory.samples[0][1]
+        result["gpu_memory_mib"] = {"before_load": base, "after_load": memory.at(loaded_at) - base,
+                                    "peak": memory.peak_mib - base}
+    elif memory_error:
+        result["gpu_memory_error"] = memory_error
+    return result
+
+
+def _gpu_memory(dev) -> tuple:
+    """(GpuMemory of the device, None) on CUDA where NVML answers; (None, why not) on CUDA otherwise; (None, None) on
+    the CPU. Memory is reported with the result, never a reason to stop the benchmark."""
+    if dev.kind != "cuda":
+        return None, None
+    try:
+        return GpuMemory(dev.index), None
+    except BackendError as err:
+        return None, str(err)
 
 
 def report(result: dict) -> str:
@@ -121,6 +161,12 @@ def report(result: dict) -> str:
         f"{result['audio_s'] * req['num_waveforms_per_prompt'] / result['median_s']:.1f} s of audio per second",
         f"stages, median ms: {rows}",
     ]
+    mem = result.get("gpu_memory_mib")
+    if mem:
+        lines.append(f"GPU memory (NVML, whole device, above {mem['before_load']:.0f} MiB in use before load): "
+                     f"+{mem['after_load']:.0f} MiB after load, peak +{mem['peak']:.0f} MiB")
+    elif result.get("gpu_memory_error"):
+        lines.append(f"GPU memory not measured: {result['gpu_memory_error']}")
     if result["without_cuda_graphs"]:
         lines.append(f"without a CUDA graph: {', '.join(result['without_cuda_graphs'])}")
     return "\n".join(lines)

@@ -7,9 +7,11 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
+from audioldm2_trt.runtime.backends.nvml import GpuMemory
 from audioldm2_trt.runtime.bench import BenchRequest, bench, stage_medians_ms
 
 from .conftest import needs_export
@@ -71,6 +73,34 @@ def test_bench_cli_reports_its_own_calls(tiny_artifacts, tmp_path):
 def test_bench_one_waveform_has_no_ranking_stage(tiny_artifacts):
     res = bench(tiny_artifacts, "cpu", runs=1, request=BenchRequest(steps=2, seconds=1.0))
     assert "ranking" not in res["stages_ms"] and res["audio_s"] == 1.0
+    assert res["gpu_memory_mib"] is None and "gpu_memory_error" not in res  # the CPU has no GPU memory to report
+
+
+def test_gpu_memory_sampler_keeps_every_reading_in_order():
+    readings = iter(range(100, 100_000, 10))
+    mem = GpuMemory(read=lambda: float(next(readings)), interval_s=0.001)
+    with mem:
+        time.sleep(0.05)
+    n = len(mem.samples)
+    values = [m for _, m in mem.samples]
+    assert n >= 3 and values == [100.0 + 10 * k for k in range(n)]  # start, the thread's, the stop's
+    stamps = [t for t, _ in mem.samples]
+    assert stamps == sorted(stamps)
+    assert (mem.peak_mib, mem.mib) == (values[-1], values[-1] - 100.0)
+    assert mem.at(stamps[1]) == values[1] and mem.at(stamps[0] - 1.0) == values[0]
+    mem.stop()  # once more: one more reading, the thread already ended
+    assert len(mem.samples) == n + 1 and mem.samples[-1][1] == values[-1] + 10
+
+
+def test_gpu_memory_reader_says_what_is_missing():
+    from audioldm2_trt.runtime.backends import nvml
+    from audioldm2_trt.runtime.errors import BackendError
+
+    if nvml._nvml() is None:
+        with pytest.raises(BackendError, match=r"NVML \(libnvidia-ml\) is not available"):
+            nvml.used_memory_reader(0)
+    else:  # a machine with an NVIDIA driver: the reading is the GPU's used memory, in MiB
+        assert nvml.used_memory_reader(0)() > 0
 
 
 @pytest.mark.parametrize("runs", ["0", "-2"])

@@ -56,6 +56,19 @@ def device_name(index: int) -> str | None:
     return name.value.decode(errors="replace")
 
 
+def pci_bus_id(index: int) -> str | None:
+    """The PCI bus id of CUDA GPU ``index`` (``cuDeviceGetPCIBusId``, e.g. "0000:19:00.0"): how NVML finds the same
+    GPU whatever the CUDA device order or ``CUDA_VISIBLE_DEVICES``; None where the driver cannot tell."""
+    lib = _libcuda()
+    if lib is None:
+        return None
+    dev = ctypes.c_int(0)
+    bus = ctypes.create_string_buffer(64)
+    if lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0 or lib.cuDeviceGetPCIBusId(bus, len(bus), dev) != 0:
+        return None
+    return bus.value.decode()
+
+
 def current_context() -> int | None:
     """The calling thread's current CUDA context handle (0 = none), or None without a driver."""
     lib = _libcuda()
