@@ -25,8 +25,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 # scripts/gpu_memory.py imports the runtime's small NVML module (ctypes; with it the package and its errors) before
-# the import timed below, which is the pipeline's, ONNX Runtime's and the backends' (about 3 ms less than before
-# 2026-11-27, when gpu_memory.py read NVML through pynvml: the module takes ~3 ms to import on the CPU machine)
+# the import timed below, which is the pipeline's, ONNX Runtime's and the backends' — at most ~3 ms less than before
+# 2026-11-27, when gpu_memory.py read NVML through pynvml (importing that module alone takes ~3 ms on the CPU machine)
 from gpu_memory import GpuMemory
 
 REQUEST = dict(prompt="techno music with a strong upbeat tempo and high melodic riffs",
