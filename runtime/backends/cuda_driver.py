@@ -46,27 +46,25 @@ def cuda_device_count() -> int | None:
 def device_name(index: int) -> str | None:
     """The name of CUDA GPU ``index`` (``cuDeviceGetName``, e.g. "NVIDIA H100 80GB HBM3"), or None where the driver
     does not start or has no such GPU."""
-    lib = _libcuda()
-    if lib is None:
-        return None
-    dev = ctypes.c_int(0)
-    name = ctypes.create_string_buffer(256)
-    if lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0 or lib.cuDeviceGetName(name, len(name), dev) != 0:
-        return None
-    return name.value.decode(errors="replace")
+    return _device_string(index, "cuDeviceGetName", 256)
 
 
 def pci_bus_id(index: int) -> str | None:
     """The PCI bus id of CUDA GPU ``index`` (``cuDeviceGetPCIBusId``, e.g. "0000:19:00.0"): how NVML finds the same
     GPU whatever the CUDA device order or ``CUDA_VISIBLE_DEVICES``; None where the driver cannot tell."""
+    return _device_string(index, "cuDeviceGetPCIBusId", 64)
+
+
+def _device_string(index: int, query: str, size: int) -> str | None:
+    """A driver query ``query(char *out, int size, CUdevice)`` of CUDA GPU ``index``; None where it fails."""
     lib = _libcuda()
     if lib is None:
         return None
     dev = ctypes.c_int(0)
-    bus = ctypes.create_string_buffer(64)
-    if lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0 or lib.cuDeviceGetPCIBusId(bus, len(bus), dev) != 0:
+    out = ctypes.create_string_buffer(size)
+    if lib.cuDeviceGet(ctypes.byref(dev), int(index)) != 0 or getattr(lib, query)(out, len(out), dev) != 0:
         return None
-    return bus.value.decode()
+    return out.value.decode(errors="replace")
 
 
 def current_context() -> int | None:
