@@ -22,7 +22,8 @@
 #   bash scripts/gpu_session.sh all-sdpa   # setup, fp16 + fp32 exports, the UNet's attention kernels swept, then benchmark
 #                                          # (default vs ORT's own kernel choice, sdpa_kernel 0) and fidelity of that choice
 #   bash scripts/gpu_session.sh all-cold   # setup, fp16 export, cold start in clean processes (scripts/cold_start.py), validate
-#   bash scripts/gpu_session.sh all-final  # setup, fp16 + fp32 exports, validate, cold start, full benchmark, fidelity
+#   bash scripts/gpu_session.sh all-final  # setup, fp16 + fp32 exports, validate, bench, cold start, peak memory, full
+#                                          # benchmark with the peers, fidelity
 #   bash scripts/gpu_session.sh all-load   # setup, fp16 export, load test on one GPU
 #   bash scripts/gpu_session.sh all-conv-search  # setup, fp16 + fp32 exports, the vocoder's cuDNN algorithm search
 #                                          # swept (exhaustive, heuristic, none), cold start with each
@@ -209,7 +210,7 @@ case "$1" in
     setup_export_then "16 32" conv-search ;;
   all-cold)  # setup, the fp16 export, cold
     setup_export_then "16" cold ;;
-  final)  # after the fp16 and fp32 exports: validate, cold start in clean processes (UNROLLED=1: also with the
+  final)  # after the fp16 and fp32 exports: validate, `audioldm2-trt bench`, cold start in clean processes (UNROLLED=1: also with the
           # unrolled GPT-2 graph; PROFILE=1: then the kernel profile), the ranking features' timing, peak memory of
           # the runtime and B0 in fresh processes (PEAKMEM=0: not), the full benchmark (the default with the device
           # loop first in its process, fp32, the host loop, B0, B1, B2), fidelity
@@ -218,6 +219,8 @@ case "$1" in
     in_background "[ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --out /tmp/logs/tiny > /tmp/logs/loop_tiny.log 2>&1; \
       bash $SELF wait 16; \
       $VALIDATE16; \
+      (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
+        --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1); \
       [ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loop_full.log 2>&1; \
       python3 cold_start.py --artifacts /tmp/art-fp16 \
         --variants ${COLD_VARIANTS:-default,sequential,arena_same,host_loop} \
