@@ -99,7 +99,7 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
     from .pipeline import AudioLDM2Runtime
 
     _check_runs(runs)  # before seconds of loading
-    dev = device if isinstance(device, Device) else Device.parse(device)
+    dev = Device.parse(device)
     memory, memory_error = _gpu_memory(dev)
     if memory is not None:
         memory.start()

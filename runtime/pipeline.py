@@ -115,7 +115,7 @@ class AudioLDM2Runtime:
         art = load_artifacts(folder)
         if backend not in BACKENDS:
             raise InvalidRequestError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-        dev = device if isinstance(device, Device) else Device.parse(device)
+        dev = Device.parse(device)
         if backend != "ort" and dev.kind != "cuda":
             raise InvalidRequestError(f"backend {backend!r} runs on CUDA only; got device {device!r}")
         art.check_device(dev.kind)

@@ -76,6 +76,14 @@ def test_bad_device_string(tiny_artifacts, device):
         AudioLDM2Runtime.load(tiny_artifacts, device=device)
 
 
+def test_device_parse_takes_a_device_as_it_is():
+    from audioldm2_trt.runtime.backends.base import Device
+
+    gpu = Device("cuda", 1)
+    assert Device.parse(gpu) is gpu
+    assert Device.parse(" CUDA:1 ") == gpu and Device.parse("cpu") == Device("cpu")
+
+
 def _copy(src, tmp_path):
     dst = tmp_path / "art"
     shutil.copytree(src, dst)

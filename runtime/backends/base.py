@@ -26,7 +26,10 @@ class Device:
     index: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "Device":
+    def parse(cls, text: "str | Device") -> "Device":
+        """"cpu", "cuda" or "cuda:N" → a Device; a Device is returned as it is."""
+        if isinstance(text, Device):
+            return text
         if not isinstance(text, str):
             raise InvalidRequestError(f"device must be a string like 'cpu', 'cuda' or 'cuda:1', got {text!r}")
         kind, _, index = text.strip().lower().partition(":")

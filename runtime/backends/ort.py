@@ -368,7 +368,7 @@ class OrtSessionFactory:
         import onnxruntime as ort
 
         self.ort = ort
-        self.device = device if isinstance(device, Device) else Device.parse(device)
+        self.device = Device.parse(device)
         self.threads = threads
         self.max_graphs = max_graphs
         if graph_optimization not in GRAPH_OPTIMIZATION:
