@@ -42,6 +42,7 @@ class Fp16Recipe:
     attention_mask_input: str | None = None
     fp16_nodes: str | None = None  # a regex: only nodes whose name matches become fp16, every other node stays fp32
     bias_split_gelu: bool = False  # GEGLU tails of the widths ONNX Runtime's kernel takes → BiasSplitGelu (bias_split_gelu.py)
+    fold_biases: bool = False  # per-channel biases moved into the SkipGroupNorm / bias that follows (fold_bias.py)
     reason: str = ""
 
 
@@ -201,8 +202,9 @@ def spec_of(name: str, gpt2_graph: str) -> ComponentSpec:
     return GPT2_GRAPHS[gpt2_graph] if name == "gpt2" else BY_NAME[name]
 
 # Fused recipes: the default for fp16 exports of these two components (FUSED_RECIPES below).
-VAE_FUSED = Fp16Recipe(fusion="vae", fusion_options=(("enable_attention", False),),
-                       reason="GroupNorm and NHWC convolution fused")
+VAE_FUSED = Fp16Recipe(fusion="vae", fusion_options=(("enable_attention", False),), fold_biases=True,
+                       reason="GroupNorm and NHWC convolution fused; convolution biases added in the SkipGroupNorm "
+                              "that follows")
 
 UNET_FUSED = Fp16Recipe(
     fusion="unet",
@@ -216,8 +218,12 @@ UNET_FUSED = Fp16Recipe(
     fusion_options=(("enable_bias_splitgelu", False),),
     attention_mask_input="encoder_attention_mask_1",
     bias_split_gelu=True,
+    # fold_bias.py: the ResNets' convolution and time-embedding biases are added in the SkipGroupNorm after them, and
+    # each transformer's feed-forward output bias is folded through proj_out into proj_out's bias (full size: ~115
+    # kernels a step fewer of ~1600).
+    fold_biases=True,
     reason="GroupNorm, NHWC convolution, LayerNorm, attention (T5 mask kept as attention_bias) and the GEGLU tails the "
-           "BiasSplitGelu kernel takes fused",
+           "BiasSplitGelu kernel takes fused; biases folded into the SkipGroupNorm or bias after them",
 )
 
 # ``export --unet-layout nchw``: the fused UNet without NHWC convolutions, so that the runtime can place its weights in
@@ -229,7 +235,8 @@ UNET_FUSED = Fp16Recipe(
 UNET_FUSED_NCHW = dataclasses.replace(
     UNET_FUSED, fusion_options=UNET_FUSED.fusion_options + (("enable_nhwc_conv", False),),
     reason="GroupNorm, LayerNorm, attention (T5 mask kept as attention_bias) and the GEGLU tails the BiasSplitGelu "
-           "kernel takes fused; convolutions NCHW (its weights can be packed)")
+           "kernel takes fused; feed-forward biases folded into proj_out's; convolutions NCHW (its weights can be "
+           "packed)")
 UNET_LAYOUTS = {"nhwc": UNET_FUSED, "nchw": UNET_FUSED_NCHW}
 
 # The previous default, for comparison runs (scripts/ort_sweep.py --unet-recipes): attention left unfused.

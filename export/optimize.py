@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .attention_bias import attach_mask_bias, masked_attention_outputs
 from .bias_split_gelu import fuse_bias_split_gelu
+from .fold_bias import fold_biases
 from .components import Fp16Recipe
 
 log = logging.getLogger("audioldm2_trt.export")
@@ -34,12 +35,15 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     model = OnnxModel(onnx.load(str(path)))
     for i, node in enumerate(model.model.graph.node):  # the converter's node block list works by name
         node.name = node.name or f"{node.op_type}_{i}"
-    fused = {}
+    fused, folded = {}, {}
     if recipe.fusion:
         model = _fuse(model, recipe)
         if recipe.bias_split_gelu:
             log.info("%s: %d GEGLU tails fused as BiasSplitGelu", recipe.fusion,
                      fuse_bias_split_gelu(model.model))
+        if recipe.fold_biases:
+            folded = fold_biases(model.model)
+            log.info("%s: biases folded into the node after them: %s", recipe.fusion, folded)
         fused = {op: n for op, n in _op_counts(model.model).items()
                  if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization", "BiasSplitGelu",
                            "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention")}
@@ -60,7 +64,8 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     for domain in sorted(domains - known):  # fused contrib ops (GroupNorm, NhwcConv …) live in com.microsoft
         model.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     save(model.model, path)
-    return {"fused": fused, "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes),
+    return {"fused": fused, **({"folded_biases": folded} if folded else {}),
+            "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes),
             **({"fp16_nodes": recipe.fp16_nodes} if recipe.fp16_nodes else {})}
 
 

@@ -16,6 +16,8 @@
 #                                          # --backend ort-trt without TensorRT), benchmark.py's runtime rows
 #   bash scripts/gpu_session.sh all-splitgelu  # setup, fp16 export and a UNet variant with BiasSplitGelu at once, its
 #                                          # UNet validated, bench default vs variant, its kernels, its fidelity
+#   bash scripts/gpu_session.sh all-foldbias  # setup, fp16 export (biases folded) and the UNet without the fold at once,
+#                                          # validate, bench default vs variant, both UNets' kernels, fidelity
 #   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
@@ -409,6 +411,23 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
   all-splitgelu)  # setup, the fp16 export and splitgelu at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" splitgelu ;;
+  foldbias)  # while the fp16 export runs (the default: biases folded, export/fold_bias.py): the UNet without the fold
+             # (unet_variant.py nofold, the default before); then the default validated, bench default vs variant
+             # alternating (three rounds), both UNets' kernels (and the folded VAE's), the default's 100-prompt fidelity
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant nofold \
+        --out /tmp/art-nofold > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      $VALIDATE16; \
+      for r in 1 2 3; do for v in fp16 nofold; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$v \
+        --device cuda --runs 20 --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 --components unet,vae_decoder \
+        --out /tmp/logs/kernels-fold > /tmp/logs/kernels-fold.log 2>&1; \
+      python3 profile_kernels.py --artifacts /tmp/art-nofold --top 40 --components unet \
+        --out /tmp/logs/kernels-nofold > /tmp/logs/kernels-nofold.log 2>&1; \
+      $FIDELITY" ;;
+  all-foldbias)  # setup, the fp16 export and foldbias at once
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 16 && bash "$SELF" foldbias ;;
   all-unet-variants)  # setup, the fp16 export and unet-variants at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" unet-variants ;;

@@ -14,6 +14,8 @@ its manifest. Variants (H100 results in docs/benchmarks.md, run R):
 - ``splitgelu``: ``UNET_FUSED`` with ``bias_split_gelu``: the GEGLU tails whose width ONNX Runtime's CUDA kernel
   takes (the 640-channel blocks' 5120) as one BiasSplitGelu node each (``export/bias_split_gelu.py``); measured
   against the default of the time in run AA, and the default since.
+- ``nofold``: ``UNET_FUSED`` without ``fold_biases`` (``export/fold_bias.py``): the default before biases were
+  moved into the SkipGroupNorm or bias after them; measured against that default in run AD.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-VARIANTS = ("nchw", "nchw_gn", "splitgelu")
+VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold")
 
 
 def variant_recipe(variant: str):
@@ -36,7 +38,9 @@ def variant_recipe(variant: str):
     if variant == "nchw":
         return UNET_FUSED_NCHW
     if variant == "splitgelu":  # the default since run AA; before, UNET_FUSED without bias_split_gelu
-        return UNET_FUSED
+        return dataclasses.replace(UNET_FUSED, fold_biases=False)
+    if variant == "nofold":  # the default of runs AA–AC, before fold_bias.py
+        return dataclasses.replace(UNET_FUSED, fold_biases=False, reason=UNET_FUSED.reason + " (biases not folded)")
     return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
                                + (("group_norm_channels_last", False),), reason="GroupNorm on NCHW (CUDA refuses it)")
 
