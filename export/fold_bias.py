@@ -15,11 +15,15 @@ instead costs nothing. Two rewrites, exact in real arithmetic, on the fused fp32
 
 A tensor is rewritten only if the node it feeds is its one reader and it is not a graph output. New biases are
 computed in float64 from the fp32 initializers and stored as new fp32 initializers (shared ones are never edited).
+In fp16 the sums round in other places (SkipGroupNorm adds the bias in half precision, where cuDNN's bias add and
+the Gemm's epilogue worked in float): on the UNet the 100-prompt fidelity did not move, on the VAE decoder it got
+worse, so only ``UNET_FUSED`` uses this (components.py; H100 figures in docs/benchmarks.md, run AD).
 """
 
 from __future__ import annotations
 
 MS_DOMAIN = "com.microsoft"
+FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
 def fold_biases(model) -> dict[str, int]:
@@ -27,181 +31,192 @@ def fold_biases(model) -> dict[str, int]:
 
     Returns how many biases moved: ``{"conv": n, "gemm": n, "linear": n}`` (NhwcConv and Gemm biases into a
     SkipGroupNorm, Add biases folded through a MatMul)."""
-    import numpy as np
-    from onnx import numpy_helper
+    graph = _Graph(model)
+    counts = {"conv": 0, "gemm": 0, "linear": 0}
+    for norm in graph.nodes:
+        if graph.is_skip_group_norm(norm):
+            for kind in _into_skip_group_norm(graph, norm):
+                counts[kind] += 1
+    counts["linear"] = sum(_through_linear_map(graph, add) for add in graph.nodes if add.op_type == "Add")
+    graph.write()
+    return counts
 
-    graph = model.graph
-    nodes = list(graph.node)
-    inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in nodes for out in node.output}
-    readers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
 
-    def only_reader(name: str, node) -> bool:
-        return name not in outputs and [id(n) for n in readers.get(name, [])] == [id(node)]
+class _Graph:
+    """Who writes and who reads each tensor, the initializers, and the biases rewritten so far (written by ``write``)."""
 
-    def vector(name: str, size: int | None = None):
+    def __init__(self, model):
+        self.model = model
+        self.nodes = list(model.graph.node)
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.producer = {out: node for node in self.nodes for out in node.output}
+        self.readers: dict[str, list] = {}
+        for node in self.nodes:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in model.graph.output}
+        self.new_bias: dict[int, list] = {}  # id(node) → [node, input index, float64 value]
+        self.dropped: set[int] = set()
+
+    def only_reader(self, name: str, node) -> bool:
+        return name not in self.outputs and [id(n) for n in self.readers.get(name, [])] == [id(node)]
+
+    def array(self, name: str):
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+
+    def vector(self, name: str, size: int | None = None):
         """A 1-D float32 initializer as float64 (of ``size`` elements if given); None otherwise."""
-        tensor = inits.get(name)
-        if tensor is None or tensor.data_type != 1:  # FLOAT
+        import numpy as np
+
+        if name not in self.inits or self.inits[name].data_type != FLOAT:
             return None
-        value = numpy_helper.to_array(tensor)
+        value = self.array(name)
         if value.ndim != 1 or (size is not None and value.size != size):
             return None
         return value.astype(np.float64)
 
+    @staticmethod
     def attr(node, name: str, default):
         for a in node.attribute:
             if a.name == name:
                 return a.f if a.type == a.FLOAT else a.i
         return default
 
-    def keeps_last_axis(node, rank_in: int) -> bool:
-        """An Unsqueeze whose new axes leave the input's last axis last (constant axes input, opset 13+)."""
-        axes = numpy_helper.to_array(inits[node.input[1]]) if len(node.input) > 1 and node.input[1] in inits else None
+    def is_skip_group_norm(self, node) -> bool:
+        return node.op_type == "SkipGroupNorm" and node.domain == MS_DOMAIN and bool(self.attr(node, "channels_last", 1))
+
+    def bias_of(self, node, index: int, channels: int):
+        """The running new bias of ``node``'s input ``index`` (its initializer, or zeros where a SkipGroupNorm has
+        none), as a mutable [node, index, value]; None if that input is not a float vector of ``channels``."""
+        import numpy as np
+
+        if id(node) not in self.new_bias:
+            present = len(node.input) > index and node.input[index]
+            value = self.vector(node.input[index], channels) if present else np.zeros(channels)
+            if value is None:
+                return None
+            self.new_bias[id(node)] = [node, index, value]
+        return self.new_bias[id(node)]
+
+    def last_dim(self, shape: str) -> int | None:
+        """The last entry of a Reshape's target shape: from an initializer, or from the last input of the Concat that
+        builds it (the fused UNet's [N, H, W, C] with N, H, W read at run time)."""
+        concat = self.producer.get(shape)
+        if shape not in self.inits and concat is not None and concat.op_type == "Concat" \
+                and self.attr(concat, "axis", None) in (0, -1):
+            shape = concat.input[-1]
+        value = self.array(shape)
+        return int(value.reshape(-1)[-1]) if value is not None and value.size else None
+
+    def write(self) -> None:
+        """Store each new bias as a new fp32 initializer, point its node at it, and remove the dropped nodes."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        graph = self.model.graph
+        for k, (node, index, value) in enumerate(self.new_bias.values()):
+            name = f"folded_bias_{k}_{node.name or node.op_type}"
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+            while len(node.input) <= index:
+                node.input.append("")
+            node.input[index] = name
+        if self.dropped:
+            kept = [node for node in self.nodes if id(node) not in self.dropped]
+            del graph.node[:]
+            graph.node.extend(kept)
+
+
+def _into_skip_group_norm(graph: _Graph, norm) -> list[str]:
+    """Rewrite 1 for one SkipGroupNorm: move the bias of the NhwcConv that writes its X or skip, and of the Gemm whose
+    output, unsqueezed to [N, 1, 1, C], is its skip; returns what moved ("conv" / "gemm" each)."""
+    gamma = graph.vector(norm.input[1])
+    if gamma is None:
+        return []
+    channels, moved = gamma.size, []
+    for name in (norm.input[0], norm.input[3]):
+        source = graph.producer.get(name)
+        if source is None or not graph.only_reader(name, norm):
+            continue
+        if source.op_type == "NhwcConv" and source.domain == MS_DOMAIN and len(source.input) == 3:
+            owner, kind = source, "conv"
+        elif name == norm.input[3] and source.op_type == "Unsqueeze":
+            owner, kind = _gemm_under_unsqueezes(graph, source), "gemm"
+        else:
+            continue
+        bias = graph.vector(owner.input[2], channels) if owner is not None else None
+        slot = graph.bias_of(norm, 4, channels) if bias is not None else None
+        if slot is None:
+            continue
+        slot[2] = slot[2] + bias
+        del owner.input[2]
+        moved.append(kind)
+    return moved
+
+
+def _gemm_under_unsqueezes(graph: _Graph, unsqueeze):
+    """The Gemm (with a bias, beta 1) whose [N, C] output reaches ``unsqueeze``'s output through Unsqueezes that keep
+    C the last axis, each the only reader of its input; None otherwise."""
+    chain = [unsqueeze]
+    while chain[-1].op_type == "Unsqueeze" and chain[-1].input[0] in graph.producer \
+            and graph.only_reader(chain[-1].input[0], chain[-1]):
+        chain.append(graph.producer[chain[-1].input[0]])
+    gemm = chain[-1]
+    if gemm.op_type != "Gemm" or len(gemm.input) != 3 or graph.attr(gemm, "beta", 1.0) != 1.0:
+        return None
+    rank = 2
+    for node in reversed(chain[:-1]):
+        axes = graph.array(node.input[1]) if len(node.input) > 1 else None
         if axes is None:
-            return False
-        rank_out = rank_in + axes.size
-        return all(int(a) % rank_out != rank_out - 1 for a in axes.reshape(-1))
-
-    def last_dim(shape: str) -> int | None:
-        """The last entry of a Reshape's target shape: from an initializer, or from the last input of the Concat
-        that builds it (the fused UNet's [N, H, W, C] with N, H, W read at run time)."""
-        if shape in inits:
-            value = numpy_helper.to_array(inits[shape]).reshape(-1)
-            return int(value[-1]) if value.size else None
-        concat = producer.get(shape)
-        if concat is None or concat.op_type != "Concat" or attr(concat, "axis", None) not in (0, -1) \
-                or concat.input[-1] not in inits:
             return None
-        value = numpy_helper.to_array(inits[concat.input[-1]]).reshape(-1)
-        return int(value[-1]) if value.size else None
+        rank += axes.size
+        if any(int(a) % rank == rank - 1 for a in axes.reshape(-1)):  # a new axis after C
+            return None
+    return gemm
 
-    # New bias per SkipGroupNorm / Add (id → (node, input index, float64 value)), written at the end.
-    new_bias: dict[int, list] = {}
-    counts = {"conv": 0, "gemm": 0, "linear": 0}
 
-    def bias_slot(node, channels: int):
-        """The running bias of a SkipGroupNorm (its bias input or zeros), or None if that input is not a vector."""
-        if id(node) not in new_bias:
-            if len(node.input) > 4 and node.input[4]:
-                value = vector(node.input[4], channels)
-                if value is None:
-                    return None
-            else:
-                value = np.zeros(channels)
-            new_bias[id(node)] = [node, 4, value]
-        return new_bias[id(node)]
+def _through_linear_map(graph: _Graph, add) -> bool:
+    """Rewrite 2 for one Add(h, b): if its sum only reaches Add(·, r) → MatMul(·, W) → [Reshapes keeping the last
+    axis] → a bias b' (a SkipGroupNorm's, or an Add's initializer), drop it and add b·W to b'. True if it folded."""
+    import numpy as np
 
-    # 1. NhwcConv and Gemm biases into the SkipGroupNorm they feed.
-    for norm in nodes:
-        if norm.op_type != "SkipGroupNorm" or norm.domain != MS_DOMAIN or not attr(norm, "channels_last", 1):
-            continue
-        gamma = vector(norm.input[1])
-        if gamma is None:
-            continue
-        channels = gamma.size
-        for name in (norm.input[0], norm.input[3]):
-            source = producer.get(name)
-            if source is None or not only_reader(name, norm):
-                continue
-            if source.op_type == "NhwcConv" and source.domain == MS_DOMAIN and len(source.input) == 3:
-                bias = vector(source.input[2], channels)
-                slot = bias_slot(norm, channels) if bias is not None else None
-                if slot is None:
-                    continue
-                slot[2] = slot[2] + bias
-                del source.input[2]
-                counts["conv"] += 1
-            elif name == norm.input[3] and source.op_type == "Unsqueeze":
-                chain = [source]
-                while chain[-1].op_type == "Unsqueeze" and chain[-1].input[0] in producer \
-                        and only_reader(chain[-1].input[0], chain[-1]):
-                    chain.append(producer[chain[-1].input[0]])
-                gemm = chain[-1]
-                if gemm.op_type != "Gemm" or len(gemm.input) != 3 or attr(gemm, "beta", 1.0) != 1.0:
-                    continue
-                rank = 2  # Gemm's output is [N, C]
-                ok = True
-                for unsqueeze in reversed(chain[:-1]):
-                    if not keeps_last_axis(unsqueeze, rank):
-                        ok = False
-                        break
-                    rank += numpy_helper.to_array(inits[unsqueeze.input[1]]).size
-                bias = vector(gemm.input[2], channels) if ok else None
-                slot = bias_slot(norm, channels) if bias is not None else None
-                if slot is None:
-                    continue
-                slot[2] = slot[2] + bias
-                del gemm.input[2]
-                counts["gemm"] += 1
+    consts = [k for k, name in enumerate(add.input) if name in graph.inits]
+    bias = graph.vector(add.input[consts[0]]) if len(add.input) == 2 and len(consts) == 1 else None
+    residual = graph.readers.get(add.output[0], [None])[0]
+    if bias is None or residual is None or not graph.only_reader(add.output[0], residual) \
+            or residual.op_type != "Add" or any(name in graph.inits for name in residual.input):
+        return False
+    matmul = graph.readers.get(residual.output[0], [None])[0]
+    if matmul is None or matmul.op_type != "MatMul" or not graph.only_reader(residual.output[0], matmul) \
+            or matmul.input[0] != residual.output[0] or graph.inits.get(matmul.input[1]) is None \
+            or graph.inits[matmul.input[1]].data_type != FLOAT:
+        return False
+    weight = graph.array(matmul.input[1])
+    if weight.ndim != 2 or weight.shape[0] != bias.size:
+        return False
+    target = _bias_after(graph, matmul.output[0], weight.shape[1])
+    if target is None:
+        return False
+    target[2] = target[2] + bias @ weight.astype(np.float64)
+    residual.input[list(residual.input).index(add.output[0])] = add.input[1 - consts[0]]
+    graph.dropped.add(id(add))
+    return True
 
-    # 2. Add(h, b) → Add(·, r) → MatMul(·, W) → [Reshape] → bias b' (an Add or a SkipGroupNorm): b' += b·W.
-    dropped = set()
-    for add in nodes:
-        if add.op_type != "Add" or len(add.input) != 2:
-            continue
-        consts = [k for k, name in enumerate(add.input) if name in inits]
-        if len(consts) != 1:
-            continue
-        bias = vector(add.input[consts[0]])
-        residual_adds = readers.get(add.output[0], [])
-        if bias is None or len(residual_adds) != 1 or not only_reader(add.output[0], residual_adds[0]):
-            continue
-        residual = residual_adds[0]
-        if residual.op_type != "Add" or any(name in inits for name in residual.input):
-            continue
-        matmuls = readers.get(residual.output[0], [])
-        if len(matmuls) != 1 or matmuls[0].op_type != "MatMul" or not only_reader(residual.output[0], matmuls[0]) \
-                or matmuls[0].input[0] != residual.output[0] or matmuls[0].input[1] not in inits:
-            continue
-        matmul = matmuls[0]
-        weight = numpy_helper.to_array(inits[matmul.input[1]])
-        if weight.ndim != 2 or weight.shape[0] != bias.size or inits[matmul.input[1]].data_type != 1:
-            continue
-        target, tensor = None, matmul.output[0]
-        while True:  # through Reshapes that keep the last axis (the MatMul's output features)
-            nxt = readers.get(tensor, [])
-            if len(nxt) != 1 or not only_reader(tensor, nxt[0]):
-                break
-            node = nxt[0]
-            if node.op_type == "Reshape" and node.input[0] == tensor:
-                if last_dim(node.input[1]) != weight.shape[1]:
-                    break
-                tensor = node.output[0]
-                continue
-            if node.op_type == "SkipGroupNorm" and node.domain == MS_DOMAIN and tensor in (node.input[0], node.input[3]) \
-                    and attr(node, "channels_last", 1):
-                slot = bias_slot(node, weight.shape[1])
-                target = slot
-            elif node.op_type == "Add" and len(node.input) == 2:
-                k = 1 - list(node.input).index(tensor) if tensor in node.input else None
-                if k is not None and node.input[k] in inits:
-                    if id(node) not in new_bias:
-                        value = vector(node.input[k], weight.shape[1])
-                        if value is not None:
-                            new_bias[id(node)] = [node, k, value]
-                    target = new_bias.get(id(node))
-            break
-        if target is None:
-            continue
-        target[2] = target[2] + bias @ weight.astype(np.float64)
-        h = add.input[1 - consts[0]]
-        residual.input[list(residual.input).index(add.output[0])] = h
-        dropped.add(id(add))
-        counts["linear"] += 1
 
-    for k, (node, index, value) in enumerate(new_bias.values()):
-        name = f"folded_bias_{k}_{node.name or node.op_type}"
-        graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
-        while len(node.input) <= index:
-            node.input.append("")
-        node.input[index] = name
-    if dropped:
-        kept = [node for node in nodes if id(node) not in dropped]
-        del graph.node[:]
-        graph.node.extend(kept)
-    return counts
+def _bias_after(graph: _Graph, tensor: str, features: int):
+    """The bias slot (see ``_Graph.bias_of``) that adds a [features] bias to ``tensor``, its only reader after
+    Reshapes that keep the last axis: a SkipGroupNorm reading it as X or skip, or an Add with an initializer."""
+    while True:
+        nxt = graph.readers.get(tensor, [None])[0]
+        if nxt is None or not graph.only_reader(tensor, nxt):
+            return None
+        if nxt.op_type == "Reshape" and nxt.input[0] == tensor and graph.last_dim(nxt.input[1]) == features:
+            tensor = nxt.output[0]
+            continue
+        if graph.is_skip_group_norm(nxt) and tensor in (nxt.input[0], nxt.input[3]):
+            return graph.bias_of(nxt, 4, features)
+        if nxt.op_type == "Add" and len(nxt.input) == 2 and nxt.input[0] != nxt.input[1]:
+            other = 1 - list(nxt.input).index(tensor)
+            return graph.bias_of(nxt, other, features) if nxt.input[other] in graph.inits else None
+        return None

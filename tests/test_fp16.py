@@ -159,13 +159,13 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
         assert any("encoder_attention_mask_1" in n.input for n in model.graph.node)
     else:
         assert "MultiHeadAttention" not in summary["fused"] and "Attention" not in summary["fused"]
-    folded = summary["folded_biases"]  # export/fold_bias.py, recorded in the manifest
-    if name == "unet":  # feed-forward biases fold in either layout; into SkipGroupNorm only where NhwcConv feeds it
-        assert folded["linear"] > 0 and (folded["conv"] > 0 and folded["gemm"] > 0) == (layout == "nhwc")
-    else:
-        assert folded["conv"] > 0
     moved = [t for t in model.graph.initializer if t.name.startswith("folded_bias_")]
-    assert moved and all(t.data_type == onnx.TensorProto.FLOAT16 for t in moved)  # the kernels take bias as T
+    if name == "unet":  # export/fold_bias.py, recorded in the manifest: feed-forward biases fold in either layout,
+        folded = summary["folded_biases"]  # into SkipGroupNorm only where an NhwcConv feeds it
+        assert folded["linear"] > 0 and (folded["conv"] > 0 and folded["gemm"] > 0) == (layout == "nhwc")
+        assert moved and all(t.data_type == onnx.TensorProto.FLOAT16 for t in moved)  # the kernels take bias as T
+    else:  # the VAE decoder does not fold (its 100-prompt fidelity got worse, run AD)
+        assert "folded_biases" not in summary and not moved
     init = {t.name: t.data_type for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
