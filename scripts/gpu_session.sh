@@ -413,7 +413,7 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
     bash "$SELF" export 16 && bash "$SELF" splitgelu ;;
   foldbias)  # while the fp16 export runs (the default: biases folded, export/fold_bias.py): the UNet without the fold
              # (unet_variant.py nofold, the default before); then the default validated, bench default vs variant
-             # alternating (three rounds), both UNets' kernels (and the folded VAE's), the default's 100-prompt fidelity
+             # alternating (three rounds), both UNets' kernels (and the VAE's), the default's 100-prompt fidelity
     in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant nofold \
         --out /tmp/art-nofold > /tmp/logs/variant.log 2>&1; \
       bash $SELF wait 16; \

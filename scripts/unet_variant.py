@@ -13,9 +13,9 @@ its manifest. Variants (H100 results in docs/benchmarks.md, run R):
   channels_last layout is supported", run R); kept to show that.
 - ``splitgelu``: ``UNET_FUSED`` with ``bias_split_gelu``: the GEGLU tails whose width ONNX Runtime's CUDA kernel
   takes (the 640-channel blocks' 5120) as one BiasSplitGelu node each (``export/bias_split_gelu.py``); measured
-  against the default of the time in run AA, and the default since.
-- ``nofold``: ``UNET_FUSED`` without ``fold_biases`` (``export/fold_bias.py``): the default before biases were
-  moved into the SkipGroupNorm or bias after them; measured against that default in run AD.
+  against the default of the time in run AA; the default of runs AA–AC, the same recipe as ``nofold`` now.
+- ``nofold``: ``UNET_FUSED`` without ``fold_biases`` (``export/fold_bias.py``), the default of runs AA–AC, before the
+  biases moved into the SkipGroupNorm or bias after them; measured against the fold (the default since) in run AD.
 """
 
 from __future__ import annotations
@@ -37,9 +37,7 @@ def variant_recipe(variant: str):
 
     if variant == "nchw":
         return UNET_FUSED_NCHW
-    if variant == "splitgelu":  # the default since run AA; before, UNET_FUSED without bias_split_gelu
-        return dataclasses.replace(UNET_FUSED, fold_biases=False)
-    if variant == "nofold":  # the default of runs AA–AC, before fold_bias.py
+    if variant in ("splitgelu", "nofold"):  # the default of runs AA–AC: BiasSplitGelu, before fold_bias.py
         return dataclasses.replace(UNET_FUSED, fold_biases=False, reason=UNET_FUSED.reason + " (biases not folded)")
     return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
                                + (("group_norm_channels_last", False),), reason="GroupNorm on NCHW (CUDA refuses it)")
