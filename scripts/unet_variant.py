@@ -1,11 +1,12 @@
-"""A copy of an fp16 artefact folder with its UNet fused another way — for measurements without a full re-export.
+"""A copy of an fp16 artefact folder with its UNet (or VAE decoder) fused another way — for measurements without a full
+re-export.
 
     python scripts/unet_variant.py --artifacts /tmp/art-fp16 [--source random:audioldm2] --variant nchw --out /tmp/art-nchw
 
-The UNet of ``--artifacts``' source (the same random weights or checkpoint) is exported again with a variant of
-``UNET_FUSED`` into a new folder, whose other files are hard links to the base folder's, and whose manifest is the base
-one with the new UNet entry. With ``--source`` it starts while the base folder's export is still running and waits for
-its manifest. Variants (H100 results in docs/benchmarks.md, run R):
+The variant's component, from ``--artifacts``' source (the same random weights or checkpoint), is exported again with
+a variant of its fused recipe into a new folder, whose other files are hard links to the base folder's, and whose
+manifest is the base one with the new entry. With ``--source`` it starts while the base folder's export is still
+running and waits for its manifest. Variants (H100 results in docs/benchmarks.md, run R):
 
 - ``nchw``: ``UNET_FUSED_NCHW`` (what ``export --unet-layout nchw`` writes): no NhwcConv, so that the runtime can
   pack the UNet's weights;
@@ -16,6 +17,8 @@ its manifest. Variants (H100 results in docs/benchmarks.md, run R):
   against the default of the time in run AA; the default of runs AA–AC, the same recipe as ``nofold`` now.
 - ``nofold``: ``UNET_FUSED`` without ``fold_biases`` (``export/fold_bias.py``), the default of runs AA–AC, before the
   biases moved into the SkipGroupNorm or bias after them; measured against the fold (the default since) in run AD.
+- ``vae_fold``: the VAE decoder with ``fold_biases`` (``VAE_FUSED`` does not fold): what run AD measured and turned
+  down, its 100-prompt error worse than diffusers fp16's at the max.
 """
 
 from __future__ import annotations
@@ -27,16 +30,22 @@ import shutil
 import time
 from pathlib import Path
 
-VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold")
+VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold", "vae_fold")
+
+
+def variant_component(variant: str) -> str:
+    return "vae_decoder" if variant.startswith("vae_") else "unet"
 
 
 def variant_recipe(variant: str):
     import dataclasses
 
-    from audioldm2_trt.export.components import UNET_FUSED, UNET_FUSED_NCHW
+    from audioldm2_trt.export.components import UNET_FUSED, UNET_FUSED_NCHW, VAE_FUSED
 
     if variant == "nchw":
         return UNET_FUSED_NCHW
+    if variant == "vae_fold":  # run AD: folded, the VAE's 100-prompt max went over diffusers fp16's
+        return dataclasses.replace(VAE_FUSED, fold_biases=True, reason=VAE_FUSED.reason + "; biases folded")
     if variant in ("splitgelu", "nofold"):  # the default of runs AA–AC: BiasSplitGelu, before fold_bias.py
         return dataclasses.replace(UNET_FUSED, fold_biases=False, reason=UNET_FUSED.reason + " (biases not folded)")
     return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
@@ -75,10 +84,11 @@ def main() -> None:
         out = Path(out)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        entries[variant] = export_component(pipe, consts, "unet", out, "fp16", recipe=variant_recipe(variant))
+        name = variant_component(variant)
+        entries[variant] = export_component(pipe, consts, name, out, "fp16", recipe=variant_recipe(variant))
         entries[variant]["graph_variant"] = variant
-        print(f"{variant}: UNet exported in {time.perf_counter() - t0:.0f} s; fused {entries[variant]['fp16']['fused']}",
-              flush=True)
+        print(f"{variant}: {name} exported in {time.perf_counter() - t0:.0f} s; "
+              f"fused {entries[variant]['fp16']['fused']}", flush=True)
     while not (base / MANIFEST).exists():
         if time.perf_counter() - t0 > args.wait_s:
             raise SystemExit(f"{base}: no manifest after {args.wait_s} s")
@@ -89,10 +99,11 @@ def main() -> None:
                          f"{manifest['source']}")
     for variant, out in zip(args.variant, args.out):
         out = Path(out)
+        name = variant_component(variant)
         for f in base.iterdir():
-            if f.is_file() and f.name not in ("unet.onnx", "unet.onnx.data", MANIFEST):
+            if f.is_file() and f.name not in (f"{name}.onnx", f"{name}.onnx.data", MANIFEST):
                 os.link(f, out / f.name)
-        manifest_out = {**manifest, "components": {**manifest["components"], "unet": entries[variant]}}
+        manifest_out = {**manifest, "components": {**manifest["components"], name: entries[variant]}}
         manifest_out["content_hash"] = content_hash(manifest_out["components"], manifest_out["tokenizers"])
         (out / MANIFEST).write_text(json.dumps(manifest_out, indent=1))
         print(f"{variant}: {out} ready", flush=True)
