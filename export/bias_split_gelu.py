@@ -21,28 +21,12 @@ def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS) -> int:
     MatMul output, bias [2H] an initializer, the output [B, S, H]); returns how many were fused.
     A tail is fused only if none of its intermediate tensors is read elsewhere or is a graph output."""
     import onnx
-    from onnx import numpy_helper
 
-    graph = model.graph
-    nodes = list(graph.node)  # one wrapper per node for the whole pass: identities (id) below refer to these
-    inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in nodes for out in node.output}
-    readers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
+    from .graph_index import GraphIndex
 
-    def const(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
-        return None
-
-    def only_reader(name, node) -> bool:
-        return name not in outputs and [id(n) for n in readers.get(name, [])] == [id(node)]
+    index = GraphIndex(model)
+    graph, nodes, inits, producer, readers = model.graph, index.nodes, index.inits, index.producer, index.readers
+    outputs, const, only_reader = index.outputs, index.constant, index.only_reader
 
     def last_axis_range(sl, rank_hint):
         """(start, end) of a Slice over the last axis only, step 1; None otherwise."""
@@ -82,7 +66,7 @@ def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS) -> int:
         bias_names = [n for n in add.input if n in inits]
         if len(bias_names) != 1:
             continue
-        bias = numpy_helper.to_array(inits[bias_names[0]])
+        bias = index.initializer(bias_names[0])
         width = int(bias.size)
         if bias.ndim != 1 or width not in widths:
             continue

@@ -22,6 +22,8 @@ worse, so only ``UNET_FUSED`` uses this (components.py; H100 figures in docs/ben
 
 from __future__ import annotations
 
+from .graph_index import GraphIndex
+
 MS_DOMAIN = "com.microsoft"
 FLOAT = 1  # onnx.TensorProto.FLOAT
 
@@ -42,29 +44,13 @@ def fold_biases(model) -> dict[str, int]:
     return counts
 
 
-class _Graph:
-    """Who writes and who reads each tensor, the initializers, and the biases rewritten so far (written by ``write``)."""
+class _Graph(GraphIndex):
+    """The graph index, with the biases rewritten so far and the nodes to drop (written by ``write``)."""
 
     def __init__(self, model):
-        self.model = model
-        self.nodes = list(model.graph.node)
-        self.inits = {i.name: i for i in model.graph.initializer}
-        self.producer = {out: node for node in self.nodes for out in node.output}
-        self.readers: dict[str, list] = {}
-        for node in self.nodes:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in model.graph.output}
+        super().__init__(model)
         self.new_bias: dict[int, list] = {}  # id(node) → [node, input index, float64 value]
         self.dropped: set[int] = set()
-
-    def only_reader(self, name: str, node) -> bool:
-        return name not in self.outputs and [id(n) for n in self.readers.get(name, [])] == [id(node)]
-
-    def array(self, name: str):
-        from onnx import numpy_helper
-
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
 
     def vector(self, name: str, size: int | None = None):
         """A 1-D float32 initializer as float64 (of ``size`` elements if given); None otherwise."""
@@ -72,7 +58,7 @@ class _Graph:
 
         if name not in self.inits or self.inits[name].data_type != FLOAT:
             return None
-        value = self.array(name)
+        value = self.initializer(name)
         if value.ndim != 1 or (size is not None and value.size != size):
             return None
         return value.astype(np.float64)
@@ -107,7 +93,7 @@ class _Graph:
         if shape not in self.inits and concat is not None and concat.op_type == "Concat" \
                 and self.attr(concat, "axis", None) in (0, -1):
             shape = concat.input[-1]
-        value = self.array(shape)
+        value = self.initializer(shape)
         return int(value.reshape(-1)[-1]) if value is not None and value.size else None
 
     def write(self) -> None:
@@ -167,7 +153,7 @@ def _gemm_under_unsqueezes(graph: _Graph, unsqueeze):
         return None
     rank = 2
     for node in reversed(chain[:-1]):
-        axes = graph.array(node.input[1]) if len(node.input) > 1 else None
+        axes = graph.initializer(node.input[1]) if len(node.input) > 1 else None
         if axes is None:
             return None
         rank += axes.size
@@ -192,7 +178,7 @@ def _through_linear_map(graph: _Graph, add) -> bool:
             or matmul.input[0] != residual.output[0] or graph.inits.get(matmul.input[1]) is None \
             or graph.inits[matmul.input[1]].data_type != FLOAT:
         return False
-    weight = graph.array(matmul.input[1])
+    weight = graph.initializer(matmul.input[1])
     if weight.ndim != 2 or weight.shape[0] != bias.size:
         return False
     target = _bias_after(graph, matmul.output[0], weight.shape[1])
