@@ -112,12 +112,12 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
             timed = time_requests(rt, request, runs, after_first=memory.stop if memory is not None else None)
             health = rt.health()
             if memory is not None:
-                memory.stop()  # one more reading: after the warm calls
+                memory.read()  # after the warm calls, which ran unsampled
         finally:
             rt.close()
     finally:
         if memory is not None:
-            memory.stop()
+            memory.stop()  # still sampling only where load or the first call failed
     result = {"artifacts": str(folder), "precision": rt.artifacts.precision, "device": str(rt.device),
               "gpu": _gpu_name(rt.device), "onnxruntime": _onnxruntime_version(), "request": request.kwargs(),
               "load_s": load_s, "cold_start_s": load_s + timed["first_s"], **timed,

@@ -88,8 +88,10 @@ def test_gpu_memory_sampler_keeps_every_reading_in_order():
     assert stamps == sorted(stamps)
     assert (mem.peak_mib, mem.mib) == (values[-1], values[-1] - 100.0)
     assert mem.at(stamps[1]) == values[1] and mem.at(stamps[0] - 1.0) == values[0]
-    mem.stop()  # once more: one more reading, the thread already ended
-    assert len(mem.samples) == n + 1 and mem.samples[-1][1] == values[-1] + 10
+    mem.stop()  # once more: the sampling has ended, no reading
+    assert len(mem.samples) == n
+    assert mem.read() == values[-1] + 10 and len(mem.samples) == n + 1  # one reading on demand, kept
+    assert mem.peak_mib == values[-1] + 10
 
 
 def test_gpu_memory_reader_says_what_is_missing():

@@ -80,12 +80,17 @@ class GpuMemory:
         self._record()
         self._thread.start()
 
+    def read(self) -> float:
+        """One reading now, kept with the samples; returns it (MiB)."""
+        self._record()
+        return self.samples[-1][1]
+
     def stop(self) -> None:
-        """End the sampling (if it runs) and take one more reading; calling it again adds a reading each time."""
+        """End the sampling with one more reading; nothing once it has ended (or never started)."""
         if self._thread.is_alive():
             self._stop.set()
             self._thread.join()
-        self._record()
+            self._record()
 
     def __enter__(self) -> "GpuMemory":
         self.start()
