@@ -58,6 +58,7 @@ class AudioLDM2Runtime:
         self.sample_rate = self.constants["sampling_rate"]
         self._sessions = sessions
         self._solver_step = solver_step
+        self._solver_buffers: dict = {}  # denoising.SolverBuffers per UNet shape key (DeviceStepper.open)
         toks = artifacts.manifest["tokenizers"]
         self._clap_tok = TextTokenizer(artifacts.tokenizer_file("clap"), toks["clap"]["model_max_length"],
                                        toks["clap"]["pad_token_id"], "CLAP")
@@ -151,7 +152,7 @@ class AudioLDM2Runtime:
             bind=True if device_loop else None, cublas_workspace_kib=cublas_workspace_kib,
             shared_arena=shared_arena, packed_weights=packed_weights)
         sessions = factory.create_all(files)
-        solver = factory.create("solver_step", SOLVER_STEP_GRAPH, graphs=False) if device_loop else None
+        solver = factory.create("solver_step", SOLVER_STEP_GRAPH) if device_loop else None
         runtime = cls(art, sessions, factory.device, solver)
         runtime.shared_arena = shared_arena
         return runtime
@@ -329,7 +330,8 @@ class AudioLDM2Runtime:
         prevs = None if prev[live[0]] is None else np.concatenate([prev[k] for k in live])
         unet = self._sessions["unet"]
         if self._solver_step is not None:
-            stepper = DeviceStepper.open(unet, self._solver_step, feeds, guidance, padded, cfg, xs, prevs, t)
+            stepper = DeviceStepper.open(unet, self._solver_step, feeds, guidance, padded, cfg, xs, prevs, t,
+                                         self._solver_buffers)
             if stepper is not None:
                 return stepper
         return HostStepper(unet, feeds, guidance, padded, cfg, xs, prevs)
@@ -368,6 +370,7 @@ class AudioLDM2Runtime:
             if hasattr(session, "close"):
                 session.close()
         self._sessions.clear()
+        self._solver_buffers.clear()
         self._solver_step = None
 
 

@@ -32,6 +32,9 @@
 #   bash scripts/gpu_session.sh all-check-ray  # (2 GPUs, Ray wheels) setup, fp16 export, validate, fidelity, benchmark
 #                                          # without the compiled peers, then the Ray levels
 #   bash scripts/gpu_session.sh smoke      # setup, tiny fp16 export, then the measurement scripts on it (they run on CUDA?)
+#   bash scripts/gpu_session.sh overhead   # setup, tiny fp16 export, step_overhead.py (host time between GPU work)
+#   bash scripts/gpu_session.sh all-solver-graph  # setup, fp16 export, the solver step captured against uncaptured,
+#                                          # device loop against host loop, bench (DPM-20, DDIM-200), benchmark with peers
 #   bash scripts/gpu_session.sh all-arena  # setup, fp16 export, the shared arena against the default (peak memory and
 #                                          # audio, anatomy and cold start, load test and placement)
 #   bash scripts/gpu_session.sh all-arena-pattern  # setup, fp16 export, the shared arena with the memory pattern off
@@ -297,6 +300,32 @@ case "$1" in
     echo "export done in $((SECONDS - t0)) s"
     SKIP=b1,b2,fp16_nograph bash "$SELF" measure
     bash "$SELF" collect $(( $2 - (SECONDS - t0) )) ;;
+  solver-graph)  # after the fp16 export: the solver step captured (the default since run AG) against uncaptured
+                 # (step_overhead.py, one process, requests interleaved), the device loop against the host loop on the
+                 # full-size artefacts, the bench command (DPM-20, DDIM-200), then benchmark.py with the peers (no fp32)
+    in_background "bash $SELF wait 16; \
+      python3 step_overhead.py --artifacts /tmp/art-fp16 --rounds 10 --out /tmp/logs > /tmp/logs/overhead.log 2>&1; \
+      python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1; \
+      cd /tmp; python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
+        --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1; \
+      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 3 --scheduler ddim \
+        --steps 200 --json /tmp/logs/bench-cli-ddim200.json > /tmp/logs/bench-cli-ddim200.log 2>&1; \
+      cd $ROOT/scripts; python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_nograph,fp16_notf32 \
+        --out /tmp/logs > /tmp/logs/bench.log 2>&1" ;;
+  all-solver-graph)  # setup, the fp16 export, solver-graph
+    setup_export_then "16" solver-graph ;;
+  overhead)  # with little device time: setup, the tiny fp16 export, then step_overhead.py on it (host time between
+             # GPU work in the denoising loop and the text stage; host overheads barely depend on the model's size),
+             # in the foreground, logs and results into $OUT/logs.tar
+    t0=$SECONDS
+    bash "$SELF" setup || exit 1
+    cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 --out /tmp/art-tiny16 \
+      --overwrite > /tmp/logs/export_tiny.log 2>&1 || { tail -30 /tmp/logs/export_tiny.log; exit 1; }
+    echo "tiny export done at $((SECONDS - t0)) s"
+    cd "$ROOT/scripts"
+    python3 step_overhead.py --artifacts /tmp/art-tiny16 --out /tmp/logs > /tmp/logs/overhead.log 2>&1
+    echo "step_overhead rc $? at $((SECONDS - t0)) s"; tail -60 /tmp/logs/overhead.log
+    tar -C /tmp -cf "$OUT/logs.tar" logs ;;
   smoke)  # with little device time: setup, the tiny fp16 export, then validate, cold start (default and
            # init_outside_arena), the ranking features' timing, the runtime's peak memory and its benchmark on it, in the
            # foreground, logs and results into $OUT/logs.tar. Checks that these scripts run on CUDA; tiny-config

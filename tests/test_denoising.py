@@ -116,6 +116,28 @@ def test_device_loop_equals_host_loop(runtime, device_runtime, kw):
 
 
 @needs_export
+def test_device_loop_keeps_one_solver_buffer_set_per_unet_key(runtime, device_runtime):
+    """Requests of one shape reuse that UNet key's SolverBuffers: after an odd step count (the state ends in the
+    second pair), an even one, a single step, and with NaN left in every state buffer, the first request again
+    equals the host loop, as each does."""
+    kw = dict(prompt="a cat", audio_length_in_s=2.0)
+    device_runtime(**kw, num_inference_steps=3, seed=1)
+    made = dict(device_runtime._solver_buffers)
+    for steps, seed in [(3, 1), (4, 2), (1, 7), (3, 1)]:
+        host = runtime(**kw, num_inference_steps=steps, seed=seed)
+        device = device_runtime(**kw, num_inference_steps=steps, seed=seed)
+        assert rel_l2(device.audios, host.audios) < 1e-4, (steps, seed)
+    assert device_runtime._solver_buffers.keys() == made.keys()  # nothing new allocated for this shape
+    assert all(device_runtime._solver_buffers[k] is v for k, v in made.items())
+    for buffers in made.values():  # what a request that went non-finite would leave: the next starts clean
+        for value in [*buffers.xs, *buffers.prevs, buffers.row_check]:
+            value.update_inplace(np.full(value.shape(), np.nan, np.float32))
+    host, device = runtime(**kw, num_inference_steps=3, seed=1), device_runtime(**kw, num_inference_steps=3, seed=1)
+    assert rel_l2(device.audios, host.audios) < 1e-4
+    assert all(b.unet_key.outputs["noise_pred"] is b.bindings[0].inputs["noise_pred"] for b in made.values())
+
+
+@needs_export
 def test_device_loop_batch_with_a_cancelled_and_a_non_finite_item(runtime, device_runtime, monkeypatch):
     """Three items in one batch (4 padded rows): item 1 cancelled before step 2, item 2's rows turn NaN at
     step 3; item 0 carries on through two re-opened steppers and equals its single run."""

@@ -181,20 +181,25 @@ class OrtSession:
         """(inside ``call``) An OrtValue on this session's device holding a copy of ``array``."""
         return self._ortvalue(np.ascontiguousarray(array))
 
-    def binding(self, inputs: dict, outputs: dict):
-        """(inside ``call``) An I/O binding of these OrtValues, by input / output name, for ``run_binding``."""
+    def graph_binding(self, inputs: dict, outputs: dict) -> _Bound:
+        """(inside ``call``) An I/O binding of these OrtValues (by input / output name, the caller's buffers: another
+        session's may be among them) with a CUDA graph of its own where this session captures: ``replay(bound, {})``
+        runs it, uncaptured for its first runs, captured within ``CAPTURE_RUNS`` (hold the guard exclusively while
+        ``may_capture``), replayed after. The OrtValues must outlive the binding and keep their addresses."""
         binding = self._session.io_binding()
         for k, v in inputs.items():
             binding.bind_ortvalue_input(k, v)
         for k, v in outputs.items():
             binding.bind_ortvalue_output(k, v)
-        return binding
+        return _Bound(binding, dict(inputs), dict(outputs), self._new_graph_id())
 
-    def run_binding(self, binding) -> None:
-        """(inside ``call``) Run once over a ``binding``, uncaptured, and wait for its outputs."""
-        self._session.run_with_iobinding(binding, self._run_options(_NO_GRAPH) if self.cuda_graphs else None)
-        binding.synchronize_outputs()
-        self.stats.runs += 1
+    def _new_graph_id(self) -> int:
+        """The next CUDA graph id of this session, or ``_NO_GRAPH`` where it captures none."""
+        if not self.cuda_graphs:
+            return _NO_GRAPH
+        self._next_graph_id += 1
+        self.stats.graphs += 1
+        return self._next_graph_id - 1
 
     # -- bound runs ---------------------------------------------------------------------------------
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -274,12 +279,7 @@ class OrtSession:
             binding.bind_ortvalue_input(k, v)
         for k, v in outputs.items():
             binding.bind_ortvalue_output(k, v)
-        graph_id = _NO_GRAPH
-        if self.cuda_graphs:
-            graph_id = self._next_graph_id
-            self._next_graph_id += 1
-            self.stats.graphs += 1
-        bound = _Bound(binding, inputs, outputs, graph_id)
+        bound = _Bound(binding, inputs, outputs, self._new_graph_id())
         if self.cuda_graphs:
             self._execute(bound)  # ONNX Runtime's regular run before capture; the next run captures
         return bound

@@ -1,0 +1,228 @@
+"""Where the host time of a request goes between GPU work: the denoising loop's per-step calls and the text stage's
+session runs, on CUDA; the runtime's default against the solver step left uncaptured. A measurement script
+(docs/benchmarks.md), not a test.
+
+    python scripts/step_overhead.py --artifacts DIR [--steps 20] [--rounds 5] [--variants default,solver_uncaptured] --out DIR
+
+Per variant (a runtime each, loaded in this one process; requests interleaved round by round):
+- the request with a progress callback: its wall time, and each denoising step's as the pipeline sees it;
+- inside ``DeviceStepper.step`` (patched for this process only): the hand-off to the UNet's worker thread, the UNet's
+  replay (timestep copied in, the captured graph launched and waited for), the coefficients' copy, the solver step's
+  run, the row check's copy back, and the return to the caller;
+- the UNet's captured graph replayed alone, back to back, through the loop's own binding;
+- the text stage: each text session's ``run`` as the runtime calls it.
+And the solver-step graph alone, uncaptured and captured, same inputs (outputs compared).
+Host overheads barely depend on the model's size, so the tiny export shows them as well as the full one.
+Writes step_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from audioldm2_trt.runtime.artifacts import COMPONENTS
+
+PROMPT = "a dog barking in the rain"
+
+
+def median_ms(values) -> float:
+    return float(np.median(values) * 1e3)
+
+
+def patched_step(timings: list):
+    """DeviceStepper.step with timestamps around each part of ``on_device`` (same calls, same order)."""
+    from audioldm2_trt.runtime import denoising
+
+    def step(self, i, t, plan):
+        timestep, coefficients = np.array([t], dtype=np.int64), plan.coefficients(i)
+        solver_key = self._buffers.bindings[self._current]
+
+        def on_device():
+            t0 = time.perf_counter()
+            self._unet.replay(self._bound, {"timestep": timestep})
+            t1 = time.perf_counter()
+            self._buffers.coefficients.update_inplace(coefficients)
+            t2 = time.perf_counter()
+            self._solver.replay(solver_key, {})
+            t3 = time.perf_counter()
+            self._current = 1 - self._current
+            check = np.array(self._buffers.row_check.numpy(), copy=True)
+            t4 = time.perf_counter()
+            return check, (t0, t1, t2, t3, t4)
+
+        start = time.perf_counter()
+        may_capture = self._unet.may_capture(self._bound) or self._solver.may_capture(solver_key)
+        check, marks = self._unet.call(on_device, may_capture=may_capture, what=f"denoising step {i}")
+        timings.append((start, *marks, time.perf_counter()))
+        return np.isfinite(check[: self._real])
+
+    return denoising.DeviceStepper, step
+
+
+def loop_parts(timings: list) -> dict:
+    rows = np.array(timings)
+    parts = {"hand_off": rows[:, 1] - rows[:, 0], "unet_replay": rows[:, 2] - rows[:, 1],
+             "coefficients_copy": rows[:, 3] - rows[:, 2], "solver_run": rows[:, 4] - rows[:, 3],
+             "row_check_copy": rows[:, 5] - rows[:, 4], "return": rows[:, 6] - rows[:, 5],
+             "step_total": rows[:, 6] - rows[:, 0]}
+    gaps = rows[1:, 0] - rows[:-1, 6]  # the pipeline's own work between two steps
+    out = {k: median_ms(v) for k, v in parts.items()}
+    out["between_steps"] = median_ms(gaps[gaps < 0.05]) if len(gaps) else None
+    return out
+
+
+def unet_replay_alone(rt, runs: int) -> float:
+    """The UNet's captured graph of the request's shape key, replayed back to back through its own binding."""
+    unet = rt._sessions["unet"]
+    bound = max(unet._bound.values(), key=lambda b: b.runs)
+
+    def replay():
+        times = []
+        for _ in range(runs):
+            s = time.perf_counter()
+            unet._execute(bound)
+            times.append(time.perf_counter() - s)
+        return times
+
+    with unet.held():
+        return median_ms(unet.call(replay))
+
+
+def solver_alone(rt, folder_graph: Path, device_index: int, runs: int) -> dict:
+    """The solver-step graph over the UNet key's shapes: uncaptured (as the runtime runs it) and captured."""
+    import onnxruntime as ort
+
+    unet = rt._sessions["unet"]
+    bound = max(unet._bound.values(), key=lambda b: b.runs)
+    noise = bound.outputs["noise_pred"].numpy()
+    rows = noise.shape[0] // 2
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, *noise.shape[1:]), dtype=np.float32)
+    inputs = {"noise_pred": rng.standard_normal(noise.shape, dtype=np.float32), "x": x,
+              "prev_x0": np.zeros_like(x), "guidance": np.full((rows, 1, 1, 1), 3.5, np.float32),
+              "coefficients": np.array([0.9, 0.4, 0.5, 0.3, 0.1], np.float32)}
+    result = {}
+    outputs_by_mode = {}
+    for mode in ("uncaptured", "captured"):
+        options = {"device_id": device_index, "enable_cuda_graph": int(mode == "captured")}
+        session = ort.InferenceSession(str(folder_graph), providers=[("CUDAExecutionProvider", options)])
+        values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", device_index) for k, v in inputs.items()}
+        shapes = {"x_next": x.shape, "x0": x.shape, "sample_next": noise.shape, "row_check": (rows,)}
+        outs = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", device_index)
+                for name, shape in shapes.items()}
+        binding = session.io_binding()
+        for k, v in values.items():
+            binding.bind_ortvalue_input(k, v)
+        for k, v in outs.items():
+            binding.bind_ortvalue_output(k, v)
+        ro = ort.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", "1" if mode == "captured" else "-1")
+        times = []
+        for n in range(runs + 3):
+            s = time.perf_counter()
+            session.run_with_iobinding(binding, ro)
+            binding.synchronize_outputs()
+            if n >= 3:
+                times.append(time.perf_counter() - s)
+        result[f"{mode}_ms"] = median_ms(times)
+        outputs_by_mode[mode] = {k: v.numpy().copy() for k, v in outs.items()}
+    captured, uncaptured = outputs_by_mode["captured"], outputs_by_mode["uncaptured"]
+    result["max_abs_difference"] = max(float(np.max(np.abs(captured[k] - uncaptured[k]))) for k in captured)
+    return result
+
+
+def text_runs(rt, rounds: int) -> dict:
+    """Each text session's ``run`` as the pipeline calls it (patched to record), over ``rounds`` requests."""
+    records: dict[str, list] = {}
+    originals = {}
+    for name in ("clap_text", "t5_encoder", "projection", "gpt2"):
+        session = rt._sessions[name]
+        originals[name] = session.run
+
+        def timed(feeds, _run=session.run, _name=name):
+            s = time.perf_counter()
+            out = _run(feeds)
+            records.setdefault(_name, []).append(time.perf_counter() - s)
+            return out
+
+        session.run = timed
+    try:
+        for _ in range(rounds):
+            rt(PROMPT, negative_prompt="low quality", num_inference_steps=2, seed=0)
+    finally:
+        for name, run in originals.items():
+            rt._sessions[name].run = run
+    return {name: {"runs_per_request": len(v) // rounds, "median_ms": median_ms(v),
+                   "sum_per_request_ms": float(np.sum(v) * 1e3 / rounds)} for name, v in records.items()}
+
+
+# the runtime's default, and the solver step left uncaptured (every component captured but it: as before run AG)
+VARIANTS = {"default": {}, "solver_uncaptured": {"cuda_graphs": list(COMPONENTS)}}
+
+
+def request_rounds(runtimes: dict, rounds: int, request: dict) -> dict:
+    """Each runtime's request, rounds interleaved (A B A B …): wall per request and per step (progress callback)."""
+    walls = {name: [] for name in runtimes}
+    steps = {name: [] for name in runtimes}
+    for _ in range(rounds):
+        for name, rt in runtimes.items():
+            marks = []
+            s = time.perf_counter()
+            rt(PROMPT, callback=lambda i, n: marks.append(time.perf_counter()), **request)
+            walls[name].append(time.perf_counter() - s)
+            steps[name].extend(np.diff(marks))
+    return {name: {"request_ms": median_ms(walls[name]), "request_ms_all": [round(w * 1e3, 2) for w in walls[name]],
+                   "step_wall_ms": median_ms(steps[name])} for name in runtimes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--device", default="cuda", help="cuda | cuda:N (cpu only to check the script: no graphs)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+    from audioldm2_trt.runtime.pipeline import SOLVER_STEP_GRAPH
+
+    runtimes = {}
+    for name in args.variants.split(","):
+        runtimes[name] = AudioLDM2Runtime.load(args.artifacts, device=args.device, device_loop=True, **VARIANTS[name])
+        runtimes[name].warmup()
+    request = dict(negative_prompt="low quality", num_inference_steps=args.steps, seed=0)
+    report = {"artifacts": args.artifacts, "steps": args.steps, "rounds": args.rounds,
+              "requests": request_rounds(runtimes, args.rounds, request), "variants": {}}
+    cls, step = patched_step([])
+    original = cls.step
+    for name, rt in runtimes.items():
+        timings: list = []
+        cls, step = patched_step(timings)
+        cls.step = step
+        try:
+            for _ in range(args.rounds):
+                rt(PROMPT, **request)
+        finally:
+            cls.step = original
+        report["variants"][name] = {
+            "loop_parts_ms": loop_parts(timings), "unet_replay_alone_ms": unet_replay_alone(rt, 50),
+            "solver_graphs": rt._solver_step.stats.graphs, "text_runs": text_runs(rt, args.rounds),
+            "health": rt.health()}
+    if args.device.startswith("cuda"):
+        rt = next(iter(runtimes.values()))
+        report["solver_step_alone"] = solver_alone(rt, SOLVER_STEP_GRAPH, rt.device.index, 100)
+    (out / "step_overhead.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps({**report, "variants": {n: {k: v for k, v in r.items() if k != "health"}
+                                             for n, r in report["variants"].items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
