@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .bench import BenchRequest
+from .schedulers import SCHEDULERS
 
 DEMO_DIR = Path.home() / ".cache" / "audioldm2-trt" / "tiny-random"
 
@@ -47,7 +48,7 @@ def add_commands(sub) -> None:
     b.add_argument("--guidance", type=float, default=BenchRequest.guidance)
     b.add_argument("--seconds", type=float, default=BenchRequest.seconds, help="audio length (default 10.24 s)")
     b.add_argument("--waveforms", type=int, default=BenchRequest.waveforms, help="waveforms per prompt, ranked by CLAP")
-    b.add_argument("--scheduler", default=BenchRequest.scheduler, choices=["dpmsolver++", "ddim"])
+    b.add_argument("--scheduler", default=BenchRequest.scheduler, choices=SCHEDULERS)
     b.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     b.add_argument("--backend", default="ort", choices=["ort", "ort-trt", "trt"])
     b.add_argument("--json", help="also write the result, every warm call's time included, to this JSON file")
@@ -68,7 +69,7 @@ def _generation_options(p) -> None:
     p.add_argument("--seconds", type=float, default=None, help="audio length (default: the model's, 10.24 s)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--waveforms", type=int, default=1, help="waveforms per prompt, ranked by CLAP")
-    p.add_argument("--scheduler", default="dpmsolver++", choices=["dpmsolver++", "ddim"])
+    p.add_argument("--scheduler", default=SCHEDULERS[0], choices=SCHEDULERS)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 
 

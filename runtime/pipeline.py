@@ -47,6 +47,12 @@ class AudioOutput:
     scores: np.ndarray | None = None  # CLAP cosine similarity per row when ranked
 
 
+def features_graph_on(device: Device) -> bool:
+    """Whether the ranking computes its features with the artefacts' ``clap_features`` graph: on a GPU; on the CPU
+    soxr and numpy are the faster (ranking.clap_input_features), and ``load`` does not open the graph."""
+    return device.kind == "cuda"
+
+
 class AudioLDM2Runtime:
     def __init__(self, artifacts: Artifacts, sessions: dict, device: Device, solver_step=None):
         """sessions: one per component (``Session`` protocol); solver_step: an ONNX Runtime session of
@@ -65,9 +71,7 @@ class AudioLDM2Runtime:
         self._t5_tok = TextTokenizer(artifacts.tokenizer_file("t5"), toks["t5"]["model_max_length"],
                                      toks["t5"]["pad_token_id"], "T5")
         self._clap_features = ClapFeatures.from_config(artifacts.manifest["feature_extractor"])
-        # The ranking's features: the artefacts' graph on a GPU; soxr and numpy on the CPU, where they are the faster
-        # (ranking.clap_input_features) and ``load`` does not open the graph.
-        self._features_graph = sessions.get("clap_features") if device.kind == "cuda" else None
+        self._features_graph = sessions.get("clap_features") if features_graph_on(device) else None
         self.ranking = "clap_audio" in sessions  # load(ranking=False) leaves CLAP's audio branch out
         self._scheduler_config = artifacts.manifest["scheduler"]
         self._warm = False
@@ -124,9 +128,8 @@ class AudioLDM2Runtime:
             raise InvalidRequestError("provider_options apply to backend 'ort' with the default CUDA provider; "
                                       f"got backend {backend!r}, device {device!r}, "
                                       f"providers {'given' if providers is not None else 'default'}")
-        # The features graph only on CUDA: the CPU computes the ranking's features faster in numpy (ranking.py).
         files = {name: art.component_file(name) for name in art.manifest["components"]
-                 if (ranking or name not in RANKING_COMPONENTS) and (name != "clap_features" or dev.kind == "cuda")}
+                 if (ranking or name not in RANKING_COMPONENTS) and (name != "clap_features" or features_graph_on(dev))}
         if shared_arena and (backend != "ort" or providers is not None):
             raise InvalidRequestError(f"shared_arena applies to backend 'ort' with the default provider; got backend "
                                       f"{backend!r}, providers {'given' if providers is not None else 'default'}")
