@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import BackendError
 from .schedulers import Plan
 
 
@@ -60,6 +61,18 @@ class HostStepper:
             eps = eps[:real]
         self.x, self.prev_x0 = plan.update(i, eps, self.x, self.prev_x0)
         return np.isfinite(eps).all(axis=(1, 2, 3))
+
+    def run(self, plan: Plan, start: int, after_step) -> int:
+        """Steps ``start``, ``start`` + 1, … of ``plan`` until ``after_step(i, finite)`` returns False (the live rows
+        change) or the plan ends; returns the next step's index. ``finite``: bool [R], which rows' guided noise was
+        finite at step i."""
+        i = start
+        while i < len(plan.timesteps):
+            finite = self.step(i, int(plan.timesteps[i]), plan)
+            i += 1
+            if not after_step(i - 1, finite):
+                break
+        return i
 
     def read(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(x, prev_x0) of the R rows now."""
@@ -151,21 +164,55 @@ class DeviceStepper:
         buffers.guidance.update_inplace(np.ascontiguousarray(guidance))
         return buffers
 
-    def step(self, i: int, t: int, plan: Plan) -> np.ndarray:
-        """Step i at timestep t; returns bool [R]: which rows' guided noise was finite."""
-        timestep, coefficients = np.array([t], dtype=np.int64), plan.coefficients(i)
-        solver_key = self._buffers.bindings[self._current]
+    def run(self, plan: Plan, start: int, after_step) -> int:
+        """As ``HostStepper.run``, with the steps on the UNet's worker thread: one hand-off there and back for all
+        the steps that capture no CUDA graph, one per step while one may (those hold the capture guard exclusively).
+        ``after_step`` runs on that thread too, between steps; an exception it raises comes back as it is."""
+        i, stopped = start, False
+        while i < len(plan.timesteps) and not stopped:
+            capturing = self._may_capture()
+            i, stopped, raised = self._unet.call(lambda first=i: self._steps(plan, first, after_step, capturing),
+                                                 may_capture=capturing, what=f"denoising from step {i} on the device")
+            if raised is not None:
+                raise raised
+        return i
 
-        def on_device():
-            self._unet.replay(self._bound, {"timestep": timestep})
-            self._buffers.coefficients.update_inplace(coefficients)
+    def _may_capture(self) -> bool:
+        """Whether the next step's UNet replay or solver step may capture a CUDA graph."""
+        solver_key = self._buffers.bindings[self._current]
+        return self._unet.may_capture(self._bound) or self._solver.may_capture(solver_key)
+
+    def _steps(self, plan: Plan, first: int, after_step, only_one: bool):
+        """(inside the UNet's ``call``) Steps from ``first`` until ``after_step`` says stop or the plan ends (or
+        after one step if ``only_one``); returns (the next step, whether ``after_step`` said stop, what it raised)."""
+        i = first
+        while i < len(plan.timesteps):
+            finite = self._device_step(i, int(plan.timesteps[i]), plan)
+            i += 1
+            try:
+                go_on = after_step(i - 1, finite)
+            except BaseException as err:  # the caller's (a progress callback's), not the backend's
+                return i, True, err
+            if not go_on:
+                return i, True, None
+            if only_one:
+                break
+        return i, False, None
+
+    def _device_step(self, i: int, t: int, plan: Plan) -> np.ndarray:
+        """(inside the UNet's ``call``) Step i at timestep t: the UNet's replay, then the solver step; returns
+        bool [R]: which rows' guided noise was finite. An ONNX Runtime error names the step."""
+        solver_key = self._buffers.bindings[self._current]
+        try:
+            self._unet.replay(self._bound, {"timestep": np.array([t], dtype=np.int64)})
+            self._buffers.coefficients.update_inplace(plan.coefficients(i))
             self._solver.replay(solver_key, {})
             self._current = 1 - self._current
-            return np.array(self._buffers.row_check.numpy(), copy=True)
-
-        may_capture = self._unet.may_capture(self._bound) or self._solver.may_capture(solver_key)
-        check = self._unet.call(on_device, may_capture=may_capture,
-                                what=f"denoising step {i} (UNet, then the solver step) on the device")
+            check = np.array(self._buffers.row_check.numpy(), copy=True)
+        except BackendError:
+            raise
+        except Exception as err:
+            raise self._unet.failure(f"denoising step {i} (UNet, then the solver step) on the device", err) from err
         return np.isfinite(check[: self._real])
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:

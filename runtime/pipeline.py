@@ -274,49 +274,47 @@ class AudioLDM2Runtime:
         """The denoising loop over every live item's rows at once; returns the indices still live.
 
         The rows' state (x, prev_x0) lives in a stepper (denoising.py) — on the device where the backend allows —
-        until the live set changes (a cancelled or non-finite item): then it is read back, that item's rows
-        dropped, and the next step opens a new stepper over the rest."""
+        which runs steps until the live set changes (an item cancelled before a step, or non-finite after one):
+        then the state is read back, those items dropped, and a new stepper takes the rest from the next step.
+        After each step, per live item: its clock and progress callback (on the UNet's worker thread with the
+        device loop)."""
         first = items[0].req
         plan = make_plan(first.scheduler, self._scheduler_config, first.steps)
         x = {k: it.latents * np.float32(plan.init_noise_sigma) for k, it in enumerate(items)}
         prev: dict = {k: None for k in x}
         live = list(range(len(items)))
-        stepper = None
-        try:
-            for i, t in enumerate(plan.timesteps):
-                cancelled = [k for k in live if items[k].cancel is not None and items[k].cancel.is_set()]
-                for k in cancelled:
-                    results[k] = RequestCancelled(f"request cancelled before denoising step {i} of {first.steps}")
-                if cancelled and stepper is not None:
-                    _read_back(stepper, live, x, prev)
-                    stepper = None
-                live = [k for k in live if k not in cancelled]
-                if not live:
-                    return live
-                if stepper is None:
-                    stepper = self._stepper(items, live, x, prev, int(t))
-                finite = stepper.step(i, int(t), plan)
-                offset, failed = 0, []
+        i = 0
+        while i < len(plan.timesteps):
+            cancelled = [k for k in live if _cancelled(items[k])]
+            for k in cancelled:
+                results[k] = RequestCancelled(f"request cancelled before denoising step {i} of {first.steps}")
+            live = [k for k in live if k not in cancelled]
+            if not live:
+                return live
+            failed: list[int] = []
+
+            def after_step(step: int, finite: np.ndarray, live=live, failed=failed) -> bool:
+                """Items with a non-finite row fail; the others' clocks and callbacks. False: the live set changes."""
+                offset = 0
                 for k in live:
                     rows = len(x[k])
                     if not finite[offset: offset + rows].all():
-                        results[k] = NonFiniteError(f"unet (step {i}) produced non-finite values (NaN or Inf)")
+                        results[k] = NonFiniteError(f"unet (step {step}) produced non-finite values (NaN or Inf)")
                         failed.append(k)
                     else:
                         items[k].clock.mark("unet", append=True)
                         if items[k].callback is not None:
-                            items[k].callback(i, first.steps)
+                            items[k].callback(step, first.steps)
                     offset += rows
-                if failed:
-                    _read_back(stepper, live, x, prev)
-                    stepper = None
-                    live = [k for k in live if k not in failed]
-            if stepper is not None:
+                return not failed and not any(_cancelled(items[k]) for k in live)
+
+            stepper = self._stepper(items, live, x, prev, int(plan.timesteps[i]))
+            try:
+                i = stepper.run(plan, i, after_step)
                 _read_back(stepper, live, x, prev)
-                stepper = None
-        finally:
-            if stepper is not None:
+            finally:
                 stepper.close()
+            live = [k for k in live if k not in failed]
         for k in live:
             items[k].latents = x[k]
         return live
@@ -394,6 +392,10 @@ class Prepared:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share the UNet, VAE and vocoder batch."""
         return (self.req.shape.latent_frames, self.req.steps, self.req.scheduler, self.req.do_cfg)
+
+
+def _cancelled(item: "Prepared") -> bool:
+    return item.cancel is not None and item.cancel.is_set()
 
 
 def _read_back(stepper, live: list[int], x: dict, prev: dict) -> None:

@@ -35,6 +35,8 @@
 #   bash scripts/gpu_session.sh overhead   # setup, tiny fp16 export, step_overhead.py (host time between GPU work)
 #   bash scripts/gpu_session.sh all-solver-graph  # setup, fp16 export, the solver step captured against uncaptured,
 #                                          # device loop against host loop, bench (DPM-20, DDIM-200), benchmark with peers
+#   bash scripts/gpu_session.sh all-loop-handoff  # setup, fp16 export, the loop's steps in one hand-off against one
+#                                          # a step (and the solver uncaptured), device vs host loop, bench, fidelity
 #   bash scripts/gpu_session.sh all-arena  # setup, fp16 export, the shared arena against the default (peak memory and
 #                                          # audio, anatomy and cold start, load test and placement)
 #   bash scripts/gpu_session.sh all-arena-pattern  # setup, fp16 export, the shared arena with the memory pattern off
@@ -300,6 +302,20 @@ case "$1" in
     echo "export done in $((SECONDS - t0)) s"
     SKIP=b1,b2,fp16_nograph bash "$SELF" measure
     bash "$SELF" collect $(( $2 - (SECONDS - t0) )) ;;
+  loop-handoff)  # after the fp16 export: the device loop's steps on the UNet's worker in one hand-off (the default since
+                 # run AH) against one hand-off a step and against that with the solver step uncaptured (step_overhead.py,
+                 # one process, requests interleaved), the device loop against the host loop, bench (DPM-20, DDIM-200),
+                 # the 100-prompt fidelity
+    in_background "bash $SELF wait 16; \
+      python3 step_overhead.py --artifacts /tmp/art-fp16 --rounds 10 --out /tmp/logs > /tmp/logs/overhead.log 2>&1; \
+      python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1; \
+      cd /tmp; python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
+        --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1; \
+      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 3 --scheduler ddim \
+        --steps 200 --json /tmp/logs/bench-cli-ddim200.json > /tmp/logs/bench-cli-ddim200.log 2>&1; \
+      cd $ROOT/scripts; $FIDELITY" ;;
+  all-loop-handoff)  # setup, the fp16 export, loop-handoff
+    setup_export_then "16" loop-handoff ;;
   solver-graph)  # after the fp16 export: the solver step captured (the default since run AG) against uncaptured
                  # (step_overhead.py, one process, requests interleaved), the device loop against the host loop on the
                  # full-size artefacts, the bench command (DPM-20, DDIM-200), then benchmark.py with the peers (no fp32)

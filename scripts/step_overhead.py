@@ -1,14 +1,14 @@
 """Where the host time of a request goes between GPU work: the denoising loop's per-step calls and the text stage's
-session runs, on CUDA; the runtime's default against the solver step left uncaptured. A measurement script
-(docs/benchmarks.md), not a test.
+session runs, on CUDA; the runtime's default against the loop as it was before runs AG and AH (``VARIANTS``). A
+measurement script (docs/benchmarks.md), not a test.
 
-    python scripts/step_overhead.py --artifacts DIR [--steps 20] [--rounds 5] [--variants default,solver_uncaptured] --out DIR
+    python scripts/step_overhead.py --artifacts DIR [--steps 20] [--rounds 5] [--variants default,...] --out DIR
 
 Per variant (a runtime each, loaded in this one process; requests interleaved round by round):
 - the request with a progress callback: its wall time, and each denoising step's as the pipeline sees it;
-- inside ``DeviceStepper.step`` (patched for this process only): the hand-off to the UNet's worker thread, the UNet's
-  replay (timestep copied in, the captured graph launched and waited for), the coefficients' copy, the solver step's
-  run, the row check's copy back, and the return to the caller;
+- inside each step (``DeviceStepper._device_step``, patched for this process only): the UNet's replay (timestep
+  copied in, the captured graph launched and waited for), the coefficients' copy, the solver step's run, the row
+  check's copy back; and a step's start to the next one's (the rest: hand-offs, the pipeline's work between steps);
 - the UNet's captured graph replayed alone, back to back, through the loop's own binding;
 - the text stage: each text session's ``run`` as the runtime calls it.
 And the solver-step graph alone, uncaptured and captured, same inputs (outputs compared).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,44 +36,36 @@ def median_ms(values) -> float:
 
 
 def patched_step(timings: list):
-    """DeviceStepper.step with timestamps around each part of ``on_device`` (same calls, same order)."""
+    """DeviceStepper._device_step with timestamps around each of its parts (same calls, same order)."""
     from audioldm2_trt.runtime import denoising
 
-    def step(self, i, t, plan):
-        timestep, coefficients = np.array([t], dtype=np.int64), plan.coefficients(i)
+    def device_step(self, i, t, plan):
         solver_key = self._buffers.bindings[self._current]
-
-        def on_device():
-            t0 = time.perf_counter()
-            self._unet.replay(self._bound, {"timestep": timestep})
-            t1 = time.perf_counter()
-            self._buffers.coefficients.update_inplace(coefficients)
-            t2 = time.perf_counter()
-            self._solver.replay(solver_key, {})
-            t3 = time.perf_counter()
-            self._current = 1 - self._current
-            check = np.array(self._buffers.row_check.numpy(), copy=True)
-            t4 = time.perf_counter()
-            return check, (t0, t1, t2, t3, t4)
-
-        start = time.perf_counter()
-        may_capture = self._unet.may_capture(self._bound) or self._solver.may_capture(solver_key)
-        check, marks = self._unet.call(on_device, may_capture=may_capture, what=f"denoising step {i}")
-        timings.append((start, *marks, time.perf_counter()))
+        t0 = time.perf_counter()
+        self._unet.replay(self._bound, {"timestep": np.array([t], dtype=np.int64)})
+        t1 = time.perf_counter()
+        self._buffers.coefficients.update_inplace(plan.coefficients(i))
+        t2 = time.perf_counter()
+        self._solver.replay(solver_key, {})
+        t3 = time.perf_counter()
+        self._current = 1 - self._current
+        check = np.array(self._buffers.row_check.numpy(), copy=True)
+        timings.append((i, t0, t1, t2, t3, time.perf_counter()))
         return np.isfinite(check[: self._real])
 
-    return denoising.DeviceStepper, step
+    return denoising.DeviceStepper, "_device_step", device_step
 
 
 def loop_parts(timings: list) -> dict:
+    """Medians of each part of a step, and of the whole step: from one step's start to the next one's (the
+    hand-offs to and from the UNet's worker thread and the pipeline's work between steps included)."""
     rows = np.array(timings)
-    parts = {"hand_off": rows[:, 1] - rows[:, 0], "unet_replay": rows[:, 2] - rows[:, 1],
-             "coefficients_copy": rows[:, 3] - rows[:, 2], "solver_run": rows[:, 4] - rows[:, 3],
-             "row_check_copy": rows[:, 5] - rows[:, 4], "return": rows[:, 6] - rows[:, 5],
-             "step_total": rows[:, 6] - rows[:, 0]}
-    gaps = rows[1:, 0] - rows[:-1, 6]  # the pipeline's own work between two steps
+    parts = {"unet_replay": rows[:, 2] - rows[:, 1], "coefficients_copy": rows[:, 3] - rows[:, 2],
+             "solver_run": rows[:, 4] - rows[:, 3], "row_check_copy": rows[:, 5] - rows[:, 4]}
     out = {k: median_ms(v) for k, v in parts.items()}
-    out["between_steps"] = median_ms(gaps[gaps < 0.05]) if len(gaps) else None
+    follows = rows[1:, 0] == rows[:-1, 0] + 1  # consecutive steps of one loop
+    out["step_total"] = median_ms((rows[1:, 1] - rows[:-1, 1])[follows])
+    out["rest"] = out["step_total"] - sum(out[k] for k in parts)
     return out
 
 
@@ -161,20 +154,37 @@ def text_runs(rt, rounds: int) -> dict:
                    "sum_per_request_ms": float(np.sum(v) * 1e3 / rounds)} for name, v in records.items()}
 
 
-# the runtime's default, and the solver step left uncaptured (every component captured but it: as before run AG)
-VARIANTS = {"default": {}, "solver_uncaptured": {"cuda_graphs": list(COMPONENTS)}}
+@contextmanager
+def per_step_handoff():
+    """The device loop handing each step to the UNet's worker thread on its own (as before run AH)."""
+    from audioldm2_trt.runtime.denoising import DeviceStepper
+
+    original = DeviceStepper._may_capture
+    DeviceStepper._may_capture = lambda self: True
+    try:
+        yield
+    finally:
+        DeviceStepper._may_capture = original
+
+
+# name → (load options, what the requests run under): the runtime's default; each step handed to the UNet's worker
+# on its own (before run AH); and that with the solver step uncaptured too (every component captured but it: before
+# run AG)
+VARIANTS = {"default": ({}, nullcontext), "per_step_handoff": ({}, per_step_handoff),
+            "solver_uncaptured": ({"cuda_graphs": list(COMPONENTS)}, per_step_handoff)}
 
 
 def request_rounds(runtimes: dict, rounds: int, request: dict) -> dict:
-    """Each runtime's request, rounds interleaved (A B A B …): wall per request and per step (progress callback)."""
+    """Each runtime's request, rounds interleaved (A B C A B C …): wall per request and per step (progress callback)."""
     walls = {name: [] for name in runtimes}
     steps = {name: [] for name in runtimes}
     for _ in range(rounds):
         for name, rt in runtimes.items():
             marks = []
-            s = time.perf_counter()
-            rt(PROMPT, callback=lambda i, n: marks.append(time.perf_counter()), **request)
-            walls[name].append(time.perf_counter() - s)
+            with VARIANTS[name][1]():
+                s = time.perf_counter()
+                rt(PROMPT, callback=lambda i, n: marks.append(time.perf_counter()), **request)
+                walls[name].append(time.perf_counter() - s)
             steps[name].extend(np.diff(marks))
     return {name: {"request_ms": median_ms(walls[name]), "request_ms_all": [round(w * 1e3, 2) for w in walls[name]],
                    "step_wall_ms": median_ms(steps[name])} for name in runtimes}
@@ -196,22 +206,23 @@ def main() -> None:
 
     runtimes = {}
     for name in args.variants.split(","):
-        runtimes[name] = AudioLDM2Runtime.load(args.artifacts, device=args.device, device_loop=True, **VARIANTS[name])
+        runtimes[name] = AudioLDM2Runtime.load(args.artifacts, device=args.device, device_loop=True,
+                                               **VARIANTS[name][0])
         runtimes[name].warmup()
     request = dict(negative_prompt="low quality", num_inference_steps=args.steps, seed=0)
     report = {"artifacts": args.artifacts, "steps": args.steps, "rounds": args.rounds,
               "requests": request_rounds(runtimes, args.rounds, request), "variants": {}}
-    cls, step = patched_step([])
-    original = cls.step
     for name, rt in runtimes.items():
         timings: list = []
-        cls, step = patched_step(timings)
-        cls.step = step
+        cls, attribute, patched = patched_step(timings)
+        original = getattr(cls, attribute)
+        setattr(cls, attribute, patched)
         try:
-            for _ in range(args.rounds):
-                rt(PROMPT, **request)
+            with VARIANTS[name][1]():
+                for _ in range(args.rounds):
+                    rt(PROMPT, **request)
         finally:
-            cls.step = original
+            setattr(cls, attribute, original)
         report["variants"][name] = {
             "loop_parts_ms": loop_parts(timings), "unet_replay_alone_ms": unet_replay_alone(rt, 50),
             "solver_graphs": rt._solver_step.stats.graphs, "text_runs": text_runs(rt, args.rounds),

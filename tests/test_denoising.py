@@ -189,6 +189,26 @@ def test_device_loop_from_threads_keeps_each_request_its_own(runtime, device_run
 
 
 @needs_export
+def test_device_loop_progress_callbacks_and_their_errors(device_runtime):
+    """Steps run on the UNet's worker between callbacks: each step reported once, in order; a callback's own
+    exception comes back as it is (not as a backend error), and the UNet is free again after it."""
+    seen = []
+    device_runtime("a bell", seed=0, callback=lambda i, n: seen.append((i, n)), **FAST)
+    assert seen == [(i, FAST["num_inference_steps"]) for i in range(FAST["num_inference_steps"])]
+
+    def failing(i, n):
+        if i == 2:
+            raise ValueError("the client went away")
+
+    with pytest.raises(ValueError, match="the client went away"):
+        device_runtime("a bell", seed=0, callback=failing, **FAST)
+    unet = device_runtime._sessions["unet"]
+    assert unet.held().acquire(timeout=1)
+    unet.held().release()
+    assert np.isfinite(device_runtime("a bell", seed=0, **FAST).audios).all()
+
+
+@needs_export
 def test_device_loop_past_max_graphs_runs_on_the_host(tiny_artifacts, runtime):
     from audioldm2_trt.runtime import AudioLDM2Runtime
 

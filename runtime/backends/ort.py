@@ -155,9 +155,13 @@ class OrtSession:
         except BackendError:
             raise
         except Exception as err:
-            error = BackendError(f"{self.name} failed in {what}{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
-            error.component = self.name
-            raise error from err
+            raise self.failure(what, err) from err
+
+    def failure(self, what: str, err: Exception) -> BackendError:
+        """The BackendError for ``err``, raised by ONNX Runtime while this session did ``what``."""
+        error = BackendError(f"{self.name} failed in {what}{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
+        error.component = self.name
+        return error
 
     def key_buffers(self, feeds: dict[str, np.ndarray]) -> "_Bound | None":
         """(inside ``call``) The device buffers of this shape key, created (one uncaptured run) if new, with
