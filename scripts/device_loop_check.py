@@ -5,12 +5,15 @@
 Without --artifacts it exports the tiny random pipeline first (seconds). For each request kind (negative
 prompt, guidance 1.0, DDIM, 3 waveforms ranked, two prompts in one batch) both runtimes generate from the same
 seed; the waveform relative L2 between them is reported (float32 solver step on the device vs float64 numpy
-on the host: expect ~1e-6 in fp32, more where fp16 UNet outputs amplify it). Writes device_loop_check.json.
+on the host: expect ~1e-6 in fp32, more where fp16 UNet outputs amplify it). Ranked requests also report it with each
+prompt's waveforms matched to the closest order, and both sides' CLAP scores: with random weights the scores nearly
+tie (2.6e-6 apart in run AH), so fp16 noise may swap two waveforms. Writes device_loop_check.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,6 +28,19 @@ CASES = {
     "two-prompts": dict(prompt=["thunder", "an orchestra playing a slow sad melody with violins"],
                         negative_prompt=["a", "b"]),
 }
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def matched_order(device: np.ndarray, host: np.ndarray, per_prompt: int) -> list[int]:
+    """Device rows reordered, within each prompt's group, to the permutation closest to the host's rows (rel-L2)."""
+    order = []
+    for start in range(0, len(host), per_prompt):
+        group = range(start, start + per_prompt)
+        order += list(min(itertools.permutations(group), key=lambda p: rel_l2(device[list(p)], host[list(group)])))
+    return order
 
 
 def main() -> None:
@@ -52,6 +68,10 @@ def main() -> None:
         rel = float(np.linalg.norm(a.audios - b.audios) / np.linalg.norm(b.audios))
         rows[name] = {"rel_l2_device_vs_host": rel, "finite": bool(np.isfinite(a.audios).all()),
                       "rms": float(np.sqrt((a.audios ** 2).mean()))}
+        if a.scores is not None:  # ranked: near-tied CLAP scores may order the same waveforms differently
+            order = matched_order(a.audios, b.audios, kw.get("num_waveforms_per_prompt", 1))
+            rows[name].update(rel_l2_rows_matched=rel_l2(a.audios[order], b.audios), same_order=order == sorted(order),
+                              scores_device=a.scores.tolist(), scores_host=b.scores.tolist())
         print(name, json.dumps(rows[name]), flush=True)
     timing = {}
     for label, rt in (("device", device), ("host", host)):
