@@ -212,8 +212,9 @@ class AudioLDM2Runtime:
 
         callback(step, steps) after each denoising step; cancel: anything with ``is_set()`` (a
         ``threading.Event``), checked between steps — when set, RequestCancelled is raised. With the device
-        loop a callback runs while this request holds the UNet: it must not call this runtime (that call would
-        wait for the UNet forever).
+        loop a callback runs on the UNet's worker thread while this request holds the UNet: it must be quick and
+        must not call this runtime (that call would wait for the UNet forever); an exception it raises ends the
+        request with that exception.
         ``timings``: a dict to fill with wall-clock seconds per stage ("text", "unet" (a list, one per
         step), "vae", "vocoder", "ranking", "total"), for benchmarks.
         """
