@@ -179,9 +179,10 @@ class DeviceStepper:
         return i
 
     def _may_capture(self) -> bool:
-        """Whether the next step's UNet replay or solver step may capture a CUDA graph."""
-        solver_key = self._buffers.bindings[self._current]
-        return self._unet.may_capture(self._bound) or self._solver.may_capture(solver_key)
+        """Whether a step's UNet replay or either solver binding may still capture a CUDA graph (the two bindings'
+        run counts drift apart: each loop starts on the first, so loops of odd length run it once more)."""
+        return (self._unet.may_capture(self._bound)
+                or any(self._solver.may_capture(binding) for binding in self._buffers.bindings))
 
     def _steps(self, plan: Plan, first: int, after_step, only_one: bool):
         """(inside the UNet's ``call``) Steps from ``first`` until ``after_step`` says stop or the plan ends (or

@@ -188,6 +188,25 @@ def test_device_loop_from_threads_keeps_each_request_its_own(runtime, device_run
         assert rel_l2(got[c], want[c]) < 1e-4, c
 
 
+def test_device_loop_counts_a_step_as_capturing_while_either_solver_binding_may_capture():
+    """Loops start on the first binding, so odd-length loops leave the second behind: with the UNet and the first
+    binding captured and the second not, the next steps must still go one at a time under the exclusive guard."""
+    from types import SimpleNamespace
+
+    from audioldm2_trt.runtime.backends.ort import CAPTURE_RUNS
+    from audioldm2_trt.runtime.denoising import DeviceStepper
+
+    session = SimpleNamespace(may_capture=lambda bound: bound.runs < CAPTURE_RUNS)
+    stepper = DeviceStepper.__new__(DeviceStepper)
+    stepper._unet, stepper._solver, stepper._current = session, session, 0
+    stepper._bound = SimpleNamespace(runs=CAPTURE_RUNS + 5)
+    bindings = [SimpleNamespace(runs=CAPTURE_RUNS + 5), SimpleNamespace(runs=CAPTURE_RUNS - 1)]
+    stepper._buffers = SimpleNamespace(bindings=bindings)
+    assert stepper._may_capture()
+    bindings[1].runs = CAPTURE_RUNS
+    assert not stepper._may_capture()
+
+
 @needs_export
 def test_device_loop_progress_callbacks_and_their_errors(device_runtime):
     """Steps run on the UNet's worker between callbacks: each step reported once, in order; a callback's own
