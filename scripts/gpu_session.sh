@@ -72,6 +72,14 @@ RAY_LEVELS="python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --
 BENCH_WITH_PEERS="python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 \
   --skip fp16_nograph,fp16_notf32 \${BENCH_OPTIONS:+--provider-options \"\$BENCH_OPTIONS\"} --out /tmp/logs > /tmp/logs/bench.log 2>&1"
 FIDELITY="python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1"
+# the bench command in its own process on the fp16 artefacts: the request (20 warm calls), and DDIM-200 (3)
+BENCH_CLI="(cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
+  --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1)"
+BENCH_CLI_DDIM200="(cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 3 \
+  --scheduler ddim --steps 200 --json /tmp/logs/bench-cli-ddim200.json > /tmp/logs/bench-cli-ddim200.log 2>&1)"
+# the device loop's designs against each other in one process, then the device loop against the host loop
+LOOP_CHECKS="python3 step_overhead.py --artifacts /tmp/art-fp16 --rounds 10 --out /tmp/logs > /tmp/logs/overhead.log 2>&1; \
+  python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1"
 VALIDATE16="(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1)"
 # A mode's steps ($1: shell commands joined by "; ") in the background, run from scripts/; /tmp/logs/done once they
 # have ended (collect waits for it)
@@ -149,13 +157,10 @@ case "$1" in
           --skip b1,b2,fp16_nograph,fp16_notf32,fp32 --out /tmp/logs/plain > /tmp/logs/bench16p.log 2>&1; fi" ;;
   bench)  # after the fp16 export: the bench command (batch 1, 4 waveforms, DDIM-200), the TensorRT provider's
            # refusal where TensorRT is missing, then benchmark.py's runtime rows on the same machine
-    in_background "bash $SELF wait 16; cd /tmp; \
-      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
-        --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1; \
+    in_background "bash $SELF wait 16; $BENCH_CLI; cd /tmp; \
       python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 10 --waveforms 4 \
         --json /tmp/logs/bench-cli-batch4.json > /tmp/logs/bench-cli-batch4.log 2>&1; \
-      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 3 --scheduler ddim \
-        --steps 200 --json /tmp/logs/bench-cli-ddim200.json > /tmp/logs/bench-cli-ddim200.log 2>&1; \
+      $BENCH_CLI_DDIM200; \
       python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 1 --backend ort-trt \
         > /tmp/logs/bench-cli-ort-trt.log 2>&1; echo \"exit status \$?\" >> /tmp/logs/bench-cli-ort-trt.log; \
       cd $ROOT/scripts; python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 \
@@ -226,8 +231,7 @@ case "$1" in
     in_background "[ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --out /tmp/logs/tiny > /tmp/logs/loop_tiny.log 2>&1; \
       bash $SELF wait 16; \
       $VALIDATE16; \
-      (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
-        --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1); \
+      $BENCH_CLI; \
       [ $LOOP_CHECK = 1 ] && python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loop_full.log 2>&1; \
       python3 cold_start.py --artifacts /tmp/art-fp16 \
         --variants ${COLD_VARIANTS:-default,sequential,arena_same,host_loop} \
@@ -307,26 +311,16 @@ case "$1" in
                  # one process, requests interleaved), the device loop against the host loop, bench (DPM-20, DDIM-200),
                  # the 100-prompt fidelity
     in_background "bash $SELF wait 16; \
-      python3 step_overhead.py --artifacts /tmp/art-fp16 --rounds 10 --out /tmp/logs > /tmp/logs/overhead.log 2>&1; \
-      python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1; \
-      cd /tmp; python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
-        --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1; \
-      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 3 --scheduler ddim \
-        --steps 200 --json /tmp/logs/bench-cli-ddim200.json > /tmp/logs/bench-cli-ddim200.log 2>&1; \
-      cd $ROOT/scripts; $FIDELITY" ;;
+      $LOOP_CHECKS; $BENCH_CLI; $BENCH_CLI_DDIM200; \
+      $FIDELITY" ;;
   all-loop-handoff)  # setup, the fp16 export, loop-handoff
     setup_export_then "16" loop-handoff ;;
   solver-graph)  # after the fp16 export: the solver step captured (the default since run AG) against uncaptured
                  # (step_overhead.py, one process, requests interleaved), the device loop against the host loop on the
                  # full-size artefacts, the bench command (DPM-20, DDIM-200), then benchmark.py with the peers (no fp32)
     in_background "bash $SELF wait 16; \
-      python3 step_overhead.py --artifacts /tmp/art-fp16 --rounds 10 --out /tmp/logs > /tmp/logs/overhead.log 2>&1; \
-      python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1; \
-      cd /tmp; python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
-        --json /tmp/logs/bench-cli.json > /tmp/logs/bench-cli.log 2>&1; \
-      python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 3 --scheduler ddim \
-        --steps 200 --json /tmp/logs/bench-cli-ddim200.json > /tmp/logs/bench-cli-ddim200.log 2>&1; \
-      cd $ROOT/scripts; python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_nograph,fp16_notf32 \
+      $LOOP_CHECKS; $BENCH_CLI; $BENCH_CLI_DDIM200; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_nograph,fp16_notf32 \
         --out /tmp/logs > /tmp/logs/bench.log 2>&1" ;;
   all-solver-graph)  # setup, the fp16 export, solver-graph
     setup_export_then "16" solver-graph ;;
