@@ -42,6 +42,7 @@ class Fp16Recipe:
     attention_mask_input: str | None = None
     fp16_nodes: str | None = None  # a regex: only nodes whose name matches become fp16, every other node stays fp32
     bias_split_gelu: bool = False  # GEGLU tails of the widths ONNX Runtime's kernel takes → BiasSplitGelu (bias_split_gelu.py)
+    pad_geglu: bool = False  # with bias_split_gelu: the other GEGLUs too, widened with zeros to the kernel's next width
     fold_biases: bool = False  # per-channel biases moved into the SkipGroupNorm / bias that follows (fold_bias.py)
     reason: str = ""
 
@@ -217,14 +218,18 @@ UNET_FUSED = Fp16Recipe(
     fusion_options=(("enable_bias_splitgelu", False),),
     attention_mask_input="encoder_attention_mask_1",
     bias_split_gelu=True,
+    # The other 30 GEGLUs (256- and 384-channel blocks, 2H = 2048 and 3072) widened with zeros to 2560 and 5120 so
+    # that the kernel takes them too (bias_split_gelu.py): 90 kernels a step fewer.
+    pad_geglu=True,
     # fold_bias.py: the ResNets' convolution and time-embedding biases are added in the SkipGroupNorm after them, and
     # each transformer's feed-forward output bias is folded through proj_out into proj_out's bias (full size: 53 + 22
     # + 48 biases, 123 kernels a step fewer; H100, docs/benchmarks.md run AD: UNet kernels 6.39 → 6.08 ms a step,
     # 4 % end to end, 100-prompt fidelity 1.91e-3 as before). VAE_FUSED does not fold: there it raised the 100-prompt
     # error to 1.95e-3 (max 2.09e-3 against diffusers fp16's 2.10e-3) for ~30 µs a request.
     fold_biases=True,
-    reason="GroupNorm, NHWC convolution, LayerNorm, attention (T5 mask kept as attention_bias) and the GEGLU tails the "
-           "BiasSplitGelu kernel takes fused; biases folded into the SkipGroupNorm or bias after them",
+    reason="GroupNorm, NHWC convolution, LayerNorm, attention (T5 mask kept as attention_bias) and the GEGLU tails fused "
+           "(BiasSplitGelu, the narrower ones widened with zeros to the kernel's widths); biases folded into the "
+           "SkipGroupNorm or bias after them",
 )
 
 # ``export --unet-layout nchw``: the fused UNet without NHWC convolutions, so that the runtime can place its weights in
@@ -233,9 +238,10 @@ UNET_FUSED = Fp16Recipe(
 # with the shared arena, under diffusers' 3129), at a UNet step of 8.6 ms against 7.5 (200 vs 179 ms end to end): the
 # GroupNorms stay channels-last, with transposes around them, as ONNX Runtime's CUDA GroupNorm supports no other
 # layout ("only the channels_last layout is supported", run R).
-# Without fold_biases: runs R and T measured this layout before the fold, and the fold was measured on NHWC only.
+# Without fold_biases and pad_geglu: runs R and T measured this layout before either, and both were measured on NHWC only.
 UNET_FUSED_NCHW = dataclasses.replace(
     UNET_FUSED, fusion_options=UNET_FUSED.fusion_options + (("enable_nhwc_conv", False),), fold_biases=False,
+    pad_geglu=False,
     reason="GroupNorm, LayerNorm, attention (T5 mask kept as attention_bias) and the GEGLU tails the BiasSplitGelu "
            "kernel takes fused; convolutions NCHW (its weights can be packed)")
 UNET_LAYOUTS = {"nhwc": UNET_FUSED, "nchw": UNET_FUSED_NCHW}

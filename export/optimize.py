@@ -35,12 +35,12 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     model = OnnxModel(onnx.load(str(path)))
     for i, node in enumerate(model.model.graph.node):  # the converter's node block list works by name
         node.name = node.name or f"{node.op_type}_{i}"
-    fused, folded = {}, {}
+    fused, folded, geglus = {}, {}, {}
     if recipe.fusion:
         model = _fuse(model, recipe)
         if recipe.bias_split_gelu:
-            log.info("%s: %d GEGLU tails fused as BiasSplitGelu", recipe.fusion,
-                     fuse_bias_split_gelu(model.model))
+            geglus = fuse_bias_split_gelu(model.model, pad=recipe.pad_geglu)
+            log.info("%s: GEGLU tails fused as BiasSplitGelu: %s", recipe.fusion, geglus)
         if recipe.fold_biases:
             folded = fold_biases(model.model)
             log.info("%s: biases folded into the node after them: %s", recipe.fusion, folded)
@@ -65,6 +65,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
         model.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     save(model.model, path)
     return {"fused": fused, **({"folded_biases": folded} if folded else {}),
+            **({"padded_geglus": geglus["padded"]} if geglus.get("padded") else {}),
             "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes),
             **({"fp16_nodes": recipe.fp16_nodes} if recipe.fp16_nodes else {})}
 

@@ -17,6 +17,8 @@ running and waits for its manifest. Variants (H100 results in docs/benchmarks.md
   against the default of the time in run AA; the default of runs AA–AC, the same recipe as ``nofold`` now.
 - ``nofold``: ``UNET_FUSED`` without ``fold_biases`` (``export/fold_bias.py``), the default of runs AA–AC, before the
   biases moved into the SkipGroupNorm or bias after them; measured against the fold (the default since) in run AD.
+- ``nopad``: ``UNET_FUSED`` without ``pad_geglu``: only the GEGLUs of the kernel's own width as BiasSplitGelu, the
+  default of runs AD–AH; measured against the widened GEGLUs (the default since) in run AJ.
 - ``vae_fold``: the VAE decoder with ``fold_biases`` (``VAE_FUSED`` does not fold): what run AD measured and turned
   down, its 100-prompt error worse than diffusers fp16's at the max.
 """
@@ -30,7 +32,7 @@ import shutil
 import time
 from pathlib import Path
 
-VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold", "vae_fold")
+VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold", "nopad", "vae_fold")
 
 
 def variant_component(variant: str) -> str:
@@ -47,7 +49,10 @@ def variant_recipe(variant: str):
     if variant == "vae_fold":  # run AD: folded, the VAE's 100-prompt max went over diffusers fp16's
         return dataclasses.replace(VAE_FUSED, fold_biases=True, reason=VAE_FUSED.reason + "; biases folded")
     if variant in ("splitgelu", "nofold"):  # the default of runs AA–AC: BiasSplitGelu, before fold_bias.py
-        return dataclasses.replace(UNET_FUSED, fold_biases=False, reason=UNET_FUSED.reason + " (biases not folded)")
+        return dataclasses.replace(UNET_FUSED, fold_biases=False, pad_geglu=False,
+                                   reason=UNET_FUSED.reason + " (biases not folded, GEGLUs not widened)")
+    if variant == "nopad":  # the default of runs AD–AH: only the GEGLUs of the kernel's own width fused
+        return dataclasses.replace(UNET_FUSED, pad_geglu=False, reason=UNET_FUSED.reason + " (GEGLUs not widened)")
     return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
                                + (("group_norm_channels_last", False),), reason="GroupNorm on NCHW (CUDA refuses it)")
 
