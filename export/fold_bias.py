@@ -4,7 +4,7 @@ ONNX Runtime's CUDA provider adds a convolution's bias in a cuDNN kernel of its 
 UNet step, run X), a Gemm's bias in a ``BroadcastBiasKernel`` before the GEMM, and an ``Add`` after a MatMul as an
 element-wise kernel. In the fused UNet many of those sums flow only into a ``SkipGroupNorm``, which computes
 ``X + skip + bias`` (bias [C], channels last) before it normalises, and outputs that sum; adding the bias there
-instead costs nothing. Two rewrites, exact in real arithmetic, on the fused fp32 graph before fp16 conversion:
+instead costs nothing. Three rewrites, exact in real arithmetic, on the fused fp32 graph before fp16 conversion:
 
 1. **into SkipGroupNorm**: the bias of an ``NhwcConv`` whose output is the node's X or skip (a ResNet's ``conv1``,
    ``conv2`` and ``conv_shortcut``), and the bias ``C`` of a ``Gemm`` whose output, unsqueezed to [N, 1, 1, C], is
@@ -12,6 +12,12 @@ instead costs nothing. Two rewrites, exact in real arithmetic, on the fused fp32
 2. **through a linear map**: ``Add(h, b) → Add(·, r) → MatMul(·, W) → … + b'`` becomes ``Add(h, r) → MatMul(·, W)
    → … + (b' + b·W)``: each transformer's feed-forward output bias, folded into ``proj_out``'s (which ONNX Runtime
    adds in the next SkipGroupNorm, or in an ``Add``).
+3. **into a SkipLayerNormalization**: ``m = MatMul(x, W); s = Add(m, b); LayerNorm(s)``, with ``s`` also read
+   elsewhere (each transformer's ``proj_in`` bias: ``s`` is the residual stream, its LayerNorm ``norm1``), becomes
+   ``m' = MatMul(x, W/2); SkipLayerNormalization(m', m', gamma, beta, bias=b)``, whose outputs are the LayerNorm's
+   and, as ``input_skip_bias_sum``, ``m' + m' + b = s`` for the other readers: one kernel for the Add and the
+   LayerNorm. Halving is exact (a power of two) but for weights that become fp16 subnormals (|w| < 1.2e-4), whose
+   absolute rounding stays under 3e-8.
 
 A tensor is rewritten only if the node it feeds is its one reader and it is not a graph output. New biases are
 computed in float64 from the fp32 initializers and stored as new fp32 initializers (shared ones are never edited).
@@ -28,19 +34,34 @@ MS_DOMAIN = "com.microsoft"
 FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
-def fold_biases(model) -> dict[str, int]:
-    """Apply both rewrites to ``model`` (an ``onnx.ModelProto``, fp32 initializers) in place.
+REWRITES = ("skip_group_norm", "linear_map", "layer_norm")  # the module docstring's 1, 2 and 3
 
-    Returns how many biases moved: ``{"conv": n, "gemm": n, "linear": n}`` (NhwcConv and Gemm biases into a
-    SkipGroupNorm, Add biases folded through a MatMul)."""
+
+def fold_biases(model, rewrites=REWRITES) -> dict[str, int]:
+    """Apply the ``rewrites`` named (of ``REWRITES``) to ``model`` (an ``onnx.ModelProto``, fp32 initializers) in place.
+
+    Returns how many biases moved: ``{"conv": n, "gemm": n, "linear": n, "layer_norm": n}`` (NhwcConv and Gemm
+    biases into a SkipGroupNorm, Add biases folded through a MatMul, Add biases into a SkipLayerNormalization)."""
+    unknown = set(rewrites) - set(REWRITES)
+    if unknown:
+        raise ValueError(f"unknown bias rewrites {sorted(unknown)}; known: {REWRITES}")
     graph = _Graph(model)
-    counts = {"conv": 0, "gemm": 0, "linear": 0}
-    for norm in graph.nodes:
-        if graph.is_skip_group_norm(norm):
-            for kind in _into_skip_group_norm(graph, norm):
-                counts[kind] += 1
-    counts["linear"] = sum(_through_linear_map(graph, add) for add in graph.nodes if add.op_type == "Add")
+    counts = {"conv": 0, "gemm": 0, "linear": 0, "layer_norm": 0}
+    if "skip_group_norm" in rewrites:
+        for norm in graph.nodes:
+            if graph.is_skip_group_norm(norm):
+                for kind in _into_skip_group_norm(graph, norm):
+                    counts[kind] += 1
+    if "linear_map" in rewrites:
+        counts["linear"] = sum(_through_linear_map(graph, add) for add in graph.nodes if add.op_type == "Add")
+    if "layer_norm" in rewrites:
+        counts["layer_norm"] = sum(_into_skip_layer_norm(graph, add) for add in graph.nodes
+                                   if add.op_type == "Add" and id(add) not in graph.dropped)
     graph.write()
+    if counts["layer_norm"] and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        from onnx.helper import make_opsetid
+
+        model.opset_import.append(make_opsetid(MS_DOMAIN, 1))
     return counts
 
 
@@ -51,6 +72,7 @@ class _Graph(GraphIndex):
         super().__init__(model)
         self.new_bias: dict[int, list] = {}  # id(node) → [node, input index, float64 value]
         self.dropped: set[int] = set()
+        self.replaced: dict[int, object] = {}  # id(node) → the node written in its place
 
     def vector(self, name: str, size: int | None = None):
         """A 1-D float32 initializer as float64 (of ``size`` elements if given); None otherwise."""
@@ -108,8 +130,8 @@ class _Graph(GraphIndex):
             while len(node.input) <= index:
                 node.input.append("")
             node.input[index] = name
-        if self.dropped:
-            kept = [node for node in self.nodes if id(node) not in self.dropped]
+        if self.dropped or self.replaced:
+            kept = [self.replaced.get(id(node), node) for node in self.nodes if id(node) not in self.dropped]
             del graph.node[:]
             graph.node.extend(kept)
 
@@ -206,3 +228,42 @@ def _bias_after(graph: _Graph, tensor: str, features: int):
             other = 1 - list(nxt.input).index(tensor)
             return graph.bias_of(nxt, other, features) if nxt.input[other] in graph.inits else None
         return None
+
+
+def _into_skip_layer_norm(graph: _Graph, add) -> bool:
+    """Rewrite 3 for one Add(m, b): if m is a MatMul's output with a weight of its own, only this Add reads m, and one
+    LayerNormalization over the last axis reads the sum (others may too), write SkipLayerNormalization(m', m', gamma,
+    beta, bias=b) in the Add's place with the MatMul's weight halved (m' = m/2); its sum output keeps the Add's output
+    name for the other readers. True if it was rewritten."""
+    import onnx
+
+    consts = [k for k, name in enumerate(add.input) if name in graph.inits]
+    if len(add.input) != 2 or len(consts) != 1 or add.output[0] in graph.outputs:
+        return False
+    m = add.input[1 - consts[0]]
+    bias = graph.vector(add.input[consts[0]])
+    matmul = graph.producer.get(m)
+    if bias is None or matmul is None or matmul.op_type != "MatMul" or matmul.input[0] == matmul.input[1] \
+            or not graph.only_reader(m, add) or not graph.only_reader(matmul.input[1], matmul):
+        return False
+    weight = graph.initializer(matmul.input[1]) if graph.inits[matmul.input[1]].data_type == FLOAT else None
+    norms = [n for n in graph.readers.get(add.output[0], []) if n.op_type == "LayerNormalization"]
+    if weight is None or weight.ndim != 2 or weight.shape[1] != bias.size or len(norms) != 1:
+        return False
+    norm = norms[0]
+    gamma = graph.vector(norm.input[1], bias.size) if len(norm.input) > 1 else None
+    beta = norm.input[2] if len(norm.input) > 2 else ""
+    if norm.input[0] != add.output[0] or gamma is None or graph.attr(norm, "axis", -1) != -1 \
+            or any(norm.output[1:]) or (beta and graph.vector(beta, bias.size) is None) \
+            or any(n.domain not in ("", "ai.onnx") for n in (norm, add)):
+        return False
+    from onnx import numpy_helper
+
+    graph.inits[matmul.input[1]].CopyFrom(numpy_helper.from_array(weight / 2, matmul.input[1]))
+    fused = onnx.helper.make_node(
+        "SkipLayerNormalization", [m, m, norm.input[1], beta, add.input[consts[0]]],
+        [norm.output[0], "", "", add.output[0]], name=f"SkipLayerNorm_{norm.name or add.name}", domain=MS_DOMAIN,
+        epsilon=float(graph.attr(norm, "epsilon", 1e-5)))
+    graph.replaced[id(add)] = fused
+    graph.dropped.add(id(norm))
+    return True

@@ -42,7 +42,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
             geglus = fuse_bias_split_gelu(model.model, pad=recipe.pad_geglu)
             log.info("%s: GEGLU tails fused as BiasSplitGelu: %s", recipe.fusion, geglus)
         if recipe.fold_biases:
-            folded = fold_biases(model.model)
+            folded = fold_biases(model.model, recipe.fold_biases)
             log.info("%s: biases folded into the node after them: %s", recipe.fusion, folded)
         fused = {op: n for op, n in _op_counts(model.model).items()
                  if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization", "BiasSplitGelu",

@@ -20,6 +20,8 @@
 #                                          # validate, bench default vs variant, both UNets' kernels, fidelity
 #   bash scripts/gpu_session.sh all-padgeglu  # setup, fp16 export (GEGLUs widened) and the UNet without the widening at
 #                                          # once, validate, bench and DDIM-200 default vs variant, kernels, fidelity, memory
+#   bash scripts/gpu_session.sh all-lnfold  # the same for fold_bias.py's third rewrite (proj_in bias + norm1 as one
+#                                          # SkipLayerNormalization) against the UNet without it
 #   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
@@ -90,6 +92,25 @@ in_background() {
   rm -f /tmp/logs/done
   setsid bash -c "$1; touch /tmp/logs/done" &
   echo started
+}
+# The default fp16 export against a UNet variant ($1, one of unet_variant.py's), exported beside it while the export
+# runs: the default validated, `bench` alternating over three rounds and DDIM-200 for each, both UNets' kernels, the
+# default's 100-prompt fidelity, peak memory of both
+variant_ab() {
+  local v=$1
+  in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant $v \
+      --out /tmp/art-$v > /tmp/logs/variant.log 2>&1; \
+    bash $SELF wait 16; \
+    $VALIDATE16; \
+    for r in 1 2 3; do for a in fp16 $v; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
+      --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
+    for a in fp16 $v; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a --device cuda \
+      --runs 3 --scheduler ddim --steps 200 --json /tmp/logs/ddim200-\$a.json > /tmp/logs/ddim200-\$a.log 2>&1); done; \
+    for a in fp16 $v; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components unet \
+      --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
+    $FIDELITY; \
+    for a in fp16 $v; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
+      --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done"
 }
 # setup, the exports named in $1 ("16 32" …), then the mode $2
 setup_export_then() {
@@ -469,26 +490,14 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
   all-foldbias)  # setup, the fp16 export and foldbias at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" foldbias ;;
-  padgeglu)  # while the fp16 export runs (the default: every GEGLU as BiasSplitGelu, the narrower ones widened,
-             # export/bias_split_gelu.py): the UNet without the widening (unet_variant.py nopad, the default before);
-             # then the default validated, bench default vs variant alternating (three rounds) and DDIM-200 each, both
-             # UNets' kernels, the default's 100-prompt fidelity, peak memory of both
-    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant nopad \
-        --out /tmp/art-nopad > /tmp/logs/variant.log 2>&1; \
-      bash $SELF wait 16; \
-      $VALIDATE16; \
-      for r in 1 2 3; do for v in fp16 nopad; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$v \
-        --device cuda --runs 20 --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
-      for v in fp16 nopad; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$v --device cuda \
-        --runs 3 --scheduler ddim --steps 200 --json /tmp/logs/ddim200-\$v.json > /tmp/logs/ddim200-\$v.log 2>&1); done; \
-      for v in fp16 nopad; do python3 profile_kernels.py --artifacts /tmp/art-\$v --top 40 --components unet \
-        --out /tmp/logs/kernels-\$v > /tmp/logs/kernels-\$v.log 2>&1; done; \
-      $FIDELITY; \
-      for v in fp16 nopad; do mkdir -p /tmp/logs/peak-\$v; python3 peak_memory.py --artifacts /tmp/art-\$v --which runtime \
-        --out /tmp/logs/peak-\$v > /tmp/logs/peak-\$v.log 2>&1; done" ;;
-  all-padgeglu)  # setup, the fp16 export and padgeglu at once
+  padgeglu)  # the default (every GEGLU as BiasSplitGelu, the narrower ones widened) against unet_variant.py nopad
+    variant_ab nopad ;;
+  lnfold)  # the default (each proj_in bias and norm1 as one SkipLayerNormalization, fold_bias.py's third rewrite)
+           # against unet_variant.py nolnfold
+    variant_ab nolnfold ;;
+  all-padgeglu|all-lnfold)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" padgeglu ;;
+    bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   all-unet-variants)  # setup, the fp16 export and unet-variants at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" unet-variants ;;

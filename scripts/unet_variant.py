@@ -19,6 +19,8 @@ running and waits for its manifest. Variants (H100 results in docs/benchmarks.md
   biases moved into the SkipGroupNorm or bias after them; measured against the fold (the default since) in run AD.
 - ``nopad``: ``UNET_FUSED`` without ``pad_geglu``: only the GEGLUs of the kernel's own width as BiasSplitGelu, the
   default of runs AD–AH; measured against the widened GEGLUs (the default since) in run AJ.
+- ``nolnfold``: ``UNET_FUSED`` without ``fold_bias.py``'s third rewrite (each transformer's proj_in bias Add and
+  LayerNorm as one SkipLayerNormalization), the default of runs AJ–AK; measured against it in run AL.
 - ``vae_fold``: the VAE decoder with ``fold_biases`` (``VAE_FUSED`` does not fold): what run AD measured and turned
   down, its 100-prompt error worse than diffusers fp16's at the max.
 """
@@ -32,7 +34,7 @@ import shutil
 import time
 from pathlib import Path
 
-VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold", "nopad", "vae_fold")
+VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold", "nopad", "nolnfold", "vae_fold")
 
 
 def variant_component(variant: str) -> str:
@@ -47,12 +49,17 @@ def variant_recipe(variant: str):
     if variant == "nchw":
         return UNET_FUSED_NCHW
     if variant == "vae_fold":  # run AD: folded, the VAE's 100-prompt max went over diffusers fp16's
-        return dataclasses.replace(VAE_FUSED, fold_biases=True, reason=VAE_FUSED.reason + "; biases folded")
+        return dataclasses.replace(VAE_FUSED, fold_biases=("skip_group_norm", "linear_map"),
+                                   reason=VAE_FUSED.reason + "; biases folded")
     if variant in ("splitgelu", "nofold"):  # the default of runs AA–AC: BiasSplitGelu, before fold_bias.py
-        return dataclasses.replace(UNET_FUSED, fold_biases=False, pad_geglu=False,
+        return dataclasses.replace(UNET_FUSED, fold_biases=(), pad_geglu=False,
                                    reason=UNET_FUSED.reason + " (biases not folded, GEGLUs not widened)")
     if variant == "nopad":  # the default of runs AD–AH: only the GEGLUs of the kernel's own width fused
-        return dataclasses.replace(UNET_FUSED, pad_geglu=False, reason=UNET_FUSED.reason + " (GEGLUs not widened)")
+        return dataclasses.replace(UNET_FUSED, pad_geglu=False, fold_biases=("skip_group_norm", "linear_map"),
+                                   reason=UNET_FUSED.reason + " (GEGLUs not widened, proj_in biases not folded)")
+    if variant == "nolnfold":  # the default of runs AJ–AK: proj_in's bias Add and norm1 not one SkipLayerNormalization
+        return dataclasses.replace(UNET_FUSED, fold_biases=("skip_group_norm", "linear_map"),
+                                   reason=UNET_FUSED.reason + " (proj_in biases not folded)")
     return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
                                + (("group_norm_channels_last", False),), reason="GroupNorm on NCHW (CUDA refuses it)")
 

@@ -1,9 +1,10 @@
-"""export/fold_bias.py: biases moved into the SkipGroupNorm or bias after them give the same sums.
+"""export/fold_bias.py: biases moved into the SkipGroupNorm, SkipLayerNormalization or bias after them give the same
+sums.
 
 SkipGroupNorm and NhwcConv have no CPU kernel, so the first rewrite is checked on a small graph evaluated in float64
 by ``_evaluate`` below (the ops' semantics as ONNX Runtime's CUDA kernels define them: SkipGroupNorm normalises
-``X + skip + bias`` and outputs that sum too); the second runs on ONNX Runtime's CPU provider, on the tiny UNet
-itself. The fused UNet as a whole is validated on the GPU (``audioldm2-trt validate --device cuda``).
+``X + skip + bias`` and outputs that sum too); the second and third run on ONNX Runtime's CPU provider, on small
+graphs and on the tiny UNet itself. The fused UNet as a whole is validated on the GPU (``audioldm2-trt validate --device cuda``).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _rel(a, b) -> float:
 def test_resnet_biases_move_into_the_skip_group_norms():
     model = _resnet_tail()
     reference = _evaluate(model, _feeds())
-    assert fold_biases(model) == {"conv": 3, "gemm": 1, "linear": 0}
+    assert fold_biases(model) == {"conv": 3, "gemm": 1, "linear": 0, "layer_norm": 0}
     by_name = {n.name: n for n in model.graph.node}
     assert all(len(by_name[c].input) == 2 for c in ("conv1", "conv2", "conv_shortcut"))  # no bias left
     assert len(by_name["temb_proj"].input) == 2
@@ -123,7 +124,7 @@ def test_resnet_biases_move_into_the_skip_group_norms():
     for name in ("y", "sum"):  # the normalised output and the sum the next block reads as its residual
         assert _rel(folded[name], reference[name]) < 1e-6  # the summed bias is stored in float32
     onnx.checker.check_model(model)
-    assert fold_biases(model) == {"conv": 0, "gemm": 0, "linear": 0}  # nothing left to move
+    assert fold_biases(model) == {"conv": 0, "gemm": 0, "linear": 0, "layer_norm": 0}  # nothing left to move
 
 
 @pytest.mark.parametrize("case", ["conv output read twice", "Gemm with beta 2", "Gemm bias of shape [1, C]"])
@@ -135,9 +136,9 @@ def test_biases_that_cannot_move_stay(case):
     counts = fold_biases(model)
     by_name = {n.name: n for n in model.graph.node}
     if case == "conv output read twice":
-        assert counts == {"conv": 2, "gemm": 1, "linear": 0} and len(by_name["conv1"].input) == 3
+        assert counts == {"conv": 2, "gemm": 1, "linear": 0, "layer_norm": 0} and len(by_name["conv1"].input) == 3
     else:
-        assert counts == {"conv": 3, "gemm": 0, "linear": 0} and len(by_name["temb_proj"].input) == 3
+        assert counts == {"conv": 3, "gemm": 0, "linear": 0, "layer_norm": 0} and len(by_name["temb_proj"].input) == 3
     folded = _evaluate(model, _feeds())
     for name in reference:
         assert _rel(folded[name], reference[name]) < 1e-6  # the summed bias is stored in float32
@@ -169,7 +170,7 @@ def test_feed_forward_bias_folds_through_proj_out():
     rng = np.random.default_rng(3)
     feeds = {"h": rng.standard_normal((N, H * W, C)), "r": rng.standard_normal((N, H * W, C))}
     reference = _evaluate(model, feeds)
-    assert fold_biases(model) == {"conv": 0, "gemm": 0, "linear": 1}
+    assert fold_biases(model) == {"conv": 0, "gemm": 0, "linear": 1, "layer_norm": 0}
     assert [n.name for n in model.graph.node] == ["residual", "proj_out", "to_nhwc", "proj_out_bias"]
     assert _rel(_evaluate(model, feeds)["y"], reference["y"]) < 1e-6
 
@@ -177,9 +178,79 @@ def test_feed_forward_bias_folds_through_proj_out():
     assert fold_biases(kept)["linear"] == 0 and len(kept.graph.node) == 5
 
 
+def _proj_in_norm(case: str = ""):
+    """x → MatMul(W_in) → Add(b) → LayerNorm (gamma, beta) → y, the sum also → Add(r) → residual: a transformer's
+    proj_in, norm1 and its residual stream. ``case`` spoils one condition of the rewrite."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((CIN, C)).astype(np.float32), "w_in"),
+             numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "b_in"),
+             numpy_helper.from_array((1 + rng.standard_normal(C) / 4).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "beta")]
+    axis = 1 if case == "normalised over another axis" else -1
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["m"], name="proj_in"),
+             helper.make_node("Add", ["m", "b_in"], ["s"], name="proj_in_bias"),
+             helper.make_node("LayerNormalization", ["s", "gamma", "beta"],
+                              ["y"] + (["mean"] if case == "mean read" else []), name="norm1", axis=axis, epsilon=1e-5),
+             helper.make_node("Add", ["s", "r"], ["residual"], name="residual")]
+    outputs = ["y", "residual"] + (["mean"] if case == "mean read" else [])
+    if case == "weight shared":
+        nodes.append(helper.make_node("MatMul", ["x", "w_in"], ["m2"], name="other"))
+        outputs.append("m2")
+    if case == "product read elsewhere":
+        outputs.append("m")
+    graph = helper.make_graph(
+        nodes, "proj_in", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N, H * W, CIN]),
+                           helper.make_tensor_value_info("r", TensorProto.FLOAT, [N, H * W, C])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [N, H * W, 1 if o == "mean" else C]) for o in outputs],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run_cpu(model, feeds: dict) -> dict:
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {k: v.astype(np.float32) for k, v in feeds.items()})))
+
+
+def test_proj_in_bias_and_norm1_become_one_skip_layer_norm():
+    """Rewrite 3 on ONNX Runtime's CPU provider: the normalised output and the residual stream as before, the
+    Add and the LayerNorm gone, proj_in's weight halved."""
+    model = _proj_in_norm()
+    rng = np.random.default_rng(6)
+    feeds = {"x": rng.standard_normal((N, H * W, CIN)), "r": rng.standard_normal((N, H * W, C))}
+    reference = _run_cpu(model, feeds)
+    assert fold_biases(model, rewrites=("layer_norm",)) == {"conv": 0, "gemm": 0, "linear": 0, "layer_norm": 1}
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "SkipLayerNormalization", "Add"]
+    fused = model.graph.node[1]
+    assert fused.domain == "com.microsoft" and list(fused.input) == ["m", "m", "gamma", "beta", "b_in"]
+    assert list(fused.output) == ["y", "", "", "s"]
+    original = {i.name: numpy_helper.to_array(i) for i in _proj_in_norm().graph.initializer}
+    weight = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}["w_in"]
+    np.testing.assert_array_equal(weight * 2, original["w_in"])
+    onnx.checker.check_model(model)
+    folded = _run_cpu(model, feeds)
+    for name in ("y", "residual"):
+        assert _rel(folded[name], reference[name]) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["weight shared", "product read elsewhere", "mean read", "normalised over another axis"])
+def test_proj_in_bias_stays_where_the_rewrite_would_change_something_else(case):
+    model = _proj_in_norm(case)
+    before = [(n.op_type, list(n.input)) for n in model.graph.node]
+    assert fold_biases(model)["layer_norm"] == 0
+    assert [(n.op_type, list(n.input)) for n in model.graph.node] == before
+
+
+def test_unknown_rewrite_is_refused():
+    with pytest.raises(ValueError, match="unknown bias rewrites"):
+        fold_biases(_proj_in_norm(), rewrites=("layer_norms",))
+
+
 def test_the_tiny_unet_folds_every_feed_forward_bias_and_runs_the_same(tiny_artifacts):
     """On the exported (unfused) tiny UNet, on ONNX Runtime's CPU provider: each transformer's feed-forward bias
-    folds through its proj_out, and the UNet's output is unchanged."""
+    folds through its proj_out, its proj_in bias and norm1 become one SkipLayerNormalization, and the UNet's output
+    is unchanged."""
     ort = pytest.importorskip("onnxruntime")
     from audioldm2_trt.export.components import BY_NAME, SampleShape, sample_inputs
     from audioldm2_trt.export.validate import rel_l2
@@ -198,7 +269,8 @@ def test_the_tiny_unet_folds_every_feed_forward_bias_and_runs_the_same(tiny_arti
     folded = copy.deepcopy(model)
     counts = fold_biases(folded)
     assert counts["linear"] == transformers > 0
-    assert len(folded.graph.node) == len(model.graph.node) - transformers
+    assert counts["layer_norm"] == transformers  # each proj_in bias and norm1 as one SkipLayerNormalization
+    assert len(folded.graph.node) == len(model.graph.node) - 2 * transformers
     assert rel_l2(run(folded), reference) < 1e-6
 
 
@@ -215,8 +287,11 @@ def test_the_fused_tiny_unet_moves_each_resnet_and_transformer_bias(tiny_artifac
     resnets = sum(n.op_type == "Gemm" and "time_emb_proj" in n.name for n in fused.graph.node)
     feed_forwards = sum(n.op_type == "MatMul" and "/ff/net.2/" in n.name for n in fused.graph.node)
     convs = sum(n.op_type == "NhwcConv" for n in fused.graph.node)
+    norms = sum(n.op_type == "LayerNormalization" for n in fused.graph.node)
     counts = fold_biases(fused)
     assert resnets > 0 and counts["gemm"] == resnets and counts["linear"] == feed_forwards > 0
+    assert counts["layer_norm"] == norms == feed_forwards  # each transformer's norm1, after its proj_in
+    assert not any(n.op_type == "LayerNormalization" for n in fused.graph.node)
     assert resnets <= counts["conv"] < convs  # conv1 of each ResNet at least; conv_in and conv_out keep theirs
     producer = {out: n for n in fused.graph.node for out in n.output}
     for node in fused.graph.node:  # each ResNet's conv1 now feeds its SkipGroupNorm without a bias
@@ -224,4 +299,4 @@ def test_the_fused_tiny_unet_moves_each_resnet_and_transformer_bias(tiny_artifac
             assert len(producer[node.input[0]].input) == 2 and node.input[4]
     fused.opset_import.append(helper.make_opsetid("com.microsoft", 1))  # as to_fp16 adds it
     onnx.checker.check_model(fused)
-    assert fold_biases(fused) == {"conv": 0, "gemm": 0, "linear": 0}
+    assert fold_biases(fused) == {"conv": 0, "gemm": 0, "linear": 0, "layer_norm": 0}
