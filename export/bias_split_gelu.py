@@ -29,10 +29,9 @@ def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS, pad: bool = False) -> d
     """Replace each GEGLU tail Add(x, bias) → Slice[:H], Slice[H:] → Gelu → Mul whose 2H is in ``widths`` by one
     ``BiasSplitGelu(x, bias)`` node in place (``model``: an ``onnx.ModelProto``; x [B, S, 2H] the projection's
     MatMul output, bias [2H] an initializer, the output [B, S, H]). With ``pad``, a tail of another width is
-    widened with zeros to the next width in ``widths`` (the module's docstring), up to ``MAX_WIDENING`` times its
-    own, where the projection is a MatMul
-    and the product's one reader is a MatMul, each with a weight of its own. Returns how many tails were fused at
-    their own width ("fused") and widened ("padded").
+    widened with zeros to the next width in ``widths`` (the module's docstring; ``_target_width``), where the
+    projection is a MatMul and the product's one reader is a MatMul, each with a weight of its own. Returns how many
+    tails were fused at their own width ("fused") and widened ("padded").
     A tail is fused only if none of its intermediate tensors is read elsewhere or is a graph output."""
     import onnx
 
@@ -82,9 +81,7 @@ def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS, pad: bool = False) -> d
             continue
         bias = index.initializer(bias_names[0])
         width = int(bias.size)
-        target = width if width in widths else min((w for w in widths if w > width), default=None) if pad else None
-        if target is not None and target > MAX_WIDENING * width:
-            target = None
+        target = _target_width(width, widths, pad)
         if bias.ndim != 1 or target is None:
             continue
         half = width // 2
@@ -118,6 +115,15 @@ def fuse_bias_split_gelu(model, widths=SUPPORTED_WIDTHS, pad: bool = False) -> d
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return {"fused": fused - padded, "padded": padded}
+
+
+def _target_width(width: int, widths, pad: bool) -> int | None:
+    """The width 2H' the kernel runs a GEGLU of 2H = ``width`` at: its own if ``widths`` holds it; with ``pad`` the
+    next one it holds, up to ``MAX_WIDENING`` times its own; None otherwise."""
+    if width in widths:
+        return width
+    wider = [w for w in widths if width < w <= MAX_WIDENING * width]
+    return min(wider) if pad and wider else None
 
 
 def _widen(index, add, bias_name: str, mul, target: int) -> bool:

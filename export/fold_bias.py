@@ -235,7 +235,7 @@ def _into_skip_layer_norm(graph: _Graph, add) -> bool:
     LayerNormalization over the last axis reads the sum (others may too), write SkipLayerNormalization(m', m', gamma,
     beta, bias=b) in the Add's place with the MatMul's weight halved (m' = m/2); its sum output keeps the Add's output
     name for the other readers. True if it was rewritten."""
-    import onnx
+    from onnx import helper, numpy_helper
 
     consts = [k for k, name in enumerate(add.input) if name in graph.inits]
     if len(add.input) != 2 or len(consts) != 1 or add.output[0] in graph.outputs:
@@ -257,10 +257,8 @@ def _into_skip_layer_norm(graph: _Graph, add) -> bool:
             or any(norm.output[1:]) or (beta and graph.vector(beta, bias.size) is None) \
             or any(n.domain not in ("", "ai.onnx") for n in (norm, add)):
         return False
-    from onnx import numpy_helper
-
     graph.inits[matmul.input[1]].CopyFrom(numpy_helper.from_array(weight / 2, matmul.input[1]))
-    fused = onnx.helper.make_node(
+    fused = helper.make_node(
         "SkipLayerNormalization", [m, m, norm.input[1], beta, add.input[consts[0]]],
         [norm.output[0], "", "", add.output[0]], name=f"SkipLayerNorm_{norm.name or add.name}", domain=MS_DOMAIN,
         epsilon=float(graph.attr(norm, "epsilon", 1e-5)))
