@@ -112,6 +112,13 @@ variant_ab() {
     for a in fp16 $v; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
       --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done"
 }
+# setup, then an fp16 export of the random config $1 into $2 in the foreground (log $3), timed from $t0
+setup_export_foreground() {
+  bash "$SELF" setup || exit 1
+  (cd /tmp && python3 -m audioldm2_trt.cli export --random-weights "$1" --precision fp16 --out "$2" --overwrite \
+    > "$3" 2>&1) || { tail -30 "$3"; exit 1; }
+  echo "$1 export done at $((SECONDS - t0)) s"
+}
 # setup, the exports named in $1 ("16 32" …), then the mode $2
 setup_export_then() {
   bash "$SELF" setup || exit 1
@@ -299,10 +306,7 @@ case "$1" in
                # runtime with and without ranking), cold start (the default, cuBLAS's own workspace, fused conv bias
                # in the UNet), validate, the runtime's benchmark with a fused-conv-bias row; $OUT/logs.tar after each
     t0=$SECONDS
-    bash "$SELF" setup || exit 1
-    cd /tmp && python3 -m audioldm2_trt.cli export --random-weights audioldm2 --precision fp16 --out /tmp/art-fp16 \
-      --overwrite > /tmp/logs/export16.log 2>&1 || { tail -30 /tmp/logs/export16.log; exit 1; }
-    echo "export done at $((SECONDS - t0)) s"
+    setup_export_foreground audioldm2 /tmp/art-fp16 /tmp/logs/export16.log
     cd "$ROOT/scripts"
     python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking --out /tmp/logs \
       > /tmp/logs/peakmem.log 2>&1; echo "peak_memory rc $? at $((SECONDS - t0)) s"; tar -C /tmp -cf "$OUT/logs.tar" logs
@@ -323,10 +327,7 @@ case "$1" in
     setup_export_then "16 16p" multi ;;
   short)  # the fp16 export (fused, the default) takes about 7 minutes on the 16-core machine
     t0=$SECONDS
-    bash "$SELF" setup || exit 1
-    cd /tmp && python3 -m audioldm2_trt.cli export --random-weights audioldm2 --precision fp16 --out /tmp/art-fp16 \
-      --overwrite > /tmp/logs/export16.log 2>&1 || { tail -30 /tmp/logs/export16.log; exit 1; }
-    echo "export done in $((SECONDS - t0)) s"
+    setup_export_foreground audioldm2 /tmp/art-fp16 /tmp/logs/export16.log
     SKIP=b1,b2,fp16_nograph bash "$SELF" measure
     bash "$SELF" collect $(( $2 - (SECONDS - t0) )) ;;
   loop-handoff)  # after the fp16 export: the device loop's steps on the UNet's worker in one hand-off (the default since
@@ -351,10 +352,7 @@ case "$1" in
              # GPU work in the denoising loop and the text stage; host overheads barely depend on the model's size),
              # in the foreground, logs and results into $OUT/logs.tar
     t0=$SECONDS
-    bash "$SELF" setup || exit 1
-    cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 --out /tmp/art-tiny16 \
-      --overwrite > /tmp/logs/export_tiny.log 2>&1 || { tail -30 /tmp/logs/export_tiny.log; exit 1; }
-    echo "tiny export done at $((SECONDS - t0)) s"
+    setup_export_foreground tiny /tmp/art-tiny16 /tmp/logs/export_tiny.log
     cd "$ROOT/scripts"
     python3 step_overhead.py --artifacts /tmp/art-tiny16 --out /tmp/logs > /tmp/logs/overhead.log 2>&1
     echo "step_overhead rc $? at $((SECONDS - t0)) s"; tail -60 /tmp/logs/overhead.log
@@ -364,11 +362,8 @@ case "$1" in
            # foreground, logs and results into $OUT/logs.tar. Checks that these scripts run on CUDA; tiny-config
            # figures are no benchmark of the product
     t0=$SECONDS
-    bash "$SELF" setup || exit 1
-    cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 --out /tmp/art-tiny16 \
-      --overwrite > /tmp/logs/export_tiny.log 2>&1 || { tail -30 /tmp/logs/export_tiny.log; exit 1; }
-    echo "tiny export done at $((SECONDS - t0)) s"
-    python3 -m audioldm2_trt.cli validate /tmp/art-tiny16 --device cuda > /tmp/logs/validate_tiny.log 2>&1
+    setup_export_foreground tiny /tmp/art-tiny16 /tmp/logs/export_tiny.log
+    cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-tiny16 --device cuda > /tmp/logs/validate_tiny.log 2>&1
     echo "validate rc $? at $((SECONDS - t0)) s"
     cd "$ROOT/scripts"
     python3 cold_start.py --artifacts /tmp/art-tiny16 --variants default,init_outside_arena --repeat 1 \
