@@ -44,6 +44,9 @@ class Fp16Recipe:
     bias_split_gelu: bool = False  # GEGLU tails of the widths ONNX Runtime's kernel takes → BiasSplitGelu (bias_split_gelu.py)
     pad_geglu: bool = False  # with bias_split_gelu: the other GEGLUs too, widened with zeros to the kernel's next width
     fold_biases: tuple[str, ...] = ()  # fold_bias.py's rewrites to apply (of its REWRITES): biases moved into the node after them
+    # hoist_context.py: the graph inputs that stay the same across the denoising steps; the work that depends on them
+    # alone moves into a graph of its own (``<name>_context.onnx``), run once per request (cross-attention K/V unpacked)
+    hoist_context: tuple[str, ...] = ()
     reason: str = ""
 
 
@@ -232,9 +235,14 @@ UNET_FUSED = Fp16Recipe(
     # halved, its output both input and skip; H100, run AL: 48 kernels a step fewer, UNet kernels 5.75 → 5.50 ms,
     # 159.1 → 154.9 ms end to end, UNet validate 3.55e-3 / 7.64e-3, 100-prompt fidelity 1.92e-3 as before).
     fold_biases=("skip_group_norm", "linear_map", "layer_norm"),
+    # hoist_context.py: the 32 cross-attentions' K and V projections of the two text streams (unpacked, so that the
+    # attention reads them without its unpacking kernel) and the T5 mask's conversion to an attention bias depend on
+    # the text alone: they run once per request in unet_context.onnx instead of at every step.
+    hoist_context=("encoder_hidden_states", "encoder_hidden_states_1", "encoder_attention_mask_1"),
     reason="GroupNorm, NHWC convolution, LayerNorm, attention (T5 mask kept as attention_bias) and the GEGLU tails fused "
            "(BiasSplitGelu, the narrower ones widened with zeros to the kernel's widths); biases folded into the "
-           "SkipGroupNorm or bias after them",
+           "SkipGroupNorm or bias after them; the text-only work (cross-attention K/V) in a context graph run once "
+           "per request",
 )
 
 # ``export --unet-layout nchw``: the fused UNet without NHWC convolutions, so that the runtime can place its weights in

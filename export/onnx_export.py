@@ -122,7 +122,8 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
                      recipe=None, spec=None) -> dict:
     """Export one component with the TorchScript exporter, fold its static shape arithmetic into constants
     (fold_shapes.py: what keeps ONNX Runtime from capturing CUDA graphs), then convert to fp16 if asked
-    and its recipe allows."""
+    and its recipe allows. A recipe that hoists the text-only work (``Fp16Recipe.hoist_context``) also writes
+    ``<name>_context.onnx``: the entry's "context" names it (with its hash and size)."""
     import onnx
     import torch
 
@@ -155,6 +156,10 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
         from .optimize import to_fp16
 
         fp16 = {**to_fp16(path, recipe, save_model), "recipe": recipe.reason}
+    context = fp16.pop("context", None) if fp16 else None
+    if context is not None:
+        context_file = folder / context["file"]
+        context = {**context, "sha256": _sha256(context_file), "bytes": context_file.stat().st_size}
     external = f"{name}.onnx.data" if (folder / f"{name}.onnx.data").exists() else None
     return {
         "file": path.name,
@@ -168,6 +173,7 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
         "folded_shape_values": folded,
         "sha256": _sha256(path, folder / external if external else None),
         "bytes": path.stat().st_size + ((folder / external).stat().st_size if external else 0),
+        **({"context": context} if context is not None else {}),
         **(module.manifest_extra() if hasattr(module, "manifest_extra") else {}),
     }
 
@@ -234,10 +240,13 @@ def build_manifest(pipe, source: Source, consts: dict, entries: dict, tokenizers
 
 
 def content_hash(entries: dict, tokenizers: dict) -> str:
-    """The manifest's content hash: every component's and tokenizer's sha256, in name order."""
+    """The manifest's content hash: every component's (and its context graph's) and tokenizer's sha256, in name
+    order."""
     content = hashlib.sha256()
     for name in sorted(entries):
         content.update(entries[name]["sha256"].encode())
+        if "context" in entries[name]:
+            content.update(entries[name]["context"]["sha256"].encode())
     for which in sorted(tokenizers):
         content.update(tokenizers[which]["sha256"].encode())
     return content.hexdigest()

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .attention_bias import attach_mask_bias, masked_attention_outputs
 from .bias_split_gelu import fuse_bias_split_gelu
-from .fold_bias import fold_biases
 from .components import Fp16Recipe
+from .fold_bias import fold_biases
+from .hoist_context import split_context, unpack_cross_kv
 
 log = logging.getLogger("audioldm2_trt.export")
 
@@ -26,7 +27,9 @@ log = logging.getLogger("audioldm2_trt.export")
 def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     """Rewrite the fp32 model at ``path`` in place as fp16; ``save(model_proto, path)`` writes it.
 
-    Returns a summary for the manifest: fused op counts and what was kept fp32.
+    Returns a summary for the manifest: fused op counts and what was kept fp32. With ``recipe.hoist_context`` the
+    text-only work is cut into ``<stem>_context.onnx`` beside it (``write_context``) and the summary's "context"
+    describes it.
     """
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
@@ -63,11 +66,30 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     known = {o.domain for o in model.model.opset_import}
     for domain in sorted(domains - known):  # fused contrib ops (GroupNorm, NhwcConv …) live in com.microsoft
         model.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    save(model.model, path)
+    context = write_context(model.model, path, recipe.hoist_context, save) if recipe.hoist_context else None
+    if context is None:
+        save(model.model, path)
     return {"fused": fused, **({"folded_biases": folded} if folded else {}),
+            **({"context": context} if context else {}),
             **({"padded_geglus": geglus["padded"]} if geglus.get("padded") else {}),
             "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes),
             **({"fp16_nodes": recipe.fp16_nodes} if recipe.fp16_nodes else {})}
+
+
+def write_context(model, path: Path, context_inputs, save) -> dict:
+    """Cut ``model`` (an ``onnx.ModelProto``) into its step graph, saved at ``path``, and its context graph, saved as
+    ``<stem>_context.onnx`` beside it (hoist_context.py: cross-attention K/V unpacked first). Returns the manifest's
+    description: {"file", "inputs" (the context graph's), "outputs" (its, which the step graph reads), "step_inputs"
+    (the step graph's inputs, in order), "unpacked_kv" (attentions whose K/V were unpacked)}."""
+    unpacked = unpack_cross_kv(model)
+    step, context, outputs = split_context(model, context_inputs)
+    context_path = path.with_name(f"{path.stem}_context.onnx")
+    save(context, context_path)
+    save(step, path)
+    log.info("%s: %d nodes run once per request in %s (%d outputs); %d cross-attention K/V unpacked", path.name,
+             len(context.graph.node), context_path.name, len(outputs), unpacked)
+    return {"file": context_path.name, "inputs": [i.name for i in context.graph.input], "outputs": outputs,
+            "step_inputs": [i.name for i in step.graph.input], "unpacked_kv": unpacked}
 
 
 def _fuse(model, recipe: Fp16Recipe):

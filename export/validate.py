@@ -16,6 +16,7 @@ import numpy as np
 from ..runtime.artifacts import load_artifacts
 from ..runtime.backends.base import Device
 from ..runtime.backends.ort import OrtSessionFactory, default_tf32
+from ..runtime.denoising import ContextGraph
 from ..runtime.errors import ExportError
 from ..runtime.shapes import t5_bucket
 from .components import SampleShape, sample_inputs, spec_of
@@ -84,7 +85,7 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None,
             continue
         spec = spec_of(name, art.gpt2_graph)
         module = spec.build(pipe, consts).eval()
-        session = factory.create(name, art.component_file(name))
+        session = _session(factory, art, name)
         for i, shape in enumerate(shapes):
             inputs = as_runtime_feeds(name, sample_inputs(spec, consts, shape, seed=100 + i))
             fed = SampleShape(shape.batch, inputs["encoder_hidden_states_1"].shape[1], shape.frames) \
@@ -103,6 +104,25 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None,
                                              bar=TOLERANCE["fp16"] if tf32 else None))
                 log.info("%s %s %s rel-L2 %.2e", name, fed, out_spec.name, checks[-1].rel_l2)
     return checks
+
+
+class _ThroughContext:
+    """A component with a context graph (the fused UNet: export/hoist_context.py) run as one: the context graph on
+    the conditioning, then the component's graph on its outputs, as the runtime runs them."""
+
+    def __init__(self, session, context: ContextGraph):
+        self.session, self.context = session, context
+
+    def run(self, feeds: dict) -> dict:
+        return self.session.run(self.context.host_feeds(feeds))
+
+
+def _session(factory, art, name: str):
+    session = factory.create(name, art.component_file(name))
+    context = art.context(name)
+    if context is None:
+        return session
+    return _ThroughContext(session, ContextGraph(factory.create(f"{name}_context", art.context_file(name)), context, 1))
 
 
 def as_runtime_feeds(component: str, inputs: dict) -> dict:

@@ -4,6 +4,7 @@ The export stage writes ``manifest.json`` with these names; the runtime reads th
 
     DIR/manifest.json            format version, source, versions, constants, per-component entries
     DIR/<component>.onnx         one per component in COMPONENTS (+ <component>.onnx.data if > 2 GB)
+    DIR/unet_context.onnx        the fused UNet's text-only work, run once per request (its entry's "context")
     DIR/tokenizer_clap.json      tokenizers-library files of the CLAP (RoBERTa) and Flan-T5 tokenizers
     DIR/tokenizer_t5.json
 """
@@ -17,8 +18,11 @@ from pathlib import Path
 from .errors import ArtifactError
 
 # Bump when a component's contract (names, shapes, meaning) changes. 2 (2026-11-27): clap_features takes the vocoder's
-# audio and resamples it itself (format 1 took CLAP-rate rows fitted on the host, and could be absent).
-FORMAT_VERSION = 2
+# audio and resamples it itself (format 1 took CLAP-rate rows fitted on the host, and could be absent). 3 (2026-11-27):
+# a component entry may have a "context" graph (the fused UNet's: export/hoist_context.py), whose outputs its graph
+# reads in place of some of the component's inputs; a runtime that reads format 2 only would feed it the wrong inputs.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)  # format 2 is format 3 without context graphs
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = {"clap": "tokenizer_clap.json", "t5": "tokenizer_t5.json"}
 GPT2_GRAPHS = ("step", "unrolled")  # export/components.py GPT2_GRAPHS
@@ -77,6 +81,25 @@ class Artifacts:
     def component_file(self, name: str) -> Path:
         return self.folder / self.manifest["components"][name]["file"]
 
+    def context(self, name: str) -> dict | None:
+        """Component ``name``'s context graph (export/hoist_context.py), or None: {"file", "inputs" (its inputs, some
+        of the component's), "outputs" (what the component's graph reads from it), "step_inputs" (the component
+        graph's inputs, in order), …}."""
+        return self.manifest["components"][name].get("context")
+
+    def context_file(self, name: str) -> Path:
+        return self.folder / self.manifest["components"][name]["context"]["file"]
+
+    def session_files(self, names) -> dict[str, Path]:
+        """{session name: ONNX file} of the components ``names``: each one's file, and its context graph's as
+        ``<name>_context`` where it has one (the UNet's "unet_context")."""
+        files = {}
+        for name in names:
+            files[name] = self.component_file(name)
+            if self.context(name):
+                files[f"{name}_context"] = self.context_file(name)
+        return files
+
     def tokenizer_file(self, which: str) -> Path:
         return self.folder / self.manifest["tokenizers"][which]["file"]
 
@@ -111,10 +134,10 @@ def load_artifacts(folder: str | Path) -> Artifacts:
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path} is not valid JSON ({err}); rebuild with: {rebuild_hint(folder)}") from err
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ArtifactError(
-            f"{str(folder)!r} was exported with artefact format {version!r}, this runtime reads format "
-            f"{FORMAT_VERSION}; rebuild with: {rebuild_hint(folder, manifest.get('source'))}"
+            f"{str(folder)!r} was exported with artefact format {version!r}, this runtime reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}; rebuild with: {rebuild_hint(folder, manifest.get('source'))}"
         )
     art = Artifacts(folder=folder, manifest=manifest)
     missing = [n for n in COMPONENTS if n not in manifest.get("components", {})]
@@ -136,6 +159,8 @@ def _listed_files(art: Artifacts) -> list[Path]:
     files = [art.tokenizer_file(w) for w in TOKENIZER_FILES]
     for name, entry in art.manifest["components"].items():
         files.append(art.folder / entry["file"])
+        if entry.get("context"):
+            files.append(art.folder / entry["context"]["file"])
         if entry.get("external_data"):
             files.append(art.folder / entry["external_data"])
     return files

@@ -22,7 +22,7 @@ from .backends.ort import (CUBLAS_WORKSPACE_KIB, DEFAULT_MAX_GRAPHS, OrtSessionF
                            ort_tensorrt_providers)
 from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
-from .denoising import DeviceStepper, HostStepper, pad_rows
+from .denoising import ContextGraph, DeviceStepper, HostStepper, pad_rows
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
 from .shapes import batch_bucket, t5_bucket
@@ -32,6 +32,7 @@ from .tokenization import TextTokenizer, tokenize_prompts
 log = logging.getLogger("audioldm2_trt.runtime")
 
 BACKENDS = ("ort", "ort-trt", "trt")
+UNET_CONTEXT = "unet_context"  # the session of the UNet's context graph (export/hoist_context.py), where it has one
 SOLVER_STEP_GRAPH = Path(__file__).resolve().parent / "graphs" / "solver_step.onnx"  # export/solver_graph.py
 StepCallback = Callable[[int, int], None]  # (step index, number of steps)
 
@@ -64,6 +65,13 @@ class AudioLDM2Runtime:
         self.sample_rate = self.constants["sampling_rate"]
         self._sessions = sessions
         self._solver_step = solver_step
+        context = artifacts.context("unet")
+        if context and UNET_CONTEXT not in sessions:
+            raise InvalidRequestError(f"{artifacts.folder}: its UNet reads the outputs of its context graph "
+                                      f"({context['file']}); give its session as {UNET_CONTEXT!r} "
+                                      "(Artifacts.session_files lists it)")
+        self._unet_context = None if not context else ContextGraph(
+            sessions[UNET_CONTEXT], context, getattr(sessions["unet"], "max_graphs", DEFAULT_MAX_GRAPHS))
         self._solver_buffers: dict = {}  # denoising.SolverBuffers per UNet shape key (DeviceStepper.open)
         toks = artifacts.manifest["tokenizers"]
         self._clap_tok = TextTokenizer(artifacts.tokenizer_file("clap"), toks["clap"]["model_max_length"],
@@ -128,8 +136,9 @@ class AudioLDM2Runtime:
             raise InvalidRequestError("provider_options apply to backend 'ort' with the default CUDA provider; "
                                       f"got backend {backend!r}, device {device!r}, "
                                       f"providers {'given' if providers is not None else 'default'}")
-        files = {name: art.component_file(name) for name in art.manifest["components"]
-                 if (ranking or name not in RANKING_COMPONENTS) and (name != "clap_features" or features_graph_on(dev))}
+        names = [name for name in art.manifest["components"]
+                 if (ranking or name not in RANKING_COMPONENTS) and (name != "clap_features" or features_graph_on(dev))]
+        files = art.session_files(names)  # with the UNet's context graph, where it has one (export/hoist_context.py)
         if shared_arena and (backend != "ort" or providers is not None):
             raise InvalidRequestError(f"shared_arena applies to backend 'ort' with the default provider; got backend "
                                       f"{backend!r}, providers {'given' if providers is not None else 'default'}")
@@ -141,7 +150,7 @@ class AudioLDM2Runtime:
         if backend == "trt":
             from .backends.trt import load_engines
 
-            return cls(art, load_engines(art.folder, dev, list(files)), dev)
+            return cls(art, load_engines(art.folder, dev, names), dev)
         if backend == "ort-trt":
             providers = ort_tensorrt_providers(art.folder, dev, art.precision)
         unknown = sorted(set(provider_options or {}) - set(files))
@@ -176,6 +185,12 @@ class AudioLDM2Runtime:
                          audio_length_in_s=length, num_waveforms_per_prompt=batch if self.ranking else 1, seed=0)
         self._warm = True
         return time.perf_counter() - start
+
+    def unet_feeds(self, conditioning: dict) -> dict:
+        """The UNet session's feeds for its conditioning feeds (``encoder_hidden_states``, ``encoder_hidden_states_1``,
+        ``encoder_attention_mask_1``; host arrays): through the UNet's context graph where it has one, else as given.
+        For measuring the UNet session alone (scripts/benchmark.py)."""
+        return conditioning if self._unet_context is None else self._unet_context.host_feeds(conditioning)
 
     def prompt_in_t5_bucket(self, tokens: int) -> str:
         """A prompt whose T5 token count lands in the same ``t5_bucket`` as ``tokens``."""
@@ -330,13 +345,13 @@ class AudioLDM2Runtime:
         feeds = {k: _pad_halves(v, padded, cfg) for k, v in feeds.items()}
         xs = np.concatenate([x[k] for k in live])
         prevs = None if prev[live[0]] is None else np.concatenate([prev[k] for k in live])
-        unet = self._sessions["unet"]
+        unet, context = self._sessions["unet"], self._unet_context
         if self._solver_step is not None:
             stepper = DeviceStepper.open(unet, self._solver_step, feeds, guidance, padded, cfg, xs, prevs, t,
-                                         self._solver_buffers)
+                                         self._solver_buffers, context)
             if stepper is not None:
                 return stepper
-        return HostStepper(unet, feeds, guidance, padded, cfg, xs, prevs)
+        return HostStepper.open(unet, feeds, guidance, padded, cfg, xs, prevs, context)
 
     def _decode(self, items: list["Prepared"], index: list[int], results: list) -> None:
         """Latents → mel → waveform for all items at once, then trim and rank per item."""
@@ -368,6 +383,8 @@ class AudioLDM2Runtime:
 
     def close(self) -> None:
         """Release the sessions and their device buffers; the runtime cannot be used afterwards."""
+        if self._unet_context is not None:
+            self._unet_context.close()
         for session in [*self._sessions.values(), self._solver_step]:
             if hasattr(session, "close"):
                 session.close()

@@ -70,8 +70,7 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
     result["peak_gpu_mib"] = mem.mib  # load + cold call + warm calls at batch 1
     result["stages_ms"] = stage_medians_ms(stages)
     if heavy:
-        unet_session = rt._sessions["unet"]
-        result["unet_step_ms_batch2_session_only"] = _session_only(unet_session, rt.constants) * 1e3
+        result["unet_step_ms_batch2_session_only"] = _session_only(rt) * 1e3
         rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0)  # graphs exist already: same shapes
         result["ddim200"] = timed(lambda: rt(**{**REQUEST, "num_inference_steps": 200}, scheduler="ddim", seed=0), 3)
         result["batch4"] = timed(lambda: rt(**REQUEST, num_waveforms_per_prompt=4, seed=0), runs)
@@ -87,21 +86,24 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
     return result
 
 
-def _session_only(session, constants: dict, runs: int = 50) -> float:
+def _session_only(rt, runs: int = 50) -> float:
     """Median seconds of the UNet session alone at batch 2 for REQUEST's length, 16 T5 tokens (inputs copied in,
-    output copied out). Shapes from the UNet's spec and the artefacts' constants (full size: sample
-    [2, 8, 256, 16], GPT-2 states [2, 8, 768], T5 states [2, 16, 1024])."""
+    output copied out; a UNet with a context graph gets that graph's outputs, computed once). Shapes from the UNet's
+    spec and the artefacts' constants (full size: sample [2, 8, 256, 16], GPT-2 states [2, 8, 768], T5 states
+    [2, 16, 1024])."""
     import numpy as np
 
     from ort_sweep import shapes_for  # scripts/ort_sweep.py: the same request's shapes for the option sweep
 
-    shapes = shapes_for(constants, REQUEST["audio_length_in_s"])["unet"]
+    shapes = shapes_for(rt.constants, REQUEST["audio_length_in_s"])["unet"]
     rng = np.random.default_rng(0)
+    session = rt._sessions["unet"]
     feeds = {"sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
              "timestep": np.array([500], dtype=np.int64),
-             "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
-             "encoder_hidden_states_1": rng.standard_normal(shapes["encoder_hidden_states_1"], dtype=np.float32),
-             "encoder_attention_mask_1": np.ones(shapes["encoder_attention_mask_1"], dtype=np.int64)}
+             **rt.unet_feeds({
+                 "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
+                 "encoder_hidden_states_1": rng.standard_normal(shapes["encoder_hidden_states_1"], dtype=np.float32),
+                 "encoder_attention_mask_1": np.ones(shapes["encoder_attention_mask_1"], dtype=np.int64)})}
     session.run(feeds)
     times = []
     for _ in range(runs):

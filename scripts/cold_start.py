@@ -150,8 +150,7 @@ def child(folder: str, variant: str, device: str, audio_file: str | None = None)
                                               session_config={"session.use_device_allocator_for_initializers": "1"}
                                               if variant == "init_outside_arena" else None,
                                               **extras.get("factory", {}))
-    files = {name: art.component_file(name) for name in art.manifest["components"]
-             if name not in extras.get("skip", ())}
+    files = art.session_files(name for name in art.manifest["components"] if name not in extras.get("skip", ()))
     created, memory = {}, {}
     if sequential:
         sessions = {}

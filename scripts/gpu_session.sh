@@ -22,6 +22,8 @@
 #                                          # once, validate, bench and DDIM-200 default vs variant, kernels, fidelity, memory
 #   bash scripts/gpu_session.sh all-lnfold  # the same for fold_bias.py's third rewrite (proj_in bias + norm1 as one
 #                                          # SkipLayerNormalization) against the UNet without it
+#   bash scripts/gpu_session.sh all-hoist  # the same for the UNet's context graph (hoist_context.py: the text-only
+#                                          # work once per request) against the UNet without it
 #   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
@@ -490,7 +492,10 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
   lnfold)  # the default (each proj_in bias and norm1 as one SkipLayerNormalization, fold_bias.py's third rewrite)
            # against unet_variant.py nolnfold
     variant_ab nolnfold ;;
-  all-padgeglu|all-lnfold)  # setup, the fp16 export and the mode at once
+  hoist)  # the default (the UNet's text-only work in a context graph run once per request, hoist_context.py) against
+          # unet_variant.py nohoist
+    variant_ab nohoist ;;
+  all-padgeglu|all-lnfold|all-hoist)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   all-unet-variants)  # setup, the fp16 export and unet-variants at once

@@ -21,6 +21,9 @@ running and waits for its manifest. Variants (H100 results in docs/benchmarks.md
   default of runs AD–AH; measured against the widened GEGLUs (the default since) in run AJ.
 - ``nolnfold``: ``UNET_FUSED`` without ``fold_bias.py``'s third rewrite (each transformer's proj_in bias Add and
   LayerNorm as one SkipLayerNormalization), the default of runs AJ–AK; measured against it in run AL.
+- ``nohoist``: ``UNET_FUSED`` without ``hoist_context`` (``export/hoist_context.py``): the text-only work (the
+  cross-attention K/V projections, packed, and the T5 mask's bias) at every step, the default of runs AL–AM; measured
+  against the context graph in run AN. The four variants above predate the context graph and are exported without it.
 - ``vae_fold``: the VAE decoder with ``fold_biases`` (``VAE_FUSED`` does not fold): what run AD measured and turned
   down, its 100-prompt error worse than diffusers fp16's at the max.
 """
@@ -34,7 +37,7 @@ import shutil
 import time
 from pathlib import Path
 
-VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold", "nopad", "nolnfold", "vae_fold")
+VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold", "nopad", "nolnfold", "nohoist", "vae_fold")
 
 
 def variant_component(variant: str) -> str:
@@ -52,14 +55,18 @@ def variant_recipe(variant: str):
         return dataclasses.replace(VAE_FUSED, fold_biases=("skip_group_norm", "linear_map"),
                                    reason=VAE_FUSED.reason + "; biases folded")
     if variant in ("splitgelu", "nofold"):  # the default of runs AA–AC: BiasSplitGelu, before fold_bias.py
-        return dataclasses.replace(UNET_FUSED, fold_biases=(), pad_geglu=False,
-                                   reason=UNET_FUSED.reason + " (biases not folded, GEGLUs not widened)")
+        return dataclasses.replace(UNET_FUSED, fold_biases=(), pad_geglu=False, hoist_context=(),
+                                   reason=UNET_FUSED.reason + " (biases not folded, GEGLUs not widened, no context)")
     if variant == "nopad":  # the default of runs AD–AH: only the GEGLUs of the kernel's own width fused
         return dataclasses.replace(UNET_FUSED, pad_geglu=False, fold_biases=("skip_group_norm", "linear_map"),
-                                   reason=UNET_FUSED.reason + " (GEGLUs not widened, proj_in biases not folded)")
+                                   hoist_context=(),
+                                   reason=UNET_FUSED.reason + " (GEGLUs not widened, proj_in biases not folded, "
+                                                              "no context)")
     if variant == "nolnfold":  # the default of runs AJ–AK: proj_in's bias Add and norm1 not one SkipLayerNormalization
-        return dataclasses.replace(UNET_FUSED, fold_biases=("skip_group_norm", "linear_map"),
-                                   reason=UNET_FUSED.reason + " (proj_in biases not folded)")
+        return dataclasses.replace(UNET_FUSED, fold_biases=("skip_group_norm", "linear_map"), hoist_context=(),
+                                   reason=UNET_FUSED.reason + " (proj_in biases not folded, no context)")
+    if variant == "nohoist":  # the default of runs AL–AM: the text-only work at every step
+        return dataclasses.replace(UNET_FUSED, hoist_context=(), reason=UNET_FUSED.reason + " (no context graph)")
     return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
                                + (("group_norm_channels_last", False),), reason="GroupNorm on NCHW (CUDA refuses it)")
 
@@ -112,8 +119,8 @@ def main() -> None:
     for variant, out in zip(args.variant, args.out):
         out = Path(out)
         name = variant_component(variant)
-        for f in base.iterdir():
-            if f.is_file() and f.name not in (f"{name}.onnx", f"{name}.onnx.data", MANIFEST):
+        for f in base.iterdir():  # the variant's own files (its component's, and a context graph) are there already
+            if f.is_file() and f.name not in (f"{name}.onnx", f"{name}.onnx.data", f"{name}_context.onnx", MANIFEST):
                 os.link(f, out / f.name)
         manifest_out = {**manifest, "components": {**manifest["components"], name: entries[variant]}}
         manifest_out["content_hash"] = content_hash(manifest_out["components"], manifest_out["tokenizers"])

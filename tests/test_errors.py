@@ -102,7 +102,7 @@ def test_manifest_of_another_format_version(tiny_artifacts, tmp_path):
     m = json.loads((art / "manifest.json").read_text())
     m["format_version"] = 1  # before clap_features took the vocoder's audio
     (art / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="exported with artefact format 1, this runtime reads format 2; rebuild "
+    with pytest.raises(ArtifactError, match="exported with artefact format 1, this runtime reads formats 2, 3; rebuild "
                                             "with: audioldm2-trt export --random-weights tiny"):
         AudioLDM2Runtime.load(art)
 

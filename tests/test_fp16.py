@@ -144,7 +144,16 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
     path, summary = _fp16_copy(tiny_artifacts, tmp_path, name, fused=True, unet_layout=layout)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
-    assert _elem_types(model) == _elem_types(fp32)  # same names, float32/int64 at the boundary
+    boundary = _elem_types(model)
+    if name == "unet":  # the text-only work in the context graph (hoist_context.py), which reads the text inputs
+        context = onnx.load(str(tmp_path / summary["context"]["file"]))
+        onnx.checker.check_model(context)
+        outputs = summary["context"]["outputs"]
+        assert [o.name for o in context.graph.output] == outputs and {boundary.pop(o) for o in outputs} == {"FLOAT16"}
+        assert summary["context"]["step_inputs"] == [i.name for i in model.graph.input]
+        assert summary["context"]["unpacked_kv"] > 0
+        boundary.update(_elem_types(context))
+    assert boundary == _elem_types(fp32)  # same names, float32/int64 at the boundary
     assert [o.name for o in model.graph.output] == [o.name for o in fp32.graph.output]
     assert summary["fused"].get("GroupNorm", 0) > 0
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
@@ -156,7 +165,7 @@ def test_fused_graph_keeps_inputs_and_resize_parameters(tiny_artifacts, tmp_path
         assert summary["fused"].get("MultiHeadAttention", 0) > 0
         biased = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and len(n.input) > 5 and n.input[5]]
         assert len(biased) == _masked_softmax_count(fp32) > 0
-        assert any("encoder_attention_mask_1" in n.input for n in model.graph.node)
+        assert any("encoder_attention_mask_1" in n.input for n in context.graph.node)
     else:
         assert "MultiHeadAttention" not in summary["fused"] and "Attention" not in summary["fused"]
     moved = [t for t in model.graph.initializer if t.name.startswith("folded_bias_")]

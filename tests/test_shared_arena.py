@@ -147,9 +147,10 @@ def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
     factory = OrtSessionFactory.__new__(OrtSessionFactory)  # a CUDA factory's selection state, without CUDA
     factory.device, factory._default_cuda = Device.parse("cuda"), True
     factory.component_options = COMPONENT_PROVIDER_OPTIONS  # the fp16 defaults: the vocoder has prefer_nhwc
+    every = (*every, "unet_context")  # the fused UNet's context graph: matrix products only, packed by default
     default = factory._packed_selector(None, nhwc)
     assert {n for n in every if default(n)} == PACKED_WEIGHTS - {"unet"} == {
-        "clap_text", "t5_encoder", "projection", "gpt2", "clap_features", "clap_audio"}
+        "clap_text", "t5_encoder", "projection", "gpt2", "unet_context", "clap_features", "clap_audio"}
     nchw_unet = factory._packed_selector(None, frozenset({"vae_decoder"}))  # export --unet-layout nchw
     assert {n for n in every if nchw_unet(n)} == PACKED_WEIGHTS
     # a factory not told which components have NhwcConv (validate, scripts) assumes the default export's

@@ -47,7 +47,8 @@ CAPTURE_RUNS = 4
 # NCHW and fail ("Input channels C is not equal to kernel channels * group", H100, 2026-11-27); the VAE decoder's
 # NhwcConv and the vocoder's prefer_nhwc likewise. ``export --unet-layout nchw`` gives a UNet that can be packed. (The
 # VAE decoder would gain less than the memory pattern, which packing turns on, costs its first run: runs N and Q.)
-PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "unet", "clap_features", "clap_audio"})
+PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "unet", "unet_context", "clap_features",
+                            "clap_audio"})
 # Where a factory is not told which components have NhwcConv nodes (``needs_prepacking=None``), the fused ones of the
 # default fp16 export are assumed to: a UNet packed by mistake fails at its first run.
 ASSUMED_NHWC = frozenset({"unet", "vae_decoder"})
@@ -163,13 +164,30 @@ class OrtSession:
         error.component = self.name
         return error
 
-    def key_buffers(self, feeds: dict[str, np.ndarray]) -> "_Bound | None":
+    def key_buffers(self, feeds: dict[str, np.ndarray], bound_inputs: dict | None = None) -> "_Bound | None":
         """(inside ``call``) The device buffers of this shape key, created (one uncaptured run) if new, with
-        ``feeds`` copied in; None for a key past ``max_graphs``, which has no buffers of its own."""
+        ``feeds`` copied in; None for a key past ``max_graphs``, which has no buffers of its own.
+        ``bound_inputs``: OrtValues on this device bound as these inputs as they are, never copied (another session's
+        buffers: the UNet context graph's outputs, ``denoising.ContextGraph``); their shapes and types are part of the
+        key, and a key keeps the OrtValues it was made with: others for it are an error."""
         if not self.bind:
             raise BackendError(f"{self.name}: buffers kept on the device need I/O binding (CUDA, or bind=True)")
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-        return self._key_bound(_shape_key(feeds), feeds)
+        bound_inputs = bound_inputs or {}
+        key = _shape_key(feeds) + tuple(sorted((k, tuple(v.shape()), v.data_type()) for k, v in bound_inputs.items()))
+        bound = self._key_bound(key, feeds, bound_inputs)
+        if bound is not None and any(bound.inputs[k] is not v for k, v in bound_inputs.items()):
+            raise BackendError(f"{self.name}: shape key {_shape_key(feeds)} is bound to other buffers than the ones "
+                               "given for its inputs " + ", ".join(sorted(bound_inputs)))
+        return bound
+
+    def private_buffers(self, feeds: dict[str, np.ndarray]) -> _Bound:
+        """(inside ``call``) Device buffers of ``feeds``' shapes that belong to the caller, not to a shape key of
+        ``run``: inputs copied in, outputs sized by one uncaptured run, a CUDA graph of their own where this session
+        captures (``replay(bound, updates)`` runs them, as a key's)."""
+        if not self.bind:
+            raise BackendError(f"{self.name}: buffers kept on the device need I/O binding (CUDA, or bind=True)")
+        return self._make_bound({k: np.ascontiguousarray(v) for k, v in feeds.items()})
 
     def replay(self, bound: _Bound, updates: dict[str, np.ndarray]) -> None:
         """(inside ``call``, ``may_capture=may_capture(bound)``) copy ``updates`` into the key's input buffers
@@ -221,13 +239,13 @@ class OrtSession:
         with guard, self._arena.lock if self._arena is not None else nullcontext():
             yield
 
-    def _key_bound(self, key: tuple, feeds: dict[str, np.ndarray]) -> "_Bound | None":
+    def _key_bound(self, key: tuple, feeds: dict[str, np.ndarray], bound_inputs: dict | None = None) -> "_Bound | None":
         """This key's buffers with ``feeds`` copied in, created (one uncaptured run) if new; None past ``max_graphs``."""
         bound = self._bound.get(key)
         if bound is None:
             if len(self._bound) >= self.max_graphs:
                 return None
-            bound = self._bound[key] = self._make_bound(feeds)
+            bound = self._bound[key] = self._make_bound(feeds, bound_inputs)
             self.stats.keys.append({k: list(v.shape) for k, v in feeds.items()})
         else:
             for k, v in feeds.items():
@@ -262,9 +280,10 @@ class OrtSession:
             array = array.copy()
         return self._ort.OrtValue.ortvalue_from_numpy(array, self.device.kind, self.device.index)
 
-    def _make_bound(self, feeds: dict[str, np.ndarray]) -> _Bound:
-        """Device buffers for this key: inputs copied in, outputs sized by one uncaptured run."""
-        inputs = {k: self._ortvalue(v) for k, v in feeds.items()}
+    def _make_bound(self, feeds: dict[str, np.ndarray], bound_inputs: dict | None = None) -> _Bound:
+        """Device buffers for this key: inputs copied in (``bound_inputs`` bound as they are), outputs sized by one
+        uncaptured run."""
+        inputs = {**{k: self._ortvalue(v) for k, v in feeds.items()}, **(bound_inputs or {})}
         probe = self._session.io_binding()
         for k, v in inputs.items():
             probe.bind_ortvalue_input(k, v)
