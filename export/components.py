@@ -257,7 +257,8 @@ UNET_FUSED_NCHW = dataclasses.replace(
     UNET_FUSED, fusion_options=UNET_FUSED.fusion_options + (("enable_nhwc_conv", False),), fold_biases=(),
     pad_geglu=False,
     reason="GroupNorm, LayerNorm, attention (T5 mask kept as attention_bias) and the GEGLU tails the BiasSplitGelu "
-           "kernel takes fused; convolutions NCHW (its weights can be packed)")
+           "kernel takes fused; convolutions NCHW (its weights can be packed); the text-only work in a context graph "
+           "run once per request")
 UNET_LAYOUTS = {"nhwc": UNET_FUSED, "nchw": UNET_FUSED_NCHW}
 
 # The previous default, for comparison runs (scripts/ort_sweep.py --unet-recipes): attention left unfused.

@@ -26,8 +26,8 @@ import copy
 
 from .graph_index import GraphIndex
 
-MS_DOMAIN = "com.microsoft"
 KV_PACKED_RANK = 5  # MultiHeadAttention's packed K/V: [batch, kv_len, heads, 2, head_size]
+
 
 class HoistError(RuntimeError):
     pass
@@ -99,7 +99,11 @@ def split_context(model, context_inputs) -> tuple:
     context_set = set(context_inputs)
     deps = _input_dependencies(model)
     nodes = _topological(list(graph.node))
-    hoisted = [n for n in nodes if _node_deps(n, deps) and _node_deps(n, deps) <= context_set]
+    hoisted = []  # the nodes that read the context inputs and nothing else that changes
+    for node in nodes:
+        reads = _node_deps(node, deps)
+        if reads and reads <= context_set:
+            hoisted.append(node)
     if not hoisted:
         raise HoistError(f"no node of the graph depends on {sorted(context_set)} alone")
     hoisted_ids = {id(n) for n in hoisted}

@@ -47,7 +47,8 @@ class HostStepper:
     With a context graph (``ContextGraph``) and a UNet session that binds (CUDA), the loop holds the UNet from ``open``
     to ``close``, as DeviceStepper does, and the context graph's outputs stay in the UNet's input buffers: per step
     only the sample and the timestep are copied in (else the 65 outputs of the full-size UNet's context graph would
-    be, at every step: 8.5 ms a step instead of 7.1 on the H100, run AN). Elsewhere every step's feeds are copied."""
+    be, at every step: on the H100 8.5 ms a step that way, run AO, and 6.5 ms this way, run AP; docs/benchmarks.md).
+    Elsewhere every step's feeds are copied."""
 
     def __init__(self, unet, feeds: dict, guidance: np.ndarray, padded: int, cfg: bool, x: np.ndarray,
                  prev_x0: np.ndarray | None):
@@ -67,7 +68,7 @@ class HostStepper:
             lock = unet.held()
             lock.acquire()
             try:
-                stepper._bound = stepper._bind(context, feeds)
+                stepper._bound = unet_key_buffers(unet, feeds, stepper._unet_inputs(0), context)
             except BaseException:
                 lock.release()
                 raise
@@ -77,17 +78,6 @@ class HostStepper:
             lock.release()
         stepper._feeds = context.host_feeds(feeds)
         return stepper
-
-    def _bind(self, context: "ContextGraph", feeds: dict):
-        """(holding the UNet) The UNet's buffers of this loop's shape key, the context graph's outputs bound as its
-        inputs; None where either has no buffers for these shapes (past ``max_graphs``)."""
-        made = context.device_feeds(feeds)
-        if made is None:
-            return None
-        rest, bound_inputs = made
-        unet, first = self._unet, {**rest, **self._unet_inputs(0)}
-        return unet.call(lambda: unet.key_buffers(first, bound_inputs), may_capture=unet.cuda_graphs,
-                         what=f"creating the buffers of shape key {_shapes(first)}")
 
     def _unet_inputs(self, t: int) -> dict:
         sample = pad_rows(self.x, self._padded)
@@ -222,6 +212,22 @@ class ContextGraph:
         self._buffers.clear()
 
 
+def unet_key_buffers(unet, feeds: dict, unet_inputs: dict, context: ContextGraph | None = None):
+    """(holding the UNet) The UNet's buffers of this shape key with the conditioning ``feeds`` and ``unet_inputs``
+    (sample, timestep) copied in — with a ``context`` graph, its outputs (one run) bound as the UNet's inputs in place
+    of the conditioning they replace; None where the UNet or the context graph has no buffers for these shapes
+    (past ``max_graphs``)."""
+    bound_inputs = {}
+    if context is not None:
+        made = context.device_feeds(feeds)
+        if made is None:
+            return None
+        feeds, bound_inputs = made
+    first = {**feeds, **unet_inputs}
+    return unet.call(lambda: unet.key_buffers(first, bound_inputs), may_capture=unet.cuda_graphs,
+                     what=f"creating the buffers of shape key {_shapes(first)}")
+
+
 class DeviceStepper:
     """The loop's state in device buffers: the UNet shape key's ``sample`` / ``noise_pred`` and that key's
     ``SolverBuffers`` (from ``cache``, the runtime's: one per UNet shape key, made on first use)."""
@@ -249,19 +255,11 @@ class DeviceStepper:
     def __init__(self, unet, solver, feeds, guidance, padded, cfg, x, prev_x0, first_t, cache, context=None):
         self._unet, self._solver, self._real = unet, solver, len(x)
         self._lock = None
-        self._bound = None
-        bound_inputs = {}
-        if context is not None:
-            made = context.device_feeds(feeds)
-            if made is None:
-                return
-            feeds, bound_inputs = made
         xp = pad_rows(x, padded)
         prev = pad_rows(prev_x0, padded) if prev_x0 is not None else np.zeros_like(xp)
         sample = np.concatenate([xp, xp]) if cfg else xp
-        unet_feeds = {**feeds, "sample": sample, "timestep": np.array([first_t], dtype=np.int64)}
-        self._bound = unet.call(lambda: unet.key_buffers(unet_feeds, bound_inputs), may_capture=unet.cuda_graphs,
-                                what=f"creating the buffers of shape key {_shapes(unet_feeds)}")
+        self._bound = unet_key_buffers(unet, feeds, {"sample": sample, "timestep": np.array([first_t], dtype=np.int64)},
+                                       context)
         if self._bound is None:
             return
         self._current = 0  # which (x, prev_x0) pair holds the state now

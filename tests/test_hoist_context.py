@@ -183,3 +183,19 @@ def test_a_missing_context_graph_is_named(tiny_artifacts, tmp_path):
     (folder / "unet_context.onnx").unlink()
     with pytest.raises(ArtifactError, match="is missing unet_context.onnx; rebuild with"):
         AudioLDM2Runtime.load(folder)
+
+
+def test_sessions_without_the_context_graph_are_refused(tiny_artifacts, tmp_path):
+    """A runtime built from sessions (cold_start.py's way) needs the context graph's session too: without it the UNet
+    would be fed the text inputs its step graph no longer reads."""
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+    from audioldm2_trt.runtime.artifacts import load_artifacts
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+    from audioldm2_trt.runtime.errors import InvalidRequestError
+
+    art = load_artifacts(_hoisted_copy(tiny_artifacts, tmp_path / "hoisted"))
+    factory = OrtSessionFactory.for_artifacts(art, "cpu")
+    sessions = factory.create_all({name: art.component_file(name) for name in art.manifest["components"]})
+    with pytest.raises(InvalidRequestError, match="reads the outputs of its context graph \\(unet_context.onnx\\); "
+                                                  "give its session as 'unet_context'"):
+        AudioLDM2Runtime(art, sessions, factory.device)
