@@ -215,6 +215,18 @@ def record(report: dict, row: dict, path: Path) -> None:
     path.write_text(json.dumps(report, indent=1))
 
 
+def through_context(folder: Path, name: str, feeds: dict) -> dict:
+    """The feeds of ``name``'s graph in ``folder``: through its context graph where it has one (the fused UNet's,
+    export/hoist_context.py: run once here, on the GPU), else ``feeds`` as they are."""
+    entry = json.loads((folder / "manifest.json").read_text())["components"][name]
+    context = entry.get("context")
+    if not context:
+        return feeds
+    session = ort.InferenceSession(str(folder / context["file"]), providers=[("CUDAExecutionProvider", {})])
+    made = dict(zip(context["outputs"], session.run(context["outputs"], {k: feeds[k] for k in context["inputs"]})))
+    return {k: v for k, v in {**feeds, **made}.items() if k in context["step_inputs"]}
+
+
 def model_path(folder: Path, name: str) -> Path:
     manifest = json.loads((folder / "manifest.json").read_text())
     return folder / manifest["components"][name]["file"]
@@ -272,10 +284,12 @@ def main() -> None:
                 print(f"{name}: fp16 conversion failed: {err!r}", flush=True)
         for model, (path, tf32_default) in models.items():
             base = COMPONENT_PROVIDER_OPTIONS.get(name) if args.runtime_defaults and model == "fp16_artefact" else None
+            feeds = feeds_for(shapes[name])
+            if model == "fp16_artefact":
+                feeds = through_context(Path(args.fp16), name, feeds)
             for variant in args.variants.split(","):
                 row = timed_row({"component": name, "model": model, "variant": variant,
-                                 **({"base_options": base} if base else {})}, path,
-                                feeds_for(shapes[name]),
+                                 **({"base_options": base} if base else {})}, path, feeds,
                                 OPTION_VARIANTS[variant], args.runs, tf32_default, reference, base)
                 record(report, row, Path(args.out, "sweep.json"))
 
