@@ -43,7 +43,7 @@ def unpack_cross_kv(model) -> int:
     from onnx import helper, numpy_helper
 
     index = GraphIndex(model)
-    changed, dropped, new_inits = 0, set(), []
+    changed, dropped, replaced, new_inits = 0, set(), {}, []
     for node in index.nodes:
         if node.op_type != "MultiHeadAttention" or len(node.input) < 2 or not node.input[1]:
             continue
@@ -62,24 +62,24 @@ def unpack_cross_kv(model) -> int:
         if weight is None or weight.ndim != 2 or weight.shape[1] != heads * 2 * size:
             continue
         per_head = weight.reshape(weight.shape[0], heads, 2, size)
-        outputs = []
+        projections = []
         for j, which in enumerate(("key", "value")):
             w = np.ascontiguousarray(per_head[:, :, j, :].reshape(weight.shape[0], heads * size))
             w_name, out = f"{node.name}_{which}_weight", f"{node.name}_{which}"
             new_inits.append(numpy_helper.from_array(w, w_name))
-            model.graph.node.append(helper.make_node("MatMul", [matmul.input[0], w_name], [out],
-                                                     name=f"{node.name}_{which}_MatMul"))
-            outputs.append(out)
+            projections.append(helper.make_node("MatMul", [matmul.input[0], w_name], [out],
+                                                name=f"{node.name}_{which}_MatMul"))
         inputs = list(node.input) + [""] * (3 - len(node.input))
-        inputs[1:3] = outputs
+        inputs[1:3] = [p.output[0] for p in projections]
         del node.input[:]
         node.input.extend(inputs)
-        dropped.update((id(reshape), id(matmul)))
+        replaced[id(matmul)] = projections  # in the packed MatMul's place: the graph stays topologically sorted
+        dropped.add(id(reshape))
         changed += 1
     if changed:
-        keep = [n for n in model.graph.node if id(n) not in dropped]
+        nodes = [new for n in model.graph.node if id(n) not in dropped for new in replaced.get(id(n), [n])]
         del model.graph.node[:]
-        model.graph.node.extend(_topological(keep))
+        model.graph.node.extend(nodes)
         model.graph.initializer.extend(new_inits)
         _drop_unread_initializers(model)
     return changed
@@ -97,8 +97,8 @@ def split_context(model, context_inputs) -> tuple:
     if missing:
         raise HoistError(f"context inputs {missing} are not inputs of the graph (it has {names})")
     context_set = set(context_inputs)
-    deps = _input_dependencies(model)
     nodes = _topological(list(graph.node))
+    deps = _input_dependencies(graph.input, nodes)
     hoisted = []  # the nodes that read the context inputs and nothing else that changes
     for node in nodes:
         reads = _node_deps(node, deps)
@@ -140,11 +140,11 @@ def split_context(model, context_inputs) -> tuple:
     return step, context, frontier
 
 
-def _input_dependencies(model) -> dict[str, frozenset]:
-    """tensor name → the graph inputs it depends on, through data or through its shape (initializers and constants:
-    none)."""
-    deps = {i.name: frozenset([i.name]) for i in model.graph.input}
-    for node in _topological(list(model.graph.node)):
+def _input_dependencies(inputs, nodes: list) -> dict[str, frozenset]:
+    """tensor name → the graph ``inputs`` it depends on, through data or through its shape (initializers and
+    constants: none). ``nodes``: the graph's, topologically sorted."""
+    deps = {i.name: frozenset([i.name]) for i in inputs}
+    for node in nodes:
         d = _node_deps(node, deps)
         for out in node.output:
             deps[out] = d
