@@ -33,7 +33,9 @@ import onnxruntime as ort
 from audioldm2_trt.export.validate import rel_l2
 
 from audioldm2_trt.runtime.backends.base import Device
-from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, cuda_provider_options
+from audioldm2_trt.runtime.artifacts import load_artifacts
+from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, OrtSessionFactory, cuda_provider_options
+from audioldm2_trt.runtime.denoising import ContextGraph
 
 SECONDS = 10.24  # the benchmark's request length
 
@@ -217,14 +219,15 @@ def record(report: dict, row: dict, path: Path) -> None:
 
 def through_context(folder: Path, name: str, feeds: dict) -> dict:
     """The feeds of ``name``'s graph in ``folder``: through its context graph where it has one (the fused UNet's,
-    export/hoist_context.py: run once here, on the GPU), else ``feeds`` as they are."""
-    entry = json.loads((folder / "manifest.json").read_text())["components"][name]
-    context = entry.get("context")
+    export/hoist_context.py: run once here, on the GPU, as the runtime's ``ContextGraph.host_feeds`` runs it), else
+    ``feeds`` as they are."""
+    art = load_artifacts(folder)
+    context = art.context(name)
     if not context:
         return feeds
-    session = ort.InferenceSession(str(folder / context["file"]), providers=[("CUDAExecutionProvider", {})])
-    made = dict(zip(context["outputs"], session.run(context["outputs"], {k: feeds[k] for k in context["inputs"]})))
-    return {k: v for k, v in {**feeds, **made}.items() if k in context["step_inputs"]}
+    session = OrtSessionFactory.for_artifacts(art, "cuda:0", cuda_graphs=False).create(f"{name}_context",
+                                                                                        art.context_file(name))
+    return ContextGraph(session, context, 1).host_feeds(feeds)
 
 
 def model_path(folder: Path, name: str) -> Path:
