@@ -119,10 +119,8 @@ class _ThroughContext:
 
 def _session(factory, art, name: str):
     session = factory.create(name, art.component_file(name))
-    context = art.context(name)
-    if context is None:
-        return session
-    return _ThroughContext(session, ContextGraph(factory.create(f"{name}_context", art.context_file(name)), context, 1))
+    context = ContextGraph.of_component(factory, art, name)
+    return session if context is None else _ThroughContext(session, context)
 
 
 def as_runtime_feeds(component: str, inputs: dict) -> dict:

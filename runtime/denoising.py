@@ -183,6 +183,15 @@ class ContextGraph:
         self._max_shapes = max_shapes
         self._buffers: dict = {}  # text shape key → the session's private buffers (used under the UNet's lock only)
 
+    @classmethod
+    def of_component(cls, factory, art, name: str) -> "ContextGraph | None":
+        """Component ``name``'s context graph in artefacts ``art``, its session made by ``factory``
+        (``OrtSessionFactory``), for ``host_feeds`` (one shape of device buffers); None where it has none."""
+        entry = art.context(name)
+        if entry is None:
+            return None
+        return cls(factory.create(f"{name}_context", art.context_file(name)), entry, 1)
+
     def host_feeds(self, feeds: dict) -> dict:
         """The UNet step graph's conditioning feeds as host arrays: the context graph's outputs (one run) and the
         feeds the step graph reads itself."""

@@ -222,12 +222,11 @@ def through_context(folder: Path, name: str, feeds: dict) -> dict:
     export/hoist_context.py: run once here, on the GPU, as the runtime's ``ContextGraph.host_feeds`` runs it), else
     ``feeds`` as they are."""
     art = load_artifacts(folder)
-    context = art.context(name)
-    if not context:
+    if art.context(name) is None:
         return feeds
-    session = OrtSessionFactory.for_artifacts(art, "cuda:0", cuda_graphs=False).create(f"{name}_context",
-                                                                                        art.context_file(name))
-    return ContextGraph(session, context, 1).host_feeds(feeds)
+    # cuBLAS's workspace left as it is: the sweep's own sessions are measured with its default
+    factory = OrtSessionFactory.for_artifacts(art, "cuda:0", cuda_graphs=False, cublas_workspace_kib=None)
+    return ContextGraph.of_component(factory, art, name).host_feeds(feeds)
 
 
 def model_path(folder: Path, name: str) -> Path:

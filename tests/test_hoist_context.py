@@ -199,3 +199,13 @@ def test_sessions_without_the_context_graph_are_refused(tiny_artifacts, tmp_path
     with pytest.raises(InvalidRequestError, match="reads the outputs of its context graph \\(unet_context.onnx\\); "
                                                   "give its session as 'unet_context'"):
         AudioLDM2Runtime(art, sessions, factory.device)
+
+
+def test_validate_runs_the_unet_through_its_context_graph(tiny_artifacts, tiny_pipe, tmp_path):
+    """``audioldm2-trt validate`` on a folder whose UNet is cut: the context graph, then the step graph, against
+    PyTorch's UNet, within the fp32 bar."""
+    from audioldm2_trt.export.validate import FP32_TOLERANCE, validate
+
+    checks = validate(_hoisted_copy(tiny_artifacts, tmp_path / "hoisted"), pipe=tiny_pipe, components=["unet"])
+    assert [c.component for c in checks] == ["unet", "unet"]
+    assert all(c.passed and c.rel_l2 < FP32_TOLERANCE for c in checks)
