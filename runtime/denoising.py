@@ -41,6 +41,22 @@ def _shapes(feeds: dict) -> dict:
     return {k: tuple(v.shape) for k, v in feeds.items()}
 
 
+def _holding(unet, make):
+    """``make()`` with the UNet session's lock taken: (its result, the lock, still held until the caller's ``close``),
+    or (None, None) with the lock released where ``make`` returned None; released too where it raised."""
+    lock = unet.held()
+    lock.acquire()
+    try:
+        made = make()
+    except BaseException:
+        lock.release()
+        raise
+    if made is None:
+        lock.release()
+        return None, None
+    return made, lock
+
+
 class HostStepper:
     """The UNet's noise prediction back on the host at every step; guidance and update in numpy.
 
@@ -65,17 +81,10 @@ class HostStepper:
         if context is None:
             return stepper
         if getattr(unet, "bind", False):
-            lock = unet.held()
-            lock.acquire()
-            try:
-                stepper._bound = unet_key_buffers(unet, feeds, stepper._unet_inputs(0), context)
-            except BaseException:
-                lock.release()
-                raise
+            stepper._bound, stepper._lock = _holding(
+                unet, lambda: unet_key_buffers(unet, feeds, stepper._unet_inputs(0), context))
             if stepper._bound is not None:
-                stepper._lock = lock
                 return stepper
-            lock.release()
         stepper._feeds = context.host_feeds(feeds)
         return stepper
 
@@ -248,17 +257,13 @@ class DeviceStepper:
         """Holds the UNet session from here to ``close``; None (and nothing held) when the UNet (or its context
         graph) has no buffers for this shape key (more than ``max_graphs`` shapes): use a HostStepper then.
         ``feeds``: the conditioning feeds; with a ``context`` graph it runs here, its outputs bound as the UNet's."""
-        lock = unet.held()
-        lock.acquire()
-        try:
+        def made():
             stepper = cls(unet, solver, feeds, guidance, padded, cfg, x, prev_x0, first_t, cache, context)
-        except BaseException:
-            lock.release()
-            raise
-        if stepper._bound is None:
-            lock.release()
-            return None
-        stepper._lock = lock
+            return stepper if stepper._bound is not None else None
+
+        stepper, lock = _holding(unet, made)
+        if stepper is not None:
+            stepper._lock = lock
         return stepper
 
     def __init__(self, unet, solver, feeds, guidance, padded, cfg, x, prev_x0, first_t, cache, context=None):

@@ -209,3 +209,19 @@ def test_validate_runs_the_unet_through_its_context_graph(tiny_artifacts, tiny_p
     checks = validate(_hoisted_copy(tiny_artifacts, tmp_path / "hoisted"), pipe=tiny_pipe, components=["unet"])
     assert [c.component for c in checks] == ["unet", "unet"]
     assert all(c.passed and c.rel_l2 < FP32_TOLERANCE for c in checks)
+
+
+def test_past_max_graphs_the_context_graph_feeds_the_host_loop(tiny_artifacts, tmp_path):
+    """With no shape key left (max_graphs=0) neither stepper gets device buffers: the loop runs on the host with the
+    context graph's outputs as host arrays, gives the uncut UNet's audio and leaves the UNet free."""
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    folder = _hoisted_copy(tiny_artifacts, tmp_path / "hoisted")
+    cut = AudioLDM2Runtime.load(folder, device="cpu", device_loop=True, max_graphs=0)
+    whole = AudioLDM2Runtime.load(tiny_artifacts, device="cpu")
+    call = dict(prompt="rain on a roof", seed=1, num_inference_steps=3)
+    np.testing.assert_allclose(cut(**call).audios, whole(**call).audios, rtol=0, atol=1e-6)
+    unet = cut._sessions["unet"]
+    assert unet.held().acquire(blocking=False)
+    unet.held().release()
+    assert unet.stats.uncaptured_keys > 0 and not unet.stats.keys  # the host loop's runs, no buffers of its own
