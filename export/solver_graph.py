@@ -6,15 +6,25 @@ One step of classifier-free guidance and the DPM-Solver++ / DDIM update (``runti
     x0       = (x − σ_s · eps) / α_s
     x_next   = c_x · x + c_0 · x0 + c_1 · prev_x0
 
-Inputs   noise_pred    float32 [K·P, C, F, M]  the UNet's output, K = 2 under CFG ([uncond; text]) else 1
-         x             float32 [P, C, F, M]    latents
-         prev_x0       float32 [P, C, F, M]    the previous step's x0 (zeros before the first)
-         guidance      float32 [P, 1, 1, 1]
-         coefficients  float32 [5]             σ_s, α_s, c_x, c_0, c_1 of this step (``Plan.coefficients``)
-Outputs  x_next        float32 [P, C, F, M]
-         x0            float32 [P, C, F, M]
-         sample_next   float32 [K·P, C, F, M]  x_next K times over: the UNet's next ``sample``
-         row_check     float32 [P]             Σ eps·0 per row: 0 where the row's guided noise is finite, NaN if not
+The step reads its coefficients and hands the UNet its next timestep from tables that hold the whole plan, indexed
+by a step counter the graph advances itself: a loop of such steps needs nothing from the host between them, so the
+host can queue step i + 1 before step i has finished (runtime/denoising.py).
+
+Inputs   noise_pred         float32 [K·P, C, F, M]  the UNet's output, K = 2 under CFG ([uncond; text]) else 1
+         x                  float32 [P, C, F, M]    latents
+         prev_x0            float32 [P, C, F, M]    the previous step's x0 (zeros before the first)
+         guidance           float32 [P, 1, 1, 1]
+         step               int64   [1]             i, this step's index in the plan
+         coefficient_table  float32 [S, 5]          row i: σ_s, α_s, c_x, c_0, c_1 of step i
+                                                    (``Plan.coefficient_table``)
+         timestep_table     int64   [S + 1]         entry i: step i's timestep (``Plan.timestep_table``)
+Outputs  x_next             float32 [P, C, F, M]
+         x0                 float32 [P, C, F, M]
+         sample_next        float32 [K·P, C, F, M]  x_next K times over: the UNet's next ``sample``
+         step_next          int64   [1]             i + 1
+         timestep_next      int64   [1]             timestep_table[i + 1]: the UNet's next ``timestep``
+         row_check          float32 [P]             Σ eps·0 per row: 0 where the row's guided noise is finite,
+                                                    NaN if not
 
 The runtime ships the graph (``runtime/graphs/solver_step.onnx``, written by ``python -m
 audioldm2_trt.export.solver_graph``); it holds no weights and does not depend on the model.
@@ -33,7 +43,7 @@ def build_solver_step():
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    f32 = TensorProto.FLOAT
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     const = lambda name, value: helper.make_node(  # noqa: E731
         "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
     nodes = [
@@ -50,8 +60,12 @@ def build_solver_step():
         helper.make_node("Sub", ["text", "uncond"], ["delta"]),
         helper.make_node("Mul", ["guidance", "delta"], ["guided_delta"]),
         helper.make_node("Add", ["uncond", "guided_delta"], ["eps"]),
-        # coefficients
+        # this step's coefficients (row ``step`` of the table), the next step's index and timestep
+        helper.make_node("Gather", ["coefficient_table", "step"], ["step_row"], axis=0),  # [1, 5]
+        helper.make_node("Reshape", ["step_row", "minus_one"], ["coefficients"]),  # [5]
         helper.make_node("Split", ["coefficients"], ["sigma_s", "alpha_s", "c_x", "c_0", "c_1"], axis=0),  # [1] each
+        helper.make_node("Add", ["step", "one_1d"], ["step_next"]),
+        helper.make_node("Gather", ["timestep_table", "step_next"], ["timestep_next"], axis=0),
         # x0 = (x - sigma_s * eps) / alpha_s
         helper.make_node("Mul", ["sigma_s", "eps"], ["sigma_eps"]),
         helper.make_node("Sub", ["x", "sigma_eps"], ["x_minus"]),
@@ -80,10 +94,14 @@ def build_solver_step():
          helper.make_tensor_value_info("x", f32, latent),
          helper.make_tensor_value_info("prev_x0", f32, latent),
          helper.make_tensor_value_info("guidance", f32, ["P", 1, 1, 1]),
-         helper.make_tensor_value_info("coefficients", f32, [5])],
+         helper.make_tensor_value_info("step", i64, [1]),
+         helper.make_tensor_value_info("coefficient_table", f32, ["S", 5]),
+         helper.make_tensor_value_info("timestep_table", i64, ["S1"])],
         [helper.make_tensor_value_info("x_next", f32, latent),
          helper.make_tensor_value_info("x0", f32, latent),
          helper.make_tensor_value_info("sample_next", f32, ["KP", "C", "F", "M"]),
+         helper.make_tensor_value_info("step_next", i64, [1]),
+         helper.make_tensor_value_info("timestep_next", i64, [1]),
          helper.make_tensor_value_info("row_check", f32, ["P"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="audioldm2_trt")
     model.ir_version = 8  # readable by every onnxruntime the project supports (>= 1.17)

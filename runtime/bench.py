@@ -3,7 +3,8 @@
 Measures this runtime alone, with nothing but the runtime's own dependencies; ``scripts/benchmark.py`` runs the
 diffusers peers (eager and ``torch.compile``d) beside it in one process, which needs torch. Every timed call returns
 its audio to the host, so each wall-clock time covers the GPU work it launched; the denoising loop reads each step's
-finiteness flags back to the host, so the per-step times are synchronised too. On CUDA it also reports the GPU's
+finiteness flags back to the host once the step has run (with the steps queued one ahead, while the next one runs),
+so the per-step times are synchronised too. On CUDA it also reports the GPU's
 used memory above its level before loading, as NVML reads it (``backends/nvml.py``, the scripts' measure too).
 """
 
@@ -121,6 +122,7 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
     result = {"artifacts": str(folder), "precision": rt.artifacts.precision, "device": str(rt.device),
               "gpu": _gpu_name(rt.device), "onnxruntime": _onnxruntime_version(), "request": request.kwargs(),
               "load_s": load_s, "cold_start_s": load_s + timed["first_s"], **timed,
+              "queued_steps": health["queued_steps"] if health["device_loop"] else None,
               "without_cuda_graphs": sorted(n for n, c in health["components"].items()
                                             if rt.device.kind == "cuda" and c["graphs"] == 0),
               "gpu_memory_mib": None}
@@ -161,6 +163,8 @@ def report(result: dict) -> str:
         f"{result['audio_s'] * req['num_waveforms_per_prompt'] / result['median_s']:.1f} s of audio per second",
         f"stages, median ms: {rows}",
     ]
+    if result.get("queued_steps") is not None:
+        lines.append(f"denoising steps {'queued one ahead' if result['queued_steps'] else 'each waited for'}")
     mem = result.get("gpu_memory_mib")
     if mem:
         lines.append(f"GPU memory (NVML, whole device, above {mem['before_load']:.0f} MiB in use before load): "

@@ -51,6 +51,9 @@ def add_commands(sub) -> None:
     b.add_argument("--scheduler", default=BenchRequest.scheduler, choices=SCHEDULERS)
     b.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     b.add_argument("--backend", default="ort", choices=["ort", "ort-trt", "trt"])
+    b.add_argument("--queued-steps", choices=["on", "off"], default=None,
+                   help="the denoising loop's steps queued one ahead on CUDA (on: the default where it applies) or "
+                        "each waited for (off)")
     b.add_argument("--json", help="also write the result, every warm call's time included, to this JSON file")
     b.set_defaults(run=run_bench)
 
@@ -141,7 +144,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     request = BenchRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seconds,
                            args.waveforms, args.scheduler)
-    result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend)
+    options = {} if args.queued_steps is None else {"queued_steps": args.queued_steps == "on"}
+    result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend, **options)
     print(report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -6,9 +6,10 @@ Two steppers with one interface, chosen by the pipeline:
   and the update run in numpy (``Plan.update``, float64).
 - ``DeviceStepper`` (ONNX Runtime with I/O binding: CUDA, or the CPU in tests): latents never leave the
   device between steps. The UNet's output buffer feeds the solver-step graph (``runtime/graphs/
-  solver_step.onnx``, float32), which writes the UNet's next ``sample`` in place; per step only the
-  timestep and 5 coefficients go in and one float per row (``row_check``: NaN for a non-finite row) comes
-  back. The solver step's buffers belong to the UNet's shape key and live as long as the runtime
+  solver_step.onnx``, float32), which writes the UNet's next ``sample`` and ``timestep`` in place and reads its
+  coefficients from the plan's tables, loaded once per loop; per step nothing goes in and one float per row
+  (``row_check``: NaN for a non-finite row) comes back — on CUDA one step late, the next step queued already.
+  The solver step's buffers belong to the UNet's shape key and live as long as the runtime
   (``SolverBuffers``), so that on CUDA the solver step is a captured graph too. It holds the UNet session
   (``OrtSession.held``) from ``open`` to ``close``: another thread's run would overwrite the conditioning,
   latents and solver state kept in that shape key's buffers.
@@ -144,36 +145,63 @@ class HostStepper:
 @dataclass
 class SolverBuffers:
     """The solver step's device buffers for one UNet shape key, kept as long as the runtime: its two bindings (one
-    reads the (x, prev_x0) pair the other writes) then keep their addresses, so the solver step runs as a CUDA graph
-    of its own, as the UNet does (full size on the H100, run AG: 0.10 instead of 0.34 ms a step, 170 instead of
-    176 ms a request; docs/benchmarks.md).
+    reads the (x, prev_x0, step) triple the other writes) then keep their addresses, so the solver step runs as a
+    CUDA graph of its own, as the UNet does (full size on the H100, run AG: 0.10 instead of 0.34 ms a step, 170
+    instead of 176 ms a request; docs/benchmarks.md).
 
-    xs, prevs     float32 [P, C, F, M] × 2   the state, read from pair a and written to pair 1 - a at each step
-    guidance      float32 [P, 1, 1, 1]
-    coefficients  float32 [5]                this step's (``Plan.coefficients``)
-    row_check     float32 [P]                NaN where a row's guided noise was not finite
-    bindings      two ``graph_binding``s of the solver-step session, a = 0 and a = 1
+    xs, prevs          float32 [P, C, F, M] × 2   the state, read from pair a and written to pair 1 - a at each step
+    steps              int64 [1] × 2              the step counter, read from a, advanced into 1 - a
+    guidance           float32 [P, 1, 1, 1]
+    coefficient_table  float32 [S, 5]             the plan's coefficients (``Plan.coefficient_table``)
+    timestep_table     int64 [S + 1]              its timesteps (``Plan.timestep_table``): binding a writes the next
+                                                  one into the UNet's ``timestep`` input
+    row_checks         float32 [P] × 2            binding a's: NaN where a row's guided noise was not finite
+    bindings           two ``graph_binding``s of the solver-step session, a = 0 and a = 1
+    events             two events of the loop's stream, one recorded behind each binding's step (None without one)
+    S (``capacity``) is the scheduler's ``num_train_timesteps``, more than any plan's steps.
     """
 
     unet_key: object  # the UNet's buffers (``_Bound``) these belong to
     xs: list
     prevs: list
+    steps: list
     guidance: object
-    coefficients: object
-    row_check: object
+    coefficient_table: object
+    timestep_table: object
+    row_checks: list
     bindings: list
+    events: list | None
 
     @classmethod
-    def allocate(cls, solver, unet_key, rows: int, shape: tuple) -> "SolverBuffers":
-        """(inside the UNet's ``call``) Zeroed buffers for ``rows`` padded rows of latents ``shape`` [C, F, M]."""
-        zeros = lambda *dims: solver.value(np.zeros(dims, np.float32))  # noqa: E731
-        xs, prevs = [zeros(rows, *shape), zeros(rows, *shape)], [zeros(rows, *shape), zeros(rows, *shape)]
-        guidance, coefficients, row_check = zeros(rows, 1, 1, 1), zeros(5), zeros(rows)
-        common_in = {"noise_pred": unet_key.outputs["noise_pred"], "guidance": guidance, "coefficients": coefficients}
-        common_out = {"sample_next": unet_key.inputs["sample"], "row_check": row_check}
-        bindings = [solver.graph_binding({**common_in, "x": xs[a], "prev_x0": prevs[a]},
-                                         {**common_out, "x_next": xs[1 - a], "x0": prevs[1 - a]}) for a in (0, 1)]
-        return cls(unet_key, xs, prevs, guidance, coefficients, row_check, bindings)
+    def allocate(cls, solver, unet_key, rows: int, shape: tuple, capacity: int, stream=None) -> "SolverBuffers":
+        """(inside the UNet's ``call``) Zeroed buffers for ``rows`` padded rows of latents ``shape`` [C, F, M] and
+        plans of up to ``capacity`` steps; ``stream``: the loop's ``CudaStream``, if the UNet and solver share one."""
+        zeros = lambda *dims, dtype=np.float32: solver.value(np.zeros(dims, dtype))  # noqa: E731
+        pair = lambda *dims, dtype=np.float32: [zeros(*dims, dtype=dtype), zeros(*dims, dtype=dtype)]  # noqa: E731
+        xs, prevs, steps, row_checks = pair(rows, *shape), pair(rows, *shape), pair(1, dtype=np.int64), pair(rows)
+        guidance, coefficient_table = zeros(rows, 1, 1, 1), zeros(capacity, 5)
+        timestep_table = zeros(capacity + 1, dtype=np.int64)
+        common_in = {"noise_pred": unet_key.outputs["noise_pred"], "guidance": guidance,
+                     "coefficient_table": coefficient_table, "timestep_table": timestep_table}
+        common_out = {"sample_next": unet_key.inputs["sample"], "timestep_next": unet_key.inputs["timestep"]}
+        bindings = [solver.graph_binding({**common_in, "x": xs[a], "prev_x0": prevs[a], "step": steps[a]},
+                                         {**common_out, "x_next": xs[1 - a], "x0": prevs[1 - a],
+                                          "step_next": steps[1 - a], "row_check": row_checks[a]}) for a in (0, 1)]
+        events = [stream.event(), stream.event()] if stream is not None else None
+        return cls(unet_key, xs, prevs, steps, guidance, coefficient_table, timestep_table, row_checks, bindings,
+                   events)
+
+    @property
+    def capacity(self) -> int:
+        return self.coefficient_table.shape()[0]
+
+    def load_plan(self, plan: Plan, start: int, pair: int) -> None:
+        """(inside the UNet's ``call``, nothing queued) The plan's tables, step ``start`` as the counter of ``pair``
+        and its timestep as the UNet's."""
+        self.coefficient_table.update_inplace(plan.coefficient_table(self.capacity))
+        self.timestep_table.update_inplace(plan.timestep_table(self.capacity))
+        self.steps[pair].update_inplace(np.array([start], np.int64))
+        self.unet_key.inputs["timestep"].update_inplace(np.array([plan.timesteps[start]], np.int64))
 
 
 class ContextGraph:
@@ -248,17 +276,25 @@ def unet_key_buffers(unet, feeds: dict, unet_inputs: dict, context: ContextGraph
 
 class DeviceStepper:
     """The loop's state in device buffers: the UNet shape key's ``sample`` / ``noise_pred`` and that key's
-    ``SolverBuffers`` (from ``cache``, the runtime's: one per UNet shape key, made on first use)."""
+    ``SolverBuffers`` (from ``cache``, the runtime's: one per UNet shape key, made on first use).
+
+    Where the UNet and the solver step run on one stream (``OrtSession.stream``: the factory's ``loop_stream``, CUDA)
+    and their graphs are captured, the steps are queued: step i + 1 goes onto the stream before step i's finiteness
+    flags are read (after an event recorded behind it), so the GPU does not wait for the host between steps; the
+    flags, the progress callback and cancellation then act one step late, and a loop stopped after step i drops
+    step i + 1 (its writes go to the pair that held step i - 1's state: step i's is intact). Elsewhere each step is
+    waited for before the next."""
 
     @classmethod
     def open(cls, unet, solver, feeds: dict, guidance: np.ndarray, padded: int, cfg: bool, x: np.ndarray,
-             prev_x0: np.ndarray | None, first_t: int, cache: dict,
+             prev_x0: np.ndarray | None, first_t: int, cache: dict, capacity: int,
              context: ContextGraph | None = None) -> "DeviceStepper | None":
         """Holds the UNet session from here to ``close``; None (and nothing held) when the UNet (or its context
         graph) has no buffers for this shape key (more than ``max_graphs`` shapes): use a HostStepper then.
-        ``feeds``: the conditioning feeds; with a ``context`` graph it runs here, its outputs bound as the UNet's."""
+        ``feeds``: the conditioning feeds; with a ``context`` graph it runs here, its outputs bound as the UNet's.
+        ``capacity``: the most steps a plan may have (the solver's tables)."""
         def made():
-            stepper = cls(unet, solver, feeds, guidance, padded, cfg, x, prev_x0, first_t, cache, context)
+            stepper = cls(unet, solver, feeds, guidance, padded, cfg, x, prev_x0, first_t, cache, capacity, context)
             return stepper if stepper._bound is not None else None
 
         stepper, lock = _holding(unet, made)
@@ -266,9 +302,12 @@ class DeviceStepper:
             stepper._lock = lock
         return stepper
 
-    def __init__(self, unet, solver, feeds, guidance, padded, cfg, x, prev_x0, first_t, cache, context=None):
+    def __init__(self, unet, solver, feeds, guidance, padded, cfg, x, prev_x0, first_t, cache, capacity,
+                 context=None):
         self._unet, self._solver, self._real = unet, solver, len(x)
         self._lock = None
+        stream = getattr(unet, "stream", None)
+        self._stream = stream if stream is not None and getattr(solver, "stream", None) is stream else None
         xp = pad_rows(x, padded)
         prev = pad_rows(prev_x0, padded) if prev_x0 is not None else np.zeros_like(xp)
         sample = np.concatenate([xp, xp]) if cfg else xp
@@ -276,15 +315,17 @@ class DeviceStepper:
                                        context)
         if self._bound is None:
             return
-        self._current = 0  # which (x, prev_x0) pair holds the state now
-        self._buffers = unet.call(lambda: self._load(cache, xp, prev, pad_rows(guidance, padded)),
+        self._current = 0  # which (x, prev_x0, step) triple holds the state now
+        self._planned = None  # the plan whose tables are loaded
+        self._buffers = unet.call(lambda: self._load(cache, xp, prev, pad_rows(guidance, padded), capacity),
                                   what="loading the solver step's buffers")
 
-    def _load(self, cache: dict, xp, prev, guidance) -> SolverBuffers:
+    def _load(self, cache: dict, xp, prev, guidance, capacity: int) -> SolverBuffers:
         """This UNet key's solver buffers (made on first use) with the loop's starting state copied in."""
         buffers = cache.get(id(self._bound))
         if buffers is None or buffers.unet_key is not self._bound:
-            buffers = cache[id(self._bound)] = SolverBuffers.allocate(self._solver, self._bound, len(xp), xp.shape[1:])
+            buffers = cache[id(self._bound)] = SolverBuffers.allocate(self._solver, self._bound, len(xp), xp.shape[1:],
+                                                                      capacity, self._stream)
         buffers.xs[0].update_inplace(np.ascontiguousarray(xp))
         buffers.prevs[0].update_inplace(np.ascontiguousarray(prev))
         buffers.guidance.update_inplace(np.ascontiguousarray(guidance))
@@ -292,9 +333,10 @@ class DeviceStepper:
 
     def run(self, plan: Plan, start: int, after_step) -> int:
         """As ``HostStepper.run``, with the steps on the UNet's worker thread: one hand-off there and back for all
-        the steps that capture no CUDA graph, one per step while one may (those hold the capture guard exclusively).
-        ``after_step`` runs on that thread too, between steps; an exception it raises comes back as it is. (A
-        hand-off a step cost 0.14 ms of host time each, 4 ms a request, on the H100: run AH, docs/benchmarks.md.)"""
+        the steps that capture no CUDA graph, one per step while one may (those hold the capture guard exclusively
+        and are waited for one by one). ``after_step`` runs on that thread too, between steps; an exception it raises
+        comes back as it is. (A hand-off a step cost 0.14 ms of host time each, 4 ms a request, on the H100: run AH,
+        docs/benchmarks.md.)"""
         i, stopped = start, False
         while i < len(plan.timesteps) and not stopped:
             capturing = self._may_capture()
@@ -312,36 +354,83 @@ class DeviceStepper:
 
     def _steps(self, plan: Plan, first: int, after_step, only_one: bool):
         """(inside the UNet's ``call``) Steps from ``first`` until ``after_step`` says stop or the plan ends (or
-        after one step if ``only_one``); returns (the next step, whether ``after_step`` said stop, what it raised)."""
-        i = first
-        while i < len(plan.timesteps):
-            finite = self._device_step(i, int(plan.timesteps[i]), plan)
-            i += 1
-            try:
-                go_on = after_step(i - 1, finite)
-            except BaseException as err:  # the caller's (a progress callback's), not the backend's
-                return i, True, err
-            if not go_on:
-                return i, True, None
-            if only_one:
-                break
-        return i, False, None
-
-    def _device_step(self, i: int, t: int, plan: Plan) -> np.ndarray:
-        """(inside the UNet's ``call``) Step i at timestep t: the UNet's replay, then the solver step; returns
-        bool [R]: which rows' guided noise was finite. An ONNX Runtime error names the step."""
-        solver_key = self._buffers.bindings[self._current]
+        after one step, waited for, if ``only_one``); returns (the next step, whether ``after_step`` said stop,
+        what it raised). Nothing of it is left on the stream when it returns."""
+        if self._planned is not plan:
+            self._buffers.load_plan(plan, first, self._current)
+            self._planned = plan
+        last = first + 1 if only_one else len(plan.timesteps)
+        ahead = self._stream is not None and not only_one  # queue step i + 1 before reading step i's flags
+        pending = None  # (ahead) the step queued before, its flags not read yet
         try:
-            self._unet.replay(self._bound, {"timestep": np.array([t], dtype=np.int64)})
-            self._buffers.coefficients.update_inplace(plan.coefficients(i))
-            self._solver.replay(solver_key, {})
-            self._current = 1 - self._current
-            check = np.array(self._buffers.row_check.numpy(), copy=True)
+            for i in range(first, last):
+                queued = self._queue_step(i, wait=not ahead)
+                if pending is not None:
+                    stop, raised = self._report(pending, after_step)
+                    if stop:
+                        self._drop(queued)
+                        return i, True, raised
+                if ahead:
+                    pending = queued
+                    continue
+                stop, raised = self._report(queued, after_step)
+                if stop:
+                    return i + 1, True, raised
+            if pending is not None:
+                stop, raised = self._report(pending, after_step)
+                return last, stop, raised
+            return last, False, None
+        except BaseException:
+            self._settle()
+            raise
+
+    def _queue_step(self, i: int, wait: bool) -> tuple[int, int]:
+        """(inside the UNet's ``call``) Step i — the UNet's replay, then the solver step, which writes the next
+        sample, timestep and counter — queued on the stream (waited for where ``wait`` or where it cannot queue);
+        returns (i, the pair it read). An ONNX Runtime error names the step."""
+        a = self._current
+        try:
+            self._unet.replay(self._bound, {}, wait=wait)
+            self._solver.replay(self._buffers.bindings[a], {}, wait=wait)
+            if self._stream is not None:
+                self._stream.record(self._buffers.events[a])
         except BackendError:
             raise
         except Exception as err:
             raise self._unet.failure(f"denoising step {i} (UNet, then the solver step) on the device", err) from err
-        return np.isfinite(check[: self._real])
+        self._current = 1 - a
+        return i, a
+
+    def _report(self, queued: tuple[int, int], after_step) -> tuple[bool, BaseException | None]:
+        """Wait for a queued step, read its rows' finiteness and call ``after_step`` with it; returns (stop, what
+        ``after_step`` raised)."""
+        i, a = queued
+        try:
+            if self._stream is not None:
+                self._stream.wait(self._buffers.events[a])
+            check = np.array(self._buffers.row_checks[a].numpy(), copy=True)
+        except Exception as err:
+            raise self._unet.failure(f"denoising step {i} (UNet, then the solver step) on the device", err) from err
+        try:
+            go_on = after_step(i, np.isfinite(check[: self._real]))
+        except BaseException as err:  # the caller's (a progress callback's), not the backend's
+            return True, err
+        return not go_on, None
+
+    def _drop(self, queued: tuple[int, int]) -> None:
+        """A queued step whose results are not wanted: wait for it; the state stays the one it read."""
+        i, a = queued
+        if self._stream is not None:
+            self._stream.wait(self._buffers.events[a])
+        self._current = a
+
+    def _settle(self) -> None:
+        """After an error: let whatever is queued run out before the buffers are used again."""
+        if self._stream is not None:
+            try:
+                self._stream.synchronize()
+            except Exception:  # the error being raised says more
+                pass
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, prev_x0) of the R rows now, copied to the host."""

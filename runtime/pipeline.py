@@ -91,7 +91,7 @@ class AudioLDM2Runtime:
              tf32: bool | None = None, provider_options: dict | None = None,
              device_loop: bool | None = None, ranking: bool = True,
              cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
-             packed_weights=None) -> "AudioLDM2Runtime":
+             packed_weights=None, queued_steps: bool | None = None) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
@@ -107,6 +107,11 @@ class AudioLDM2Runtime:
         device_loop (backend "ort"): keep the denoising loop's latents on the device, guidance and the solver
         update in a small ONNX graph (denoising.py); None = on CUDA with the default provider, off elsewhere;
         True on the CPU binds every session (for tests).
+        queued_steps (the device loop on CUDA, default provider, CUDA graphs): the UNet, its context graph and the
+        solver step share one CUDA stream, and each step is queued behind the one before without waiting for it
+        (``denoising.DeviceStepper``): the GPU does not idle while the host reads a step's finiteness flags and calls
+        back; those then come one step late. None = on wherever it applies, False = every step waited for, True = on
+        and an error where it does not apply.
         ranking: open CLAP's audio branch (and its log-mel features graph), which ranks several waveforms per
         prompt. ``ranking=False`` leaves those sessions out — for a server that asks for one waveform per prompt:
         less GPU memory and a shorter load — and a request for more than one waveform per prompt is then an error.
@@ -142,6 +147,8 @@ class AudioLDM2Runtime:
         if shared_arena and (backend != "ort" or providers is not None):
             raise InvalidRequestError(f"shared_arena applies to backend 'ort' with the default provider; got backend "
                                       f"{backend!r}, providers {'given' if providers is not None else 'default'}")
+        if queued_steps and backend != "ort":
+            raise InvalidRequestError(f"queued_steps applies to backend 'ort' (its device loop); got backend {backend!r}")
         if packed_weights not in (None, False) and (backend != "ort" or providers is not None):
             raise InvalidRequestError(f"packed_weights applies to backend 'ort' with the default provider; got backend "
                                       f"{backend!r}, providers {'given' if providers is not None else 'default'}")
@@ -158,11 +165,16 @@ class AudioLDM2Runtime:
             raise InvalidRequestError(f"provider_options name unknown components {unknown}; components: {sorted(files)}")
         if device_loop is None:
             device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
+        if queued_steps and not (device_loop and dev.kind == "cuda" and providers is None and cuda_graphs):
+            raise InvalidRequestError("queued_steps needs the device loop on CUDA with the default provider and CUDA "
+                                      f"graphs (backend {backend!r}, device {dev}, device_loop {device_loop}, "
+                                      f"cuda_graphs {cuda_graphs!r})")
         factory = OrtSessionFactory.for_artifacts(
             art, dev, providers=providers, threads=threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
             tf32=default_tf32(art.precision) if tf32 is None else tf32, component_options=provider_options,
             bind=True if device_loop else None, cublas_workspace_kib=cublas_workspace_kib,
-            shared_arena=shared_arena, packed_weights=packed_weights)
+            shared_arena=shared_arena, packed_weights=packed_weights,
+            loop_stream=queued_steps if device_loop else False)
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH) if device_loop else None
         runtime = cls(art, sessions, factory.device, solver)
@@ -209,6 +221,7 @@ class AudioLDM2Runtime:
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
+            "queued_steps": self._solver_step is not None and getattr(self._solver_step, "stream", None) is not None,
             "ranking": self.ranking, "shared_arena": self.shared_arena,
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG") if self.device.kind == "cuda" else None,
             "ranking_features": None if not self.ranking else "graph" if self._features_graph is not None else "host",
@@ -348,7 +361,7 @@ class AudioLDM2Runtime:
         unet, context = self._sessions["unet"], self._unet_context
         if self._solver_step is not None:
             stepper = DeviceStepper.open(unet, self._solver_step, feeds, guidance, padded, cfg, xs, prevs, t,
-                                         self._solver_buffers, context)
+                                         self._solver_buffers, self._scheduler_config["num_train_timesteps"], context)
             if stepper is not None:
                 return stepper
         return HostStepper.open(unet, feeds, guidance, padded, cfg, xs, prevs, context)

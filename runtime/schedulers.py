@@ -79,6 +79,28 @@ class Plan:
         """float32 [5]: σ_s, α_s, c_x, c_0, c_1 of step i, as the solver-step graph takes them."""
         return np.array([self.sig_s[i], self.alp_s[i], self.cx[i], self.c0[i], self.c1[i]], dtype=np.float32)
 
+    def coefficient_table(self, capacity: int) -> np.ndarray:
+        """float32 [capacity, 5]: row i is ``coefficients(i)``, rows past the plan's steps zero (the solver-step
+        graph's table, sized once for every plan: see export/solver_graph.py)."""
+        steps = len(self.timesteps)
+        self._check_capacity(capacity)
+        table = np.zeros((capacity, 5), np.float32)
+        table[:steps] = np.stack([self.sig_s, self.alp_s, self.cx, self.c0, self.c1], axis=1).astype(np.float32)
+        return table
+
+    def timestep_table(self, capacity: int) -> np.ndarray:
+        """int64 [capacity + 1]: entry i is step i's timestep; entries from the plan's end on repeat its last (what
+        the graph hands the UNet after the last step, never run)."""
+        steps = len(self.timesteps)
+        self._check_capacity(capacity)
+        table = np.full(capacity + 1, self.timesteps[-1], np.int64)
+        table[:steps] = self.timesteps
+        return table
+
+    def _check_capacity(self, capacity: int) -> None:
+        if len(self.timesteps) > capacity:
+            raise ValueError(f"a plan of {len(self.timesteps)} steps does not fit a table of {capacity}")
+
 
 def make_plan(kind: str, cfg: dict, steps: int) -> Plan:
     if kind == "dpmsolver++":

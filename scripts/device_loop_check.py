@@ -1,4 +1,5 @@
-"""The denoising loop on the device against the loop on the host, on CUDA, same artefacts, same requests.
+"""The denoising loop on the device against the loop on the host, on CUDA, same artefacts, same requests; and the
+device loop's steps queued one ahead (the default on CUDA) against each step waited for (``queued_steps=False``).
 
     python scripts/device_loop_check.py [--artifacts DIR] --out DIR
 
@@ -7,7 +8,11 @@ prompt, guidance 1.0, DDIM, 3 waveforms ranked, two prompts in one batch) both r
 seed; the waveform relative L2 between them is reported (float32 solver step on the device vs float64 numpy
 on the host: expect ~1e-6 in fp32, more where fp16 UNet outputs amplify it). Ranked requests also report it with each
 prompt's waveforms matched to the closest order, and both sides' CLAP scores: with random weights the scores nearly
-tie (2.6e-6 apart in run AH), so fp16 noise may swap two waveforms. Writes device_loop_check.json.
+tie (2.6e-6 apart in run AH), so fp16 noise may swap two waveforms. The queued and step-by-step device loops run the
+same graphs in the same order: their waveforms should be equal. One more case stops a loop in the middle: a batch of
+two requests, the second cancelled by its own progress callback at step 7, so that the queued loop drops the step
+it had queued and goes on with the first request alone; the first request's audio is compared with its run alone on
+each loop. Writes device_loop_check.json.
 """
 
 from __future__ import annotations
@@ -60,21 +65,29 @@ def main() -> None:
         folder = export(Source(random_config="tiny"), Path("/tmp/tiny-check"), overwrite=True)
     device = AudioLDM2Runtime.load(folder, device=args.device, device_loop=True)  # the default on CUDA
     host = AudioLDM2Runtime.load(folder, device=args.device, device_loop=False)
+    stepwise = AudioLDM2Runtime.load(folder, device=args.device, device_loop=True, queued_steps=False)
     assert device._solver_step is not None and host._solver_step is None
+    health = {"device": device.health()["queued_steps"], "stepwise": stepwise.health()["queued_steps"]}
+    print("queued_steps:", health, flush=True)
+    seconds = 10.24 if args.artifacts else 2.0
     rows = {}
     for name, kw in CASES.items():
-        kw = {"num_inference_steps": 20, "audio_length_in_s": 10.24 if args.artifacts else 2.0, "seed": 3, **kw}
-        a, b = device(**kw), host(**kw)
+        kw = {"num_inference_steps": 20, "audio_length_in_s": seconds, "seed": 3, **kw}
+        a, b, c = device(**kw), host(**kw), stepwise(**kw)
         rel = rel_l2(a.audios, b.audios)
         rows[name] = {"rel_l2_device_vs_host": rel, "finite": bool(np.isfinite(a.audios).all()),
-                      "rms": float(np.sqrt((a.audios ** 2).mean()))}
+                      "rms": float(np.sqrt((a.audios ** 2).mean())),
+                      "queued_equals_stepwise": bool(np.array_equal(a.audios, c.audios)),
+                      "rel_l2_queued_vs_stepwise": rel_l2(a.audios, c.audios)}
         if a.scores is not None:  # ranked: near-tied CLAP scores may order the same waveforms differently
             order = matched_order(a.audios, b.audios, kw.get("num_waveforms_per_prompt", 1))
             rows[name].update(rel_l2_rows_matched=rel_l2(a.audios[order], b.audios), same_order=order == sorted(order),
                               scores_device=a.scores.tolist(), scores_host=b.scores.tolist())
         print(name, json.dumps(rows[name]), flush=True)
+    rows["cancel-mid-loop"] = cancel_mid_loop({"queued": device, "stepwise": stepwise, "host": host}, seconds)
+    print("cancel-mid-loop", json.dumps(rows["cancel-mid-loop"]), flush=True)
     timing = {}
-    for label, rt in (("device", device), ("host", host)):
+    for label, rt in (("device", device), ("stepwise", stepwise), ("host", host)):
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
@@ -85,7 +98,31 @@ def main() -> None:
     print("median of 5 (s):", timing, flush=True)
     Path(args.out, "device_loop_check.json").write_text(json.dumps(
         {"artifacts": str(folder), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-         "cases": rows, "median_s": timing}, indent=1))
+         "queued_steps": health, "cases": rows, "median_s": timing}, indent=1))
+
+
+def cancel_mid_loop(runtimes: dict, seconds: float) -> dict:
+    """Per loop: a batch of two requests, the second cancelled by its own callback at step 7 of 20; the first
+    request's audio against its run alone on the same runtime, and against the host loop's batch."""
+    import threading
+
+    from audioldm2_trt.runtime.errors import RequestCancelled
+
+    kw = dict(num_inference_steps=20, audio_length_in_s=seconds, negative_prompt="low quality")
+    out, audio = {}, {}
+    for label, rt in runtimes.items():
+        cancel = threading.Event()
+        items = [rt.prepare("rain on a tin roof", seed=11, **kw),
+                 rt.prepare("a church bell", seed=12, **kw, cancel=cancel,
+                            callback=lambda i, n, cancel=cancel: cancel.set() if i == 7 else None)]
+        first, second = rt.run_batch(items)
+        alone = rt("rain on a tin roof", seed=11, **kw).audios
+        audio[label] = first.audios
+        out[label] = {"second_cancelled": isinstance(second, RequestCancelled) and "step 8" in str(second),
+                      "message": str(second), "rel_l2_first_vs_alone": rel_l2(first.audios, alone)}
+    out["rel_l2_queued_vs_host"] = rel_l2(audio["queued"], audio["host"])
+    out["queued_equals_stepwise"] = bool(np.array_equal(audio["queued"], audio["stepwise"]))
+    return out
 
 
 if __name__ == "__main__":

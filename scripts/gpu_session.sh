@@ -24,6 +24,9 @@
 #                                          # SkipLayerNormalization) against the UNet without it
 #   bash scripts/gpu_session.sh all-hoist  # the same for the UNet's context graph (hoist_context.py: the text-only
 #                                          # work once per request) against the UNet without it
+#   bash scripts/gpu_session.sh all-queued  # setup, fp16 export, validate, the denoising steps queued one ahead (the
+#                                          # default) against each waited for: bench alternating and DDIM-200, the
+#                                          # loop checks (queued = step by step, cancel mid-loop), fidelity, benchmark rows
 #   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
@@ -495,7 +498,25 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
   hoist)  # the default (the UNet's text-only work in a context graph run once per request, hoist_context.py) against
           # unet_variant.py nohoist
     variant_ab nohoist ;;
-  all-padgeglu|all-lnfold|all-hoist)  # setup, the fp16 export and the mode at once
+  queued)  # after the fp16 export: validate, then the steps queued one ahead (the default since) against each waited
+           # for (--queued-steps off): bench alternating over three rounds of 20 calls, DDIM-200 (3 calls) each; the
+           # loop checks (step_overhead: default vs step_by_step; device_loop_check: queued = step by step, the host
+           # loop, a batch cancelled mid-loop); the 100-prompt fidelity; benchmark.py's runtime rows
+    in_background "bash $SELF wait 16; \
+      $VALIDATE16; \
+      for r in 1 2 3; do for q in on off; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
+        --device cuda --runs 20 --queued-steps \$q --json /tmp/logs/bench-\$q-\$r.json > /tmp/logs/bench-\$q-\$r.log 2>&1); \
+        done; done; \
+      for q in on off; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda \
+        --runs 3 --scheduler ddim --steps 200 --queued-steps \$q --json /tmp/logs/ddim200-\$q.json \
+        > /tmp/logs/ddim200-\$q.log 2>&1); done; \
+      python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1; \
+      python3 step_overhead.py --artifacts /tmp/art-fp16 --variants default,step_by_step --rounds 10 --out /tmp/logs \
+        > /tmp/logs/overhead.log 2>&1; \
+      $FIDELITY; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
+        --out /tmp/logs/rows > /tmp/logs/rows.log 2>&1" ;;
+  all-padgeglu|all-lnfold|all-hoist|all-queued)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   all-unet-variants)  # setup, the fp16 export and unet-variants at once

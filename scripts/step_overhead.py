@@ -1,14 +1,16 @@
 """Where the host time of a request goes between GPU work: the denoising loop's per-step calls and the text stage's
-session runs, on CUDA; the runtime's default against the loop as it was before runs AG and AH (``VARIANTS``). A
-measurement script (docs/benchmarks.md), not a test.
+session runs, on CUDA; the runtime's default (steps queued one ahead on the loop's stream) against the loop as it
+was before: each step waited for, and before that before runs AG and AH (``VARIANTS``). A measurement script
+(docs/benchmarks.md), not a test.
 
     python scripts/step_overhead.py --artifacts DIR [--steps 20] [--rounds 5] [--variants default,...] --out DIR
 
 Per variant (a runtime each, loaded in this one process; requests interleaved round by round):
 - the request with a progress callback: its wall time, and each denoising step's as the pipeline sees it;
-- inside each step (``DeviceStepper._device_step``, patched for this process only): the UNet's replay (timestep
-  copied in, the captured graph launched and waited for), the coefficients' copy, the solver step's run, the row
-  check's copy back; and a step's start to the next one's (the rest: hand-offs, the pipeline's work between steps);
+- inside each step (``DeviceStepper._queue_step`` and ``_report``, patched for this process only): queueing the step
+  (the UNet's replay and the solver step's, each waited for where the steps are not queued ahead), and reporting it
+  (waiting for it where they are, the row check's copy back, the pipeline's ``after_step``); and a step's start to
+  the next one's;
 - the UNet's captured graph replayed alone, back to back, through the loop's own binding;
 - the text stage: each text session's ``run`` as the runtime calls it.
 And the solver-step graph alone, uncaptured and captured, same inputs (outputs compared).
@@ -35,37 +37,41 @@ def median_ms(values) -> float:
     return float(np.median(values) * 1e3)
 
 
-def patched_step(timings: list):
-    """DeviceStepper._device_step with timestamps around each of its parts (same calls, same order)."""
-    from audioldm2_trt.runtime import denoising
+@contextmanager
+def timed_steps(timings: dict):
+    """DeviceStepper's ``_queue_step`` and ``_report`` with a timestamp before and after each call (same calls, same
+    order): ``timings["queue"]`` and ``timings["report"]`` get (step, start, end) rows."""
+    from audioldm2_trt.runtime.denoising import DeviceStepper
 
-    def device_step(self, i, t, plan):
-        solver_key = self._buffers.bindings[self._current]
-        t0 = time.perf_counter()
-        self._unet.replay(self._bound, {"timestep": np.array([t], dtype=np.int64)})
-        t1 = time.perf_counter()
-        self._buffers.coefficients.update_inplace(plan.coefficients(i))
-        t2 = time.perf_counter()
-        self._solver.replay(solver_key, {})
-        t3 = time.perf_counter()
-        self._current = 1 - self._current
-        check = np.array(self._buffers.row_check.numpy(), copy=True)
-        timings.append((i, t0, t1, t2, t3, time.perf_counter()))
-        return np.isfinite(check[: self._real])
+    originals = {name: getattr(DeviceStepper, name) for name in ("_queue_step", "_report")}
 
-    return denoising.DeviceStepper, "_device_step", device_step
+    def queue_step(self, i, wait):
+        s = time.perf_counter()
+        out = originals["_queue_step"](self, i, wait)
+        timings.setdefault("queue", []).append((i, s, time.perf_counter()))
+        return out
+
+    def report(self, queued, after_step):
+        s = time.perf_counter()
+        out = originals["_report"](self, queued, after_step)
+        timings.setdefault("report", []).append((queued[0], s, time.perf_counter()))
+        return out
+
+    DeviceStepper._queue_step, DeviceStepper._report = queue_step, report
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(DeviceStepper, name, original)
 
 
-def loop_parts(timings: list) -> dict:
-    """Medians of each part of a step, and of the whole step: from one step's start to the next one's (the
-    hand-offs to and from the UNet's worker thread and the pipeline's work between steps included)."""
-    rows = np.array(timings)
-    parts = {"unet_replay": rows[:, 2] - rows[:, 1], "coefficients_copy": rows[:, 3] - rows[:, 2],
-             "solver_run": rows[:, 4] - rows[:, 3], "row_check_copy": rows[:, 5] - rows[:, 4]}
-    out = {k: median_ms(v) for k, v in parts.items()}
-    follows = rows[1:, 0] == rows[:-1, 0] + 1  # consecutive steps of one loop
-    out["step_total"] = median_ms((rows[1:, 1] - rows[:-1, 1])[follows])
-    out["rest"] = out["step_total"] - sum(out[k] for k in parts)
+def loop_parts(timings: dict) -> dict:
+    """Medians of queueing a step and of reporting one (host time: where the steps are queued ahead, reporting
+    includes the wait for the step's GPU work), and of a whole step: from one step's queueing to the next one's."""
+    queue, report = np.array(timings["queue"]), np.array(timings["report"])
+    out = {"queue": median_ms(queue[:, 2] - queue[:, 1]), "report": median_ms(report[:, 2] - report[:, 1])}
+    follows = queue[1:, 0] == queue[:-1, 0] + 1  # consecutive steps of one loop
+    out["step_total"] = median_ms((queue[1:, 1] - queue[:-1, 1])[follows])
     return out
 
 
@@ -96,18 +102,22 @@ def solver_alone(rt, folder_graph: Path, device_index: int, runs: int) -> dict:
     rows = noise.shape[0] // 2
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, *noise.shape[1:]), dtype=np.float32)
+    table = np.tile(np.array([0.9, 0.4, 0.5, 0.3, 0.1], np.float32), (1000, 1))
     inputs = {"noise_pred": rng.standard_normal(noise.shape, dtype=np.float32), "x": x,
               "prev_x0": np.zeros_like(x), "guidance": np.full((rows, 1, 1, 1), 3.5, np.float32),
-              "coefficients": np.array([0.9, 0.4, 0.5, 0.3, 0.1], np.float32)}
+              "step": np.array([3], np.int64), "coefficient_table": table,
+              "timestep_table": np.arange(1001, dtype=np.int64)}
     result = {}
     outputs_by_mode = {}
     for mode in ("uncaptured", "captured"):
         options = {"device_id": device_index, "enable_cuda_graph": int(mode == "captured")}
         session = ort.InferenceSession(str(folder_graph), providers=[("CUDAExecutionProvider", options)])
         values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", device_index) for k, v in inputs.items()}
-        shapes = {"x_next": x.shape, "x0": x.shape, "sample_next": noise.shape, "row_check": (rows,)}
-        outs = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", device_index)
-                for name, shape in shapes.items()}
+        shapes = {"x_next": (x.shape, np.float32), "x0": (x.shape, np.float32),
+                  "sample_next": (noise.shape, np.float32), "row_check": ((rows,), np.float32),
+                  "step_next": ((1,), np.int64), "timestep_next": ((1,), np.int64)}
+        outs = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", device_index)
+                for name, (shape, dtype) in shapes.items()}
         binding = session.io_binding()
         for k, v in values.items():
             binding.bind_ortvalue_input(k, v)
@@ -126,6 +136,7 @@ def solver_alone(rt, folder_graph: Path, device_index: int, runs: int) -> dict:
         outputs_by_mode[mode] = {k: v.numpy().copy() for k, v in outs.items()}
     captured, uncaptured = outputs_by_mode["captured"], outputs_by_mode["uncaptured"]
     result["max_abs_difference"] = max(float(np.max(np.abs(captured[k] - uncaptured[k]))) for k in captured)
+    result["step_next"], result["timestep_next"] = int(captured["step_next"][0]), int(captured["timestep_next"][0])
     return result
 
 
@@ -167,11 +178,12 @@ def per_step_handoff():
         DeviceStepper._may_capture = original
 
 
-# name → (load options, what the requests run under): the runtime's default; each step handed to the UNet's worker
-# on its own (before run AH); and that with the solver step uncaptured too (every component captured but it: before
-# run AG)
-VARIANTS = {"default": ({}, nullcontext), "per_step_handoff": ({}, per_step_handoff),
-            "solver_uncaptured": ({"cuda_graphs": list(COMPONENTS)}, per_step_handoff)}
+# name → (load options, what the requests run under): the runtime's default (steps queued one ahead); each step
+# waited for (before the queued steps); each step handed to the UNet's worker on its own too (before run AH); and that
+# with the solver step uncaptured too (every component captured but it: before run AG)
+VARIANTS = {"default": ({}, nullcontext), "step_by_step": ({"queued_steps": False}, nullcontext),
+            "per_step_handoff": ({"queued_steps": False}, per_step_handoff),
+            "solver_uncaptured": ({"cuda_graphs": list(COMPONENTS), "queued_steps": False}, per_step_handoff)}
 
 
 def request_rounds(runtimes: dict, rounds: int, request: dict) -> dict:
@@ -213,16 +225,10 @@ def main() -> None:
     report = {"artifacts": args.artifacts, "steps": args.steps, "rounds": args.rounds,
               "requests": request_rounds(runtimes, args.rounds, request), "variants": {}}
     for name, rt in runtimes.items():
-        timings: list = []
-        cls, attribute, patched = patched_step(timings)
-        original = getattr(cls, attribute)
-        setattr(cls, attribute, patched)
-        try:
-            with VARIANTS[name][1]():
-                for _ in range(args.rounds):
-                    rt(PROMPT, **request)
-        finally:
-            setattr(cls, attribute, original)
+        timings: dict = {}
+        with timed_steps(timings), VARIANTS[name][1]():
+            for _ in range(args.rounds):
+                rt(PROMPT, **request)
         report["variants"][name] = {
             "loop_parts_ms": loop_parts(timings), "unet_replay_alone_ms": unet_replay_alone(rt, 50),
             "solver_graphs": rt._solver_step.stats.graphs, "text_runs": text_runs(rt, args.rounds),

@@ -58,11 +58,15 @@ def test_shipped_solver_graph_is_the_one_the_builder_makes():
 @pytest.mark.parametrize("cfg", [True, False])
 def test_solver_graph_equals_numpy_guidance_and_update(kind, cfg):
     """Every step of a 6-step plan on random rows: the graph (float32) against CFG + ``Plan.update`` in
-    float64, chained over its own outputs as the device loop chains them."""
+    float64, chained over its own outputs (state and step counter) as the device loop chains them; it hands on the
+    plan's next timestep."""
     from audioldm2_trt.runtime.schedulers import make_plan
 
     session, rng = _solver_session(), np.random.default_rng(0)
     plan = make_plan(kind, _scheduler_config(), 6)
+    capacity = 1000
+    tables = {"coefficient_table": plan.coefficient_table(capacity), "timestep_table": plan.timestep_table(capacity)}
+    step = np.array([0], np.int64)
     rows, k = 3, 2 if cfg else 1
     guidance = np.array([3.5, 1.0, 7.0], np.float32)[:, None, None, None]
     x = rng.standard_normal((rows, 8, 5, 16), dtype=np.float32)
@@ -71,14 +75,16 @@ def test_solver_graph_equals_numpy_guidance_and_update(kind, cfg):
     for i in range(6):
         noise = rng.standard_normal((k * rows, 8, 5, 16), dtype=np.float32)
         got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {
-            "noise_pred": noise, "x": x, "prev_x0": prev, "guidance": guidance, "coefficients": plan.coefficients(i)})))
+            "noise_pred": noise, "x": x, "prev_x0": prev, "guidance": guidance, "step": step, **tables})))
         uncond, text = noise[:rows].astype(np.float64), noise[-rows:].astype(np.float64)
         eps = uncond + guidance * (text - uncond)
         ref_x, ref_prev = plan.update(i, eps, ref_x, ref_prev)
         assert rel_l2(got["x_next"], ref_x) < 1e-5 and rel_l2(got["x0"], ref_prev) < 1e-5, i
         np.testing.assert_array_equal(got["sample_next"], np.concatenate([got["x_next"]] * k))
         np.testing.assert_array_equal(got["row_check"], np.zeros(rows, np.float32))
-        x, prev = got["x_next"], got["x0"]
+        assert got["step_next"].tolist() == [i + 1]
+        assert got["timestep_next"].tolist() == [plan.timesteps[min(i + 1, 5)]]
+        x, prev, step = got["x_next"], got["x0"], got["step_next"]
 
 
 def test_solver_graph_row_check_flags_exactly_the_non_finite_rows():
@@ -91,7 +97,8 @@ def test_solver_graph_row_check_flags_exactly_the_non_finite_rows():
     noise[4 + 2, 0, 0, 0] = np.inf  # row 2's text half
     x = np.zeros((4, 8, 2, 16), np.float32)
     feeds = {"noise_pred": noise, "x": x, "prev_x0": x, "guidance": np.full((4, 1, 1, 1), 3.0, np.float32),
-             "coefficients": plan.coefficients(1)}
+             "step": np.array([1], np.int64), "coefficient_table": plan.coefficient_table(8),
+             "timestep_table": plan.timestep_table(8)}
     check = session.run(["row_check"], feeds)[0]
     assert np.isfinite(check).tolist() == [True, False, False, True]
 
@@ -130,7 +137,7 @@ def test_device_loop_keeps_one_solver_buffer_set_per_unet_key(runtime, device_ru
     assert device_runtime._solver_buffers.keys() == made.keys()  # nothing new allocated for this shape
     assert all(device_runtime._solver_buffers[k] is v for k, v in made.items())
     for buffers in made.values():  # what a request that went non-finite would leave: the next starts clean
-        for value in [*buffers.xs, *buffers.prevs, buffers.row_check]:
+        for value in [*buffers.xs, *buffers.prevs, *buffers.row_checks]:
             value.update_inplace(np.full(value.shape(), np.nan, np.float32))
     host, device = runtime(**kw, num_inference_steps=3, seed=1), device_runtime(**kw, num_inference_steps=3, seed=1)
     assert rel_l2(device.audios, host.audios) < 1e-4
@@ -151,8 +158,8 @@ def test_device_loop_batch_with_a_cancelled_and_a_non_finite_item(runtime, devic
     replays = []
     real_replay = unet.replay
 
-    def replay_poisoning_row_1_at_step_3(bound, updates):  # after item 1 left, item 2 is row 1
-        real_replay(bound, updates)
+    def replay_poisoning_row_1_at_step_3(bound, updates, wait=True):  # after item 1 left, item 2 is row 1
+        real_replay(bound, updates, wait)
         replays.append(len(bound.inputs["sample"].numpy()))
         if len(replays) == 4:
             noise = bound.outputs["noise_pred"].numpy().copy()
@@ -253,11 +260,11 @@ def test_device_loop_backend_failure_names_the_step_and_frees_the_unet(device_ru
     unet = device_runtime._sessions["unet"]
     calls = []
 
-    def failing_execute(bound):
+    def failing_execute(bound, wait=True):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("CUDA failure 700")
-        return real_execute(bound)
+        return real_execute(bound, wait)
 
     real_execute = unet._execute
     monkeypatch.setattr(unet, "_execute", failing_execute)
@@ -267,3 +274,123 @@ def test_device_loop_backend_failure_names_the_step_and_frees_the_unet(device_ru
     assert unet.held().acquire(timeout=1)  # released by the failed loop
     unet.held().release()
     assert np.isfinite(device_runtime("a bell", seed=0, **FAST).audios).all()
+
+
+class _CpuStream:
+    """What the loop's CUDA stream is to a CPU session: work is done when the call that queues it returns, so recording
+    and waiting have nothing to do. Given to the UNet and the solver step, it turns on the steps queued one ahead
+    (``DeviceStepper``: a step's flags read after the next step is queued) on the CPU, where its bookkeeping — the
+    step dropped when the loop stops, the state it leaves — can be checked against the host loop."""
+
+    def __init__(self):
+        self.recorded = self.waited = 0
+
+    def event(self):
+        return object()
+
+    def record(self, event):
+        self.recorded += 1
+
+    def wait(self, event):
+        self.waited += 1
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture
+def ahead_runtime(tiny_artifacts):
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    rt = AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True)
+    stream = _CpuStream()
+    rt._sessions["unet"].stream = rt._solver_step.stream = stream
+    yield rt, stream
+    rt._sessions["unet"].stream = rt._solver_step.stream = None  # not a CudaStream: nothing to release
+    rt.close()
+
+
+@needs_export
+@pytest.mark.parametrize("kw", [
+    dict(prompt="birds chirping in a forest", negative_prompt="low quality, noisy"),
+    dict(prompt="thunder", scheduler="ddim", num_inference_steps=7),
+    dict(prompt="an orchestra", num_waveforms_per_prompt=3),
+], ids=["negative", "ddim", "three-waveforms"])
+def test_steps_queued_ahead_equal_the_host_loop(runtime, ahead_runtime, kw):
+    rt, stream = ahead_runtime
+    kw = {**FAST, "seed": 5, **kw}
+    seen = []
+    got = rt(**kw, callback=lambda i, n: seen.append(i))
+    assert rel_l2(got.audios, runtime(**kw).audios) < 1e-4
+    steps = kw["num_inference_steps"]
+    assert seen == list(range(steps))
+    assert stream.waited == stream.recorded > 0  # every queued step waited for once, none left behind
+    assert rt.health()["device_loop"] is True
+
+
+@needs_export
+def test_steps_queued_ahead_with_a_cancelled_and_a_non_finite_item(runtime, ahead_runtime, monkeypatch):
+    """As the batch test above, with the steps queued one ahead: the cancel set by item 1's callback for step 1 is
+    seen after step 2 was queued, which is dropped (the UNet ran it once more at 8 rows); items 0 and 2 go on from
+    step 2, and the loop's results are those of the step-by-step loop."""
+    rt, _ = ahead_runtime
+    singles = {c: runtime(c[0], seed=c[1], guidance_scale=c[2], **FAST).audios for c in CFG_CASES}
+    cancel = threading.Event()
+    items = [rt.prepare(p, seed=s, guidance_scale=g, **FAST,
+                        callback=(lambda i, n: cancel.set() if i == 1 else None) if j == 1 else None,
+                        cancel=cancel if j == 1 else None)
+             for j, (p, s, g) in enumerate([CFG_CASES[0], CFG_CASES[1], (CFG_CASES[2][0], 3, 2.0)])]
+    unet = rt._sessions["unet"]
+    replays = []
+    real_replay = unet.replay
+
+    def replay_poisoning_row_1_at_step_3(bound, updates, wait=True):
+        real_replay(bound, updates, wait)
+        replays.append(len(bound.inputs["sample"].numpy()))
+        if len(replays) == 5:  # steps 0, 1, 2 (dropped) at 8 rows, then 2 and 3 at 4
+            noise = bound.outputs["noise_pred"].numpy().copy()
+            noise[1] = np.nan
+            bound.outputs["noise_pred"].update_inplace(noise)
+
+    monkeypatch.setattr(unet, "replay", replay_poisoning_row_1_at_step_3)
+    results = rt.run_batch(items)
+    assert replays == [8, 8, 8, 4, 4]
+    assert isinstance(results[1], RequestCancelled) and "before denoising step 2 of 4" in str(results[1])
+    assert isinstance(results[2], NonFiniteError) and "unet (step 3)" in str(results[2])
+    assert rel_l2(results[0].audios, singles[CFG_CASES[0]]) < 1e-4
+
+
+@needs_export
+def test_steps_queued_ahead_stop_at_a_callback_error_and_free_the_unet(runtime, ahead_runtime):
+    """A callback raising at step 2 of 4 while step 3 is queued: its exception comes back as it is, the UNet is
+    free, and the next request (which starts from the tables and counter again) equals the host loop."""
+    rt, _ = ahead_runtime
+
+    def failing(i, n):
+        if i == 2:
+            raise ValueError("the client went away")
+
+    with pytest.raises(ValueError, match="the client went away"):
+        rt("a bell", seed=0, callback=failing, **FAST)
+    unet = rt._sessions["unet"]
+    assert unet.held().acquire(timeout=1)
+    unet.held().release()
+    kw = dict(prompt="a bell", seed=0, **FAST)
+    assert rel_l2(rt(**kw).audios, runtime(**kw).audios) < 1e-4
+
+
+@needs_export
+def test_queued_steps_where_they_cannot_apply_are_refused(tiny_artifacts):
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+    from audioldm2_trt.runtime.errors import BackendError
+
+    with pytest.raises(InvalidRequestError, match="queued_steps needs the device loop on CUDA.*device cpu"):
+        AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True, queued_steps=True)
+    with pytest.raises(InvalidRequestError, match="queued_steps applies to backend 'ort'.*'trt'"):
+        AudioLDM2Runtime.load(tiny_artifacts, device="cuda", backend="trt", queued_steps=True)
+    with pytest.raises(BackendError, match="loop_stream needs the default CUDA provider with CUDA graphs"):
+        OrtSessionFactory("cpu", loop_stream=True)
+    rt = AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True, queued_steps=False)
+    assert rt.health()["device_loop"] is True and rt.health()["queued_steps"] is False
+    rt.close()

@@ -1,5 +1,5 @@
-"""The CUDA driver API through ctypes (no torch, no cuda-python): how many GPUs there are, and keeping the
-calling thread's current CUDA context as the caller left it.
+"""The CUDA driver API through ctypes (no torch, no cuda-python): how many GPUs there are, keeping the calling
+thread's current CUDA context as the caller left it, and one stream with its events (``CudaStream``).
 
 ONNX Runtime's CUDA provider calls ``cudaSetDevice(device_id)`` in the thread that creates a session or runs
 one, and leaves it set. A runtime on ``cuda:1`` would then change its caller's current device; servers that
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from contextlib import contextmanager
 
 
@@ -91,3 +92,89 @@ def caller_context_kept(enabled: bool = True):
     finally:
         if known:
             lib.cuCtxSetCurrent(saved)
+
+
+class CudaStream:
+    """A non-blocking CUDA stream of one GPU (its primary context, the one ONNX Runtime uses), made through the
+    driver API for sessions that should queue their work on one stream (``user_compute_stream``): the UNet, its
+    context graph and the solver step (backends/ort.py), so that the denoising loop can queue a step behind the
+    previous one without waiting for it (runtime/denoising.py).
+
+    Non-blocking: work on the legacy default stream (ONNX Runtime's synchronous copies between host and device)
+    neither waits for it nor makes it wait, so a host read of a buffer the stream may still write must wait on an
+    event recorded behind that write first (``record`` / ``wait``). Every owner ``retain``s it and ``release``s it
+    once its sessions are gone; the last release destroys the stream and its events."""
+
+    def __init__(self, index: int):
+        lib = _libcuda()
+        if lib is None:
+            raise RuntimeError("the CUDA driver does not start: no stream can be made")
+        self._lib, self.index = lib, index
+        self._owners, self._events = 0, []
+        self._lock = threading.Lock()
+        dev, ctx, stream = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+        with caller_context_kept():
+            _call(lib.cuDeviceGet(ctypes.byref(dev), int(index)), "cuDeviceGet")
+            _call(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+            self._device, self._context = dev, ctx
+            _call(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+            _call(lib.cuStreamCreate(ctypes.byref(stream), _CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        self.handle = stream.value
+
+    def event(self) -> ctypes.c_void_p:
+        """A new event of this stream's context (no timing), destroyed with the stream."""
+        event = ctypes.c_void_p()
+        with self._current():
+            _call(self._lib.cuEventCreate(ctypes.byref(event), _CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        self._events.append(event)
+        return event
+
+    def record(self, event: ctypes.c_void_p) -> None:
+        """Mark the work queued on the stream so far (``wait`` returns once it has run)."""
+        with self._current():
+            _call(self._lib.cuEventRecord(event, ctypes.c_void_p(self.handle)), "cuEventRecord")
+
+    def wait(self, event: ctypes.c_void_p) -> None:
+        """Block the calling thread until the work ``record``ed before ``event`` has run."""
+        with self._current():
+            _call(self._lib.cuEventSynchronize(event), "cuEventSynchronize")
+
+    def synchronize(self) -> None:
+        """Block the calling thread until everything queued on the stream has run."""
+        with self._current():
+            _call(self._lib.cuStreamSynchronize(ctypes.c_void_p(self.handle)), "cuStreamSynchronize")
+
+    def retain(self) -> "CudaStream":
+        with self._lock:
+            self._owners += 1
+        return self
+
+    def release(self) -> None:
+        """One owner fewer; the last one destroys the stream (its sessions must be gone)."""
+        with self._lock:
+            self._owners -= 1
+            if self._owners > 0 or self.handle is None:
+                return
+            handle, self.handle = self.handle, None
+        with self._current():
+            for event in self._events:
+                self._lib.cuEventDestroy_v2(event)
+            self._events.clear()
+            self._lib.cuStreamDestroy_v2(ctypes.c_void_p(handle))
+        self._lib.cuDevicePrimaryCtxRelease_v2(self._device)
+
+    @contextmanager
+    def _current(self):
+        """This stream's context current for the block, the caller's back after."""
+        with caller_context_kept():
+            _call(self._lib.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+            yield
+
+
+_CU_STREAM_NON_BLOCKING = 1
+_CU_EVENT_DISABLE_TIMING = 2
+
+
+def _call(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"{what} failed: CUDA driver error {code}")

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import BackendError
 from .base import Device
 from .capture_guard import CUDA_CAPTURE_GUARD
-from .cuda_driver import caller_context_kept, cuda_device_count
+from .cuda_driver import CudaStream, caller_context_kept, cuda_device_count
 from .shared_arena import SESSION_CONFIG as SHARED_ARENA_CONFIG
 from .shared_arena import SharedArena
 from .shared_arena import shared_arena as _shared_arena
@@ -53,6 +53,14 @@ PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "un
 # default fp16 export are assumed to: a UNet packed by mistake fails at its first run.
 ASSUMED_NHWC = frozenset({"unet", "vae_decoder"})
 PACKED_CONFIG = {"session.disable_prepacking": "1"}
+# The sessions of the denoising loop, which a CUDA factory puts on one stream of its own (``loop_stream``): the UNet
+# reads what its context graph wrote and the solver step what the UNet wrote, in stream order, so a step can be
+# queued behind the previous one without waiting for it (``OrtSession.replay(wait=False)``, runtime/denoising.py).
+LOOP_STREAM_COMPONENTS = frozenset({"unet", "unet_context", "solver_step"})
+# ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
+# otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
+# time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
+NO_WAIT_OPTION = "disable_synchronize_execution_providers"
 
 
 @dataclass
@@ -98,10 +106,15 @@ class OrtSession:
     arena: the shared arena this CUDA session allocates from (``shared_arena.py``), or None for its own arena. Each
     run then also holds the arena's lock until its outputs are synchronised, and its first captured graph marks the
     arena as captured.
+
+    stream: the ``CudaStream`` the session runs on where it was given one (``user_compute_stream``; the factory's
+    ``loop_stream``), else None (ONNX Runtime's own stream per session). Only then may ``replay`` return before
+    its graph has run (``wait=False``); the session releases the stream when it closes.
     """
 
     def __init__(self, name: str, session, ort, device: Device, bind: bool, cuda_graphs: bool,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS, arena: SharedArena | None = None):
+                 max_graphs: int = DEFAULT_MAX_GRAPHS, arena: SharedArena | None = None,
+                 stream: CudaStream | None = None):
         self.name = name
         self._session = session
         self._ort = ort
@@ -117,6 +130,7 @@ class OrtSession:
         cuda = device.kind == "cuda"
         self._guard = CUDA_CAPTURE_GUARD if cuda else None
         self._arena = arena
+        self.stream = stream
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}") if cuda else None
         self.stats = SessionStats()
 
@@ -189,12 +203,16 @@ class OrtSession:
             raise BackendError(f"{self.name}: buffers kept on the device need I/O binding (CUDA, or bind=True)")
         return self._make_bound({k: np.ascontiguousarray(v) for k, v in feeds.items()})
 
-    def replay(self, bound: _Bound, updates: dict[str, np.ndarray]) -> None:
+    def replay(self, bound: _Bound, updates: dict[str, np.ndarray], wait: bool = True) -> bool:
         """(inside ``call``, ``may_capture=may_capture(bound)``) copy ``updates`` into the key's input buffers
-        and run it — its CUDA graph when captured; the outputs stay in ``bound.outputs``."""
+        and run it — its CUDA graph when captured; the outputs stay in ``bound.outputs``.
+        ``wait=False``: return once the captured graph is queued on the session's ``stream``, without waiting for
+        it — only where the session has a stream and the graph is captured already (else this waits as ever).
+        The caller must then wait on an event recorded behind it (``stream.record`` / ``stream.wait``) before it
+        reads the outputs on the host or copies into the inputs. Returns whether it waited."""
         for k, v in updates.items():
             bound.inputs[k].update_inplace(np.ascontiguousarray(v))
-        self._execute(bound)
+        return self._execute(bound, wait)
 
     def may_capture(self, bound: _Bound) -> bool:
         return self.cuda_graphs and bound.runs < CAPTURE_RUNS
@@ -266,14 +284,21 @@ class OrtSession:
         ro.add_run_config_entry("gpu_graph_id", str(graph_id))
         return ro
 
-    def _execute(self, bound: _Bound) -> None:
+    def _execute(self, bound: _Bound, wait: bool = True) -> bool:
+        """Run ``bound``; returns whether it waited for the run (see ``replay``)."""
         ro = self._run_options(bound.graph_id) if self.cuda_graphs else None
+        queue = (not wait and self.stream is not None and bound.graph_id != _NO_GRAPH
+                 and not self.may_capture(bound))
+        if queue:
+            ro.add_run_config_entry(NO_WAIT_OPTION, "1")
         self._session.run_with_iobinding(bound.binding, ro)
-        bound.binding.synchronize_outputs()
+        if not queue:
+            bound.binding.synchronize_outputs()
         bound.runs += 1
         self.stats.runs += 1
         if self._arena is not None and ro is not None and bound.graph_id != _NO_GRAPH:
             self._arena.captured = True  # (from its first graph run on: ONNX Runtime captures within CAPTURE_RUNS)
+        return not queue
 
     def _ortvalue(self, array: np.ndarray):
         if self.device.kind == "cpu":  # a CPU OrtValue wraps the array itself: never alias the caller's
@@ -333,9 +358,14 @@ class OrtSession:
             return
         with self._lock:  # the caller takes the lock, never the worker (see ``held``)
             if self._worker is None:
-                return release()
-            self._worker.submit(release).result()
-        self._worker.shutdown(wait=True)
+                release()
+            else:
+                self._worker.submit(release).result()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+        if self.stream is not None:
+            self.stream, stream = None, self.stream
+            stream.release()  # after the session: ONNX Runtime never destroys a stream it was given
 
 
 class OrtSessionFactory:
@@ -380,6 +410,11 @@ class OrtSessionFactory:
     and tells an ``NhwcConv`` (the fused UNet's and VAE decoder's) that its weights are NHWC already — so those
     components cannot be packed: ``needs_prepacking`` names the ones with NhwcConv nodes (``Artifacts.nhwc_components``;
     None = ``ASSUMED_NHWC``, the UNet and VAE decoder), and naming one of them, or a ``prefer_nhwc`` one, is an error.
+    loop_stream (default CUDA provider with CUDA graphs): the sessions of ``LOOP_STREAM_COMPONENTS`` run on one
+    non-blocking stream this factory makes (``CudaStream``) instead of one stream each, so that the denoising loop
+    can queue its steps without waiting for each (``OrtSession.replay(wait=False)``) — None = on wherever it
+    applies, False = off (each session on ONNX Runtime's own stream, every run waited for), True = on, and an error
+    where it does not apply.
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
@@ -387,7 +422,8 @@ class OrtSessionFactory:
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
                  cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
-                 mem_pattern: bool | None = None, packed_weights=None, needs_prepacking=None):
+                 mem_pattern: bool | None = None, packed_weights=None, needs_prepacking=None,
+                 loop_stream: bool | None = None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -437,6 +473,12 @@ class OrtSessionFactory:
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
         self._packed = self._packed_selector(
             packed_weights, ASSUMED_NHWC if needs_prepacking is None else frozenset(needs_prepacking))
+        if loop_stream and not use_graphs:
+            raise BackendError(f"loop_stream needs the default CUDA provider with CUDA graphs (device {self.device}, "
+                               f"providers {'given' if custom else 'default'}, cuda_graphs={cuda_graphs!r})")
+        self.loop_stream = use_graphs and bool(cuda_graphs) and loop_stream is not False
+        self._stream: CudaStream | None = None
+        self._stream_lock = threading.Lock()
 
     @classmethod
     def for_artifacts(cls, art, device: str | Device = "cpu", **options) -> "OrtSessionFactory":
@@ -495,6 +537,9 @@ class OrtSessionFactory:
         base = self.providers
         if self._default_cuda:
             base = [(n, {**o, **self.component_options.get(name, {})}) for n, o in base]
+        stream = self._loop_stream() if self.loop_stream and name in LOOP_STREAM_COMPONENTS else None
+        if stream is not None:
+            base = [(n, {**o, "user_compute_stream": str(stream.handle)}) for n, o in base]
         providers = base
         if graphs:
             providers = [(n, {**o, "enable_cuda_graph": 1}) if n == "CUDAExecutionProvider" else (n, o)
@@ -518,10 +563,21 @@ class OrtSessionFactory:
             raise BackendError(f"{name}: onnxruntime could not start {dropped} (running on {used}); "
                                "check that provider's libraries are installed")
         made = OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs,
-                          arena=self.arena if self.device.kind == "cuda" else None)
+                          arena=self.arena if self.device.kind == "cuda" else None,
+                          stream=stream.retain() if stream is not None else None)
         made.stats.graph_refused = refused
         made.stats.packed_weights = packed
         return made
+
+    def _loop_stream(self) -> CudaStream:
+        """The factory's one stream for ``LOOP_STREAM_COMPONENTS``, made on first use."""
+        with self._stream_lock:
+            if self._stream is None or self._stream.handle is None:  # (the last one's sessions all closed)
+                try:
+                    self._stream = CudaStream(self.device.index)
+                except RuntimeError as err:
+                    raise BackendError(f"could not make the denoising loop's CUDA stream on {self.device}: {err}") from err
+            return self._stream
 
     def _open(self, name: str, path, opts, providers, graphs: bool):
         """An InferenceSession, keeping the caller's CUDA context; failures as BackendError naming the component
