@@ -221,7 +221,7 @@ class AudioLDM2Runtime:
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
-            "queued_steps": self._solver_step is not None and getattr(self._solver_step, "stream", None) is not None,
+            "queued_steps": self._queued_steps(),
             "ranking": self.ranking, "shared_arena": self.shared_arena,
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG") if self.device.kind == "cuda" else None,
             "ranking_features": None if not self.ranking else "graph" if self._features_graph is not None else "host",
@@ -231,6 +231,14 @@ class AudioLDM2Runtime:
                                "packed_weights": s.stats.packed_weights}
                            for n, s in self._sessions.items() if hasattr(s, "stats")},
         }
+
+    def _queued_steps(self) -> bool:
+        """Whether the device loop queues its steps (``DeviceStepper``): the UNet and the solver step on one stream,
+        both captured."""
+        unet, solver = self._sessions.get("unet"), self._solver_step
+        stream = getattr(solver, "stream", None)
+        return (stream is not None and getattr(unet, "stream", None) is stream
+                and bool(getattr(unet, "cuda_graphs", False)) and bool(getattr(solver, "cuda_graphs", False)))
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.5,
                  audio_length_in_s: float | None = None, num_waveforms_per_prompt: int = 1, seed: int | None = None,

@@ -75,3 +75,23 @@ def test_max_steps_keeps_timesteps_in_range():
         n = max_steps(kind, cfg)
         assert make_plan(kind, cfg, n).timesteps.max() < cfg["num_train_timesteps"]
         assert timesteps(kind, cfg, n + 1).max() >= cfg["num_train_timesteps"]
+
+
+@pytest.mark.parametrize("kind", ["dpmsolver++", "ddim"])
+def test_plan_tables_hold_every_step_and_the_longest_plan_fits(kind):
+    """The solver-step graph's tables: row i is step i's coefficients and timestep; the longest plan the scheduler
+    allows fits a table of num_train_timesteps rows (the runtime's size), with the extra timestep entry after it."""
+    cfg = _config()
+    capacity = cfg["num_train_timesteps"]
+    plan = make_plan(kind, cfg, 7)
+    coefficients, steps = plan.coefficient_table(capacity), plan.timestep_table(capacity)
+    assert coefficients.shape == (capacity, 5) and coefficients.dtype == np.float32
+    assert steps.shape == (capacity + 1,) and steps.dtype == np.int64
+    for i in range(7):
+        np.testing.assert_array_equal(coefficients[i], plan.coefficients(i))
+    assert not coefficients[7:].any()
+    assert steps[:7].tolist() == plan.timesteps.tolist() and set(steps[7:].tolist()) == {plan.timesteps[-1]}
+    longest = make_plan(kind, cfg, max_steps(kind, cfg))
+    assert longest.coefficient_table(capacity).shape == (capacity, 5)
+    with pytest.raises(ValueError, match="a plan of 7 steps does not fit a table of 6"):
+        plan.timestep_table(6)
