@@ -75,6 +75,12 @@ def test_without_a_driver_there_is_no_count_and_no_context():
         pass
 
 
+@pytest.mark.skipif(cuda_driver.cuda_device_count() is not None, reason="this host has an NVIDIA driver")
+def test_without_a_driver_no_loop_stream_can_be_made():
+    with pytest.raises(RuntimeError, match="the CUDA driver does not start: no stream can be made"):
+        cuda_driver.CudaStream(0)
+
+
 def test_provider_options_are_merged_per_component_and_checked():
     from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, merge_component_options
     from audioldm2_trt.runtime.errors import BackendError
