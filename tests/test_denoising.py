@@ -144,34 +144,43 @@ def test_device_loop_keeps_one_solver_buffer_set_per_unet_key(runtime, device_ru
     assert all(b.unet_key.outputs["noise_pred"] is b.bindings[0].inputs["noise_pred"] for b in made.values())
 
 
-@needs_export
-def test_device_loop_batch_with_a_cancelled_and_a_non_finite_item(runtime, device_runtime, monkeypatch):
-    """Three items in one batch (4 padded rows): item 1 cancelled before step 2, item 2's rows turn NaN at
-    step 3; item 0 carries on through two re-opened steppers and equals its single run."""
+def _batch_with_a_cancelled_and_a_non_finite_item(runtime, rt, monkeypatch, poisoned_replay: int) -> list:
+    """Three items in one batch (4 padded rows) on ``rt``: item 1 cancelled by its own callback at step 1, the UNet's
+    row 1 (item 2, once item 1 has left) made NaN at its ``poisoned_replay``-th replay (step 3); item 1 must end
+    before step 2, item 2 at step 3, and item 0 equal its single run on ``runtime``. Returns the rows of each UNet
+    replay."""
     singles = {c: runtime(c[0], seed=c[1], guidance_scale=c[2], **FAST).audios for c in CFG_CASES}
     cancel = threading.Event()
-    items = [device_runtime.prepare(p, seed=s, guidance_scale=g, **FAST,
-                                    callback=(lambda i, n: cancel.set() if i == 1 else None) if j == 1 else None,
-                                    cancel=cancel if j == 1 else None)
+    items = [rt.prepare(p, seed=s, guidance_scale=g, **FAST,
+                        callback=(lambda i, n: cancel.set() if i == 1 else None) if j == 1 else None,
+                        cancel=cancel if j == 1 else None)
              for j, (p, s, g) in enumerate([CFG_CASES[0], CFG_CASES[1], (CFG_CASES[2][0], 3, 2.0)])]
-    unet = device_runtime._sessions["unet"]
+    unet = rt._sessions["unet"]
     replays = []
     real_replay = unet.replay
 
-    def replay_poisoning_row_1_at_step_3(bound, updates, wait=True):  # after item 1 left, item 2 is row 1
+    def replay_poisoning_row_1(bound, updates, wait=True):  # after item 1 left, item 2 is row 1
         real_replay(bound, updates, wait)
         replays.append(len(bound.inputs["sample"].numpy()))
-        if len(replays) == 4:
+        if len(replays) == poisoned_replay:
             noise = bound.outputs["noise_pred"].numpy().copy()
             noise[1] = np.nan
             bound.outputs["noise_pred"].update_inplace(noise)
 
-    monkeypatch.setattr(unet, "replay", replay_poisoning_row_1_at_step_3)
-    results = device_runtime.run_batch(items)
-    assert replays == [8, 8, 4, 4]  # 3 rows → 4 (×2 CFG); then 2 rows → 2 (×2)
+    monkeypatch.setattr(unet, "replay", replay_poisoning_row_1)
+    results = rt.run_batch(items)
     assert isinstance(results[1], RequestCancelled) and "before denoising step 2 of 4" in str(results[1])
     assert isinstance(results[2], NonFiniteError) and "unet (step 3)" in str(results[2])
     assert rel_l2(results[0].audios, singles[CFG_CASES[0]]) < 1e-4
+    return replays
+
+
+@needs_export
+def test_device_loop_batch_with_a_cancelled_and_a_non_finite_item(runtime, device_runtime, monkeypatch):
+    """Three items in one batch (4 padded rows): item 1 cancelled before step 2, item 2's rows turn NaN at
+    step 3; item 0 carries on through two re-opened steppers and equals its single run."""
+    replays = _batch_with_a_cancelled_and_a_non_finite_item(runtime, device_runtime, monkeypatch, 4)
+    assert replays == [8, 8, 4, 4]  # 3 rows → 4 (×2 CFG); then 2 rows → 2 (×2)
 
 
 @needs_export
@@ -334,30 +343,9 @@ def test_steps_queued_ahead_with_a_cancelled_and_a_non_finite_item(runtime, ahea
     seen after step 2 was queued, which is dropped (the UNet ran it once more at 8 rows); items 0 and 2 go on from
     step 2, and the loop's results are those of the step-by-step loop."""
     rt, _ = ahead_runtime
-    singles = {c: runtime(c[0], seed=c[1], guidance_scale=c[2], **FAST).audios for c in CFG_CASES}
-    cancel = threading.Event()
-    items = [rt.prepare(p, seed=s, guidance_scale=g, **FAST,
-                        callback=(lambda i, n: cancel.set() if i == 1 else None) if j == 1 else None,
-                        cancel=cancel if j == 1 else None)
-             for j, (p, s, g) in enumerate([CFG_CASES[0], CFG_CASES[1], (CFG_CASES[2][0], 3, 2.0)])]
-    unet = rt._sessions["unet"]
-    replays = []
-    real_replay = unet.replay
-
-    def replay_poisoning_row_1_at_step_3(bound, updates, wait=True):
-        real_replay(bound, updates, wait)
-        replays.append(len(bound.inputs["sample"].numpy()))
-        if len(replays) == 5:  # steps 0, 1, 2 (dropped) at 8 rows, then 2 and 3 at 4
-            noise = bound.outputs["noise_pred"].numpy().copy()
-            noise[1] = np.nan
-            bound.outputs["noise_pred"].update_inplace(noise)
-
-    monkeypatch.setattr(unet, "replay", replay_poisoning_row_1_at_step_3)
-    results = rt.run_batch(items)
+    # steps 0, 1, 2 (dropped) at 8 rows, then 2 and 3 at 4: step 3 is the fifth replay
+    replays = _batch_with_a_cancelled_and_a_non_finite_item(runtime, rt, monkeypatch, 5)
     assert replays == [8, 8, 8, 4, 4]
-    assert isinstance(results[1], RequestCancelled) and "before denoising step 2 of 4" in str(results[1])
-    assert isinstance(results[2], NonFiniteError) and "unet (step 3)" in str(results[2])
-    assert rel_l2(results[0].audios, singles[CFG_CASES[0]]) < 1e-4
 
 
 @needs_export
