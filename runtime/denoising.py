@@ -274,6 +274,13 @@ def unet_key_buffers(unet, feeds: dict, unet_inputs: dict, context: ContextGraph
                      what=f"creating the buffers of shape key {_shapes(first)}")
 
 
+def shared_stream(unet, solver):
+    """The CUDA stream the UNet and the solver step both run on (``OrtSession.stream``), or None where they do not
+    share one: only then can a step be queued behind the one before."""
+    stream = getattr(unet, "stream", None)
+    return stream if stream is not None and getattr(solver, "stream", None) is stream else None
+
+
 class DeviceStepper:
     """The loop's state in device buffers: the UNet shape key's ``sample`` / ``noise_pred`` and that key's
     ``SolverBuffers`` (from ``cache``, the runtime's: one per UNet shape key, made on first use).
@@ -306,8 +313,7 @@ class DeviceStepper:
                  context=None):
         self._unet, self._solver, self._real = unet, solver, len(x)
         self._lock = None
-        stream = getattr(unet, "stream", None)
-        self._stream = stream if stream is not None and getattr(solver, "stream", None) is stream else None
+        self._stream = shared_stream(unet, solver)
         xp = pad_rows(x, padded)
         prev = pad_rows(prev_x0, padded) if prev_x0 is not None else np.zeros_like(xp)
         sample = np.concatenate([xp, xp]) if cfg else xp

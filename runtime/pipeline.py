@@ -22,7 +22,7 @@ from .backends.ort import (CUBLAS_WORKSPACE_KIB, DEFAULT_MAX_GRAPHS, OrtSessionF
                            ort_tensorrt_providers)
 from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
-from .denoising import ContextGraph, DeviceStepper, HostStepper, pad_rows
+from .denoising import ContextGraph, DeviceStepper, HostStepper, pad_rows, shared_stream
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
 from .shapes import batch_bucket, t5_bucket
@@ -236,8 +236,7 @@ class AudioLDM2Runtime:
         """Whether the device loop queues its steps (``DeviceStepper``): the UNet and the solver step on one stream,
         both captured."""
         unet, solver = self._sessions.get("unet"), self._solver_step
-        stream = getattr(solver, "stream", None)
-        return (stream is not None and getattr(unet, "stream", None) is stream
+        return (shared_stream(unet, solver) is not None
                 and bool(getattr(unet, "cuda_graphs", False)) and bool(getattr(solver, "cuda_graphs", False)))
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.5,
