@@ -123,6 +123,7 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
               "gpu": _gpu_name(rt.device), "onnxruntime": _onnxruntime_version(), "request": request.kwargs(),
               "load_s": load_s, "cold_start_s": load_s + timed["first_s"], **timed,
               "queued_steps": health["queued_steps"] if health["device_loop"] else None,
+              "lm_loop": "queued" if health["lm_queued"] else "device" if health["lm_loop"] else "host",
               "without_cuda_graphs": sorted(n for n, c in health["components"].items()
                                             if rt.device.kind == "cuda" and c["graphs"] == 0),
               "gpu_memory_mib": None}
@@ -146,6 +147,10 @@ def _gpu_memory(dev) -> tuple:
         return None, str(err)
 
 
+LM_LOOP_WORDS = {"queued": "on the device, queued", "device": "on the device, each waited for",
+                 "host": "on the host"}
+
+
 def report(result: dict) -> str:
     """The bench result as a few lines of text."""
     s = result["stages_ms"]
@@ -165,6 +170,8 @@ def report(result: dict) -> str:
     ]
     if result.get("queued_steps") is not None:
         lines.append(f"denoising steps {'queued one ahead' if result['queued_steps'] else 'each waited for'}")
+    if result.get("lm_loop"):
+        lines.append(f"GPT-2's passes: {LM_LOOP_WORDS[result['lm_loop']]}")
     mem = result.get("gpu_memory_mib")
     if mem:
         lines.append(f"GPU memory (NVML, whole device, above {mem['before_load']:.0f} MiB in use before load): "

@@ -54,6 +54,9 @@ def add_commands(sub) -> None:
     b.add_argument("--queued-steps", choices=["on", "off"], default=None,
                    help="the denoising loop's steps queued one ahead on CUDA (on: the default where it applies) or "
                         "each waited for (off)")
+    b.add_argument("--lm-loop", choices=["on", "off"], default=None,
+                   help="GPT-2's 8 passes on the device, queued on CUDA (on: the default where the device loop is) or "
+                        "on the host, the sequence copied in and out at each (off)")
     b.add_argument("--json", help="also write the result, every warm call's time included, to this JSON file")
     b.set_defaults(run=run_bench)
 
@@ -144,7 +147,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     request = BenchRequest(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seconds,
                            args.waveforms, args.scheduler)
-    options = {} if args.queued_steps is None else {"queued_steps": args.queued_steps == "on"}
+    options = {name: value == "on" for name, value in (("queued_steps", args.queued_steps), ("lm_loop", args.lm_loop))
+               if value is not None}
     result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend, **options)
     print(report(result))
     if args.json:

@@ -80,9 +80,11 @@ def generate_lm_states(gpt2, inputs_embeds: np.ndarray, attention_mask: np.ndarr
     return x[:, length:length + new_tokens].copy()
 
 
-def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int, constants: dict, stepwise: bool) -> Conditioning:
-    """Run the four text components once over [negative; positive] rows (``generate_lm_states`` for GPT-2;
-    ``constants``: the manifest's, for max_new_tokens and lm_max_positions)."""
+def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int, constants: dict, stepwise: bool,
+                lm_loop=None) -> Conditioning:
+    """Run the four text components once over [negative; positive] rows (``constants``: the manifest's, for
+    max_new_tokens and lm_max_positions). GPT-2's passes: ``lm_loop`` (``lm_loop.LmLoop``, the step graph's passes
+    on the device) where given and it has buffers for these shapes, else ``generate_lm_states``."""
     clap = _stack(tokens.clap, tokens.clap_negative, clap_pad_id)
     t5 = _stack(tokens.t5, tokens.t5_negative, 0)  # same width already: negatives take the positive length
     clap_embeds = sessions["clap_text"].run({"input_ids": clap.input_ids, "attention_mask": clap.attention_mask})["text_embeds"]
@@ -92,7 +94,11 @@ def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int, constants: dic
         "text_embeds": check_finite("clap_text", clap_embeds), "t5_hidden_states": t5_states,
         "t5_attention_mask": t5.attention_mask,
     })
-    generated = generate_lm_states(sessions["gpt2"], proj["inputs_embeds"], proj["attention_mask"],
-                                   constants["max_new_tokens"], stepwise, constants["lm_max_positions"])
+    generated = None
+    if lm_loop is not None and stepwise:
+        generated = lm_loop.generate(proj["inputs_embeds"], proj["attention_mask"], constants["max_new_tokens"])
+    if generated is None:
+        generated = generate_lm_states(sessions["gpt2"], proj["inputs_embeds"], proj["attention_mask"],
+                                       constants["max_new_tokens"], stepwise, constants["lm_max_positions"])
     n_pos = tokens.clap.input_ids.shape[0]
     return Conditioning(check_finite("gpt2", generated), t5_states, t5.attention_mask, clap_embeds[-n_pos:])

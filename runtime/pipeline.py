@@ -23,6 +23,7 @@ from .backends.ort import (CUBLAS_WORKSPACE_KIB, DEFAULT_MAX_GRAPHS, OrtSessionF
 from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
 from .denoising import ContextGraph, DeviceStepper, HostStepper, pad_rows, shared_stream
+from .lm_loop import LmLoop
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
 from .shapes import batch_bucket, t5_bucket
@@ -34,6 +35,7 @@ log = logging.getLogger("audioldm2_trt.runtime")
 BACKENDS = ("ort", "ort-trt", "trt")
 UNET_CONTEXT = "unet_context"  # the session of the UNet's context graph (export/hoist_context.py), where it has one
 SOLVER_STEP_GRAPH = Path(__file__).resolve().parent / "graphs" / "solver_step.onnx"  # export/solver_graph.py
+LM_APPEND_GRAPH = Path(__file__).resolve().parent / "graphs" / "lm_append.onnx"  # export/lm_append_graph.py
 StepCallback = Callable[[int, int], None]  # (step index, number of steps)
 
 
@@ -55,10 +57,12 @@ def features_graph_on(device: Device) -> bool:
 
 
 class AudioLDM2Runtime:
-    def __init__(self, artifacts: Artifacts, sessions: dict, device: Device, solver_step=None):
+    def __init__(self, artifacts: Artifacts, sessions: dict, device: Device, solver_step=None, lm_append=None):
         """sessions: one per component (``Session`` protocol); solver_step: an ONNX Runtime session of
         ``SOLVER_STEP_GRAPH`` on the UNet's device, bound like it, to keep the denoising loop on the device
-        (``denoising.DeviceStepper``), or None for the loop on the host."""
+        (``denoising.DeviceStepper``), or None for the loop on the host; lm_append: likewise a session of
+        ``LM_APPEND_GRAPH`` beside a bound GPT-2 step graph, to keep GPT-2's passes on the device
+        (``lm_loop.LmLoop``), or None for them on the host."""
         self.artifacts = artifacts
         self.constants = artifacts.constants
         self.device = device
@@ -73,6 +77,10 @@ class AudioLDM2Runtime:
         self._unet_context = None if not context else ContextGraph(
             sessions[UNET_CONTEXT], context, getattr(sessions["unet"], "max_graphs", DEFAULT_MAX_GRAPHS))
         self._solver_buffers: dict = {}  # denoising.SolverBuffers per UNet shape key (DeviceStepper.open)
+        self._lm_append = lm_append
+        self._lm_loop = None if lm_append is None else LmLoop(
+            sessions["gpt2"], lm_append, self.constants["lm_max_positions"],
+            max(1, getattr(sessions["gpt2"], "max_graphs", DEFAULT_MAX_GRAPHS) // 2))
         toks = artifacts.manifest["tokenizers"]
         self._clap_tok = TextTokenizer(artifacts.tokenizer_file("clap"), toks["clap"]["model_max_length"],
                                        toks["clap"]["pad_token_id"], "CLAP")
@@ -91,7 +99,8 @@ class AudioLDM2Runtime:
              tf32: bool | None = None, provider_options: dict | None = None,
              device_loop: bool | None = None, ranking: bool = True,
              cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
-             packed_weights=None, queued_steps: bool | None = None) -> "AudioLDM2Runtime":
+             packed_weights=None, queued_steps: bool | None = None,
+             lm_loop: bool | None = None) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
         device: "cpu", "cuda" or "cuda:N" (never a silent fallback); providers: ONNX Runtime
@@ -112,6 +121,10 @@ class AudioLDM2Runtime:
         (``denoising.DeviceStepper``): the GPU does not idle while the host reads a step's finiteness flags and calls
         back; those then come one step late. None = on wherever it applies, False = every step waited for, True = on
         and an error where it does not apply.
+        lm_loop (backend "ort", artefacts with GPT-2's step graph): GPT-2's 8 passes over device buffers, the
+        sequence grown on the device by a small append graph (``lm_loop.LmLoop``) — queued on one CUDA stream and
+        waited for once where ``queued_steps`` applies; None = on wherever the device loop is, False = the passes on
+        the host (the sequence copied in and out at each), True = on, and an error where it does not apply.
         ranking: open CLAP's audio branch (and its log-mel features graph), which ranks several waveforms per
         prompt. ``ranking=False`` leaves those sessions out — for a server that asks for one waveform per prompt:
         less GPU memory and a shorter load — and a request for more than one waveform per prompt is then an error.
@@ -165,6 +178,13 @@ class AudioLDM2Runtime:
             raise InvalidRequestError(f"provider_options name unknown components {unknown}; components: {sorted(files)}")
         if device_loop is None:
             device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
+        if lm_loop and not (device_loop and art.gpt2_graph == "step"):
+            raise InvalidRequestError("lm_loop needs the device loop (backend 'ort', I/O bound sessions) and GPT-2's step "
+                                      f"graph (device_loop {device_loop}, gpt2 graph {art.gpt2_graph!r})")
+        lm_loop = device_loop and art.gpt2_graph == "step" and lm_loop is not False
+        loops = {"denoising"} if device_loop else set()
+        if lm_loop:
+            loops.add("language_model")
         if queued_steps and not (device_loop and dev.kind == "cuda" and providers is None and cuda_graphs):
             raise InvalidRequestError("queued_steps needs the device loop on CUDA with the default provider and CUDA "
                                       f"graphs (backend {backend!r}, device {dev}, device_loop {device_loop}, "
@@ -174,10 +194,11 @@ class AudioLDM2Runtime:
             tf32=default_tf32(art.precision) if tf32 is None else tf32, component_options=provider_options,
             bind=True if device_loop else None, cublas_workspace_kib=cublas_workspace_kib,
             shared_arena=shared_arena, packed_weights=packed_weights,
-            loop_stream=queued_steps if device_loop else False)
+            loop_stream=False if queued_steps is False or not loops else frozenset(loops))
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH) if device_loop else None
-        runtime = cls(art, sessions, factory.device, solver)
+        append = factory.create("lm_append", LM_APPEND_GRAPH) if lm_loop else None
+        runtime = cls(art, sessions, factory.device, solver, append)
         runtime.shared_arena = shared_arena
         return runtime
 
@@ -215,13 +236,15 @@ class AudioLDM2Runtime:
 
     def health(self) -> dict:
         """What a server's health check reports: device, precision, warm or not, whether the denoising loop
-        runs on the device, whether ranking is loaded and where its features are computed ("graph" or "host"; None
+        runs on the device (``device_loop``) with its steps queued (``queued_steps``), whether GPT-2's passes do
+        (``lm_loop``) and are queued (``lm_queued``), whether ranking is loaded and where its features are computed ("graph" or "host"; None
         without ranking), the CUBLAS_WORKSPACE_CONFIG in effect (CUDA), and per component how many input shapes have
         buffers / CUDA graphs and whether its weights are packed in one allocation (``packed_weights``)."""
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
             "queued_steps": self._queued_steps(),
+            "lm_loop": self._lm_loop is not None, "lm_queued": self._lm_loop is not None and self._lm_loop.queued,
             "ranking": self.ranking, "shared_arena": self.shared_arena,
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG") if self.device.kind == "cuda" else None,
             "ranking_features": None if not self.ranking else "graph" if self._features_graph is not None else "host",
@@ -278,7 +301,8 @@ class AudioLDM2Runtime:
         # 2. Prompt → conditioning (CLAP, T5, projection, GPT-2), negatives first under CFG.
         tokens = tokenize_prompts(self._clap_tok, self._t5_tok, req.prompts, req.negative_prompts)
         cond = encode_text(self._sessions, tokens, self._clap_tok.pad_token_id, self.constants,
-                           stepwise=self.artifacts.gpt2_graph == "step").repeat_rows(req.waveforms_per_prompt)
+                           stepwise=self.artifacts.gpt2_graph == "step",
+                           lm_loop=self._lm_loop).repeat_rows(req.waveforms_per_prompt)
         clock.mark("text")
         # 3. Initial latents.
         latents, seed = self._initial_latents(req)
@@ -405,12 +429,14 @@ class AudioLDM2Runtime:
         """Release the sessions and their device buffers; the runtime cannot be used afterwards."""
         if self._unet_context is not None:
             self._unet_context.close()
-        for session in [*self._sessions.values(), self._solver_step]:
+        if self._lm_loop is not None:
+            self._lm_loop.close()
+        for session in [*self._sessions.values(), self._solver_step, self._lm_append]:
             if hasattr(session, "close"):
                 session.close()
         self._sessions.clear()
         self._solver_buffers.clear()
-        self._solver_step = None
+        self._solver_step = self._lm_append = self._lm_loop = None
 
 
 @dataclass

@@ -27,6 +27,10 @@
 #   bash scripts/gpu_session.sh all-queued  # setup, fp16 export, validate, the denoising steps queued one ahead (the
 #                                          # default) against each waited for: bench alternating and DDIM-200, the
 #                                          # loop checks (queued = step by step, cancel mid-loop), fidelity, benchmark rows
+#   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
+#                                          # narrowed down; then GPT-2's passes on the device against on the host
+#                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
+#                                          # memory, cold start, validate, fidelity
 #   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
@@ -516,7 +520,31 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
       $FIDELITY; \
       python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
         --out /tmp/logs/rows > /tmp/logs/rows.log 2>&1" ;;
-  all-padgeglu|all-lnfold|all-hoist|all-queued)  # setup, the fp16 export and the mode at once
+  lmloop)  # after the fp16 export started: a tiny fp32 export and its vocoder failure narrowed down (runs AS-AT: the
+           # vocoder alone through the failing batch shapes with each variant, then the failing script) while the full
+           # export runs; then GPT-2's passes on the device (the default since) against on the host: text_stage.py,
+           # bench alternating (--lm-loop on|off, 3 rounds of 20 calls), the full benchmark with the peers (no fp32
+           # export: its row skipped), peak memory (the runtime, B0), cold start in clean processes, validate, fidelity
+    mkdir -p /tmp/logs/tiny
+    in_background "(cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --out /tmp/tiny-check \
+        --overwrite > /tmp/logs/tiny/export.log 2>&1); \
+      for v in default no-graphs heuristic; do mkdir -p /tmp/logs/tiny/voc-\$v; python3 vocoder_shapes_check.py \
+        --artifacts /tmp/tiny-check --variant \$v --out /tmp/logs/tiny/voc-\$v > /tmp/logs/tiny/voc-\$v.log 2>&1; done; \
+      python3 device_loop_check.py --artifacts /tmp/tiny-check --device cuda --seconds 2 --out /tmp/logs/tiny \
+        > /tmp/logs/tiny/loopcheck.log 2>&1; \
+      bash $SELF wait 16; \
+      python3 text_stage.py --artifacts /tmp/art-fp16 --rounds 30 --out /tmp/logs > /tmp/logs/text_stage.log 2>&1; \
+      for r in 1 2 3; do for q in on off; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
+        --device cuda --runs 20 --lm-loop \$q --json /tmp/logs/bench-\$q-\$r.json > /tmp/logs/bench-\$q-\$r.log 2>&1); \
+        done; done; \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_nograph,fp16_notf32 --out /tmp/logs \
+        > /tmp/logs/bench.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs \
+        > /tmp/logs/cold.log 2>&1; \
+      $VALIDATE16; \
+      $FIDELITY" ;;
+  all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   all-unet-variants)  # setup, the fp16 export and unet-variants at once

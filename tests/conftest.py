@@ -17,6 +17,29 @@ needs_export = pytest.mark.skipif(
 )
 
 
+class CpuStream:
+    """What the loop's CUDA stream is to a CPU session: work is done when the call that queues it returns, so recording
+    and waiting have nothing to do. Given to the UNet and the solver step, it turns on the steps queued one ahead
+    (``DeviceStepper``: a step's flags read after the next step is queued) on the CPU, where its bookkeeping — the
+    step dropped when the loop stops, the state it leaves — can be checked against the host loop; given to GPT-2 and
+    the append graph, GPT-2's passes waited for once, after an event (``LmLoop``)."""
+
+    def __init__(self):
+        self.recorded = self.waited = 0
+
+    def event(self):
+        return object()
+
+    def record(self, event):
+        self.recorded += 1
+
+    def wait(self, event):
+        self.waited += 1
+
+    def synchronize(self):
+        pass
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     if not (_has("torch") and _has("diffusers")):

@@ -74,6 +74,15 @@ def test_bench_one_waveform_has_no_ranking_stage(tiny_artifacts):
     res = bench(tiny_artifacts, "cpu", runs=1, request=BenchRequest(steps=2, seconds=1.0))
     assert "ranking" not in res["stages_ms"] and res["audio_s"] == 1.0
     assert res["gpu_memory_mib"] is None and "gpu_memory_error" not in res  # the CPU has no GPU memory to report
+    assert (res["queued_steps"], res["lm_loop"]) == (None, "host")  # the CPU's default: both loops on the host
+
+
+@needs_export
+def test_bench_says_where_gpt2_ran(tiny_artifacts):
+    """device_loop=True binds the CPU sessions, and GPT-2's passes then run over device buffers (``lm_loop``)."""
+    request = BenchRequest(steps=2, seconds=1.0)
+    assert bench(tiny_artifacts, "cpu", runs=1, request=request, device_loop=True)["lm_loop"] == "device"
+    assert bench(tiny_artifacts, "cpu", runs=1, request=request, device_loop=True, lm_loop=False)["lm_loop"] == "host"
 
 
 def test_gpu_memory_sampler_keeps_every_reading_in_order():

@@ -12,7 +12,7 @@ import pytest
 
 from audioldm2_trt.runtime.errors import InvalidRequestError, NonFiniteError, RequestCancelled
 
-from .conftest import _has, needs_export
+from .conftest import CpuStream, _has, needs_export
 
 FAST = dict(num_inference_steps=4, audio_length_in_s=2.0)
 CFG_CASES = [("a dog barks", 1, 3.5), ("rain falling on a metal roof in a storm at night, thunder far away", 2, 2.0),
@@ -285,34 +285,12 @@ def test_device_loop_backend_failure_names_the_step_and_frees_the_unet(device_ru
     assert np.isfinite(device_runtime("a bell", seed=0, **FAST).audios).all()
 
 
-class _CpuStream:
-    """What the loop's CUDA stream is to a CPU session: work is done when the call that queues it returns, so recording
-    and waiting have nothing to do. Given to the UNet and the solver step, it turns on the steps queued one ahead
-    (``DeviceStepper``: a step's flags read after the next step is queued) on the CPU, where its bookkeeping — the
-    step dropped when the loop stops, the state it leaves — can be checked against the host loop."""
-
-    def __init__(self):
-        self.recorded = self.waited = 0
-
-    def event(self):
-        return object()
-
-    def record(self, event):
-        self.recorded += 1
-
-    def wait(self, event):
-        self.waited += 1
-
-    def synchronize(self):
-        pass
-
-
 @pytest.fixture
 def ahead_runtime(tiny_artifacts):
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     rt = AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True)
-    stream = _CpuStream()
+    stream = CpuStream()
     rt._sessions["unet"].stream = rt._solver_step.stream = stream
     yield rt, stream
     rt._sessions["unet"].stream = rt._solver_step.stream = None  # not a CudaStream: nothing to release

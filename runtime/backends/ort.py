@@ -53,10 +53,13 @@ PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "un
 # default fp16 export are assumed to: a UNet packed by mistake fails at its first run.
 ASSUMED_NHWC = frozenset({"unet", "vae_decoder"})
 PACKED_CONFIG = {"session.disable_prepacking": "1"}
-# The sessions of the denoising loop, which a CUDA factory puts on one stream of its own (``loop_stream``): the UNet
-# reads what its context graph wrote and the solver step what the UNet wrote, in stream order, so a step can be
-# queued behind the previous one without waiting for it (``OrtSession.replay(wait=False)``, runtime/denoising.py).
-LOOP_STREAM_COMPONENTS = frozenset({"unet", "unet_context", "solver_step"})
+# The sessions of the two loops, which a CUDA factory puts on one stream of its own per loop (``loop_stream``): the
+# denoising loop's UNet reads what its context graph wrote and the solver step what the UNet wrote, and GPT-2's pass
+# reads the sequence its append graph wrote, in stream order, so a step or pass can be queued behind the one before
+# without waiting for it (``OrtSession.replay(wait=False)``, runtime/denoising.py, runtime/lm_loop.py). Two streams:
+# one request's text stage can still overlap another's denoising on the GPU.
+LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step": "denoising",
+                "gpt2": "language_model", "lm_append": "language_model"}
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -410,11 +413,12 @@ class OrtSessionFactory:
     and tells an ``NhwcConv`` (the fused UNet's and VAE decoder's) that its weights are NHWC already — so those
     components cannot be packed: ``needs_prepacking`` names the ones with NhwcConv nodes (``Artifacts.nhwc_components``;
     None = ``ASSUMED_NHWC``, the UNet and VAE decoder), and naming one of them, or a ``prefer_nhwc`` one, is an error.
-    loop_stream (default CUDA provider with CUDA graphs): the sessions of ``LOOP_STREAM_COMPONENTS`` run on one
-    non-blocking stream this factory makes (``CudaStream``) instead of one stream each, so that the denoising loop
-    can queue its steps without waiting for each (``OrtSession.replay(wait=False)``) — None = on wherever it
-    applies, False = off (each session on ONNX Runtime's own stream, every run waited for), True = on, and an error
-    where it does not apply.
+    loop_stream (default CUDA provider with CUDA graphs): the sessions of each loop in ``LOOP_STREAMS`` (the
+    denoising loop's, GPT-2's) run on one non-blocking stream per loop that this factory makes (``CudaStream``)
+    instead of one stream each, so that the loop can queue its steps without waiting for each
+    (``OrtSession.replay(wait=False)``) — None = on wherever it applies, False = off (each session on ONNX Runtime's
+    own stream, every run waited for), True = on, and an error where it does not apply; or the loops to give one
+    (``{"denoising"}``).
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
@@ -473,11 +477,15 @@ class OrtSessionFactory:
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
         self._packed = self._packed_selector(
             packed_weights, ASSUMED_NHWC if needs_prepacking is None else frozenset(needs_prepacking))
-        if loop_stream and not use_graphs:
+        if loop_stream is True and not use_graphs:
             raise BackendError(f"loop_stream needs the default CUDA provider with CUDA graphs (device {self.device}, "
                                f"providers {'given' if custom else 'default'}, cuda_graphs={cuda_graphs!r})")
-        self.loop_stream = use_graphs and bool(cuda_graphs) and loop_stream is not False
-        self._stream: CudaStream | None = None
+        loops = set(LOOP_STREAMS.values())
+        if loop_stream not in (None, True, False) and not set(loop_stream) <= loops:
+            raise BackendError(f"loop_stream names unknown loops {sorted(set(loop_stream) - loops)}; loops: {sorted(loops)}")
+        chosen = frozenset() if loop_stream is False else loops if loop_stream in (None, True) else frozenset(loop_stream)
+        self.loop_streams = chosen if use_graphs and cuda_graphs else frozenset()  # the loops given a stream
+        self._streams: dict[str, CudaStream] = {}  # LOOP_STREAMS' loop → its stream
         self._stream_lock = threading.Lock()
 
     @classmethod
@@ -537,7 +545,7 @@ class OrtSessionFactory:
         base = self.providers
         if self._default_cuda:
             base = [(n, {**o, **self.component_options.get(name, {})}) for n, o in base]
-        stream = self._loop_stream() if self.loop_stream and name in LOOP_STREAM_COMPONENTS else None
+        stream = self._loop_stream(LOOP_STREAMS[name]) if LOOP_STREAMS.get(name) in self.loop_streams else None
         if stream is not None:
             base = [(n, {**o, "user_compute_stream": str(stream.handle)}) for n, o in base]
         providers = base
@@ -569,15 +577,16 @@ class OrtSessionFactory:
         made.stats.packed_weights = packed
         return made
 
-    def _loop_stream(self) -> CudaStream:
-        """The factory's one stream for ``LOOP_STREAM_COMPONENTS``, made on first use."""
+    def _loop_stream(self, loop: str) -> CudaStream:
+        """The factory's one stream for ``loop``'s sessions (``LOOP_STREAMS``), made on first use."""
         with self._stream_lock:
-            if self._stream is None or self._stream.handle is None:  # (the last one's sessions all closed)
+            stream = self._streams.get(loop)
+            if stream is None or stream.handle is None:  # (the last one's sessions all closed)
                 try:
-                    self._stream = CudaStream(self.device.index)
+                    stream = self._streams[loop] = CudaStream(self.device.index)
                 except RuntimeError as err:
-                    raise BackendError(f"could not make the denoising loop's CUDA stream on {self.device}: {err}") from err
-            return self._stream
+                    raise BackendError(f"could not make the {loop} loop's CUDA stream on {self.device}: {err}") from err
+            return stream
 
     def _open(self, name: str, path, opts, providers, graphs: bool):
         """An InferenceSession, keeping the caller's CUDA context; failures as BackendError naming the component
