@@ -57,6 +57,9 @@ def add_commands(sub) -> None:
     b.add_argument("--lm-loop", choices=["on", "off"], default=None,
                    help="GPT-2's 8 passes on the device, queued on CUDA (on: the default where the device loop is) or "
                         "on the host, the sequence copied in and out at each (off)")
+    b.add_argument("--provider-options", type=_json_object, default=None, metavar="JSON",
+                   help='extra CUDA provider options per component over the defaults, e.g. '
+                        '\'{"vocoder": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}\' (backend ort, CUDA)')
     b.add_argument("--json", help="also write the result, every warm call's time included, to this JSON file")
     b.set_defaults(run=run_bench)
 
@@ -140,6 +143,19 @@ def run_demo(args: argparse.Namespace) -> int:
     return _generate(args, folder)
 
 
+def _json_object(text: str) -> dict:
+    """An argparse type: a JSON object (for --provider-options)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of component → options, got {text!r}")
+    return value
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -149,6 +165,8 @@ def run_bench(args: argparse.Namespace) -> int:
                            args.waveforms, args.scheduler)
     options = {name: value == "on" for name, value in (("queued_steps", args.queued_steps), ("lm_loop", args.lm_loop))
                if value is not None}
+    if args.provider_options is not None:
+        options["provider_options"] = args.provider_options
     result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend, **options)
     print(report(result))
     if args.json:

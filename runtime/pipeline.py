@@ -112,7 +112,7 @@ class AudioLDM2Runtime:
         tf32 (CUDA only): TF32 tensor cores for the fp32 parts; None = on for fp16 artefacts, off for fp32 ones.
         provider_options (default CUDA provider only): extra CUDA provider options per component, e.g.
         ``{"unet": {"sdpa_kernel": 0}}`` (ORT's own attention kernel choice), over the defaults in
-        ``backends.ort.COMPONENT_PROVIDER_OPTIONS`` (fp16 artefacts; fp32 ones have none).
+        ``backends.ort.COMPONENT_PROVIDER_OPTIONS`` (fp16 artefacts; fp32 ones: ``FP32_COMPONENT_PROVIDER_OPTIONS``).
         device_loop (backend "ort"): keep the denoising loop's latents on the device, guidance and the solver
         update in a small ONNX graph (denoising.py); None = on CUDA with the default provider, off elsewhere;
         True on the CPU binds every session (for tests).
@@ -179,8 +179,8 @@ class AudioLDM2Runtime:
         if device_loop is None:
             device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
         if lm_loop and not (device_loop and art.gpt2_graph == "step"):
-            raise InvalidRequestError("lm_loop needs the device loop (backend 'ort', I/O bound sessions) and GPT-2's step "
-                                      f"graph (device_loop {device_loop}, gpt2 graph {art.gpt2_graph!r})")
+            raise InvalidRequestError("lm_loop needs the device loop (backend 'ort', I/O bound sessions) and GPT-2's "
+                                      f"step graph (device_loop {device_loop}, gpt2 graph {art.gpt2_graph!r})")
         lm_loop = device_loop and art.gpt2_graph == "step" and lm_loop is not False
         loops = {"denoising"} if device_loop else set()
         if lm_loop:

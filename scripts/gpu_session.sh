@@ -31,6 +31,9 @@
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
 #                                          # memory, cold start, validate, fidelity
+#   bash scripts/gpu_session.sh all-vocfix  # setup, fp32 export; the fp32 vocoder's heuristic search (the default
+#                                          # since run AU) against the exhaustive one through the failing batch shapes
+#                                          # (tiny and full size), the failing script, validate and bench of fp32
 #   bash scripts/gpu_session.sh all-two-gpu  # (2 GPUs, Ray wheels) setup, fp16 export, placement on cuda:1, the Ray levels
 #   bash scripts/gpu_session.sh all-unet   # setup, fp16 + fp32 exports, the UNet recipes compared (ort_sweep --unet-recipes),
 #                                          # validate, the full benchmark with the peers, fidelity, kernel profile
@@ -544,6 +547,31 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
         > /tmp/logs/cold.log 2>&1; \
       $VALIDATE16; \
       $FIDELITY" ;;
+  vocfix)  # after the fp32 export started: a tiny fp32 export, its vocoder through the failing batch shapes (three
+           # sessions) with fp32's default search (heuristic, since run AU) and the exhaustive one (the default before),
+           # then the failing script (device_loop_check.py, three runtimes); after the full-size fp32 export: validate,
+           # its vocoder through the same shapes (two sessions, both searches), bench with each search, two rounds
+    mkdir -p /tmp/logs/tiny /tmp/logs/full32
+    export EXHAUSTIVE='{"vocoder": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}'
+    in_background "(cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --out /tmp/tiny-check \
+        --overwrite > /tmp/logs/tiny/export.log 2>&1); \
+      for v in default exhaustive; do mkdir -p /tmp/logs/tiny/voc-\$v; timeout 300 python3 vocoder_shapes_check.py \
+        --artifacts /tmp/tiny-check --variant \$v --out /tmp/logs/tiny/voc-\$v > /tmp/logs/tiny/voc-\$v.log 2>&1; done; \
+      timeout 300 python3 device_loop_check.py --artifacts /tmp/tiny-check --device cuda --seconds 2 \
+        --out /tmp/logs/tiny > /tmp/logs/tiny/loopcheck.log 2>&1; \
+      bash $SELF wait 32; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp32 --device cuda > /tmp/logs/full32/validate.log 2>&1); \
+      for r in 1 2; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp32 --device cuda --runs 10 \
+          --json /tmp/logs/full32/bench-heuristic-\$r.json > /tmp/logs/full32/bench-heuristic-\$r.log 2>&1; \
+        python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp32 --device cuda --runs 10 \
+          --provider-options \"\$EXHAUSTIVE\" --json /tmp/logs/full32/bench-exhaustive-\$r.json \
+          > /tmp/logs/full32/bench-exhaustive-\$r.log 2>&1); done; \
+      for v in default exhaustive; do mkdir -p /tmp/logs/full32/voc-\$v; timeout 300 python3 vocoder_shapes_check.py \
+        --artifacts /tmp/art-fp32 --frames 1024 --sessions 2 --variant \$v --out /tmp/logs/full32/voc-\$v \
+        > /tmp/logs/full32/voc-\$v.log 2>&1; done" ;;
+  all-vocfix)  # setup, the fp32 export and vocfix at once
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 32 && bash "$SELF" vocfix ;;
   all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;

@@ -58,10 +58,11 @@ def main() -> None:
     clap = _stack(tokens.clap, tokens.clap_negative, rt._clap_tok.pad_token_id)
     t5 = _stack(tokens.t5, tokens.t5_negative, 0)
     s = rt._sessions
-    proj = s["projection"].run({
-        "text_embeds": s["clap_text"].run({"input_ids": clap.input_ids, "attention_mask": clap.attention_mask})["text_embeds"],
-        "t5_hidden_states": s["t5_encoder"].run({"input_ids": t5.input_ids, "attention_mask": t5.attention_mask})["last_hidden_state"],
-        "t5_attention_mask": t5.attention_mask})
+    text_embeds = s["clap_text"].run({"input_ids": clap.input_ids, "attention_mask": clap.attention_mask})
+    t5_states = s["t5_encoder"].run({"input_ids": t5.input_ids, "attention_mask": t5.attention_mask})
+    proj = s["projection"].run({"text_embeds": text_embeds["text_embeds"],
+                                "t5_hidden_states": t5_states["last_hidden_state"],
+                                "t5_attention_mask": t5.attention_mask})
     x, mask = proj["inputs_embeds"], proj["attention_mask"]
     n, positions = rt.constants["max_new_tokens"], rt.constants["lm_max_positions"]
     stage = {name: [] for name in runtimes}
@@ -86,7 +87,8 @@ def main() -> None:
         "gpt2_passes_ms": {k: median_ms(v) for k, v in gpt2.items()},
         "generated_equal": bool(np.array_equal(a, b)), "generated_max_abs_diff": float(np.abs(a - b).max()),
         "t5_equal": bool(np.array_equal(conds["device"].t5, conds["host"].t5)),
-        "health": {k: {h: r.health()[h] for h in ("lm_loop", "lm_queued", "queued_steps")} for k, r in runtimes.items()},
+        "health": {k: {h: r.health()[h] for h in ("lm_loop", "lm_queued", "queued_steps")}
+                   for k, r in runtimes.items()},
     }
     (out / "text_stage.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "text_stage_ms_all"}, indent=2))

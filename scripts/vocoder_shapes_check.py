@@ -5,11 +5,12 @@ session's output for a shape compared with its first. A measurement
 script (on CUDA it may end the process: CUDA error 715 poisons the context), not a test.
 
     python scripts/vocoder_shapes_check.py --artifacts DIR [--device cuda] [--order 1,4,2,1] [--runs 6]
-        [--frames 200] [--variant default|no-graphs|heuristic] --out DIR
+        [--frames 200] [--sessions 3] [--variant default|no-graphs|heuristic|exhaustive] --out DIR
 
 Variants, to tell where a failure comes from: ``default`` (the runtime's options), ``no-graphs`` (the vocoder
-uncaptured), ``heuristic`` (cuDNN's heuristic algorithm choice instead of the exhaustive search). Writes
-vocoder_shapes_check.json (one row per shape visit, written after each, so a crash leaves the rows before it).
+uncaptured), ``heuristic`` (cuDNN's heuristic algorithm choice instead of the exhaustive search), ``exhaustive``
+(the exhaustive search, ONNX Runtime's default; since run AU fp32 artefacts' vocoder defaults to the heuristic one).
+Writes vocoder_shapes_check.json (one row per shape visit, written after each, so a crash leaves the rows before it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = {"default": {}, "no-graphs": {"cuda_graphs": False},
-            "heuristic": {"component_options": {"vocoder": {"cudnn_conv_algo_search": "HEURISTIC"}}}}
+            "heuristic": {"component_options": {"vocoder": {"cudnn_conv_algo_search": "HEURISTIC"}}},
+            "exhaustive": {"component_options": {"vocoder": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}}}
 
 
 def main() -> None:

@@ -85,6 +85,16 @@ def test_bench_says_where_gpt2_ran(tiny_artifacts):
     assert bench(tiny_artifacts, "cpu", runs=1, request=request, device_loop=True, lm_loop=False)["lm_loop"] == "host"
 
 
+@pytest.mark.parametrize("value, message", [
+    ("[1]", "expected a JSON object of component → options, got '[1]'"),
+    ("{oops", "not JSON"),
+])
+def test_bench_provider_options_must_be_a_json_object(tmp_path, value, message):
+    r = subprocess.run([sys.executable, "-m", "audioldm2_trt.cli", "bench", "--artifacts", str(tmp_path / "none"),
+                        "--provider-options", value], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr
+
+
 def test_gpu_memory_sampler_keeps_every_reading_in_order():
     readings = iter(range(100, 100_000, 10))
     mem = GpuMemory(read=lambda: float(next(readings)), interval_s=0.001)

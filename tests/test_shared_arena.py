@@ -169,7 +169,8 @@ def test_factory_for_artifacts_takes_their_precision_and_nhwc_components(tiny_ar
     """``OrtSessionFactory.for_artifacts`` (what load, validate and the scripts use) passes the folder's own precision
     and NhwcConv components, not the constructor's defaults (fp16, ``ASSUMED_NHWC``)."""
     from audioldm2_trt.runtime.artifacts import load_artifacts
-    from audioldm2_trt.runtime.backends.ort import ASSUMED_NHWC, COMPONENT_PROVIDER_OPTIONS
+    from audioldm2_trt.runtime.backends.ort import (ASSUMED_NHWC, COMPONENT_PROVIDER_OPTIONS,
+                                                    FP32_COMPONENT_PROVIDER_OPTIONS)
 
     seen = []
     selector = OrtSessionFactory._packed_selector
@@ -180,7 +181,7 @@ def test_factory_for_artifacts_takes_their_precision_and_nhwc_components(tiny_ar
     assert ASSUMED_NHWC and COMPONENT_PROVIDER_OPTIONS  # the defaults differ from this folder's
     factory = OrtSessionFactory.for_artifacts(art, "cpu", threads=1)
     assert seen == [frozenset()]
-    assert factory.component_options == {}  # fp32: none of the fp16 per-component options
+    assert factory.component_options == FP32_COMPONENT_PROVIDER_OPTIONS  # fp32: not the fp16 per-component options
     assert factory.threads == 1
     default = OrtSessionFactory("cpu")  # the constructor's defaults, for contrast
     assert seen[1] == ASSUMED_NHWC and default.component_options == COMPONENT_PROVIDER_OPTIONS
