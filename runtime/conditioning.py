@@ -48,6 +48,16 @@ def _stack(a: Tokens, b: Tokens | None, pad_id: int) -> Tokens:
                   np.concatenate([pad(b.attention_mask, 0), pad(a.attention_mask, 0)]))
 
 
+def _started(session, feeds: dict):
+    """``session.run(feeds)`` begun where the session can run in the background (``OrtSession.start``), else run
+    now; returns a callable that gives its outputs."""
+    start = getattr(session, "start", None)
+    if start is not None:
+        return start(feeds)
+    outputs = session.run(feeds)
+    return lambda: outputs
+
+
 def check_finite(stage: str, array: np.ndarray) -> np.ndarray:
     if not np.isfinite(array).all():
         raise NonFiniteError(f"{stage} produced non-finite values (NaN or Inf) in an array of shape {array.shape}")
@@ -87,8 +97,10 @@ def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int, constants: dic
     on the device) where given and it has buffers for these shapes, else ``generate_lm_states``."""
     clap = _stack(tokens.clap, tokens.clap_negative, clap_pad_id)
     t5 = _stack(tokens.t5, tokens.t5_negative, 0)  # same width already: negatives take the positive length
-    clap_embeds = sessions["clap_text"].run({"input_ids": clap.input_ids, "attention_mask": clap.attention_mask})["text_embeds"]
+    # CLAP and T5 do not depend on each other: CLAP runs on its session's worker while T5 runs (overlapping on the GPU)
+    clap_run = _started(sessions["clap_text"], {"input_ids": clap.input_ids, "attention_mask": clap.attention_mask})
     t5_states = sessions["t5_encoder"].run({"input_ids": t5.input_ids, "attention_mask": t5.attention_mask})["last_hidden_state"]
+    clap_embeds = clap_run()["text_embeds"]
     check_finite("t5_encoder", t5_states)
     proj = sessions["projection"].run({
         "text_embeds": check_finite("clap_text", clap_embeds), "t5_hidden_states": t5_states,

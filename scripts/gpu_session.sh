@@ -31,6 +31,8 @@
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
 #                                          # memory, cold start, validate, fidelity
+#   bash scripts/gpu_session.sh all-textpar  # setup, fp16 export, the text stage with CLAP run while T5 runs against
+#                                          # before (text_stage.py), bench, the loop checks, the load test
 #   bash scripts/gpu_session.sh all-vocfix  # setup, fp32 export; the fp32 vocoder's heuristic search (the default
 #                                          # since run AU) against the exhaustive one through the failing batch shapes
 #                                          # (tiny and full size), the failing script, validate and bench of fp32
@@ -572,7 +574,18 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
   all-vocfix)  # setup, the fp32 export and vocfix at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 32 && bash "$SELF" vocfix ;;
-  all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop)  # setup, the fp16 export and the mode at once
+  textpar)  # after the fp16 export: the text stage three ways in one process (text_stage.py: CLAP run while T5 runs,
+            # the default since run AW; CLAP then T5; GPT-2's passes on the host too), bench of the default (3 rounds
+            # of 20 calls, each its own process), the loop checks (device_loop_check.py), the load test at 1 and 16
+            # clients with its placement checks (two runtimes from two threads, each equal to its result alone)
+    in_background "bash $SELF wait 16; \
+      python3 text_stage.py --artifacts /tmp/art-fp16 --rounds 40 --out /tmp/logs > /tmp/logs/text_stage.log 2>&1; \
+      for r in 1 2 3; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda \
+        --runs 20 --json /tmp/logs/bench-\$r.json > /tmp/logs/bench-\$r.log 2>&1); done; \
+      python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs \
+        > /tmp/logs/load.log 2>&1" ;;
+  all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   all-unet-variants)  # setup, the fp16 export and unet-variants at once

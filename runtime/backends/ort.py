@@ -148,11 +148,41 @@ class OrtSession:
         except BackendError:
             raise
         except Exception as err:  # onnxruntime raises its own exception types; name what failed
-            shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in feeds.items()}
-            error = BackendError(f"{self.name} failed on inputs {shapes}"
-                                 f"{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
-            error.component = self.name
-            raise error from err
+            raise self._named(feeds, err) from err
+
+    def start(self, feeds: dict[str, np.ndarray]):
+        """``run(feeds)`` begun on this session's worker (CUDA), so that the caller can run another session while it
+        runs (on their own streams the two overlap on the GPU); returns a callable that waits for it and returns its
+        outputs (raising what ``run`` would). Without a worker it runs here, before returning. This session's lock is
+        held from here until the run has ended, as ``run`` holds it."""
+        if self._worker is None:
+            outputs = self.run(feeds)
+            return lambda: outputs
+        self._lock.acquire()
+        try:
+            pending = self._worker.submit(self._run_bound, feeds)
+        except BaseException:
+            self._lock.release()
+            raise
+        pending.add_done_callback(lambda _: self._lock.release())
+
+        def result() -> dict[str, np.ndarray]:
+            try:
+                return pending.result()
+            except BackendError:
+                raise
+            except Exception as err:
+                raise self._named(feeds, err) from err
+
+        return result
+
+    def _named(self, feeds: dict[str, np.ndarray], err: Exception) -> BackendError:
+        """The BackendError for ``err`` raised by ONNX Runtime in a run on ``feeds``, naming this component and them."""
+        shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in feeds.items()}
+        error = BackendError(f"{self.name} failed on inputs {shapes}"
+                             f"{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
+        error.component = self.name
+        return error
 
     # -- a sequence of bound runs that keeps its data on the device (runtime/denoising.py) -------------
     def held(self):
