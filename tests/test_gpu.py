@@ -1,0 +1,90 @@
+"""The CUDA paths that the CPU cannot take: GPT-2's passes and the denoising steps queued on their streams, and the
+fp32 vocoder's captured graphs with two runtimes in one process. Run wherever onnxruntime-gpu sees a GPU; skipped,
+with the reason, elsewhere (CI has no GPU). Correctness only: speed is measured by scripts/, never here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import needs_export
+
+
+def _cuda_reason() -> str | None:
+    """Why the CUDA tests cannot run here, or None where they can."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "needs onnxruntime"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "needs onnxruntime-gpu (this onnxruntime has no CUDA execution provider)"
+    from audioldm2_trt.runtime.backends.cuda_driver import cuda_device_count
+
+    if not cuda_device_count():
+        return "needs an NVIDIA GPU and its driver"
+    return None
+
+
+REASON = _cuda_reason()
+needs_cuda = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST = dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
+               audio_length_in_s=2.0, seed=4)
+
+
+def rel_l2(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def cuda_runtimes(tiny_artifacts):
+    """The default runtime (both loops queued), one with GPT-2's passes on the host, one with every step waited for."""
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    made = {"default": AudioLDM2Runtime.load(tiny_artifacts, device="cuda"),
+            "gpt2_on_host": AudioLDM2Runtime.load(tiny_artifacts, device="cuda", lm_loop=False),
+            "step_by_step": AudioLDM2Runtime.load(tiny_artifacts, device="cuda", queued_steps=False, lm_loop=False)}
+    yield made
+    for rt in made.values():
+        rt.close()
+
+
+@needs_cuda
+@needs_export
+def test_queued_gpt2_passes_give_the_host_loops_conditioning(cuda_runtimes):
+    rt, host = cuda_runtimes["default"], cuda_runtimes["gpt2_on_host"]
+    assert rt.health()["lm_queued"] and not host.health()["lm_loop"]
+    for _ in range(3):  # the first request captures the graphs; the later ones run queued
+        a, b = rt.prepare(**REQUEST).cond, host.prepare(**REQUEST).cond
+        np.testing.assert_array_equal(a.generated, b.generated)
+        np.testing.assert_array_equal(a.t5, b.t5)
+        np.testing.assert_array_equal(a.clap_text, b.clap_text)
+
+
+@needs_cuda
+@needs_export
+def test_queued_steps_give_the_step_by_step_loops_audio(cuda_runtimes):
+    rt, stepwise = cuda_runtimes["default"], cuda_runtimes["step_by_step"]
+    assert rt.health()["queued_steps"] and not stepwise.health()["queued_steps"]
+    for _ in range(2):
+        a, b = rt(**REQUEST).audios, stepwise(**REQUEST).audios
+        assert np.isfinite(a).all() and rel_l2(a, b) < 1e-5  # fp32 tiny export: the same kernels, in another order
+
+
+@needs_cuda
+@needs_export
+def test_two_fp32_vocoders_replay_their_graphs_after_other_batch_shapes(tiny_artifacts, tmp_path):
+    """Runs AU–AV: with the exhaustive convolution search this sequence ended in CUDA error 700 (which ends the
+    process: hence a process of its own); fp32 artefacts now search heuristically."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "vocoder_shapes_check.py"), "--artifacts",
+                        str(tiny_artifacts), "--device", "cuda", "--sessions", "2", "--order", "1,4,2,1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "vocoder_shapes_check.json").read_text())["rows"]
+    assert len(rows) == 8 and all(row["finite"] for row in rows)
+    assert max(row["max_abs_diff_to_first"] for row in rows) < 1e-5
