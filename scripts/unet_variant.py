@@ -6,75 +6,93 @@ re-export.
 The variant's component, from ``--artifacts``' source (the same random weights or checkpoint), is exported again with
 a variant of its fused recipe into a new folder, whose other files are hard links to the base folder's, and whose
 manifest is the base one with the new entry. With ``--source`` it starts while the base folder's export is still
-running and waits for its manifest. Variants (H100 results in docs/benchmarks.md, run R):
-
-- ``nchw``: ``UNET_FUSED_NCHW`` (what ``export --unet-layout nchw`` writes): no NhwcConv, so that the runtime can
-  pack the UNet's weights;
-- ``nchw_gn``: NhwcConv off and GroupNorm on NCHW as well — ONNX Runtime's CUDA GroupNorm refuses it ("only the
-  channels_last layout is supported", run R); kept to show that.
-- ``splitgelu``: ``UNET_FUSED`` with ``bias_split_gelu``: the GEGLU tails whose width ONNX Runtime's CUDA kernel
-  takes (the 640-channel blocks' 5120) as one BiasSplitGelu node each (``export/bias_split_gelu.py``); measured
-  against the default of the time in run AA; the default of runs AA–AC, the same recipe as ``nofold`` now.
-- ``nofold``: ``UNET_FUSED`` without ``fold_biases`` (``export/fold_bias.py``), the default of runs AA–AC, before the
-  biases moved into the SkipGroupNorm or bias after them; measured against the fold (the default since) in run AD.
-- ``nopad``: ``UNET_FUSED`` without ``pad_geglu``: only the GEGLUs of the kernel's own width as BiasSplitGelu, the
-  default of runs AD–AH; measured against the widened GEGLUs (the default since) in run AJ.
-- ``nolnfold``: ``UNET_FUSED`` without ``fold_bias.py``'s third rewrite (each transformer's proj_in bias Add and
-  LayerNorm as one SkipLayerNormalization), the default of runs AJ–AK; measured against it in run AL.
-- ``nohoist``: ``UNET_FUSED`` without ``hoist_context`` (``export/hoist_context.py``): the text-only work (the
-  cross-attention K/V projections, packed, and the T5 mask's bias) at every step, the default of runs AL–AM; measured
-  against the context graph in run AN. The four variants above predate the context graph and are exported without it.
-- ``vae_fold``: the VAE decoder with ``fold_biases`` (``VAE_FUSED`` does not fold): what run AD measured and turned
-  down, its 100-prompt error worse than diffusers fp16's at the max.
+running and waits for its manifest. The variants, what each is and which run measured it: ``VARIANTS`` below
+(``--help`` lists them; H100 results in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-VARIANTS = ("nchw", "nchw_gn", "splitgelu", "nofold", "nopad", "nolnfold", "nohoist", "vae_fold")
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant: the component exported again, what it is (and which run measured it), and its recipe made from
+    the export's fused recipes (``export/components.py``): ``recipe(components) -> Fp16Recipe``."""
+
+    component: str
+    about: str
+    recipe: Callable
+
+
+def _replace(base: str, reason: str, **changes):
+    """A recipe: the fused recipe ``base`` of export/components.py with ``changes``, its reason extended."""
+    return lambda c: dataclasses.replace(getattr(c, base), reason=getattr(c, base).reason + reason, **changes)
+
+
+_FOLDS = ("skip_group_norm", "linear_map")  # fold_bias.py's first two rewrites, without the proj_in/LayerNorm one
+# the default of runs AA-AC: the 640-channel GEGLUs as BiasSplitGelu, nothing after it
+_BEFORE_FOLDS = _replace("UNET_FUSED", " (biases not folded, GEGLUs not widened, no context)", fold_biases=(),
+                         pad_geglu=False, hoist_context=())
+
+VARIANTS = {
+    "nchw": Variant("unet", "UNET_FUSED_NCHW (what `export --unet-layout nchw` writes): no NhwcConv, so that the "
+                    "runtime can pack the UNet's weights (run R)", lambda c: c.UNET_FUSED_NCHW),
+    "nchw_gn": Variant("unet", "NhwcConv off and GroupNorm on NCHW as well: ONNX Runtime's CUDA GroupNorm refuses it "
+                       "(\"only the channels_last layout is supported\", run R); kept to show that",
+                       lambda c: dataclasses.replace(
+                           c.UNET_FUSED_NCHW, reason="GroupNorm on NCHW (CUDA refuses it)",
+                           fusion_options=c.UNET_FUSED_NCHW.fusion_options + (("group_norm_channels_last", False),))),
+    "splitgelu": Variant("unet", "UNET_FUSED with only the GEGLUs of BiasSplitGelu's own width (the 640-channel "
+                         "blocks') as BiasSplitGelu, no bias folds, no context graph: the default of runs AA-AC, "
+                         "measured against the default before it in run AA (the same recipe as nofold)",
+                         _BEFORE_FOLDS),
+    "nofold": Variant("unet", "UNET_FUSED without fold_bias.py, the GEGLUs not widened, no context graph: the default "
+                      "of runs AA-AC, measured against the fold in run AD",
+                      _BEFORE_FOLDS),
+    "nopad": Variant("unet", "UNET_FUSED without pad_geglu (only the GEGLUs of the kernel's own width fused), no "
+                     "proj_in fold, no context graph: the default of runs AD-AH, measured against the widened GEGLUs "
+                     "in run AJ",
+                     _replace("UNET_FUSED", " (GEGLUs not widened, proj_in biases not folded, no context)",
+                              pad_geglu=False, fold_biases=_FOLDS, hoist_context=())),
+    "nolnfold": Variant("unet", "UNET_FUSED without fold_bias.py's third rewrite (each transformer's proj_in bias Add "
+                        "and LayerNorm as one SkipLayerNormalization), no context graph: the default of runs AJ-AK, "
+                        "measured against it in run AL",
+                        _replace("UNET_FUSED", " (proj_in biases not folded, no context)", fold_biases=_FOLDS,
+                                 hoist_context=())),
+    "nohoist": Variant("unet", "UNET_FUSED without hoist_context.py: the text-only work (the cross-attention K/V "
+                       "projections, packed, and the T5 mask's bias) at every step, the default of runs AL-AM, "
+                       "measured against the context graph in run AN",
+                       _replace("UNET_FUSED", " (no context graph)", hoist_context=())),
+    "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
+                        "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
+                        _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),
+}
 
 
 def variant_component(variant: str) -> str:
-    return "vae_decoder" if variant.startswith("vae_") else "unet"
+    return VARIANTS[variant].component
 
 
 def variant_recipe(variant: str):
-    import dataclasses
+    from audioldm2_trt.export import components
 
-    from audioldm2_trt.export.components import UNET_FUSED, UNET_FUSED_NCHW, VAE_FUSED
-
-    if variant == "nchw":
-        return UNET_FUSED_NCHW
-    if variant == "vae_fold":  # run AD: folded, the VAE's 100-prompt max went over diffusers fp16's
-        return dataclasses.replace(VAE_FUSED, fold_biases=("skip_group_norm", "linear_map"),
-                                   reason=VAE_FUSED.reason + "; biases folded")
-    if variant in ("splitgelu", "nofold"):  # the default of runs AA–AC: BiasSplitGelu, before fold_bias.py
-        return dataclasses.replace(UNET_FUSED, fold_biases=(), pad_geglu=False, hoist_context=(),
-                                   reason=UNET_FUSED.reason + " (biases not folded, GEGLUs not widened, no context)")
-    if variant == "nopad":  # the default of runs AD–AH: only the GEGLUs of the kernel's own width fused
-        return dataclasses.replace(UNET_FUSED, pad_geglu=False, fold_biases=("skip_group_norm", "linear_map"),
-                                   hoist_context=(),
-                                   reason=UNET_FUSED.reason + " (GEGLUs not widened, proj_in biases not folded, "
-                                                              "no context)")
-    if variant == "nolnfold":  # the default of runs AJ–AK: proj_in's bias Add and norm1 not one SkipLayerNormalization
-        return dataclasses.replace(UNET_FUSED, fold_biases=("skip_group_norm", "linear_map"), hoist_context=(),
-                                   reason=UNET_FUSED.reason + " (proj_in biases not folded, no context)")
-    if variant == "nohoist":  # the default of runs AL–AM: the text-only work at every step
-        return dataclasses.replace(UNET_FUSED, hoist_context=(), reason=UNET_FUSED.reason + " (no context graph)")
-    return dataclasses.replace(UNET_FUSED_NCHW, fusion_options=UNET_FUSED_NCHW.fusion_options
-                               + (("group_norm_channels_last", False),), reason="GroupNorm on NCHW (CUDA refuses it)")
-
+    return VARIANTS[variant].recipe(components)
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="variants:\n" + "\n".join(f"  {name}: {v.component}, {v.about}"
+                                                                  for name, v in VARIANTS.items()))
     ap.add_argument("--artifacts", required=True, help="an fp16 artefact folder (its source is re-loaded)")
-    ap.add_argument("--variant", nargs="+", choices=VARIANTS, default=["nchw"])
+    ap.add_argument("--variant", nargs="+", choices=list(VARIANTS), default=["nchw"])
     ap.add_argument("--out", required=True, nargs="+", help="one folder per variant")
     ap.add_argument("--source", help="random:CONFIG or model:PATH — the base folder's source, to start before its "
                                      "export has finished (default: read from its manifest)")
