@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backends.base import settle, shared_stream
 from .errors import BackendError
 from .schedulers import Plan
 
@@ -274,13 +275,6 @@ def unet_key_buffers(unet, feeds: dict, unet_inputs: dict, context: ContextGraph
                      what=f"creating the buffers of shape key {_shapes(first)}")
 
 
-def shared_stream(unet, solver):
-    """The CUDA stream the UNet and the solver step both run on (``OrtSession.stream``), or None where they do not
-    share one: only then can a step be queued behind the one before."""
-    stream = getattr(unet, "stream", None)
-    return stream if stream is not None and getattr(solver, "stream", None) is stream else None
-
-
 class DeviceStepper:
     """The loop's state in device buffers: the UNet shape key's ``sample`` / ``noise_pred`` and that key's
     ``SolverBuffers`` (from ``cache``, the runtime's: one per UNet shape key, made on first use).
@@ -387,7 +381,7 @@ class DeviceStepper:
                 return last, stop, raised
             return last, False, None
         except BaseException:
-            self._settle()
+            settle(self._stream)
             raise
 
     def _queue_step(self, i: int, wait: bool) -> tuple[int, int]:
@@ -429,14 +423,6 @@ class DeviceStepper:
         if self._stream is not None:
             self._stream.wait(self._buffers.events[a])
         self._current = a
-
-    def _settle(self) -> None:
-        """After an error: let whatever is queued run out before the buffers are used again."""
-        if self._stream is not None:
-            try:
-                self._stream.synchronize()
-            except Exception:  # the error being raised says more
-                pass
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, prev_x0) of the R rows now, copied to the host."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backends.base import queued_together, settle, shared_stream
 from .errors import BackendError
 from .shapes import lm_buffer
 
@@ -77,14 +78,12 @@ class LmLoop:
         self._max_positions = max_positions
         self._max_shapes = max_shapes
         self._buffers: dict[tuple, LmBuffers] = {}
-        stream = getattr(gpt2, "stream", None)
-        self._stream = stream if stream is not None and getattr(append, "stream", None) is stream else None
+        self._stream = shared_stream(gpt2, append)
 
     @property
     def queued(self) -> bool:
         """Whether the passes are queued on one stream (GPT-2 and the append graph share one, both capture)."""
-        return (self._stream is not None and bool(getattr(self._gpt2, "cuda_graphs", False))
-                and bool(getattr(self._append, "cuda_graphs", False)))
+        return queued_together(self._gpt2, self._append)
 
     def generate(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, new_tokens: int) -> np.ndarray | None:
         """float32 [R, N, D] generated states for inputs_embeds float32 [R, L, D] and attention_mask int64 [R, L];
@@ -130,14 +129,10 @@ class LmLoop:
                 self._stream.record(buffers.event)
                 self._stream.wait(buffers.event)
             return np.array(buffers.embeds[new_tokens % 2].numpy(), copy=True)
-        except BackendError:
-            raise
-        except Exception as err:
-            if self._stream is not None:
-                try:
-                    self._stream.synchronize()  # let what was queued run out before the buffers are used again
-                except Exception:  # the error being raised says more
-                    pass
+        except BaseException as err:
+            settle(self._stream)
+            if isinstance(err, BackendError) or not isinstance(err, Exception):
+                raise
             raise self._gpt2.failure(f"GPT-2's {new_tokens} passes on the device", err) from err
 
     def close(self) -> None:

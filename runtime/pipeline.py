@@ -17,12 +17,12 @@ import numpy as np
 
 from .artifacts import RANKING_COMPONENTS, Artifacts, load_artifacts
 from .audio import ClapFeatures
-from .backends.base import Device
+from .backends.base import Device, queued_together
 from .backends.ort import (CUBLAS_WORKSPACE_KIB, DEFAULT_MAX_GRAPHS, OrtSessionFactory, default_tf32,
                            ort_tensorrt_providers)
 from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
 from .conditioning import Conditioning, check_finite, encode_text
-from .denoising import ContextGraph, DeviceStepper, HostStepper, pad_rows, shared_stream
+from .denoising import ContextGraph, DeviceStepper, HostStepper, pad_rows
 from .lm_loop import LmLoop
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
@@ -258,9 +258,7 @@ class AudioLDM2Runtime:
     def _queued_steps(self) -> bool:
         """Whether the device loop queues its steps (``DeviceStepper``): the UNet and the solver step on one stream,
         both captured."""
-        unet, solver = self._sessions.get("unet"), self._solver_step
-        return (shared_stream(unet, solver) is not None
-                and bool(getattr(unet, "cuda_graphs", False)) and bool(getattr(solver, "cuda_graphs", False)))
+        return queued_together(self._sessions.get("unet"), self._solver_step)
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 20, guidance_scale: float = 3.5,
                  audio_length_in_s: float | None = None, num_waveforms_per_prompt: int = 1, seed: int | None = None,

@@ -18,6 +18,30 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def shared_stream(first, second):
+    """The CUDA stream two sessions both run on (``OrtSession.stream``: the factory's ``loop_stream``), or None where
+    they do not share one: only then can one's run be queued behind the other's without waiting for it."""
+    stream = getattr(first, "stream", None)
+    return stream if stream is not None and getattr(second, "stream", None) is stream else None
+
+
+def settle(stream) -> None:
+    """After an error in a loop that queues work on ``stream`` (None: nothing queued): let whatever is queued run out
+    before its buffers are used again. A second error here is dropped: the one being raised says more."""
+    if stream is not None:
+        try:
+            stream.synchronize()
+        except Exception:
+            pass
+
+
+def queued_together(first, second) -> bool:
+    """Whether two sessions' runs are queued one behind the other: they share a stream and both capture CUDA graphs
+    (a replay is queued only when captured)."""
+    return (shared_stream(first, second) is not None and bool(getattr(first, "cuda_graphs", False))
+            and bool(getattr(second, "cuda_graphs", False)))
+
+
 @dataclass(frozen=True)
 class Device:
     """An explicit device: ``kind`` is "cpu" or "cuda"; ``index`` the GPU ordinal for CUDA."""
