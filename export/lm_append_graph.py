@@ -20,24 +20,20 @@ audioldm2_trt.export.lm_append_graph``); it holds no weights and does not depend
 
 from __future__ import annotations
 
-from pathlib import Path
+from .shipped_graph import GRAPHS, checked_model, constant, write
 
-OPSET = 17
-GRAPH_FILE = Path(__file__).resolve().parent.parent / "runtime" / "graphs" / "lm_append.onnx"
+GRAPH_FILE = GRAPHS / "lm_append.onnx"
 
 
 def build_lm_append():
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    const = lambda name, value: helper.make_node(  # noqa: E731
-        "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
     nodes = [
-        const("zero", np.array(0, np.int64)), const("one", np.array(1, np.int64)),
-        const("one_1d", np.array([1], np.int64)), const("two_1d", np.array([2], np.int64)),
-        const("seq_axis", np.array(1, np.int64)), const("last_axis", np.array([-1], np.int64)),
+        constant("zero", np.array(0, np.int64)), constant("one", np.array(1, np.int64)),
+        constant("one_1d", np.array([1], np.int64)), constant("two_1d", np.array([2], np.int64)),
+        constant("seq_axis", np.array(1, np.int64)), constant("last_axis", np.array([-1], np.int64)),
         # positions 1 … W along each row (CumSum of ones: no Range, whose bounds would be read on the host)
         helper.make_node("Mul", ["attention_mask", "zero"], ["zeros"]),
         helper.make_node("Add", ["zeros", "one"], ["ones"]),
@@ -59,17 +55,11 @@ def build_lm_append():
         [helper.make_tensor_value_info("inputs_embeds_next", f32, ["R", "W", "D"]),
          helper.make_tensor_value_info("attention_mask_next", i64, ["R", "W"]),
          helper.make_tensor_value_info("last_next", i64, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="audioldm2_trt")
-    model.ir_version = 8  # readable by every onnxruntime the project supports (>= 1.17)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked_model(graph)
 
 
 def main() -> None:
-    import onnx
-
-    onnx.save(build_lm_append(), str(GRAPH_FILE))
-    print(f"wrote {GRAPH_FILE}")
+    write(build_lm_append(), GRAPH_FILE)
 
 
 if __name__ == "__main__":

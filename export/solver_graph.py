@@ -32,25 +32,21 @@ audioldm2_trt.export.solver_graph``); it holds no weights and does not depend on
 
 from __future__ import annotations
 
-from pathlib import Path
+from .shipped_graph import GRAPHS, checked_model, constant, write
 
-OPSET = 17
-GRAPH_FILE = Path(__file__).resolve().parent.parent / "runtime" / "graphs" / "solver_step.onnx"
+GRAPH_FILE = GRAPHS / "solver_step.onnx"
 
 
 def build_solver_step():
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    const = lambda name, value: helper.make_node(  # noqa: E731
-        "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
     nodes = [
-        const("minus_one", np.array([-1], np.int64)), const("zero", np.array(0, np.int64)),
-        const("zero_1d", np.array([0], np.int64)), const("one_1d", np.array([1], np.int64)),
-        const("last", np.array(-1, np.int64)), const("ones3", np.array([1, 1, 1], np.int64)),
-        const("spatial_axes", np.array([1, 2, 3], np.int64)), const("nothing", np.array(0.0, np.float32)),
+        constant("minus_one", np.array([-1], np.int64)), constant("zero", np.array(0, np.int64)),
+        constant("zero_1d", np.array([0], np.int64)), constant("one_1d", np.array([1], np.int64)),
+        constant("last", np.array(-1, np.int64)), constant("ones3", np.array([1, 1, 1], np.int64)),
+        constant("spatial_axes", np.array([1, 2, 3], np.int64)), constant("nothing", np.array(0.0, np.float32)),
         # noise_pred [K·P, …] → [K, P, …]; uncond = [0], text = [K-1]
         helper.make_node("Shape", ["x"], ["x_shape"]),
         helper.make_node("Concat", ["minus_one", "x_shape"], ["k_shape"], axis=0),
@@ -103,17 +99,11 @@ def build_solver_step():
          helper.make_tensor_value_info("step_next", i64, [1]),
          helper.make_tensor_value_info("timestep_next", i64, [1]),
          helper.make_tensor_value_info("row_check", f32, ["P"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="audioldm2_trt")
-    model.ir_version = 8  # readable by every onnxruntime the project supports (>= 1.17)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked_model(graph)
 
 
 def main() -> None:
-    import onnx
-
-    onnx.save(build_solver_step(), str(GRAPH_FILE))
-    print(f"wrote {GRAPH_FILE}")
+    write(build_solver_step(), GRAPH_FILE)
 
 
 if __name__ == "__main__":
