@@ -223,6 +223,20 @@ def test_device_loop_counts_a_step_as_capturing_while_either_solver_binding_may_
     assert not stepper._may_capture()
 
 
+def _callback_error_at_step_2_comes_back_and_frees_the_unet(rt) -> None:
+    """A request whose progress callback raises at step 2: that exception comes back as it is (not as a backend
+    error), and the UNet's session is free again afterwards."""
+    def failing(i, n):
+        if i == 2:
+            raise ValueError("the client went away")
+
+    with pytest.raises(ValueError, match="the client went away"):
+        rt("a bell", seed=0, callback=failing, **FAST)
+    unet = rt._sessions["unet"]
+    assert unet.held().acquire(timeout=1)
+    unet.held().release()
+
+
 @needs_export
 def test_device_loop_progress_callbacks_and_their_errors(device_runtime):
     """Steps run on the UNet's worker between callbacks: each step reported once, in order; a callback's own
@@ -230,16 +244,7 @@ def test_device_loop_progress_callbacks_and_their_errors(device_runtime):
     seen = []
     device_runtime("a bell", seed=0, callback=lambda i, n: seen.append((i, n)), **FAST)
     assert seen == [(i, FAST["num_inference_steps"]) for i in range(FAST["num_inference_steps"])]
-
-    def failing(i, n):
-        if i == 2:
-            raise ValueError("the client went away")
-
-    with pytest.raises(ValueError, match="the client went away"):
-        device_runtime("a bell", seed=0, callback=failing, **FAST)
-    unet = device_runtime._sessions["unet"]
-    assert unet.held().acquire(timeout=1)
-    unet.held().release()
+    _callback_error_at_step_2_comes_back_and_frees_the_unet(device_runtime)
     assert np.isfinite(device_runtime("a bell", seed=0, **FAST).audios).all()
 
 
@@ -331,16 +336,7 @@ def test_steps_queued_ahead_stop_at_a_callback_error_and_free_the_unet(runtime, 
     """A callback raising at step 2 of 4 while step 3 is queued: its exception comes back as it is, the UNet is
     free, and the next request (which starts from the tables and counter again) equals the host loop."""
     rt, _ = ahead_runtime
-
-    def failing(i, n):
-        if i == 2:
-            raise ValueError("the client went away")
-
-    with pytest.raises(ValueError, match="the client went away"):
-        rt("a bell", seed=0, callback=failing, **FAST)
-    unet = rt._sessions["unet"]
-    assert unet.held().acquire(timeout=1)
-    unet.held().release()
+    _callback_error_at_step_2_comes_back_and_frees_the_unet(rt)
     kw = dict(prompt="a bell", seed=0, **FAST)
     assert rel_l2(rt(**kw).audios, runtime(**kw).audios) < 1e-4
 
