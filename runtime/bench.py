@@ -124,6 +124,8 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
               "load_s": load_s, "cold_start_s": load_s + timed["first_s"], **timed,
               "queued_steps": health["queued_steps"] if health["device_loop"] else None,
               "lm_loop": "queued" if health["lm_queued"] else "device" if health["lm_loop"] else "host",
+              "weights_block_mib": {n: c["weights_block"] / 2**20 for n, c in health["components"].items()
+                                    if c["weights_block"]},
               "without_cuda_graphs": sorted(n for n, c in health["components"].items()
                                             if rt.device.kind == "cuda" and c["graphs"] == 0),
               "gpu_memory_mib": None}
@@ -172,6 +174,9 @@ def report(result: dict) -> str:
         lines.append(f"denoising steps {'queued one ahead' if result['queued_steps'] else 'each waited for'}")
     if result.get("lm_loop"):
         lines.append(f"GPT-2's passes: {LM_LOOP_WORDS[result['lm_loop']]}")
+    if result.get("weights_block_mib"):
+        lines.append("weights in a block of the runtime's own: " + ", ".join(
+            f"{name} {mib:.0f} MiB" for name, mib in result["weights_block_mib"].items()))
     mem = result.get("gpu_memory_mib")
     if mem:
         lines.append(f"GPU memory (NVML, whole device, above {mem['before_load']:.0f} MiB in use before load): "

@@ -57,6 +57,9 @@ def add_commands(sub) -> None:
     b.add_argument("--lm-loop", choices=["on", "off"], default=None,
                    help="GPT-2's 8 passes on the device, queued on CUDA (on: the default where the device loop is) or "
                         "on the host, the sequence copied in and out at each (off)")
+    b.add_argument("--weights-block", choices=["on", "off"], default=None,
+                   help="the NhwcConv components' weights (UNet, VAE decoder) in one device allocation of the "
+                        "runtime's own (on: the default on CUDA) or one allocation per weight, ONNX Runtime's (off)")
     b.add_argument("--provider-options", type=_json_object, default=None, metavar="JSON",
                    help='extra CUDA provider options per component over the defaults, e.g. '
                         '\'{"vocoder": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}\' (backend ort, CUDA)')
@@ -165,6 +168,8 @@ def run_bench(args: argparse.Namespace) -> int:
                            args.waveforms, args.scheduler)
     options = {name: value == "on" for name, value in (("queued_steps", args.queued_steps), ("lm_loop", args.lm_loop))
                if value is not None}
+    if args.weights_block is not None:
+        options["weights_block"] = None if args.weights_block == "on" else False
     if args.provider_options is not None:
         options["provider_options"] = args.provider_options
     result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend, **options)

@@ -99,7 +99,7 @@ class AudioLDM2Runtime:
              tf32: bool | None = None, provider_options: dict | None = None,
              device_loop: bool | None = None, ranking: bool = True,
              cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
-             packed_weights=None, queued_steps: bool | None = None,
+             packed_weights=None, weights_block=None, queued_steps: bool | None = None,
              lm_loop: bool | None = None) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
 
@@ -140,6 +140,10 @@ class AudioLDM2Runtime:
         the ranking components and a UNet exported with ``--unet-layout nchw`` on CUDA (NHWC convolutions cannot be
         packed: the default UNet's, the VAE decoder's, the vocoder's), False = none (ONNX Runtime's default), True =
         every component that allows it, or component names.
+        weights_block (backend "ort", default providers): the components whose weights the runtime places in one
+        allocation of its own and hands to ONNX Runtime (``backends/weights_block.py``), for those that cannot be
+        packed: None = on CUDA the ones with NhwcConv nodes (the default UNet and VAE decoder), none on the CPU;
+        False = none; True = every component not packed (the vocoder's ``prefer_nhwc`` excepted); or names.
         backend: "ort" (ONNX Runtime, CPU or CUDA provider), "ort-trt" (ONNX Runtime's TensorRT provider over
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
@@ -164,6 +168,9 @@ class AudioLDM2Runtime:
             raise InvalidRequestError(f"queued_steps applies to backend 'ort' (its device loop); got backend {backend!r}")
         if packed_weights not in (None, False) and (backend != "ort" or providers is not None):
             raise InvalidRequestError(f"packed_weights applies to backend 'ort' with the default provider; got backend "
+                                      f"{backend!r}, providers {'given' if providers is not None else 'default'}")
+        if weights_block not in (None, False) and (backend != "ort" or providers is not None):
+            raise InvalidRequestError(f"weights_block applies to backend 'ort' with the default provider; got backend "
                                       f"{backend!r}, providers {'given' if providers is not None else 'default'}")
         if device_loop and backend != "ort":
             raise InvalidRequestError(f"device_loop runs on backend 'ort' (ONNX Runtime sessions); got backend {backend!r}")
@@ -193,7 +200,7 @@ class AudioLDM2Runtime:
             art, dev, providers=providers, threads=threads, cuda_graphs=cuda_graphs, max_graphs=max_graphs,
             tf32=default_tf32(art.precision) if tf32 is None else tf32, component_options=provider_options,
             bind=True if device_loop else None, cublas_workspace_kib=cublas_workspace_kib,
-            shared_arena=shared_arena, packed_weights=packed_weights,
+            shared_arena=shared_arena, packed_weights=packed_weights, weights_block=weights_block,
             loop_stream=False if queued_steps is False or not loops else frozenset(loops))
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH) if device_loop else None
@@ -239,7 +246,8 @@ class AudioLDM2Runtime:
         runs on the device (``device_loop``) with its steps queued (``queued_steps``), whether GPT-2's passes do
         (``lm_loop``) and are queued (``lm_queued``), whether ranking is loaded and where its features are computed ("graph" or "host"; None
         without ranking), the CUBLAS_WORKSPACE_CONFIG in effect (CUDA), and per component how many input shapes have
-        buffers / CUDA graphs and whether its weights are packed in one allocation (``packed_weights``)."""
+        buffers / CUDA graphs, whether its weights are packed in one allocation (``packed_weights``) and the bytes
+        of its weights in a block of the runtime's own (``weights_block``, 0 for none)."""
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
@@ -251,7 +259,8 @@ class AudioLDM2Runtime:
             "components": {n: {"graphs": s.stats.graphs, "runs": s.stats.runs, "shapes": len(s.stats.keys),
                                "uncaptured_shapes": s.stats.uncaptured_keys,
                                "graph_refused": bool(s.stats.graph_refused),
-                               "packed_weights": s.stats.packed_weights}
+                               "packed_weights": s.stats.packed_weights,
+                               "weights_block": s.stats.weights_block}
                            for n, s in self._sessions.items() if hasattr(s, "stats")},
         }
 

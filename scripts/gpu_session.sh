@@ -27,6 +27,10 @@
 #   bash scripts/gpu_session.sh all-queued  # setup, fp16 export, validate, the denoising steps queued one ahead (the
 #                                          # default) against each waited for: bench alternating and DDIM-200, the
 #                                          # loop checks (queued = step by step, cancel mid-loop), fidelity, benchmark rows
+#   bash scripts/gpu_session.sh all-wblock  # setup, fp16 and fp32 exports; the NhwcConv components' weights in the
+#                                          # runtime's own block against one allocation per weight (audio, bench
+#                                          # alternating, peak memory, validate, cold start), then the full benchmark
+#                                          # with the peers and the fp32 row, fidelity
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -585,6 +589,26 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
       python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs \
         > /tmp/logs/load.log 2>&1" ;;
+  wblock)  # after the fp16 and fp32 exports started: the UNet's and VAE decoder's weights in the runtime's own block
+           # (backends/weights_block.py, the default since) against one allocation per weight: the audio of both in
+           # one process, bench alternating (--weights-block on|off, 3 rounds of 20 calls), peak memory (both, B0),
+           # validate, cold start in clean processes; then the full benchmark with the peers and the fp32 row,
+           # fidelity
+    in_background "bash $SELF wait 16; \
+      python3 weights_block_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/wbcheck.log 2>&1; \
+      for r in 1 2 3; do for q in on off; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
+        --device cuda --runs 20 --weights-block \$q --json /tmp/logs/bench-\$q-\$r.json > /tmp/logs/bench-\$q-\$r.log 2>&1); \
+        done; done; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_block,b0 --out /tmp/logs \
+        > /tmp/logs/peakmem.log 2>&1; \
+      $VALIDATE16; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs \
+        > /tmp/logs/cold.log 2>&1; \
+      bash $SELF wait 32; \
+      $BENCH_WITH_PEERS; \
+      $FIDELITY" ;;
+  all-wblock)  # setup, the fp16 and fp32 exports, wblock
+    setup_export_then "16 32" wblock ;;
   all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;

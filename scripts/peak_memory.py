@@ -30,17 +30,20 @@ from benchmark import REQUEST
 from gpu_memory import GpuMemory
 
 # runtime rows: name → child_runtime arguments. runtime_unpacked: each weight in an allocation of its own (the default
-# until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet).
+# until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet);
+# runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
+# backends/weights_block.py).
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared": {"shared_arena": True},
         "runtime_shared_no_ranking": {"ranking": False, "shared_arena": True},
         "runtime_unpacked": {"packed_weights": False},
         "runtime_packed_all": {"packed_weights": True},
         "runtime_shared_packed_all": {"shared_arena": True, "packed_weights": True},
+        "runtime_no_block": {"weights_block": False},
         "b0": None}
 
 
 def child_runtime(folder: str, calls: int, base: float, ranking: bool = True, shared_arena: bool = False,
-                  packed_weights=None, audio_path: str | None = None) -> dict:
+                  packed_weights=None, weights_block=None, audio_path: str | None = None) -> dict:
     import numpy as np
 
     from audioldm2_trt.runtime import AudioLDM2Runtime
@@ -48,7 +51,7 @@ def child_runtime(folder: str, calls: int, base: float, ranking: bool = True, sh
     marks, audio = {}, {}
     with GpuMemory() as mem:
         rt = AudioLDM2Runtime.load(folder, device="cuda", ranking=ranking, shared_arena=shared_arena,
-                                   packed_weights=packed_weights)
+                                   packed_weights=packed_weights, weights_block=weights_block)
         marks["after load"] = mem.used_mib() - base
         audio["first"] = rt(**REQUEST, seed=0).audios
         marks["after the first call"] = mem.used_mib() - base

@@ -88,3 +88,62 @@ def test_two_fp32_vocoders_replay_their_graphs_after_other_batch_shapes(tiny_art
     rows = json.loads((tmp_path / "vocoder_shapes_check.json").read_text())["rows"]
     assert len(rows) == 8 and all(row["finite"] for row in rows)
     assert max(row["max_abs_diff_to_first"] for row in rows) < 1e-5
+
+
+def _matmul_model(path: Path, weight: np.ndarray) -> None:
+    """y = x @ w with w an initializer of the file."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, cols = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, cols])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+@needs_cuda
+def test_a_cuda_session_reads_its_weights_from_the_block(tmp_path):
+    """The session computes with the block's bytes: its output follows a change written into the block after the
+    session was made (ONNX Runtime's CUDA MatMul keeps no copy of its own), and matches numpy before and after."""
+    import onnxruntime as ort
+
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+
+    weight = np.random.default_rng(0).standard_normal((512, 768)).astype(np.float32)  # 1.5 MiB: over 1 MiB
+    _matmul_model(tmp_path / "m.onnx", weight)
+    factory = OrtSessionFactory("cuda", precision="fp32", weights_block=True, cuda_graphs=False)
+    session = factory.create("vae_decoder", tmp_path / "m.onnx")  # a component that is not packed
+    try:
+        block = session.weights_block
+        assert block is not None and set(block.values) == {"w"} and block.nbytes >= weight.nbytes
+        assert session.stats.weights_block == block.nbytes
+        x = np.random.default_rng(1).standard_normal((4, 512)).astype(np.float32)
+        np.testing.assert_allclose(session.run({"x": x})["y"], x @ weight, rtol=1e-4, atol=1e-4)
+        doubled = (2 * weight).astype(np.float32)
+        block._device.copy_in(0, doubled.ctypes.data, doubled.nbytes)
+        np.testing.assert_allclose(session.run({"x": x})["y"], x @ doubled, rtol=1e-4, atol=1e-4)
+        assert isinstance(block.values["w"], ort.OrtValue) and block.values["w"].device_name() == "cuda"
+    finally:
+        session.close()
+    assert block._device.address is None  # freed with the session
+
+
+@needs_cuda
+@needs_export
+def test_the_weights_block_gives_the_same_audio_on_cuda(tiny_artifacts):
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    audio = {}
+    for option in (True, False):
+        rt = AudioLDM2Runtime.load(tiny_artifacts, device="cuda", weights_block=option)
+        try:
+            blocks = {n for n, c in rt.health()["components"].items() if c["weights_block"]}
+            assert bool(blocks) == option
+            audio[option] = rt(**REQUEST).audios
+        finally:
+            rt.close()
+    assert rel_l2(audio[True], audio[False]) < 1e-5, rel_l2(audio[True], audio[False])

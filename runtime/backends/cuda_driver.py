@@ -1,5 +1,6 @@
 """The CUDA driver API through ctypes (no torch, no cuda-python): how many GPUs there are, keeping the calling
-thread's current CUDA context as the caller left it, and one stream with its events (``CudaStream``).
+thread's current CUDA context as the caller left it, one stream with its events (``CudaStream``), and one block of
+device memory filled from the host (``DeviceBlock``).
 
 ONNX Runtime's CUDA provider calls ``cudaSetDevice(device_id)`` in the thread that creates a session or runs
 one, and leaves it set. A runtime on ``cuda:1`` would then change its caller's current device; servers that
@@ -169,6 +170,50 @@ class CudaStream:
         with caller_context_kept():
             _call(self._lib.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
             yield
+
+
+class DeviceBlock:
+    """One allocation of ``nbytes`` of GPU ``index``'s memory (``cuMemAlloc`` in its primary context, the one ONNX
+    Runtime uses), filled from host memory piece by piece (``copy_in``) and freed by ``close`` — only by ``close``:
+    whoever hands its memory to others (backends/weights_block.py) decides when nothing reads it any more."""
+
+    def __init__(self, index: int, nbytes: int):
+        lib = _libcuda()
+        if lib is None:
+            raise RuntimeError("the CUDA driver does not start: no device memory can be allocated")
+        self._lib, self.index, self.nbytes = lib, index, int(nbytes)
+        dev, ctx, address = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
+        with caller_context_kept():
+            _call(lib.cuDeviceGet(ctypes.byref(dev), int(index)), "cuDeviceGet")
+            _call(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+            self._device, self._context = dev, ctx
+            try:
+                _call(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+                _call(lib.cuMemAlloc_v2(ctypes.byref(address), ctypes.c_size_t(max(self.nbytes, 1))),
+                      f"cuMemAlloc of {self.nbytes} bytes on GPU {index}")
+            except RuntimeError:
+                lib.cuDevicePrimaryCtxRelease_v2(dev)
+                raise
+        self.address = address.value
+
+    def copy_in(self, offset: int, host_address: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from host memory at ``host_address`` to ``offset`` bytes into the block (synchronous)."""
+        if offset < 0 or offset + nbytes > self.nbytes:
+            raise ValueError(f"copy of {nbytes} bytes at offset {offset} outside the block of {self.nbytes} bytes")
+        with caller_context_kept():
+            _call(self._lib.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+            _call(self._lib.cuMemcpyHtoD_v2(ctypes.c_uint64(self.address + offset), ctypes.c_void_p(host_address),
+                                            ctypes.c_size_t(nbytes)), "cuMemcpyHtoD")
+
+    def close(self) -> None:
+        """Free the block (idempotent)."""
+        if self.address is None:
+            return
+        address, self.address = self.address, None
+        with caller_context_kept():
+            self._lib.cuCtxSetCurrent(self._context)
+            self._lib.cuMemFree_v2(ctypes.c_uint64(address))
+        self._lib.cuDevicePrimaryCtxRelease_v2(self._device)
 
 
 _CU_STREAM_NON_BLOCKING = 1

@@ -26,6 +26,7 @@ from .cuda_driver import CudaStream, caller_context_kept, cuda_device_count
 from .shared_arena import SESSION_CONFIG as SHARED_ARENA_CONFIG
 from .shared_arena import SharedArena
 from .shared_arena import shared_arena as _shared_arena
+from .weights_block import WeightsBlock
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
@@ -85,6 +86,7 @@ class SessionStats:
     keys: list = field(default_factory=list)
     graph_refused: str = ""  # why ONNX Runtime refused CUDA graph capture (cuda_graphs="auto"), else ""
     packed_weights: bool = False  # its weights in one device block (OrtSessionFactory's packed_weights)
+    weights_block: int = 0  # bytes of its weights in a block of the runtime's own (OrtSessionFactory's weights_block)
 
 
 def _shape_key(feeds: dict[str, np.ndarray]) -> tuple:
@@ -134,6 +136,7 @@ class OrtSession:
         self._guard = CUDA_CAPTURE_GUARD if cuda else None
         self._arena = arena
         self.stream = stream
+        self.weights_block = None  # the WeightsBlock holding its weights (the factory sets it), closed after it
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}") if cuda else None
         self.stats = SessionStats()
 
@@ -399,6 +402,9 @@ class OrtSession:
         if self.stream is not None:
             self.stream, stream = None, self.stream
             stream.release()  # after the session: ONNX Runtime never destroys a stream it was given
+        if self.weights_block is not None:
+            self.weights_block, block = None, self.weights_block
+            block.close()  # after the session: it read its weights from the block
 
 
 class OrtSessionFactory:
@@ -443,6 +449,13 @@ class OrtSessionFactory:
     and tells an ``NhwcConv`` (the fused UNet's and VAE decoder's) that its weights are NHWC already — so those
     components cannot be packed: ``needs_prepacking`` names the ones with NhwcConv nodes (``Artifacts.nhwc_components``;
     None = ``ASSUMED_NHWC``, the UNet and VAE decoder), and naming one of them, or a ``prefer_nhwc`` one, is an error.
+    weights_block (default providers): the components whose weights the runtime itself places in one allocation
+    (``weights_block.py``: read from the ONNX file, one ``cudaMalloc``'s worth, handed over as user-owned
+    initializers) — for the ones ``packed_weights`` cannot pack because their ``NhwcConv`` nodes need prepacking.
+    None = on CUDA, the components with NhwcConv nodes that are not packed (``needs_prepacking``: the fused UNet and
+    VAE decoder), none on the CPU; True = every component not packed; False = none; or a collection of names. Not
+    for ``prefer_nhwc`` components (the vocoder): prepacking copies their weights, and the block would be a second
+    copy; naming one, or a packed one, is an error.
     loop_stream (default CUDA provider with CUDA graphs): the sessions of each loop in ``LOOP_STREAMS`` (the
     denoising loop's, GPT-2's) run on one non-blocking stream per loop that this factory makes (``CudaStream``)
     instead of one stream each, so that the loop can queue its steps without waiting for each
@@ -457,7 +470,7 @@ class OrtSessionFactory:
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
                  cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
                  mem_pattern: bool | None = None, packed_weights=None, needs_prepacking=None,
-                 loop_stream: bool | None = None):
+                 weights_block=None, loop_stream: bool | None = None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -491,6 +504,7 @@ class OrtSessionFactory:
             _check_gpu_index(ort, self.device)
             limit_cublas_workspace(cublas_workspace_kib)  # before any session: cuBLAS makes its handles in them
         self.providers = providers
+        self.providers_given = custom
         # CUDA graphs only with our default CUDA provider (custom provider lists are taken as given).
         self._default_cuda = self.device.kind == "cuda" and not custom
         if component_options and not self._default_cuda:
@@ -505,8 +519,9 @@ class OrtSessionFactory:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
         self.arena = _shared_arena(ort, self.device) if shared_arena else None
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
-        self._packed = self._packed_selector(
-            packed_weights, ASSUMED_NHWC if needs_prepacking is None else frozenset(needs_prepacking))
+        nhwc_conv = ASSUMED_NHWC if needs_prepacking is None else frozenset(needs_prepacking)
+        self._packed = self._packed_selector(packed_weights, nhwc_conv)
+        self._block = self._block_selector(weights_block, nhwc_conv)
         if loop_stream is True and not use_graphs:
             raise BackendError(f"loop_stream needs the default CUDA provider with CUDA graphs (device {self.device}, "
                                f"providers {'given' if custom else 'default'}, cuda_graphs={cuda_graphs!r})")
@@ -547,6 +562,31 @@ class OrtSessionFactory:
                                "ONNX Runtime's prepacking, which packed weights turn off; leave them out")
         return lambda name: name in chosen
 
+    def _block_selector(self, weights_block, nhwc_conv: frozenset):
+        """component name → whether its weights go in a ``WeightsBlock`` (see ``weights_block`` above)."""
+        if weights_block is None and not self._default_cuda:
+            weights_block = False
+        if weights_block is False:
+            return lambda name: False
+        if self.providers_given:
+            raise BackendError("weights_block applies to the default CPU or CUDA provider only; providers were given")
+        prefer_nhwc = frozenset(name for name, opts in self.component_options.items()
+                                if int(opts.get("prefer_nhwc", 0)))
+        if weights_block is None:  # the default: the components with NhwcConv nodes, unless packed
+            return lambda name: name in nhwc_conv and name not in prefer_nhwc and not self._packed(name)
+        if weights_block is True:
+            return lambda name: name not in prefer_nhwc and not self._packed(name)
+        chosen = frozenset(weights_block)
+        refused = sorted(chosen & prefer_nhwc)
+        if refused:
+            raise BackendError(f"weights_block {refused}: prefer_nhwc copies their convolution weights into "
+                               "allocations of ONNX Runtime's own, so the block would hold a second copy")
+        refused = sorted(name for name in chosen if self._packed(name))
+        if refused:
+            raise BackendError(f"weights_block {refused}: their weights are packed already (packed_weights); "
+                               "leave them out of one of the two")
+        return lambda name: name in chosen
+
     def create(self, name: str, path: str | Path, graphs: bool | None = None) -> OrtSession:
         """One session; ``graphs=False`` never captures it (whatever ``cuda_graphs`` says)."""
         opts = self.ort.SessionOptions()
@@ -570,6 +610,13 @@ class OrtSessionFactory:
                   **self.session_config}
         for key, value in config.items():
             opts.add_session_config_entry(key, str(value))
+        block = None
+        if self._block(name):
+            try:
+                block = WeightsBlock(path, self.ort, self.device.index if self.device.kind == "cuda" else None)
+            except (OSError, ValueError, RuntimeError) as err:
+                raise BackendError(f"could not place {name}'s weights from {path} in one block: {err}") from err
+            block.add_to(opts)
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
@@ -586,15 +633,22 @@ class OrtSessionFactory:
                          for n, o in providers]
         refused = ""
         try:
-            session = self._open(name, path, opts, providers, graphs)
-        except BackendError as err:
-            if not (graphs and self._graphs_optional and _is_graph_refusal(err.__cause__)):
-                raise
-            refused = str(err.__cause__)
-            log.warning("%s: ONNX Runtime refused CUDA graph capture (a node runs on the CPU); running it on %s "
-                        "without a graph: %s", name, self.device, err.__cause__)
-            graphs, providers = False, base
-            session = self._open(name, path, opts, providers, graphs)
+            try:
+                session = self._open(name, path, opts, providers, graphs)
+            except BackendError as err:
+                if not (graphs and self._graphs_optional and _is_graph_refusal(err.__cause__)):
+                    raise
+                refused = str(err.__cause__)
+                log.warning("%s: ONNX Runtime refused CUDA graph capture (a node runs on the CPU); running it on %s "
+                            "without a graph: %s", name, self.device, err.__cause__)
+                graphs, providers = False, base
+                session = self._open(name, path, opts, providers, graphs)
+        except BaseException:
+            if block is not None:
+                block.close()
+            raise
+        if block is not None:
+            block.attach(session)
         used = session.get_providers()
         if self.device.kind == "cuda" and used[0] not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             raise BackendError(f"{name}: asked for {self.device} but onnxruntime placed it on {used}")
@@ -607,6 +661,8 @@ class OrtSessionFactory:
                           stream=stream.retain() if stream is not None else None)
         made.stats.graph_refused = refused
         made.stats.packed_weights = packed
+        made.stats.weights_block = block.nbytes if block is not None else 0
+        made.weights_block = block
         return made
 
     def _loop_stream(self, loop: str) -> CudaStream:
