@@ -48,6 +48,8 @@ CAPTURE_RUNS = 4
 # NCHW and fail ("Input channels C is not equal to kernel channels * group", H100, 2026-11-27); the VAE decoder's
 # NhwcConv and the vocoder's prefer_nhwc likewise. ``export --unet-layout nchw`` gives a UNet that can be packed. (The
 # VAE decoder would gain less than the memory pattern, which packing turns on, costs its first run: runs N and Q.)
+# The NhwcConv components' weights go into a block of the runtime's own instead (``weights_block``, WeightsBlock:
+# prepacking stays on; −150 MiB for the fused UNet and VAE decoder, run AY).
 PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "unet", "unet_context", "clap_features",
                             "clap_audio"})
 # Where a factory is not told which components have NhwcConv nodes (``needs_prepacking=None``), the fused ones of the
@@ -447,7 +449,8 @@ class OrtSessionFactory:
     activations as one block, so a packed session has the memory pattern on, whatever ``mem_pattern`` says. On CUDA
     prepacking matters to NHWC convolutions only — it transposes the weights of those ``prefer_nhwc`` moved to NHWC
     and tells an ``NhwcConv`` (the fused UNet's and VAE decoder's) that its weights are NHWC already — so those
-    components cannot be packed: ``needs_prepacking`` names the ones with NhwcConv nodes (``Artifacts.nhwc_components``;
+    components cannot be packed (``weights_block`` does it for them another way): ``needs_prepacking`` names the ones
+    with NhwcConv nodes (``Artifacts.nhwc_components``;
     None = ``ASSUMED_NHWC``, the UNet and VAE decoder), and naming one of them, or a ``prefer_nhwc`` one, is an error.
     weights_block (default providers): the components whose weights the runtime itself places in one allocation
     (``weights_block.py``: read from the ONNX file, one ``cudaMalloc``'s worth, handed over as user-owned

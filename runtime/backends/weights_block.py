@@ -206,6 +206,10 @@ class WeightsBlock:
             total += -(-init.nbytes // ALIGNMENT) * ALIGNMENT
         self.nbytes = total
         self._host = self._device = None
+        # values before _keep: when the object goes without close(), its attributes are released in the order they
+        # were set, and an OrtValue's release calls the DLPack deleter that _keep's structures hold
+        self.values = {}
+        self._keep: list = []
         if cuda_index is None:
             self._host = np.empty(max(total, 1) + ALIGNMENT, np.uint8)
             base = -(-self._host.ctypes.data // ALIGNMENT) * ALIGNMENT
@@ -214,8 +218,6 @@ class WeightsBlock:
 
             self._device = DeviceBlock(cuda_index, total)
             base = self._device.address
-        self._keep: list = []
-        self.values = {}
         files: dict[Path, tuple] = {}  # file → (open file, its map)
         try:
             for init, offset in zip(self.initializers, offsets):
@@ -255,10 +257,15 @@ class WeightsBlock:
         the order they were set)."""
         session._audioldm2_weights_block = self
 
+    def __del__(self):
+        # reached only once the session that read the block is gone (``attach``: the session releases it after its own
+        # ONNX Runtime session), or when it was never handed over
+        self.close()
+
     def close(self) -> None:
         """Free the memory; only once no session uses the values (idempotent)."""
         self.values = {}
-        if self._device is not None:
+        if getattr(self, "_device", None) is not None:
             self._device.close()
         self._host = None
         self._keep = []
