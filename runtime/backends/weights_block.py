@@ -11,6 +11,10 @@ reader of the protobuf wire format — the runtime does not import ``onnx``), co
 (``cuda_driver.DeviceBlock``; on the CPU one numpy buffer), wraps each one's slice as an ``OrtValue`` through DLPack
 without copying, and gives those to ONNX Runtime as user-owned initializers (``SessionOptions.add_initializer``), which
 it then uses in place of allocating its own (its log says "Using user supplied initializer"). Prepacking stays on.
+An initializer that ONNX Runtime places in host memory (a Reshape's shape, say) it declines ("Cannot use user
+supplied initializer") and loads itself; its few bytes in the block go unused. Measured on the H100 (run AY,
+docs/benchmarks.md): the fused fp16 UNet's and VAE decoder's blocks (653 + 63 MiB) take 150 MiB less than their
+allocations per weight, at the same speed and audio; loading takes ~0.35 s longer.
 
 Lifetime: ONNX Runtime holds raw pointers into the block for as long as the session lives; ``WeightsBlock.close``
 must come after the session is gone (``OrtSession.close`` does that), and the block is otherwise kept alive by the
