@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .attention_bias import attach_mask_bias, masked_attention_outputs
@@ -106,8 +108,9 @@ def _fuse(model, recipe: Fp16Recipe):
     chains = []
     if recipe.attention_mask_input:
         chains = masked_attention_outputs(model.model, recipe.attention_mask_input)
-    fused = optimize_model(model.model, model_type=recipe.fusion, opt_level=0, optimization_options=options,
-                           use_gpu=True)
+    with _group_norm_children_from_the_pass_map():
+        fused = optimize_model(model.model, model_type=recipe.fusion, opt_level=0, optimization_options=options,
+                               use_gpu=True)
     if chains:
         n = attach_mask_bias(fused.model, graph_inputs[recipe.attention_mask_input], chains)
         log.info("%s: %d fused attention nodes take %s as attention_bias", recipe.fusion, n,
@@ -121,6 +124,41 @@ def _fuse(model, recipe: Fp16Recipe):
     if inputs_after != inputs_before:  # e.g. a fusion that swallowed an attention mask
         raise RuntimeError(f"{recipe.fusion} fusion changed the graph inputs {inputs_before} → {inputs_after}")
     return fused
+
+
+@contextmanager
+def _group_norm_children_from_the_pass_map():
+    """ONNX Runtime's GroupNorm fusion (``FusionGroupNorm.fuse``) looks for a Swish ``Mul`` among each candidate's
+    descendants with ``find_first_child_by_type`` and no node map, so every node it visits rebuilds the map of the
+    whole graph: 70 of the full-size UNet's 297 s of export (cProfile, 2026-11-28). Inside one fusion pass the graph
+    does not change (a pass records the nodes to add and remove and applies them at its end), so the map that the pass
+    hands to ``fuse`` is the one those calls would rebuild: here they are given it, and find the same node. Checked by
+    the export writing byte-identical files with and without this (docs/benchmarks.md)."""
+    from onnxruntime.transformers import optimizer
+
+    # the optimizer imports its modules by their top-level names (its folder on sys.path), so the class that the UNet
+    # and VAE fusions use is the one in onnx_model_unet's namespace, not onnxruntime.transformers.fusion_group_norm's
+    FusionGroupNorm = sys.modules[optimizer.UnetOnnxModel.__module__].FusionGroupNorm
+    original = FusionGroupNorm.fuse
+
+    def fuse(self, node, input_name_to_nodes, output_name_to_node):
+        model = self.model
+        find = model.find_first_child_by_type
+
+        def find_with_the_pass_map(start, child_type, node_map=None, recursive=True):
+            return find(start, child_type, input_name_to_nodes if node_map is None else node_map, recursive)
+
+        model.find_first_child_by_type = find_with_the_pass_map  # this instance only, for this call
+        try:
+            return original(self, node, input_name_to_nodes, output_name_to_node)
+        finally:
+            del model.find_first_child_by_type
+
+    FusionGroupNorm.fuse = fuse
+    try:
+        yield
+    finally:
+        FusionGroupNorm.fuse = original
 
 
 def resize_parameter_nodes(model) -> list[str]:
