@@ -95,6 +95,31 @@ def caller_context_kept(enabled: bool = True):
             lib.cuCtxSetCurrent(saved)
 
 
+class _PrimaryContext:
+    """GPU ``index``'s primary context (the one ONNX Runtime uses), retained until ``release``; ``current()`` makes it
+    the calling thread's current context for a block and gives the caller's back after. ``purpose`` completes the
+    error raised where the driver does not start."""
+
+    def __init__(self, index: int, purpose: str):
+        lib = _libcuda()
+        if lib is None:
+            raise RuntimeError(f"the CUDA driver does not start: {purpose}")
+        self.lib = lib
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        _call(lib.cuDeviceGet(ctypes.byref(dev), int(index)), "cuDeviceGet")
+        _call(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        self._device, self._context = dev, ctx
+
+    @contextmanager
+    def current(self):
+        with caller_context_kept():
+            _call(self.lib.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+            yield
+
+    def release(self) -> None:
+        self.lib.cuDevicePrimaryCtxRelease_v2(self._device)
+
+
 class CudaStream:
     """A non-blocking CUDA stream of one GPU (its primary context, the one ONNX Runtime uses), made through the
     driver API for sessions that should queue their work on one stream (``user_compute_stream``): the UNet, its
@@ -107,42 +132,40 @@ class CudaStream:
     once its sessions are gone; the last release destroys the stream and its events."""
 
     def __init__(self, index: int):
-        lib = _libcuda()
-        if lib is None:
-            raise RuntimeError("the CUDA driver does not start: no stream can be made")
-        self._lib, self.index = lib, index
+        self._context = _PrimaryContext(index, "no stream can be made")
+        self._lib, self.index = self._context.lib, index
         self._owners, self._events = 0, []
         self._lock = threading.Lock()
-        dev, ctx, stream = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
-        with caller_context_kept():
-            _call(lib.cuDeviceGet(ctypes.byref(dev), int(index)), "cuDeviceGet")
-            _call(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-            self._device, self._context = dev, ctx
-            _call(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-            _call(lib.cuStreamCreate(ctypes.byref(stream), _CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        stream = ctypes.c_void_p()
+        try:
+            with self._context.current():
+                _call(self._lib.cuStreamCreate(ctypes.byref(stream), _CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        except RuntimeError:
+            self._context.release()
+            raise
         self.handle = stream.value
 
     def event(self) -> ctypes.c_void_p:
         """A new event of this stream's context (no timing), destroyed with the stream."""
         event = ctypes.c_void_p()
-        with self._current():
+        with self._context.current():
             _call(self._lib.cuEventCreate(ctypes.byref(event), _CU_EVENT_DISABLE_TIMING), "cuEventCreate")
         self._events.append(event)
         return event
 
     def record(self, event: ctypes.c_void_p) -> None:
         """Mark the work queued on the stream so far (``wait`` returns once it has run)."""
-        with self._current():
+        with self._context.current():
             _call(self._lib.cuEventRecord(event, ctypes.c_void_p(self.handle)), "cuEventRecord")
 
     def wait(self, event: ctypes.c_void_p) -> None:
         """Block the calling thread until the work ``record``ed before ``event`` has run."""
-        with self._current():
+        with self._context.current():
             _call(self._lib.cuEventSynchronize(event), "cuEventSynchronize")
 
     def synchronize(self) -> None:
         """Block the calling thread until everything queued on the stream has run."""
-        with self._current():
+        with self._context.current():
             _call(self._lib.cuStreamSynchronize(ctypes.c_void_p(self.handle)), "cuStreamSynchronize")
 
     def retain(self) -> "CudaStream":
@@ -157,19 +180,12 @@ class CudaStream:
             if self._owners > 0 or self.handle is None:
                 return
             handle, self.handle = self.handle, None
-        with self._current():
+        with self._context.current():
             for event in self._events:
                 self._lib.cuEventDestroy_v2(event)
             self._events.clear()
             self._lib.cuStreamDestroy_v2(ctypes.c_void_p(handle))
-        self._lib.cuDevicePrimaryCtxRelease_v2(self._device)
-
-    @contextmanager
-    def _current(self):
-        """This stream's context current for the block, the caller's back after."""
-        with caller_context_kept():
-            _call(self._lib.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
-            yield
+        self._context.release()
 
 
 class DeviceBlock:
@@ -178,30 +194,23 @@ class DeviceBlock:
     whoever hands its memory to others (backends/weights_block.py) decides when nothing reads it any more."""
 
     def __init__(self, index: int, nbytes: int):
-        lib = _libcuda()
-        if lib is None:
-            raise RuntimeError("the CUDA driver does not start: no device memory can be allocated")
-        self._lib, self.index, self.nbytes = lib, index, int(nbytes)
-        dev, ctx, address = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
-        with caller_context_kept():
-            _call(lib.cuDeviceGet(ctypes.byref(dev), int(index)), "cuDeviceGet")
-            _call(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-            self._device, self._context = dev, ctx
-            try:
-                _call(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-                _call(lib.cuMemAlloc_v2(ctypes.byref(address), ctypes.c_size_t(max(self.nbytes, 1))),
+        self._context = _PrimaryContext(index, "no device memory can be allocated")
+        self._lib, self.index, self.nbytes = self._context.lib, index, int(nbytes)
+        address = ctypes.c_uint64()
+        try:
+            with self._context.current():
+                _call(self._lib.cuMemAlloc_v2(ctypes.byref(address), ctypes.c_size_t(max(self.nbytes, 1))),
                       f"cuMemAlloc of {self.nbytes} bytes on GPU {index}")
-            except RuntimeError:
-                lib.cuDevicePrimaryCtxRelease_v2(dev)
-                raise
+        except RuntimeError:
+            self._context.release()
+            raise
         self.address = address.value
 
     def copy_in(self, offset: int, host_address: int, nbytes: int) -> None:
         """Copy ``nbytes`` from host memory at ``host_address`` to ``offset`` bytes into the block (synchronous)."""
         if offset < 0 or offset + nbytes > self.nbytes:
             raise ValueError(f"copy of {nbytes} bytes at offset {offset} outside the block of {self.nbytes} bytes")
-        with caller_context_kept():
-            _call(self._lib.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+        with self._context.current():
             _call(self._lib.cuMemcpyHtoD_v2(ctypes.c_uint64(self.address + offset), ctypes.c_void_p(host_address),
                                             ctypes.c_size_t(nbytes)), "cuMemcpyHtoD")
 
@@ -210,10 +219,9 @@ class DeviceBlock:
         if self.address is None:
             return
         address, self.address = self.address, None
-        with caller_context_kept():
-            self._lib.cuCtxSetCurrent(self._context)
+        with self._context.current():
             self._lib.cuMemFree_v2(ctypes.c_uint64(address))
-        self._lib.cuDevicePrimaryCtxRelease_v2(self._device)
+        self._context.release()
 
 
 _CU_STREAM_NON_BLOCKING = 1

@@ -544,6 +544,11 @@ class OrtSessionFactory:
         left unpacked (``Artifacts.nhwc_components``); ``options`` as for the constructor."""
         return cls(device, precision=art.precision, needs_prepacking=art.nhwc_components, **options)
 
+    @property
+    def _prefer_nhwc(self) -> frozenset:
+        """The components whose provider options move their convolutions to NHWC (``prefer_nhwc``)."""
+        return frozenset(name for name, opts in self.component_options.items() if int(opts.get("prefer_nhwc", 0)))
+
     def _packed_selector(self, packed_weights, needs_prepacking: frozenset):
         """component name → whether its session packs its weights (see ``packed_weights`` above)."""
         if packed_weights is None and not self._default_cuda:
@@ -552,8 +557,7 @@ class OrtSessionFactory:
             return lambda name: False
         if not self._default_cuda:
             raise BackendError(f"packed_weights applies to the default CUDA provider only (device {self.device})")
-        nhwc = needs_prepacking | {name for name, opts in self.component_options.items()
-                                   if int(opts.get("prefer_nhwc", 0))}
+        nhwc = needs_prepacking | self._prefer_nhwc
         if packed_weights is None:  # the default: PACKED_WEIGHTS where they allow it
             return lambda name: name in PACKED_WEIGHTS and name not in nhwc
         if packed_weights is True:
@@ -573,8 +577,7 @@ class OrtSessionFactory:
             return lambda name: False
         if self.providers_given:
             raise BackendError("weights_block applies to the default CPU or CUDA provider only; providers were given")
-        prefer_nhwc = frozenset(name for name, opts in self.component_options.items()
-                                if int(opts.get("prefer_nhwc", 0)))
+        prefer_nhwc = self._prefer_nhwc
         if weights_block is None:  # the default: the components with NhwcConv nodes, unless packed
             return lambda name: name in nhwc_conv and name not in prefer_nhwc and not self._packed(name)
         if weights_block is True:

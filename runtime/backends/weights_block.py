@@ -39,7 +39,6 @@ ALIGNMENT = 256  # bytes; what CUDA's allocations and ONNX Runtime's arena give 
 # to ONNX Runtime (from_dlpack would make it uint8).
 _DLPACK_TYPES = {1: (2, 32), 2: (1, 8), 3: (0, 8), 4: (1, 16), 5: (0, 16), 6: (0, 32), 7: (0, 64), 10: (2, 16),
                  11: (2, 64), 12: (1, 32), 13: (1, 64), 16: (4, 16)}
-_ITEM_BYTES = {32: 4, 8: 1, 16: 2, 64: 8}
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def _tensor(buf, start: int, end: int, model: Path) -> Initializer | None:
     if data_type not in _DLPACK_TYPES:
         return None
     count = int(np.prod(dims)) if dims else 1
-    nbytes = count * _ITEM_BYTES[_DLPACK_TYPES[data_type][1]]
+    nbytes = count * _DLPACK_TYPES[data_type][1] // 8
     if raw is not None:
         if raw[1] - raw[0] != nbytes:
             raise ValueError(f"{model}: initializer {name!r} holds {raw[1] - raw[0]} bytes, its shape {dims} "
