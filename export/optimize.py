@@ -130,7 +130,8 @@ def _fuse(model, recipe: Fp16Recipe):
 def _group_norm_children_from_the_pass_map():
     """ONNX Runtime's GroupNorm fusion (``FusionGroupNorm.fuse``) looks for a Swish ``Mul`` among each candidate's
     descendants with ``find_first_child_by_type`` and no node map, so every node it visits rebuilds the map of the
-    whole graph: 70 of the full-size UNet's 297 s of export (cProfile, 2026-11-28). Inside one fusion pass the graph
+    whole graph: 70 s of the full-size UNet's export on a 2-core machine (cProfile, 2026-11-28; without the profiler the
+    UNet's export went 219 → 156 s, docs/benchmarks.md). Inside one fusion pass the graph
     does not change (a pass records the nodes to add and remove and applies them at its end), so the map that the pass
     hands to ``fuse`` is the one those calls would rebuild: here they are given it, and find the same node. Checked by
     the export writing byte-identical files with and without this (docs/benchmarks.md)."""

@@ -56,6 +56,18 @@ def features_graph_on(device: Device) -> bool:
     return device.kind == "cuda"
 
 
+def _component_names(option: str, value, known: set):
+    """``value`` of a load option that takes None, True, False or component names, with one name given as a string
+    taken as that name; names outside ``known`` are an InvalidRequestError naming them."""
+    if value is None or isinstance(value, bool):
+        return value
+    names = (value,) if isinstance(value, str) else tuple(value)
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise InvalidRequestError(f"{option} names unknown components {unknown}; components: {sorted(known)}")
+    return names
+
+
 class AudioLDM2Runtime:
     def __init__(self, artifacts: Artifacts, sessions: dict, device: Device, solver_step=None, lm_append=None):
         """sessions: one per component (``Session`` protocol); solver_step: an ONNX Runtime session of
@@ -183,6 +195,9 @@ class AudioLDM2Runtime:
         unknown = sorted(set(provider_options or {}) - set(files))
         if unknown:
             raise InvalidRequestError(f"provider_options name unknown components {unknown}; components: {sorted(files)}")
+        packed_weights, weights_block = (_component_names(option, value, {*files, "solver_step", "lm_append"})
+                                         for option, value in (("packed_weights", packed_weights),
+                                                               ("weights_block", weights_block)))
         if device_loop is None:
             device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
         if lm_loop and not (device_loop and art.gpt2_graph == "step"):

@@ -132,3 +132,17 @@ def test_load_refuses_weights_block_where_it_does_not_apply(tiny_artifacts):
     with pytest.raises(InvalidRequestError, match="weights_block applies to backend 'ort' with the default provider; "
                                                   "got backend 'ort', providers given"):
         AudioLDM2Runtime.load(tiny_artifacts, weights_block=True, providers=["CPUExecutionProvider"])
+
+
+@needs_export
+def test_load_names_unknown_components_in_the_weight_options(tiny_artifacts):
+    """A misspelt component in ``weights_block`` or ``packed_weights`` is an error naming it, not a silent no-op; one
+    name as a string is that name."""
+    for option in ("weights_block", "packed_weights"):
+        with pytest.raises(InvalidRequestError, match=rf"{option} names unknown components \['unett'\]; components: "):
+            AudioLDM2Runtime.load(tiny_artifacts, **{option: ["unett", "vae_decoder"]})
+    rt = AudioLDM2Runtime.load(tiny_artifacts, weights_block="vae_decoder")
+    try:
+        assert {n for n, c in rt.health()["components"].items() if c["weights_block"]} == {"vae_decoder"}
+    finally:
+        rt.close()
