@@ -34,8 +34,7 @@ def add_commands(sub) -> None:
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before 504 (the request is cancelled)")
     s.add_argument("--no-ranking", action="store_true", help="one waveform per request: CLAP's audio branch is not "
                    "loaded (less GPU memory, shorter load)")
-    s.add_argument("--shared-arena", action="store_true", help="one ONNX Runtime memory arena for every component "
-                   "(less GPU memory; the components' runs take turns)")
+    _shared_arena_argument(s)
     s.set_defaults(run=run_serve)
 
     b = sub.add_parser("bench", help="latency of an artefact folder on a device: load, first call, warm calls by "
@@ -60,6 +59,7 @@ def add_commands(sub) -> None:
     b.add_argument("--weights-block", choices=["on", "off"], default=None,
                    help="the NhwcConv components' weights (UNet, VAE decoder) in one device allocation of the "
                         "runtime's own (on: the default on CUDA) or one allocation per weight, ONNX Runtime's (off)")
+    _shared_arena_argument(b)
     b.add_argument("--provider-options", type=_json_object, default=None, metavar="JSON",
                    help='extra CUDA provider options per component over the defaults, e.g. '
                         '\'{"vocoder": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}\' (backend ort, CUDA)')
@@ -159,6 +159,17 @@ def _json_object(text: str) -> dict:
     return value
 
 
+# --shared-arena's words → load(shared_arena=...); the flag alone means "all"
+SHARED_ARENA_CHOICES = {"default": None, "all": True, "none": False}
+
+
+def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shared-arena", nargs="?", const="all", default=None, choices=list(SHARED_ARENA_CHOICES),
+                        help="which components share one ONNX Runtime memory arena on CUDA: default (the decode "
+                             "stage's), all (the flag alone: least GPU memory, every component's runs take turns), "
+                             "none (one arena each)")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -172,6 +183,8 @@ def run_bench(args: argparse.Namespace) -> int:
         options["weights_block"] = None if args.weights_block == "on" else False
     if args.provider_options is not None:
         options["provider_options"] = args.provider_options
+    if args.shared_arena is not None:
+        options["shared_arena"] = SHARED_ARENA_CHOICES[args.shared_arena]
     result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend, **options)
     print(report(result))
     if args.json:
@@ -188,5 +201,5 @@ def run_serve(args) -> int:
         return 2
     serve(args.artifacts, args.host, args.port, args.device, args.max_batch, args.max_queue,
           ServerLimits(args.max_seconds, args.max_steps, 1 if args.no_ranking else 4, args.timeout),
-          ranking=not args.no_ranking, shared_arena=args.shared_arena)
+          ranking=not args.no_ranking, shared_arena=SHARED_ARENA_CHOICES[args.shared_arena or "default"])
     return 0

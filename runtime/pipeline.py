@@ -103,14 +103,13 @@ class AudioLDM2Runtime:
         self.ranking = "clap_audio" in sessions  # load(ranking=False) leaves CLAP's audio branch out
         self._scheduler_config = artifacts.manifest["scheduler"]
         self._warm = False
-        self.shared_arena = False  # load(shared_arena=True) sets it
 
     @classmethod
     def load(cls, folder, device: str = "cpu", providers: list | None = None, threads: int = 0,
              cuda_graphs="auto", max_graphs: int = DEFAULT_MAX_GRAPHS, backend: str = "ort",
              tf32: bool | None = None, provider_options: dict | None = None,
              device_loop: bool | None = None, ranking: bool = True,
-             cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
+             cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena=None,
              packed_weights=None, weights_block=None, queued_steps: bool | None = None,
              lm_loop: bool | None = None) -> "AudioLDM2Runtime":
         """Open an artefact folder written by ``audioldm2-trt export``.
@@ -143,10 +142,14 @@ class AudioLDM2Runtime:
         cublas_workspace_kib (CUDA): cuBLAS's workspace per handle, 4 MiB by default, set through the process's
         CUBLAS_WORKSPACE_CONFIG unless that is set already (``backends.ort.limit_cublas_workspace``): cuBLAS's own
         default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
-        shared_arena (backend "ort", default providers): the sessions share one ONNX Runtime arena for their
-        activations instead of one each (``backends/shared_arena.py``) — less GPU memory, but on that device the
-        components' runs take turns (two requests in different stages no longer overlap), and every runtime of the
-        process that shares the arena must be loaded before the first request.
+        shared_arena (backend "ort", default providers): the components whose sessions share one ONNX Runtime arena
+        for their activations instead of one each (``backends/shared_arena.py``) — less GPU memory, but their runs
+        take turns, and a session can join the arena only before any graph on it was captured. None = on CUDA the
+        decode stage's (VAE decoder, vocoder, the ranking's two; ``backends.ort.SHARED_ARENA_DEFAULT``), none on the
+        CPU; True = every component (its runs then never overlap, so two requests in different stages take turns,
+        and the loops' steps are each waited for), to be loaded, with every runtime of the process that shares the
+        arena, before the first request; False = none; or component names. ``health()["shared_arena"]`` names the
+        components on it.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
         allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack,
         the ranking components and a UNet exported with ``--unet-layout nchw`` on CUDA (NHWC convolutions cannot be
@@ -173,7 +176,7 @@ class AudioLDM2Runtime:
         names = [name for name in art.manifest["components"]
                  if (ranking or name not in RANKING_COMPONENTS) and (name != "clap_features" or features_graph_on(dev))]
         files = art.session_files(names)  # with the UNet's context graph, where it has one (export/hoist_context.py)
-        if shared_arena and (backend != "ort" or providers is not None):
+        if shared_arena not in (None, False) and (backend != "ort" or providers is not None):
             raise InvalidRequestError(f"shared_arena applies to backend 'ort' with the default provider; got backend "
                                       f"{backend!r}, providers {'given' if providers is not None else 'default'}")
         if queued_steps and backend != "ort":
@@ -195,9 +198,10 @@ class AudioLDM2Runtime:
         unknown = sorted(set(provider_options or {}) - set(files))
         if unknown:
             raise InvalidRequestError(f"provider_options name unknown components {unknown}; components: {sorted(files)}")
-        packed_weights, weights_block = (_component_names(option, value, {*files, "solver_step", "lm_append"})
-                                         for option, value in (("packed_weights", packed_weights),
-                                                               ("weights_block", weights_block)))
+        packed_weights, weights_block, shared_arena = (
+            _component_names(option, value, {*files, "solver_step", "lm_append"})
+            for option, value in (("packed_weights", packed_weights), ("weights_block", weights_block),
+                                  ("shared_arena", shared_arena)))
         if device_loop is None:
             device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
         if lm_loop and not (device_loop and art.gpt2_graph == "step"):
@@ -217,12 +221,13 @@ class AudioLDM2Runtime:
             bind=True if device_loop else None, cublas_workspace_kib=cublas_workspace_kib,
             shared_arena=shared_arena, packed_weights=packed_weights, weights_block=weights_block,
             loop_stream=False if queued_steps is False or not loops else frozenset(loops))
+        if queued_steps and any(factory.on_shared_arena(n) for n in ("unet", "unet_context", "solver_step")):
+            raise InvalidRequestError("queued_steps: the denoising loop's sessions are on the shared arena "
+                                      f"(shared_arena={shared_arena!r}), where each run is waited for; leave them off it")
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH) if device_loop else None
         append = factory.create("lm_append", LM_APPEND_GRAPH) if lm_loop else None
-        runtime = cls(art, sessions, factory.device, solver, append)
-        runtime.shared_arena = shared_arena
-        return runtime
+        return cls(art, sessions, factory.device, solver, append)
 
     def warmup(self, lengths_s=(None,), batch_sizes=(1,), t5_buckets=(16,), steps: int = 2) -> float:
         """Run each (length, batch, T5 bucket) once so that buffers, cuDNN algorithms and CUDA graphs exist
@@ -260,7 +265,8 @@ class AudioLDM2Runtime:
         """What a server's health check reports: device, precision, warm or not, whether the denoising loop
         runs on the device (``device_loop``) with its steps queued (``queued_steps``), whether GPT-2's passes do
         (``lm_loop``) and are queued (``lm_queued``), whether ranking is loaded and where its features are computed ("graph" or "host"; None
-        without ranking), the CUBLAS_WORKSPACE_CONFIG in effect (CUDA), and per component how many input shapes have
+        without ranking), the components on the device's shared arena (``shared_arena``, a sorted list), the
+        CUBLAS_WORKSPACE_CONFIG in effect (CUDA), and per component how many input shapes have
         buffers / CUDA graphs, whether its weights are packed in one allocation (``packed_weights``) and the bytes
         of its weights in a block of the runtime's own (``weights_block``, 0 for none)."""
         return {
@@ -278,6 +284,12 @@ class AudioLDM2Runtime:
                                "weights_block": s.stats.weights_block}
                            for n, s in self._sessions.items() if hasattr(s, "stats")},
         }
+
+    @property
+    def shared_arena(self) -> list[str]:
+        """The components whose sessions are on the device's shared arena (``load(shared_arena=...)``), sorted."""
+        sessions = {**self._sessions, "solver_step": self._solver_step, "lm_append": self._lm_append}
+        return sorted(n for n, s in sessions.items() if getattr(getattr(s, "stats", None), "shared_arena", False))
 
     def _queued_steps(self) -> bool:
         """Whether the device loop queues its steps (``DeviceStepper``): the UNet and the solver step on one stream,

@@ -137,10 +137,10 @@ def create_app(batcher: MicroBatcher, limits: ServerLimits = ServerLimits(),
 
 def serve(artifacts: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", max_batch: int = 8,
           max_queue: int = 64, limits: ServerLimits = ServerLimits(), warmup_seconds: float | None = None,
-          ranking: bool = True, shared_arena: bool = False) -> None:
+          ranking: bool = True, shared_arena=None) -> None:
     """Load, warm up in the background, and serve until interrupted (``audioldm2-trt serve``). ``ranking=False``:
-    CLAP's audio branch is not loaded, and ``limits.max_waveforms`` must be 1. ``shared_arena``: the sessions share
-    one ONNX Runtime arena (``AudioLDM2Runtime.load``): less GPU memory, the components' runs take turns."""
+    CLAP's audio branch is not loaded, and ``limits.max_waveforms`` must be 1. ``shared_arena``: which components
+    share one ONNX Runtime arena (``AudioLDM2Runtime.load``; True: all — less GPU memory, their runs take turns)."""
     import uvicorn
 
     from .pipeline import AudioLDM2Runtime

@@ -31,6 +31,11 @@
 #                                          # runtime's own block against one allocation per weight (audio, bench
 #                                          # alternating, peak memory, validate, cold start), then the full benchmark
 #                                          # with the peers and the fp32 row, fidelity
+#   bash scripts/gpu_session.sh all-decode-arena  # setup, fp16 and fp32 exports (tests/test_gpu.py meanwhile); the
+#                                          # decode stage's sessions on one shared arena (the default) against one
+#                                          # arena each and every component on it: rules and audio, peak memory, bench
+#                                          # alternating; the full benchmark with the peers and the fp32 row, cold
+#                                          # start, validate, the load test both ways, fidelity
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -609,6 +614,31 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
       $FIDELITY" ;;
   all-wblock)  # setup, the fp16 and fp32 exports, wblock
     setup_export_then "16 32" wblock ;;
+  decode-arena)  # after the fp16 and fp32 exports started: tests/test_gpu.py meanwhile; then the decode stage's sessions
+                 # on one shared arena (the default since) against one arena each and against every component on it:
+                 # the rules and audio (shared_arena_check.py), peak memory (and B0), bench alternating (--shared-arena
+                 # default|none, 3 rounds of 20 calls); then the full benchmark with the peers and the fp32 row, cold
+                 # start in clean processes, validate, the load test both ways, fidelity
+    mkdir -p /tmp/logs/load-default /tmp/logs/load-none
+    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      python3 shared_arena_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/arenacheck.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_shared,runtime_shared,b0 \
+        --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      for r in 1 2 3; do for q in default none; do (cd /tmp && python3 -m audioldm2_trt.cli bench \
+        --artifacts /tmp/art-fp16 --device cuda --runs 20 --shared-arena \$q --json /tmp/logs/bench-\$q-\$r.json \
+        > /tmp/logs/bench-\$q-\$r.log 2>&1); done; done; \
+      bash $SELF wait 32; \
+      $BENCH_WITH_PEERS; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs \
+        > /tmp/logs/cold.log 2>&1; \
+      $VALIDATE16; \
+      for q in default none; do python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 \
+        --skip-placement --shared-arena \$q --out /tmp/logs/load-\$q > /tmp/logs/load-\$q.log 2>&1; done; \
+      $FIDELITY" ;;
+  all-decode-arena)  # setup, the fp16 and fp32 exports, decode-arena
+    setup_export_then "16 32" decode-arena ;;
   all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;

@@ -111,7 +111,7 @@ class TorchGpuLoad:
         self._thread.join()
 
 
-def placement(folder: str, device: str, shared_arena: bool = False) -> dict:
+def placement(folder: str, device: str, shared_arena=None) -> dict:
     """Two runtimes on one GPU from two threads against each alone, for the device loop (the default) and the loop
     on the host; each runtime's repeats alone, which tell run-to-run nondeterminism from cross-talk; and one
     runtime repeated beside an unrelated torch workload (where torch is installed), which tells sensitivity to
@@ -155,9 +155,11 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-placement", action="store_true")
     ap.add_argument("--placement-only", action="store_true", help="the placement checks, no load")
-    ap.add_argument("--shared-arena", action="store_true",
-                    help="every runtime loaded with shared_arena=True (one ONNX Runtime arena; runs take turns)")
+    ap.add_argument("--shared-arena", nargs="?", const="all", default="default", choices=["default", "all", "none"],
+                    help="every runtime loaded with shared_arena=True (all, the flag alone: one ONNX Runtime arena, "
+                         "runs take turns), False (none) or load's default (the decode stage's on CUDA)")
     args = ap.parse_args()
+    args.shared_arena = {"default": None, "all": True, "none": False}[args.shared_arena]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
     from audioldm2_trt.runtime.shapes import WARM_T5_BUCKETS, batch_buckets

@@ -39,10 +39,11 @@ ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared
         "runtime_packed_all": {"packed_weights": True},
         "runtime_shared_packed_all": {"shared_arena": True, "packed_weights": True},
         "runtime_no_block": {"weights_block": False},
+        "runtime_no_shared": {"shared_arena": False},  # one arena per session (the default before the decode stage's)
         "b0": None}
 
 
-def child_runtime(folder: str, calls: int, base: float, ranking: bool = True, shared_arena: bool = False,
+def child_runtime(folder: str, calls: int, base: float, ranking: bool = True, shared_arena=None,
                   packed_weights=None, weights_block=None, audio_path: str | None = None) -> dict:
     import numpy as np
 

@@ -396,8 +396,9 @@ def test_server_without_ranking_refuses_several_waveforms(tiny_artifacts):
 
 @needs_server
 def test_serve_command_passes_shared_arena_to_the_runtime(tiny_artifacts, monkeypatch):
-    """``audioldm2-trt serve --shared-arena`` loads the runtime with one arena (health says so); without the flag it
-    does not. uvicorn.run is replaced by a call that checks the app's runtime and returns."""
+    """``audioldm2-trt serve --shared-arena`` loads the runtime with one arena for every component (health names
+    them); ``--shared-arena none`` with none; without the flag, load's default (on the CPU: none). uvicorn.run is
+    replaced by a call that checks the app's runtime and returns."""
     import uvicorn
 
     from audioldm2_trt.cli import main
@@ -411,10 +412,14 @@ def test_serve_command_passes_shared_arena_to_the_runtime(tiny_artifacts, monkey
         return loaded[-1]
 
     monkeypatch.setattr(AudioLDM2Runtime, "load", classmethod(load))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
-    for flags, expected in ((["--shared-arena"], True), ([], False)):
+    healths = []  # read while serving (the runtime is closed after)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: healths.append(loaded[-1].health()))
+    for flags, every in ((["--shared-arena"], True), (["--shared-arena", "all"], True),
+                         (["--shared-arena", "none"], False), ([], False)):
         assert main(["serve", "--artifacts", str(tiny_artifacts), *flags]) == 0
-        assert loaded[-1].health()["shared_arena"] is expected
+        health = healths[-1]
+        assert health["shared_arena"] == (sorted(health["components"]) if every else []), flags
+        assert len(health["components"]) >= 7
 
 
 # -- Ray Serve ---------------------------------------------------------------------------------------

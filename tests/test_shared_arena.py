@@ -33,7 +33,71 @@ def test_shared_arena_gives_the_default_runtimes_audio(tiny_artifacts, runtime):
     bound = AudioLDM2Runtime.load(tiny_artifacts, shared_arena=True, device_loop=True)
     reference = AudioLDM2Runtime.load(tiny_artifacts, device_loop=True)
     np.testing.assert_array_equal(bound("rain", **KW).audios, reference("rain", **KW).audios)
-    assert shared.health()["shared_arena"] is True and runtime.health()["shared_arena"] is False
+    assert shared.health()["shared_arena"] == sorted(shared.health()["components"])  # every component on it
+    assert runtime.health()["shared_arena"] == []  # the CPU's default: an arena each
+    names = AudioLDM2Runtime.load(tiny_artifacts, shared_arena=["vae_decoder", "vocoder"])
+    assert names.health()["shared_arena"] == ["vae_decoder", "vocoder"]
+    np.testing.assert_array_equal(names("rain", **KW).audios, runtime("rain", **KW).audios)
+    assert AudioLDM2Runtime.load(tiny_artifacts, shared_arena="vocoder").health()["shared_arena"] == ["vocoder"]
+
+
+def test_the_default_shares_the_decode_stages_arena_on_cuda_only(tiny_artifacts):
+    """Which sessions join the shared arena (the selection alone: this machine has no CUDA provider). On CUDA the
+    default is the decode stage's — never a loop's, whose steps are queued; on the CPU, none; True every component;
+    names those; unknown names are refused by load."""
+    from audioldm2_trt.runtime.artifacts import COMPONENTS as every
+    from audioldm2_trt.runtime.backends.ort import LOOP_STREAMS, SHARED_ARENA_DEFAULT
+
+    every = (*every, "unet_context", "solver_step", "lm_append")
+    assert SHARED_ARENA_DEFAULT == {"vae_decoder", "vocoder", "clap_features", "clap_audio"}
+    assert not SHARED_ARENA_DEFAULT & set(LOOP_STREAMS)
+    cuda = OrtSessionFactory.__new__(OrtSessionFactory)  # a CUDA factory's selection state, without CUDA
+    cuda.device, cuda._default_cuda = Device.parse("cuda"), True
+    assert {n for n in every if cuda._arena_selector(None)(n)} == SHARED_ARENA_DEFAULT
+    assert {n for n in every if cuda._arena_selector(True)(n)} == set(every)
+    assert not any(cuda._arena_selector(False)(n) for n in every)
+    assert {n for n in every if cuda._arena_selector(["vocoder", "unet"])(n)} == {"vocoder", "unet"}
+    cpu = OrtSessionFactory("cpu")
+    assert cpu.arena is None and not any(cpu.on_shared_arena(n) for n in every)
+    with pytest.raises(InvalidRequestError, match=r"shared_arena names unknown components \['vocodr'\]"):
+        AudioLDM2Runtime.load(tiny_artifacts, shared_arena=["vocodr"])
+
+
+def test_a_session_on_the_arena_never_queues_its_runs(tiny_artifacts, monkeypatch):
+    """Rule 1 with the loops' queued steps: a replay asked not to wait (``wait=False``) returns before its graph has
+    run only off the arena; on it the run is waited for, so the arena's lock is never released while its graph may
+    still run (another session would be handed the same blocks). The queueing itself is CUDA's, so here the session
+    is a CPU one given a stand-in stream and a graph id, and ONNX Runtime's run options are read back."""
+    from audioldm2_trt.runtime.backends import ort as ort_backend
+
+    factory = OrtSessionFactory("cpu", shared_arena=True)
+    plain = factory.create("projection", tiny_artifacts / "projection.onnx")
+    feeds = {i.name: np.ones([d if isinstance(d, int) else 2 for d in i.shape],
+                             np.int64 if "int64" in i.type else np.float32) for i in plain._session.get_inputs()}
+    seen = []
+    monkeypatch.setattr(factory.arena, "captured", False)  # a graph run marks the process's arena: restored after
+    monkeypatch.setattr(OrtSession, "_run_options", lambda self, graph_id: factory.ort.RunOptions())
+    waited = {}
+    for arena in (None, factory.arena):
+        session = OrtSession("projection", plain._session, factory.ort, factory.device, bind=True, cuda_graphs=False,
+                             arena=arena, stream=object())
+        bound = session.private_buffers(feeds)
+        session.cuda_graphs, bound.graph_id, bound.runs = True, 7, ort_backend.CAPTURE_RUNS  # as if captured
+        original = session._session
+
+        class Spy:
+            def run_with_iobinding(self, binding, ro):
+                try:
+                    seen.append(ro.get_run_config_entry(ort_backend.NO_WAIT_OPTION))
+                except RuntimeError:  # the key not set
+                    seen.append(None)
+                return original.run_with_iobinding(binding, ro)
+
+        session._session = Spy()
+        waited[arena is not None] = session.replay(bound, {}, wait=False)
+        session.stream = None  # a stand-in: nothing to release
+    assert waited == {False: False, True: True}
+    assert seen == ["1", None]
 
 
 def test_shared_arena_is_refused_where_it_does_not_apply(tiny_artifacts):

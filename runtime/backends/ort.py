@@ -63,6 +63,14 @@ PACKED_CONFIG = {"session.disable_prepacking": "1"}
 # one request's text stage can still overlap another's denoising on the GPU.
 LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step": "denoising",
                 "gpt2": "language_model", "lm_append": "language_model"}
+# The components that share the device's ONNX Runtime arena by default (``shared_arena=None``, the default CUDA
+# provider; ``shared_arena.py``): the decode stage's. Within a request they run one after another, so sharing costs a
+# request nothing, and the vocoder's activations fit in the blocks the VAE decoder's run freed (run N: with every
+# component on one arena the vocoder's first run grew the GPU's use by 24 MiB instead of 142). Across requests only
+# one of them runs at a time. The loops' sessions stay off it: on the arena a run must end before its lock is
+# released, so their steps could not be queued (``loop_stream``), and the UNet's turn (~115 ms a request) would hold
+# up every other component (run M: ~10 % less unbatched throughput with every component on it).
+SHARED_ARENA_DEFAULT = frozenset({"vae_decoder", "vocoder", "clap_features", "clap_audio"})
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -89,6 +97,7 @@ class SessionStats:
     graph_refused: str = ""  # why ONNX Runtime refused CUDA graph capture (cuda_graphs="auto"), else ""
     packed_weights: bool = False  # its weights in one device block (OrtSessionFactory's packed_weights)
     weights_block: int = 0  # bytes of its weights in a block of the runtime's own (OrtSessionFactory's weights_block)
+    shared_arena: bool = False  # its activations from the device's shared arena (OrtSessionFactory's shared_arena)
 
 
 def _shape_key(feeds: dict[str, np.ndarray]) -> tuple:
@@ -115,8 +124,8 @@ class OrtSession:
     arena as captured.
 
     stream: the ``CudaStream`` the session runs on where it was given one (``user_compute_stream``; the factory's
-    ``loop_stream``), else None (ONNX Runtime's own stream per session). Only then may ``replay`` return before
-    its graph has run (``wait=False``); the session releases the stream when it closes.
+    ``loop_stream``), else None (ONNX Runtime's own stream per session). Only then, and never on a shared arena,
+    may ``replay`` return before its graph has run (``wait=False``); the session releases the stream when it closes.
     """
 
     def __init__(self, name: str, session, ort, device: Device, bind: bool, cuda_graphs: bool,
@@ -325,8 +334,8 @@ class OrtSession:
     def _execute(self, bound: _Bound, wait: bool = True) -> bool:
         """Run ``bound``; returns whether it waited for the run (see ``replay``)."""
         ro = self._run_options(bound.graph_id) if self.cuda_graphs else None
-        queue = (not wait and self.stream is not None and bound.graph_id != _NO_GRAPH
-                 and not self.may_capture(bound))
+        queue = (not wait and self.stream is not None and self._arena is None and bound.graph_id != _NO_GRAPH
+                 and not self.may_capture(bound))  # (on a shared arena a run ends before its lock is released)
         if queue:
             ro.add_run_config_entry(NO_WAIT_OPTION, "1")
         self._session.run_with_iobinding(bound.binding, ro)
@@ -427,10 +436,14 @@ class OrtSessionFactory:
     session_config: extra ONNX Runtime session config entries for every session (for measurements).
     cublas_workspace_kib (CUDA): cuBLAS's workspace per handle, set through CUBLAS_WORKSPACE_CONFIG unless the process
     sets it already (``limit_cublas_workspace``); None leaves cuBLAS's default.
-    shared_arena (default providers only): every session allocates its activations from the device's one shared
-    arena instead of an arena of its own, and its weights from the device allocator (``shared_arena.py``: less
-    memory; on CUDA runs of different sessions then take turns, and no session may be created on the arena after
-    one of its graphs was captured).
+    shared_arena (default providers only): the components whose sessions allocate their activations from the
+    device's one shared arena instead of an arena of their own, and their weights from the device allocator
+    (``shared_arena.py``: less memory; on CUDA their runs take turns, each holding the arena's lock until its outputs
+    are synchronised, so they are never queued on a loop stream; and no session may join the arena after one of its
+    graphs was captured) — None = ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the default CUDA provider, none
+    elsewhere; True = every component; False = none; or a collection of names. Where the default finds the arena
+    captured already (another runtime of the process has served), this factory's sessions keep arenas of their own
+    (logged); a choice made explicitly raises instead.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
     as one block) — None = off on CUDA, on on the CPU. Off, activations are allocated tensor by tensor, and the
     arena reuses the blocks a run freed within that run: on the H100 the fp16 runtime's first call grew by 450 MiB
@@ -471,7 +484,7 @@ class OrtSessionFactory:
                  cuda_graphs="auto", bind: bool | None = None, max_graphs: int = DEFAULT_MAX_GRAPHS,
                  tf32: bool = False, component_options: dict | None = None, graph_optimization: str = "all",
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
-                 cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena: bool = False,
+                 cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena=None,
                  mem_pattern: bool | None = None, packed_weights=None, needs_prepacking=None,
                  weights_block=None, loop_stream: bool | None = None):
         import onnxruntime as ort
@@ -518,9 +531,12 @@ class OrtSessionFactory:
         self._graphs_for = _graph_selector(cuda_graphs if use_graphs else False)
         self._graphs_optional = cuda_graphs == "auto"
         self.bind = self.device.kind == "cuda" if bind is None else bind
-        if shared_arena and custom:
+        if shared_arena not in (None, False) and custom:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
-        self.arena = _shared_arena(ort, self.device) if shared_arena else None
+        self._arena_chosen = shared_arena is not None  # an explicit choice: joining a captured arena is an error
+        self._on_arena = self._arena_selector(shared_arena)
+        self.arena = _shared_arena(ort, self.device) if shared_arena is not False and (
+            shared_arena is not None or self._default_cuda) else None
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
         nhwc_conv = ASSUMED_NHWC if needs_prepacking is None else frozenset(needs_prepacking)
         self._packed = self._packed_selector(packed_weights, nhwc_conv)
@@ -534,6 +550,11 @@ class OrtSessionFactory:
                                f"loops: {sorted(loops)}")
         chosen = (frozenset() if loop_stream is False else loops if loop_stream in (None, True)
                   else frozenset(loop_stream))
+        on_arena = sorted(n for n, loop in LOOP_STREAMS.items() if loop in chosen and self._on_arena(n))
+        if loop_stream is True and on_arena:
+            raise BackendError(f"loop_stream: {on_arena} are on the shared arena, where a run must end before the "
+                               "arena's lock is released, so their steps cannot be queued; leave them off the arena "
+                               "(shared_arena) or loop_stream")
         self.loop_streams = chosen if use_graphs and cuda_graphs else frozenset()  # the loops given a stream
         self._streams: dict[str, CudaStream] = {}  # LOOP_STREAMS' loop → its stream
         self._stream_lock = threading.Lock()
@@ -568,6 +589,21 @@ class OrtSessionFactory:
             raise BackendError(f"packed_weights {refused}: their NHWC convolutions (NhwcConv, or prefer_nhwc) need "
                                "ONNX Runtime's prepacking, which packed weights turn off; leave them out")
         return lambda name: name in chosen
+
+    def _arena_selector(self, shared_arena):
+        """component name → whether its session is on the shared arena (see ``shared_arena`` above)."""
+        if shared_arena is None:
+            shared_arena = SHARED_ARENA_DEFAULT if self._default_cuda else False
+        if shared_arena is False:
+            return lambda name: False
+        if shared_arena is True:
+            return lambda name: True
+        chosen = frozenset(shared_arena)
+        return lambda name: name in chosen
+
+    def on_shared_arena(self, name: str) -> bool:
+        """Whether a session of ``name`` made now would be on the shared arena."""
+        return self.arena is not None and self._on_arena(name) and not (self.arena.captured and not self._arena_chosen)
 
     def _block_selector(self, weights_block, nhwc_conv: frozenset):
         """component name → whether its weights go in a ``WeightsBlock`` (see ``weights_block`` above)."""
@@ -610,9 +646,14 @@ class OrtSessionFactory:
                                               f"{name}.onnx.data")
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                               "1024")
-        if self.arena is not None:
-            self.arena.check_can_join(name)
-        config = {**(SHARED_ARENA_CONFIG if self.arena is not None else {}), **(PACKED_CONFIG if packed else {}),
+        arena = self.arena if self.arena is not None and self._on_arena(name) else None
+        if arena is not None and arena.captured:
+            if self._arena_chosen:
+                arena.check_can_join(name)  # raises
+            log.info("%s: the shared arena of %s has captured graphs already (another runtime of the process has "
+                     "served); this session keeps an arena of its own", name, self.device)
+            arena = None
+        config = {**(SHARED_ARENA_CONFIG if arena is not None else {}), **(PACKED_CONFIG if packed else {}),
                   **self.session_config}
         for key, value in config.items():
             opts.add_session_config_entry(key, str(value))
@@ -630,7 +671,8 @@ class OrtSessionFactory:
         base = self.providers
         if self._default_cuda:
             base = [(n, {**o, **self.component_options.get(name, {})}) for n, o in base]
-        stream = self._loop_stream(LOOP_STREAMS[name]) if LOOP_STREAMS.get(name) in self.loop_streams else None
+        stream = (self._loop_stream(LOOP_STREAMS[name]) if LOOP_STREAMS.get(name) in self.loop_streams
+                  and arena is None else None)  # (on the arena each run is waited for: no loop stream)
         if stream is not None:
             base = [(n, {**o, "user_compute_stream": str(stream.handle)}) for n, o in base]
         providers = base
@@ -663,11 +705,12 @@ class OrtSessionFactory:
             raise BackendError(f"{name}: onnxruntime could not start {dropped} (running on {used}); "
                                "check that provider's libraries are installed")
         made = OrtSession(name, session, self.ort, self.device, self.bind or graphs, graphs, self.max_graphs,
-                          arena=self.arena if self.device.kind == "cuda" else None,
+                          arena=arena if self.device.kind == "cuda" else None,
                           stream=stream.retain() if stream is not None else None)
         made.stats.graph_refused = refused
         made.stats.packed_weights = packed
         made.stats.weights_block = block.nbytes if block is not None else 0
+        made.stats.shared_arena = arena is not None
         made.weights_block = block
         return made
 

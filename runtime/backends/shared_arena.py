@@ -1,4 +1,5 @@
-"""One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``shared_arena=True``).
+"""One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``load(shared_arena=...)``: by
+default on CUDA the decode stage's, ``backends.ort.SHARED_ARENA_DEFAULT``; ``True`` every component's).
 
 By default every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
 activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a shared
@@ -12,15 +13,19 @@ was captured, and ONNX Runtime returns those blocks to the arena after the captu
 session's run may be handed the same blocks. Two rules keep that harmless:
 
 1. Runs never overlap. Every run of a session on the arena holds the arena's ``lock`` from its launch to the
-   synchronisation of its outputs (``OrtSession`` does this); between runs a graph's intermediates are dead.
+   synchronisation of its outputs (``OrtSession`` does this); between runs a graph's intermediates are dead. So a
+   session on the arena never queues a run without waiting for it (``OrtSession.replay(wait=False)`` waits there,
+   and the factory gives it no loop stream): the loops' steps are then each waited for.
 2. Nothing long-lived lands in the arena once a graph was captured. Weights go to the device allocator
    (``session.use_device_allocator_for_initializers``; a session with packed weights reserves one block for all of
    them, outside the arena's pool too), and no session may join the arena after one of its graphs has been captured
    (kernels' prepacked weights would come from the arena): ``check_can_join`` raises, naming the remedy (create
    every session, of every runtime that shares the arena, before the first request).
 
-What it costs: on that device the runs of different components no longer overlap, so two requests in different
-stages take turns (run M: ~10 % less unbatched throughput at 4 and 16 concurrent clients, 2 % with micro-batching). The arena is the process's (ONNX Runtime has one environment per
+What it costs: on that device the runs of the components on it no longer overlap. With every component on it, two
+requests in different stages take turns (run M: ~10 % less unbatched throughput at 4 and 16 concurrent clients, 2 %
+with micro-batching) and the loops' steps are not queued; the default's decode stage runs one component at a time
+within a request anyway, and only one request's decode stage waits for another's. The arena is the process's (ONNX Runtime has one environment per
 process), so every runtime of the process on that device that asks for it shares it, and it lives as long as the
 process. Device buffers bound by the runtime (inputs, outputs, the denoising loop's latents) are OrtValues from
 ONNX Runtime's Python allocator, never from this arena.
