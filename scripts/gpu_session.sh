@@ -113,6 +113,7 @@ VALIDATE16="(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --de
 in_background() {
   cd "$ROOT/scripts" || exit 1
   rm -f /tmp/logs/done
+  touch /tmp/logs/started  # collect's sign that this machine is the one the mode started on
   setsid bash -c "$1; touch /tmp/logs/done" &
   echo started
 }
@@ -639,6 +640,16 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
       $FIDELITY" ;;
   all-decode-arena)  # setup, the fp16 and fp32 exports, decode-arena
     setup_export_then "16 32" decode-arena ;;
+  all-decode-arena-fp32)  # with ~8 minutes of device time: setup, the fp32 export (~100 s), then `bench` on it
+                          # alternating --shared-arena default|none (3 rounds of 20 calls), then peak memory of both
+    bash "$SELF" setup || exit 1
+    bash "$SELF" export 32 || exit 1
+    in_background "bash $SELF wait 32; \
+      for r in 1 2 3; do for q in default none; do (cd /tmp && python3 -m audioldm2_trt.cli bench \
+        --artifacts /tmp/art-fp32 --device cuda --runs 20 --shared-arena \$q --json /tmp/logs/bench32-\$q-\$r.json \
+        > /tmp/logs/bench32-\$q-\$r.log 2>&1); done; done; \
+      python3 peak_memory.py --artifacts /tmp/art-fp32 --which runtime,runtime_no_shared --out /tmp/logs \
+        > /tmp/logs/peakmem32.log 2>&1" ;;
   all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
@@ -694,6 +705,11 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
   all-arena)  # setup, the fp16 export, arena
     setup_export_then "16" arena ;;
   collect)
+    # A machine that answers without /tmp/logs/started is a fresh one (the lent machine was replaced between two
+    # calls, as in runs AY and BA): nothing runs here, so say so at once instead of polling an empty folder.
+    if [ ! -f /tmp/logs/started ]; then
+      echo "nothing started on this machine: /tmp/logs/started is missing (a fresh machine?)"; exit 3
+    fi
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && [ ! -f /tmp/logs/done ]; do
       tar -C /tmp -cf "$OUT/logs.tar" logs; sleep 10

@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
+import pytest
 
 from audioldm2_trt.runtime.backends import ort as ort_backend
 from audioldm2_trt.runtime.backends.base import Device
@@ -165,3 +166,28 @@ def test_cuda_session_calls_onnx_runtime_from_one_worker_thread_whoever_calls(ti
         raise AssertionError("the worker's error was lost")
     session.close()
     session.close()  # twice is fine
+
+
+def test_a_cuda_factory_makes_each_session_under_the_guard(tiny_artifacts, monkeypatch):
+    """Creation allocates on the GPU (weights block, weights, kernels) and reads whether the shared arena has a
+    captured graph: a CUDA factory does all of it holding the guard, shared, so no capture runs in between. Checked
+    at the moment ONNX Runtime would be asked for the session (a CPU factory posing as CUDA's, stopped there)."""
+    guard = CaptureGuard()
+    monkeypatch.setattr(ort_backend, "CUDA_CAPTURE_GUARD", guard)
+    factory = ort_backend.OrtSessionFactory("cpu")
+    factory.device = Device.parse("cuda:0")
+    held = []
+
+    def stop(name, path, opts, providers, graphs):
+        held.append(guard._shared)
+        raise ort_backend.BackendError("stopped before ONNX Runtime")
+
+    monkeypatch.setattr(factory, "_open", stop)
+    with pytest.raises(ort_backend.BackendError, match="stopped before ONNX Runtime"):
+        factory.create("vocoder", tiny_artifacts / "vocoder.onnx")
+    assert held == [1] and guard._shared == 0  # held while making it, released after (an error included)
+    cpu = ort_backend.OrtSessionFactory("cpu")
+    monkeypatch.setattr(cpu, "_open", stop)
+    with pytest.raises(ort_backend.BackendError):
+        cpu.create("vocoder", tiny_artifacts / "vocoder.onnx")
+    assert held == [1, 0]  # a CPU factory takes no guard

@@ -630,7 +630,16 @@ class OrtSessionFactory:
         return lambda name: name in chosen
 
     def create(self, name: str, path: str | Path, graphs: bool | None = None) -> OrtSession:
-        """One session; ``graphs=False`` never captures it (whatever ``cuda_graphs`` says)."""
+        """One session; ``graphs=False`` never captures it (whatever ``cuda_graphs`` says).
+
+        On CUDA the whole of it holds the capture guard, shared: creation allocates on the GPU (its weights block, the
+        session's weights and kernels), which must not happen while another thread captures a graph; and no graph is
+        captured between reading whether the shared arena has one and the session joining it (the flag is set under
+        the guard, exclusive)."""
+        with CUDA_CAPTURE_GUARD.shared() if self.device.kind == "cuda" else nullcontext():
+            return self._create(name, path, graphs)
+
+    def _create(self, name: str, path: str | Path, graphs: bool | None) -> OrtSession:
         opts = self.ort.SessionOptions()
         opts.graph_optimization_level = self.graph_optimization
         packed = self._packed(name)
@@ -727,10 +736,9 @@ class OrtSessionFactory:
 
     def _open(self, name: str, path, opts, providers, graphs: bool):
         """An InferenceSession, keeping the caller's CUDA context; failures as BackendError naming the component
-        (the ONNX Runtime error is its ``__cause__``)."""
+        (the ONNX Runtime error is its ``__cause__``). (``create`` holds the capture guard.)"""
         try:
-            cuda = self.device.kind == "cuda"  # creation allocates on the GPU: not while another thread captures
-            with caller_context_kept(cuda), CUDA_CAPTURE_GUARD.shared() if cuda else nullcontext():
+            with caller_context_kept(self.device.kind == "cuda"):
                 return self.ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as err:
             error = BackendError(f"could not load {name} from {path}"
