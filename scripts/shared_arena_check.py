@@ -24,15 +24,11 @@ import json
 import threading
 from pathlib import Path
 
-import numpy as np
+from device_loop_check import rel_l2  # scripts/ is on the path of a script run from it
 
 REQUESTS = {"full": None,  # benchmark.REQUEST
             "tiny": dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
                          audio_length_in_s=2.0)}
-
-
-def rel_l2(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def main() -> None:

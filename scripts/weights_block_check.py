@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark import REQUEST
+from device_loop_check import rel_l2
 
 VARIANTS = (("block", None), ("no_block", False), ("block_again", None))
 
@@ -42,7 +43,7 @@ def main() -> None:
             rt.close()
     first = audio[VARIANTS[0][0]]
     result = {"artifacts": args.artifacts, "device": args.device, "weights_block_bytes": blocks, "against_block": {
-        name: {call: {"rel_l2": float(np.linalg.norm(a - first[call]) / np.linalg.norm(first[call])),
+        name: {call: {"rel_l2": rel_l2(a, first[call]),
                       "max_abs": float(np.abs(a - first[call]).max()), "identical": bool(np.array_equal(a, first[call]))}
                for call, a in calls.items()}
         for name, calls in audio.items() if name != VARIANTS[0][0]}}
