@@ -127,6 +127,7 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
               "weights_block_mib": {n: c["weights_block"] / 2**20 for n, c in health["components"].items()
                                     if c["weights_block"]},
               "shared_arena": health["shared_arena"],
+              "cublas_workspace_config": health["cublas_workspace_config"],
               "without_cuda_graphs": sorted(n for n, c in health["components"].items()
                                             if rt.device.kind == "cuda" and c["graphs"] == 0),
               "gpu_memory_mib": None}
@@ -180,6 +181,8 @@ def report(result: dict) -> str:
             f"{name} {mib:.0f} MiB" for name, mib in result["weights_block_mib"].items()))
     if result.get("shared_arena") is not None:
         lines.append("on the shared ONNX Runtime arena: " + (", ".join(result["shared_arena"]) or "none"))
+    if result.get("cublas_workspace_config"):
+        lines.append(f"cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG): {result['cublas_workspace_config']}")
     mem = result.get("gpu_memory_mib")
     if mem:
         lines.append(f"GPU memory (NVML, whole device, above {mem['before_load']:.0f} MiB in use before load): "

@@ -159,15 +159,28 @@ def _json_object(text: str) -> dict:
     return value
 
 
-# --shared-arena's words → load(shared_arena=...); the flag alone means "all"
+# --shared-arena's words → load(shared_arena=...); the flag alone means "all"; anything else is component names
 SHARED_ARENA_CHOICES = {"default": None, "all": True, "none": False}
 
 
+def shared_arena_value(text: str):
+    """--shared-arena's value → load(shared_arena=...): one of SHARED_ARENA_CHOICES' words, or comma-separated
+    component names (checked by ``load``, which names any it does not know)."""
+    if text in SHARED_ARENA_CHOICES:
+        return SHARED_ARENA_CHOICES[text]
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(SHARED_ARENA_CHOICES)} or component names, "
+                                         f"got {text!r}")
+    return names
+
+
 def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shared-arena", nargs="?", const="all", default=None, choices=list(SHARED_ARENA_CHOICES),
+    parser.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
+                        metavar="default|all|none|NAME,NAME...",
                         help="which components share one ONNX Runtime memory arena on CUDA: default (the decode "
                              "stage's), all (the flag alone: least GPU memory, every component's runs take turns), "
-                             "none (one arena each)")
+                             "none (one arena each), or component names, comma-separated")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -184,7 +197,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.provider_options is not None:
         options["provider_options"] = args.provider_options
     if args.shared_arena is not None:
-        options["shared_arena"] = SHARED_ARENA_CHOICES[args.shared_arena]
+        options["shared_arena"] = args.shared_arena
     result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend, **options)
     print(report(result))
     if args.json:
@@ -201,5 +214,5 @@ def run_serve(args) -> int:
         return 2
     serve(args.artifacts, args.host, args.port, args.device, args.max_batch, args.max_queue,
           ServerLimits(args.max_seconds, args.max_steps, 1 if args.no_ranking else 4, args.timeout),
-          ranking=not args.no_ranking, shared_arena=SHARED_ARENA_CHOICES[args.shared_arena or "default"])
+          ranking=not args.no_ranking, shared_arena=args.shared_arena)
     return 0

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from audioldm2_trt.runtime.cli import shared_arena_value
+
 SECONDS = 10.24
 MAX_BATCH = 16  # rows per micro-batch when batching is on
 
@@ -155,11 +157,12 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-placement", action="store_true")
     ap.add_argument("--placement-only", action="store_true", help="the placement checks, no load")
-    ap.add_argument("--shared-arena", nargs="?", const="all", default="default", choices=["default", "all", "none"],
+    ap.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
+                    metavar="default|all|none|NAME,NAME...",
                     help="every runtime loaded with shared_arena=True (all, the flag alone: one ONNX Runtime arena, "
-                         "runs take turns), False (none) or load's default (the decode stage's on CUDA)")
+                         "runs take turns), False (none), those components, or load's default (the decode stage's on "
+                         "CUDA)")
     args = ap.parse_args()
-    args.shared_arena = {"default": None, "all": True, "none": False}[args.shared_arena]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
     from audioldm2_trt.runtime.shapes import WARM_T5_BUCKETS, batch_buckets

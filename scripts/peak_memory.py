@@ -29,6 +29,10 @@ from pathlib import Path
 from benchmark import REQUEST
 from gpu_memory import GpuMemory
 
+from audioldm2_trt.runtime.backends.ort import SHARED_ARENA_DEFAULT
+
+TEXT_ARENA = SHARED_ARENA_DEFAULT | {"t5_encoder", "projection"}
+
 # runtime rows: name → child_runtime arguments. runtime_unpacked: each weight in an allocation of its own (the default
 # until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet);
 # runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
@@ -40,27 +44,38 @@ ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared
         "runtime_shared_packed_all": {"shared_arena": True, "packed_weights": True},
         "runtime_no_block": {"weights_block": False},
         "runtime_no_shared": {"shared_arena": False},  # one arena per session (the default before the decode stage's)
+        # the text stage's sessions that never queue on the shared arena too (CLAP's text branch with them or not:
+        # it runs while T5 runs, and on the arena the two take turns)
+        "runtime_text_arena": {"shared_arena": TEXT_ARENA},
+        "runtime_text_arena_clap": {"shared_arena": TEXT_ARENA | {"clap_text"}},
+        # cuBLAS's workspace per handle (KiB; the default 4096)
+        "runtime_ws1m": {"cublas_workspace_kib": 1024},
+        "runtime_ws256k": {"cublas_workspace_kib": 256},
+        "runtime_text_arena_ws1m": {"shared_arena": TEXT_ARENA, "cublas_workspace_kib": 1024},
+        # the loops each waited for: where the warm calls' growth comes from
+        "runtime_unqueued": {"queued_steps": False},
+        "runtime_lm_host": {"lm_loop": False},
         "b0": None}
 
 
-def child_runtime(folder: str, calls: int, base: float, ranking: bool = True, shared_arena=None,
-                  packed_weights=None, weights_block=None, audio_path: str | None = None) -> dict:
+def child_runtime(folder: str, calls: int, base: float, audio_path: str | None = None, **load_options) -> dict:
+    """load_options: ``AudioLDM2Runtime.load``'s (a row of ROWS)."""
     import numpy as np
 
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     marks, audio = {}, {}
     with GpuMemory() as mem:
-        rt = AudioLDM2Runtime.load(folder, device="cuda", ranking=ranking, shared_arena=shared_arena,
-                                   packed_weights=packed_weights, weights_block=weights_block)
+        rt = AudioLDM2Runtime.load(folder, device="cuda", **load_options)
         marks["after load"] = mem.used_mib() - base
         audio["first"] = rt(**REQUEST, seed=0).audios
         marks["after the first call"] = mem.used_mib() - base
-        for _ in range(calls):
+        for i in range(calls):
             rt(**REQUEST, seed=0)
+            marks[f"after warm call {i + 1}"] = mem.used_mib() - base
         marks["after the warm calls"] = mem.used_mib() - base
         peak_batch1 = max(m for _, m in mem.samples)
-        if ranking:
+        if load_options.get("ranking", True):
             audio["two"] = rt(**REQUEST, seed=1, num_waveforms_per_prompt=2).audios
         audio["again"] = rt(**REQUEST, seed=0).audios
         marks["after two waveforms and the first request again"] = mem.used_mib() - base

@@ -95,6 +95,20 @@ def test_bench_provider_options_must_be_a_json_object(tmp_path, value, message):
     assert r.returncode == 2 and message in r.stderr
 
 
+@needs_export
+def test_bench_shared_arena_takes_component_names(tiny_artifacts, capsys):
+    """``--shared-arena`` takes component names, comma-separated, as well as default|all|none; a name that is no
+    component is refused, naming it, before any run."""
+    from audioldm2_trt.cli import main
+
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "1", "--steps", "2", "--seconds", "1.0",
+                 "--shared-arena", "t5_encoder,nonsense"]) == 2
+    assert "shared_arena names unknown components ['nonsense']" in capsys.readouterr().err
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "1", "--steps", "2", "--seconds", "1.0",
+                 "--shared-arena", "vocoder,t5_encoder"]) == 0
+    assert "on the shared ONNX Runtime arena: t5_encoder, vocoder" in capsys.readouterr().out
+
+
 def test_gpu_memory_sampler_keeps_every_reading_in_order():
     readings = iter(range(100, 100_000, 10))
     mem = GpuMemory(read=lambda: float(next(readings)), interval_s=0.001)

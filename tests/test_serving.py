@@ -420,6 +420,8 @@ def test_serve_command_passes_shared_arena_to_the_runtime(tiny_artifacts, monkey
         health = healths[-1]
         assert health["shared_arena"] == (sorted(health["components"]) if every else []), flags
         assert len(health["components"]) >= 7
+    assert main(["serve", "--artifacts", str(tiny_artifacts), "--shared-arena", "t5_encoder, projection"]) == 0
+    assert healths[-1]["shared_arena"] == ["projection", "t5_encoder"]
 
 
 # -- Ray Serve ---------------------------------------------------------------------------------------
