@@ -7,7 +7,7 @@
 #                                          # plain-fp16 validate + benchmark, placement, in the background; logs in /tmp/logs
 #   bash scripts/gpu_session.sh all        # setup, export, measure
 #   bash scripts/gpu_session.sh short SEC  # setup, fp16 export in the foreground, then measure; collect up to SEC s
-#   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tar every 10 s until done or SEC s
+#   bash scripts/gpu_session.sh collect SEC  # copy /tmp/logs into $OUT/logs.tgz every 10 s until done or SEC s
 #   bash scripts/gpu_session.sh multi      # (2+ GPUs, ray wheels in the bundle) Ray Serve 1 and 2 replicas, placement on cuda:1,
 #                                          # load test, plain fp16 validate + benchmark
 #   bash scripts/gpu_session.sh all-multi  # setup, fp16 + plain fp16 exports, multi
@@ -39,6 +39,9 @@
 #   bash scripts/gpu_session.sh all-memory-trim  # setup, fp16 export (B0's peak memory meanwhile); peak memory with the
 #                                          # text stage's sessions on the shared arena too, cuBLAS's workspace smaller,
 #                                          # the loops waited for; bench alternating those; B0 again
+#   bash scripts/gpu_session.sh all-trimmed  # setup, fp16 export (tests/test_gpu.py meanwhile); the default since run BC
+#                                          # against run BA's and each half of the change: peak memory (and B0), bench
+#                                          # alternating, the shared arena's rules
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -663,6 +666,25 @@ runtime_text_arena_ws1m,runtime_text_arena_clap,runtime_ws256k,runtime_unqueued,
           > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done" ;;
   all-memory-trim)  # setup, the fp16 export, memory-trim
     setup_export_then 16 memory-trim ;;
+  trimmed)  # after the fp16 export started: tests/test_gpu.py meanwhile; then peak memory of the default since run BC
+            # (CLAP's text branch on the shared arena too, a 1 MiB cuBLAS workspace) against run BA's default and each
+            # half of the change, 256 KiB, and B0; bench alternating BA's default, the new one and 256 KiB (2 rounds
+            # of 20 calls); the arena's rules (shared_arena_check.py); a third bench round. Audio outside /tmp/logs.
+    mkdir -p /tmp/audio
+    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --audio-dir /tmp/audio \
+        --which runtime,runtime_before,runtime_ws256k,runtime_clap_own_arena,runtime_ws4m,b0 \
+        --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      for r in 1 2 3; do [ \$r = 3 ] && python3 shared_arena_check.py --artifacts /tmp/art-fp16 --out /tmp/logs \
+        > /tmp/logs/arenacheck.log 2>&1; for v in before new ws256k; do \
+        case \$v in before) a=vae_decoder,vocoder w=:4096:1 ;; new) a=default w= ;; ws256k) a=default w=:256:1 ;; esac; \
+        (cd /tmp && env \${w:+CUBLAS_WORKSPACE_CONFIG=\$w} python3 -m audioldm2_trt.cli bench \
+          --artifacts /tmp/art-fp16 --device cuda --runs 20 --shared-arena \$a --json /tmp/logs/bench-\$v-\$r.json \
+          > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done" ;;
+  all-trimmed)  # setup, the fp16 export, trimmed
+    setup_export_then 16 trimmed ;;
   all-decode-arena)  # setup, the fp16 and fp32 exports, decode-arena
     setup_export_then "16 32" decode-arena ;;
   all-decode-arena-fp32)  # with ~8 minutes of device time: setup, the fp32 export (~100 s), then `bench` on it
@@ -737,7 +759,7 @@ runtime_text_arena_ws1m,runtime_text_arena_clap,runtime_ws256k,runtime_unqueued,
     fi
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && [ ! -f /tmp/logs/done ]; do
-      tar -C /tmp -cf "$OUT/logs.tar" logs; sleep 10
+      tar -C /tmp -czf "$OUT/logs.tgz" logs; sleep 10
     done
-    tar -C /tmp -cf "$OUT/logs.tar" logs; ls /tmp/logs; tail -n 3 /tmp/logs/*.log ;;
+    tar -C /tmp -czf "$OUT/logs.tgz" logs; ls /tmp/logs; tail -n 3 /tmp/logs/*.log ;;
 esac

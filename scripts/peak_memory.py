@@ -32,6 +32,7 @@ from gpu_memory import GpuMemory
 from audioldm2_trt.runtime.backends.ort import SHARED_ARENA_DEFAULT
 
 TEXT_ARENA = SHARED_ARENA_DEFAULT | {"t5_encoder", "projection"}
+BEFORE_ARENA = SHARED_ARENA_DEFAULT - {"clap_text"}  # the default until run BC
 
 # runtime rows: name → child_runtime arguments. runtime_unpacked: each weight in an allocation of its own (the default
 # until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet);
@@ -44,14 +45,14 @@ ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared
         "runtime_shared_packed_all": {"shared_arena": True, "packed_weights": True},
         "runtime_no_block": {"weights_block": False},
         "runtime_no_shared": {"shared_arena": False},  # one arena per session (the default before the decode stage's)
-        # the text stage's sessions that never queue on the shared arena too (CLAP's text branch with them or not:
-        # it runs while T5 runs, and on the arena the two take turns)
-        "runtime_text_arena": {"shared_arena": TEXT_ARENA},
-        "runtime_text_arena_clap": {"shared_arena": TEXT_ARENA | {"clap_text"}},
-        # cuBLAS's workspace per handle (KiB; the default 4096)
-        "runtime_ws1m": {"cublas_workspace_kib": 1024},
+        # run BA's default (the decode stage's sessions on the arena, a 4 MiB cuBLAS workspace), and each half of
+        # the change since (run BC): CLAP's text branch on the arena too, cuBLAS's workspace 1 MiB
+        "runtime_before": {"shared_arena": BEFORE_ARENA, "cublas_workspace_kib": 4096},
+        "runtime_clap_own_arena": {"shared_arena": BEFORE_ARENA},
+        "runtime_ws4m": {"cublas_workspace_kib": 4096},
         "runtime_ws256k": {"cublas_workspace_kib": 256},
-        "runtime_text_arena_ws1m": {"shared_arena": TEXT_ARENA, "cublas_workspace_kib": 1024},
+        # T5 and the projection on the arena too (then CLAP's text branch and T5 take turns)
+        "runtime_text_arena": {"shared_arena": TEXT_ARENA},
         # the loops each waited for: where the warm calls' growth comes from
         "runtime_unqueued": {"queued_steps": False},
         "runtime_lm_host": {"lm_loop": False},

@@ -4,9 +4,9 @@ runtime loaded after a capture gets.
 
     python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--device cuda] [--request tiny|full] [--out DIR]
 
-1. Three runtimes loaded before any request: the default (on CUDA the decode stage's sessions on the arena), every
-   component on it (``shared_arena=True``) and none (``False``); their ``health()``: the components on the arena and
-   whether the loops queue (every session on the arena: neither loop may).
+1. Three runtimes loaded before any request: the default (on CUDA CLAP's text branch and the decode stage's sessions
+   on the arena), every component on it (``shared_arena=True``) and none (``False``); their ``health()``: the
+   components on the arena and whether the loops queue (every session on the arena: neither loop may).
 2. Each one's audio for the request (one waveform, then two, ranked) against the one without the arena: rel-L2.
 3. The default and the all-on-arena runtime driven from two threads at once, 4 requests each: every result against
    that runtime's own run alone (their decode sessions take the arena's lock in turns).
