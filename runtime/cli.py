@@ -178,8 +178,8 @@ def shared_arena_value(text: str):
 def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                         metavar="default|all|none|NAME,NAME...",
-                        help="which components share one ONNX Runtime memory arena on CUDA: default (CLAP's text "
-                             "branch and the decode stage's), all (the flag alone: least GPU memory, every "
+                        help="which components share one ONNX Runtime memory arena on CUDA: default (the decode "
+                             "stage's), all (the flag alone: least GPU memory, every "
                              "component's runs take turns), none (one arena each), or component names, "
                              "comma-separated")
 

@@ -144,9 +144,9 @@ class AudioLDM2Runtime:
         default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
         shared_arena (backend "ort", default providers): the components whose sessions share one ONNX Runtime arena
         for their activations instead of one each (``backends/shared_arena.py``) — less GPU memory, but their runs
-        take turns, and a session can join the arena only before any graph on it was captured. None = on CUDA CLAP's
-        text branch and the decode stage's (VAE decoder, vocoder, the ranking's two;
-        ``backends.ort.SHARED_ARENA_DEFAULT``), none on the CPU; True = every component (its runs then never overlap, so two requests in different stages take turns,
+        take turns, and a session can join the arena only before any graph on it was captured. None = on CUDA the
+        decode stage's (VAE decoder, vocoder, the ranking's two; ``backends.ort.SHARED_ARENA_DEFAULT``), none on the
+        CPU; True = every component (its runs then never overlap, so two requests in different stages take turns,
         and the loops' steps are each waited for), to be loaded, with every runtime of the process that shares the
         arena, before the first request; False = none; or component names. ``health()["shared_arena"]`` names the
         components on it.

@@ -160,8 +160,8 @@ def main() -> None:
     ap.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                     metavar="default|all|none|NAME,NAME...",
                     help="every runtime loaded with shared_arena=True (all, the flag alone: one ONNX Runtime arena, "
-                         "runs take turns), False (none), those components, or load's default (CLAP's text branch and "
-                         "the decode stage's on CUDA)")
+                         "runs take turns), False (none), those components, or load's default (the decode stage's on "
+                         "CUDA)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher

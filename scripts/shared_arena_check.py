@@ -4,8 +4,7 @@ runtime loaded after a capture gets.
 
     python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--device cuda] [--request tiny|full] [--out DIR]
 
-1. Three runtimes loaded before any request: the default (on CUDA CLAP's text branch and the decode stage's sessions
-   on the arena), every component on it (``shared_arena=True``) and none (``False``); their ``health()``: the
+1. Three runtimes loaded before any request: the default (on CUDA the decode stage's sessions on the arena), every component on it (``shared_arena=True``) and none (``False``); their ``health()``: the
    components on the arena and whether the loops queue (every session on the arena: neither loop may).
 2. Each one's audio for the request (one waveform, then two, ranked) against the one without the arena: rel-L2.
 3. The default and the all-on-arena runtime driven from two threads at once, 4 requests each: every result against
@@ -37,6 +36,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--request", choices=list(REQUESTS), default="full")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--variants", action="store_true",
+                    help="also CLAP's text branch on the arena (packed and unpacked), each driven beside 'all'")
     args = ap.parse_args()
 
     from audioldm2_trt.runtime import AudioLDM2Runtime
@@ -46,9 +47,20 @@ def main() -> None:
         from benchmark import REQUEST as request
     else:
         request = REQUESTS[args.request]
+    from audioldm2_trt.runtime.backends.ort import PACKED_WEIGHTS, SHARED_ARENA_DEFAULT
+
+    with_clap = SHARED_ARENA_DEFAULT | {"clap_text"}
     options = {"default": None, "all": True, "none": False}
+    # diagnostics (run BD: with CLAP's text branch on the arena, two threads gave one runtime wrong audio): that
+    # choice with CLAP's weights packed (the default) and unpacked (ONNX Runtime's memory pattern then off for it)
+    variants = {"clap_packed": {"shared_arena": with_clap},
+                "clap_unpacked": {"shared_arena": with_clap, "packed_weights": PACKED_WEIGHTS - {"clap_text"}}}
     runtimes = {name: AudioLDM2Runtime.load(args.artifacts, device=args.device, shared_arena=option)
                 for name, option in options.items()}  # all before the first request: the arena takes them all
+    if args.variants:  # (of the components these artefacts have: every one is on the arena of 'all')
+        known = set(runtimes["all"].health()["shared_arena"])
+        runtimes.update({name: AudioLDM2Runtime.load(args.artifacts, device=args.device, **{
+            k: sorted(set(v) & known) for k, v in kwargs.items()}) for name, kwargs in variants.items()})
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request, "health": {
         name: {k: rt.health()[k] for k in ("shared_arena", "queued_steps", "lm_queued")} for name, rt in runtimes.items()}}
     try:
@@ -61,25 +73,10 @@ def main() -> None:
         result["none_against_itself"] = rel_l2(again, audio["none"]["one"])
 
         # two runtimes whose decode sessions share the arena, from two threads at once
-        seeds = (0, 2, 3, 5)
-        alone = {name: {s: runtimes[name](**request, seed=s).audios for s in seeds} for name in ("default", "all")}
-        together, errors = {"default": {}, "all": {}}, []
-
-        def drive(name):
-            try:
-                for s in seeds:
-                    together[name][s] = runtimes[name](**request, seed=s).audios
-            except Exception as err:  # reported below
-                errors.append(f"{name}: {type(err).__name__}: {err}")
-
-        threads = [threading.Thread(target=drive, args=(name,)) for name in together]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        result["two_threads"] = {"errors": errors, "worst_against_alone": {
-            name: max(rel_l2(together[name][s], alone[name][s]) for s in together[name]) if together[name] else None
-            for name in together}}
+        result["two_threads"] = two_threads(runtimes, ("default", "all"), request)
+        result["two_threads_two_waveforms"] = two_threads(runtimes, ("default", "all"), request, waveforms=2)
+        for name in variants if args.variants else ():
+            result[f"two_threads_{name}"] = two_threads(runtimes, (name, "all"), request)
 
         # after the captures
         late = AudioLDM2Runtime.load(args.artifacts, device=args.device)
@@ -104,6 +101,31 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "shared_arena_check.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+
+
+def two_threads(runtimes: dict, names: tuple, request: dict, waveforms: int = 1) -> dict:
+    """The runtimes ``names`` driven from one thread each at once, 4 requests each: errors, and each runtime's worst
+    rel-L2 against its own runs of the same requests alone."""
+    seeds = (0, 2, 3, 5)
+    call = lambda name, s: runtimes[name](**request, seed=s, num_waveforms_per_prompt=waveforms).audios  # noqa: E731
+    alone = {name: {s: call(name, s) for s in seeds} for name in names}
+    together, errors = {name: {} for name in names}, []
+
+    def drive(name):
+        try:
+            for s in seeds:
+                together[name][s] = call(name, s)
+        except Exception as err:  # reported below
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=drive, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"errors": errors, "worst_against_alone": {
+        name: max(rel_l2(together[name][s], alone[name][s]) for s in together[name]) if together[name] else None
+        for name in names}}
 
 
 if __name__ == "__main__":

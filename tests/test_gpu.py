@@ -153,7 +153,7 @@ def test_the_weights_block_gives_the_same_audio_on_cuda(tiny_artifacts):
 @needs_export
 def test_the_shared_arena_keeps_its_rules_on_cuda(tiny_artifacts, tmp_path):
     """In a process of its own (the arena is the process's, and other tests' captures would close it): the default
-    puts CLAP's text branch and the decode stage's sessions on the arena and both loops still queue; every component on it queues neither
+    puts the decode stage's sessions on the arena and both loops still queue; every component on it queues neither
     loop (a run on the arena ends before its lock is released); the audio is the one without the arena, also with
     two runtimes that share it driven from two threads; after a capture a default runtime keeps arenas of its own and
     an explicit one is refused, as is queued_steps=True with the loop on the arena."""
@@ -165,7 +165,7 @@ def test_the_shared_arena_keeps_its_rules_on_cuda(tiny_artifacts, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "shared_arena_check.json").read_text())
     health = res["health"]
-    assert set(health["default"]["shared_arena"]) == SHARED_ARENA_DEFAULT  # the tiny export has all five on CUDA
+    assert set(health["default"]["shared_arena"]) == SHARED_ARENA_DEFAULT  # the tiny export has all four on CUDA
     assert health["default"]["queued_steps"] and health["default"]["lm_queued"]
     assert {"unet", "solver_step", "gpt2", "lm_append", "vocoder"} <= set(health["all"]["shared_arena"])
     assert not health["all"]["queued_steps"] and not health["all"]["lm_queued"]
@@ -174,6 +174,8 @@ def test_the_shared_arena_keeps_its_rules_on_cuda(tiny_artifacts, tmp_path):
         assert max(calls.values()) < 1e-5, (name, calls)
     assert res["two_threads"]["errors"] == []
     assert max(res["two_threads"]["worst_against_alone"].values()) < 1e-5
+    assert res["two_threads_two_waveforms"]["errors"] == []  # the ranking's sessions (on the arena) too
+    assert max(res["two_threads_two_waveforms"]["worst_against_alone"].values()) < 1e-5
     assert res["late_default"]["shared_arena"] == [] and res["late_default"]["against_none"] < 1e-5
     assert res["refused"]["late_all"].startswith("BackendError") and "cannot join the shared arena" in \
         res["refused"]["late_all"]

@@ -43,14 +43,14 @@ def test_shared_arena_gives_the_default_runtimes_audio(tiny_artifacts, runtime):
 
 def test_the_default_shares_the_decode_stages_arena_on_cuda_only(tiny_artifacts):
     """Which sessions join the shared arena (the selection alone: this machine has no CUDA provider). On CUDA the
-    default is CLAP's text branch and the decode stage's — never a loop's, nor T5 (which runs while CLAP runs), whose steps are queued; on the CPU, none; True every component;
+    default is the decode stage's — never a loop's, nor the text stage's, whose steps are queued; on the CPU, none; True every component;
     names those; unknown names are refused by load."""
     from audioldm2_trt.runtime.artifacts import COMPONENTS as every
     from audioldm2_trt.runtime.backends.ort import LOOP_STREAMS, SHARED_ARENA_DEFAULT
 
     every = (*every, "unet_context", "solver_step", "lm_append")
-    assert SHARED_ARENA_DEFAULT == {"clap_text", "vae_decoder", "vocoder", "clap_features", "clap_audio"}
-    assert not SHARED_ARENA_DEFAULT & {*LOOP_STREAMS, "t5_encoder"}
+    assert SHARED_ARENA_DEFAULT == {"vae_decoder", "vocoder", "clap_features", "clap_audio"}
+    assert not SHARED_ARENA_DEFAULT & {*LOOP_STREAMS, "clap_text", "t5_encoder", "projection"}
     cuda = OrtSessionFactory.__new__(OrtSessionFactory)  # a CUDA factory's selection state, without CUDA
     cuda.device, cuda._default_cuda = Device.parse("cuda"), True
     assert {n for n in every if cuda._arena_selector(None)(n)} == SHARED_ARENA_DEFAULT

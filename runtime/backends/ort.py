@@ -65,17 +65,16 @@ PACKED_CONFIG = {"session.disable_prepacking": "1"}
 LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step": "denoising",
                 "gpt2": "language_model", "lm_append": "language_model"}
 # The components that share the device's ONNX Runtime arena by default (``shared_arena=None``, the default CUDA
-# provider; ``shared_arena.py``): the decode stage's, and CLAP's text branch (below). Within a request they run one after another, so sharing costs a
+# provider; ``shared_arena.py``): the decode stage's. Within a request they run one after another, so sharing costs a
 # request nothing, and the vocoder's activations fit in the blocks the VAE decoder's run freed (run N: with every
 # component on one arena the vocoder's first run grew the GPU's use by 24 MiB instead of 142). Across requests only
 # one of them runs at a time. The loops' sessions stay off it: on the arena a run must end before its lock is
 # released, so their steps could not be queued (``loop_stream``), and the UNet's turn (~115 ms a request) would hold
 # up every other component (run M: ~10 % less unbatched throughput with every component on it). CLAP's text branch
-# joins them (since run BC): it runs once per request, so ONNX Runtime captures its graph at the fourth request, and
-# that capture took 32 MiB more of its own arena (run BC: every row grew by 32 MiB at the fourth call but the one
-# with CLAP's text branch on the arena), where on the arena it fits in the decode stage's free blocks. It still runs
-# while T5 runs: T5 is not on the arena, and the arena's lock is taken by its sessions only.
-SHARED_ARENA_DEFAULT = frozenset({"clap_text", "vae_decoder", "vocoder", "clap_features", "clap_audio"})
+# stays off it: on the arena it saved nothing (run BD: 3150 MiB either way; run BC's saving needed T5 and the
+# projection on it too), and two runtimes with it there, driven from two threads, gave one of them wrong audio
+# (tests/test_gpu.py, run BD: rel-L2 0.116 against its runs alone) — not explained yet, docs/benchmarks.md.
+SHARED_ARENA_DEFAULT = frozenset({"vae_decoder", "vocoder", "clap_features", "clap_audio"})
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -445,7 +444,7 @@ class OrtSessionFactory:
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
     (``shared_arena.py``: less memory; on CUDA their runs take turns, each holding the arena's lock until its outputs
     are synchronised, so they are never queued on a loop stream; and no session may join the arena after one of its
-    graphs was captured) — None = ``SHARED_ARENA_DEFAULT`` (CLAP's text branch and the decode stage's) with the
+    graphs was captured) — None = ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the
     default CUDA provider, none elsewhere; True = every component; False = none; or a collection of names. Where the default finds the arena
     captured already (another runtime of the process has served), this factory's sessions keep arenas of their own
     (logged); a choice made explicitly raises instead.

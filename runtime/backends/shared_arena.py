@@ -1,6 +1,5 @@
 """One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``load(shared_arena=...)``: by
-default on CUDA CLAP's text branch and the decode stage's, ``backends.ort.SHARED_ARENA_DEFAULT``; ``True`` every
-component's).
+default on CUDA the decode stage's, ``backends.ort.SHARED_ARENA_DEFAULT``; ``True`` every component's).
 
 By default every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
 activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a shared
