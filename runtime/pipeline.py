@@ -148,8 +148,10 @@ class AudioLDM2Runtime:
         decode stage's (VAE decoder, vocoder, the ranking's two; ``backends.ort.SHARED_ARENA_DEFAULT``), none on the
         CPU; True = every component (its runs then never overlap, so two requests in different stages take turns,
         and the loops' steps are each waited for), to be loaded, with every runtime of the process that shares the
-        arena, before the first request; False = none; or component names. ``health()["shared_arena"]`` names the
-        components on it.
+        arena, before the first request; False = none; or component names — on CUDA only among the default's
+        (``backends.ort.SHARED_ARENA_CHECKED``: with CLAP's text branch on the arena two runtimes driven at once gave
+        wrong audio, docs/benchmarks.md; other choices are refused until checked). ``health()["shared_arena"]`` names
+        the components on it.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
         allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack,
         the ranking components and a UNet exported with ``--unet-layout nchw`` on CUDA (NHWC convolutions cannot be

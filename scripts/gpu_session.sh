@@ -36,12 +36,9 @@
 #                                          # arena each and every component on it: rules and audio, peak memory, bench
 #                                          # alternating; the full benchmark with the peers and the fp32 row, cold
 #                                          # start, validate, the load test both ways, fidelity
-#   bash scripts/gpu_session.sh all-memory-trim  # setup, fp16 export (B0's peak memory meanwhile); peak memory with the
-#                                          # text stage's sessions on the shared arena too, cuBLAS's workspace smaller,
-#                                          # the loops waited for; bench alternating those; B0 again
-#   bash scripts/gpu_session.sh all-trimmed  # setup, fp16 export (tests/test_gpu.py meanwhile); the default since run BC
-#                                          # against run BA's and each half of the change: peak memory (and B0), bench
-#                                          # alternating, the shared arena's rules
+#   bash scripts/gpu_session.sh all-trimmed  # setup, fp16 export (tests/test_gpu.py meanwhile); the 1 MiB cuBLAS
+#                                          # workspace (the default since run BD) against 4 MiB and 256 KiB: peak memory
+#                                          # (and B0), bench alternating, the shared arena's rules
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -644,42 +641,20 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
       for q in default none; do python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 \
         --skip-placement --shared-arena \$q --out /tmp/logs/load-\$q > /tmp/logs/load-\$q.log 2>&1; done; \
       $FIDELITY" ;;
-  memory-trim)  # after the fp16 export started: B0's peak memory meanwhile (the export does not use the GPU:
-                # compute-apps.log lists every process on it), then peak memory of the default against the text stage's
-                # T5 and projection (and CLAP's text branch) on the shared arena too, cuBLAS's workspace at 1 MiB and
-                # 256 KiB, both, and the loops waited for; bench alternating the default, the text arena, the 1 MiB
-                # workspace and both (2 rounds of 20 calls); B0 again on the quiet GPU
-    TEXT_ARENA=vae_decoder,vocoder,clap_features,clap_audio,t5_encoder,projection
-    nohup nvidia-smi --query-compute-apps=timestamp,pid,process_name,used_memory --format=csv -l 5 \
-      > /tmp/logs/compute-apps.log 2>&1 &
-    mkdir -p /tmp/logs/b0-during-export
-    in_background "python3 peak_memory.py --which b0 --out /tmp/logs/b0-during-export > /tmp/logs/peakmem-b0.log 2>&1; \
-      bash $SELF wait 16; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_text_arena,runtime_ws1m,\
-runtime_text_arena_ws1m,runtime_text_arena_clap,runtime_ws256k,runtime_unqueued,runtime_lm_host,b0 \
-        --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
-      for r in 1 2; do for v in default text ws1m both; do \
-        case \$v in text|both) a=$TEXT_ARENA ;; *) a=default ;; esac; \
-        case \$v in ws1m|both) w=:1024:1 ;; *) w= ;; esac; \
-        (cd /tmp && env \${w:+CUBLAS_WORKSPACE_CONFIG=\$w} python3 -m audioldm2_trt.cli bench \
-          --artifacts /tmp/art-fp16 --device cuda --runs 20 --shared-arena \$a --json /tmp/logs/bench-\$v-\$r.json \
-          > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done" ;;
-  all-memory-trim)  # setup, the fp16 export, memory-trim
-    setup_export_then 16 memory-trim ;;
-  trimmed)  # after the fp16 export started: tests/test_gpu.py meanwhile; then peak memory of the default since run BC
-            # (CLAP's text branch on the shared arena too, a 1 MiB cuBLAS workspace) against run BA's default and each
-            # half of the change, 256 KiB, and B0; bench alternating BA's default, the new one and 256 KiB (2 rounds
-            # of 20 calls); the arena's rules (shared_arena_check.py); a third bench round. Audio outside /tmp/logs.
+  trimmed)  # after the fp16 export started: tests/test_gpu.py meanwhile; then peak memory of the default (a 1 MiB
+            # cuBLAS workspace since run BD) against run BA's (4 MiB), 256 KiB, and B0; bench alternating the three
+            # (2 rounds of 20 calls); the arena's rules (shared_arena_check.py); a third bench round. (Run BD ran it
+            # at b13f832, with CLAP's text branch on the arena in the default then.) Audio outside /tmp/logs.
     mkdir -p /tmp/audio
     in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
         > /tmp/logs/pytest-gpu.log 2>&1); \
       bash $SELF wait 16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --audio-dir /tmp/audio \
-        --which runtime,runtime_before,runtime_ws256k,runtime_clap_own_arena,runtime_ws4m,b0 \
+        --which runtime,runtime_ws4m,runtime_ws256k,b0 \
         --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
       for r in 1 2 3; do [ \$r = 3 ] && python3 shared_arena_check.py --artifacts /tmp/art-fp16 --out /tmp/logs \
         > /tmp/logs/arenacheck.log 2>&1; for v in before new ws256k; do \
-        case \$v in before) a=vae_decoder,vocoder w=:4096:1 ;; new) a=default w= ;; ws256k) a=default w=:256:1 ;; esac; \
+        case \$v in before) a=default w=:4096:1 ;; new) a=default w= ;; ws256k) a=default w=:256:1 ;; esac; \
         (cd /tmp && env \${w:+CUBLAS_WORKSPACE_CONFIG=\$w} python3 -m audioldm2_trt.cli bench \
           --artifacts /tmp/art-fp16 --device cuda --runs 20 --shared-arena \$a --json /tmp/logs/bench-\$v-\$r.json \
           > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done" ;;

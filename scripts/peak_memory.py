@@ -29,11 +29,6 @@ from pathlib import Path
 from benchmark import REQUEST
 from gpu_memory import GpuMemory
 
-from audioldm2_trt.runtime.backends.ort import SHARED_ARENA_DEFAULT
-
-TEXT_ARENA = SHARED_ARENA_DEFAULT | {"t5_encoder", "projection"}
-BEFORE_ARENA = SHARED_ARENA_DEFAULT - {"clap_text"}  # the default until run BC
-
 # runtime rows: name → child_runtime arguments. runtime_unpacked: each weight in an allocation of its own (the default
 # until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet);
 # runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
@@ -45,14 +40,9 @@ ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared
         "runtime_shared_packed_all": {"shared_arena": True, "packed_weights": True},
         "runtime_no_block": {"weights_block": False},
         "runtime_no_shared": {"shared_arena": False},  # one arena per session (the default before the decode stage's)
-        # run BA's default (the decode stage's sessions on the arena, a 4 MiB cuBLAS workspace), and each half of
-        # the change since (run BC): CLAP's text branch on the arena too, cuBLAS's workspace 1 MiB
-        "runtime_before": {"shared_arena": BEFORE_ARENA, "cublas_workspace_kib": 4096},
-        "runtime_clap_own_arena": {"shared_arena": BEFORE_ARENA},
+        # cuBLAS's workspace per handle (KiB; the default 1024 since run BD): run BA's default, and 256
         "runtime_ws4m": {"cublas_workspace_kib": 4096},
         "runtime_ws256k": {"cublas_workspace_kib": 256},
-        # T5 and the projection on the arena too (then CLAP's text branch and T5 take turns)
-        "runtime_text_arena": {"shared_arena": TEXT_ARENA},
         # the loops each waited for: where the warm calls' growth comes from
         "runtime_unqueued": {"queued_steps": False},
         "runtime_lm_host": {"lm_loop": False},

@@ -156,7 +156,8 @@ def test_the_shared_arena_keeps_its_rules_on_cuda(tiny_artifacts, tmp_path):
     puts the decode stage's sessions on the arena and both loops still queue; every component on it queues neither
     loop (a run on the arena ends before its lock is released); the audio is the one without the arena, also with
     two runtimes that share it driven from two threads; after a capture a default runtime keeps arenas of its own and
-    an explicit one is refused, as is queued_steps=True with the loop on the arena."""
+    an explicit one is refused, as is queued_steps=True with the loop on the arena, and CLAP's text branch on it
+    (two threads gave wrong audio there, run BD)."""
     from audioldm2_trt.runtime.backends.ort import SHARED_ARENA_DEFAULT
 
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shared_arena_check.py"), "--artifacts",
@@ -180,3 +181,4 @@ def test_the_shared_arena_keeps_its_rules_on_cuda(tiny_artifacts, tmp_path):
     assert res["refused"]["late_all"].startswith("BackendError") and "cannot join the shared arena" in \
         res["refused"]["late_all"]
     assert res["refused"]["queued_on_arena"].startswith("InvalidRequestError: queued_steps")
+    assert res["refused"]["clap_text_on_arena"].startswith("InvalidRequestError: shared_arena ['clap_text']")

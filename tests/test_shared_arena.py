@@ -8,6 +8,7 @@ of it was captured), and what it does not apply to is refused by name.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -61,6 +62,23 @@ def test_the_default_shares_the_decode_stages_arena_on_cuda_only(tiny_artifacts)
     assert cpu.arena is None and not any(cpu.on_shared_arena(n) for n in every)
     with pytest.raises(InvalidRequestError, match=r"shared_arena names unknown components \['vocodr'\]"):
         AudioLDM2Runtime.load(tiny_artifacts, shared_arena=["vocodr"])
+
+
+def test_on_cuda_only_checked_components_may_be_named_for_the_arena():
+    """On CUDA, names for the shared arena outside SHARED_ARENA_CHECKED are refused before any session (CLAP's text
+    branch there gave wrong audio from two threads, runs BD-BE); None, True, False and the default's names pass; the
+    CPU takes any names (its runs are synchronous, nothing to check)."""
+    from audioldm2_trt.runtime.backends.ort import SHARED_ARENA_CHECKED, SHARED_ARENA_DEFAULT
+
+    check, cuda = OrtSessionFactory.check_shared_arena_choice, Device.parse("cuda")
+    assert SHARED_ARENA_CHECKED == SHARED_ARENA_DEFAULT
+    for fine in (None, True, False, SHARED_ARENA_DEFAULT, ["vocoder"], "vae_decoder"):
+        check(cuda, fine)
+    for bad, named in ((SHARED_ARENA_DEFAULT | {"clap_text"}, "['clap_text']"), ("t5_encoder", "['t5_encoder']"),
+                       (["unet", "gpt2", "vocoder"], "['gpt2', 'unet']")):
+        with pytest.raises(InvalidRequestError, match=re.escape(f"shared_arena {named}: on CUDA only the decode stage's")):
+            check(cuda, bad)
+    check(Device.parse("cpu"), ["clap_text", "t5_encoder"])
 
 
 def test_a_session_on_the_arena_never_queues_its_runs(tiny_artifacts, monkeypatch):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, InvalidRequestError
 from .base import Device
 from .capture_guard import CUDA_CAPTURE_GUARD
 from .cuda_driver import CudaStream, caller_context_kept, cuda_device_count
@@ -35,8 +35,8 @@ GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 # cuBLAS's workspace per handle, in KiB (CUBLAS_WORKSPACE_CONFIG=:1024:1, one 1 MiB buffer). cuBLAS's own default
 # on the H100 cost about 120 MiB per ONNX Runtime session (half at creation, half on the first run; the UNet about
 # 240): 5007 → 3863 MiB for the fp16 runtime after its first call with 4 MiB, with no slowdown measured
-# (cold_start.py, docs/benchmarks.md, runs I and J). 1 MiB (since run BC): 66 MiB less again over the runtime's
-# sessions, at the same speed (bench 143.8–143.9 against 143.5–144.2 ms) and audio; 256 KiB saved 16 MiB more.
+# (cold_start.py, docs/benchmarks.md, runs I and J). 1 MiB (since runs BC–BD): 66 MiB less again over the runtime's
+# sessions, at the same speed and audio; 256 KiB saved 18 MiB more (docs/benchmarks.md).
 CUBLAS_WORKSPACE_KIB = 1024
 DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
 _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
@@ -73,8 +73,14 @@ LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step":
 # up every other component (run M: ~10 % less unbatched throughput with every component on it). CLAP's text branch
 # stays off it: on the arena it saved nothing (run BD: 3150 MiB either way; run BC's saving needed T5 and the
 # projection on it too), and two runtimes with it there, driven from two threads, gave one of them wrong audio
-# (tests/test_gpu.py, run BD: rel-L2 0.116 against its runs alone) — not explained yet, docs/benchmarks.md.
+# (tests/test_gpu.py, run BD: rel-L2 0.116 against its runs alone; 0.09–0.14 in run BE, its weights packed or not) —
+# not explained yet (docs/benchmarks.md); load refuses that choice (``SHARED_ARENA_CHECKED``).
 SHARED_ARENA_DEFAULT = frozenset({"vae_decoder", "vocoder", "clap_features", "clap_audio"})
+# On CUDA a choice of names must stay within these. The sets whose runs were checked from two threads at once against
+# their runs alone (scripts/shared_arena_check.py) are the default and every component (True); the default's subsets
+# are allowed without a check of their own. The one other set checked, the default with CLAP's text branch, gave
+# wrong audio (runs BD–BE, packed weights or not).
+SHARED_ARENA_CHECKED = SHARED_ARENA_DEFAULT
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -537,6 +543,7 @@ class OrtSessionFactory:
         self.bind = self.device.kind == "cuda" if bind is None else bind
         if shared_arena not in (None, False) and custom:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
+        self.check_shared_arena_choice(self.device, shared_arena)
         self._arena_chosen = shared_arena is not None  # an explicit choice: joining a captured arena is an error
         self._on_arena = self._arena_selector(shared_arena)
         self.arena = _shared_arena(ort, self.device) if shared_arena is not False and (
@@ -593,6 +600,21 @@ class OrtSessionFactory:
             raise BackendError(f"packed_weights {refused}: their NHWC convolutions (NhwcConv, or prefer_nhwc) need "
                                "ONNX Runtime's prepacking, which packed weights turn off; leave them out")
         return lambda name: name in chosen
+
+    @staticmethod
+    def check_shared_arena_choice(device: Device, shared_arena) -> None:
+        """Refuse, on CUDA, component names for the shared arena outside ``SHARED_ARENA_CHECKED`` (None, True and
+        False are always allowed): two requests running at once could corrupt each other's audio there."""
+        if device.kind != "cuda" or shared_arena in (None, True, False):
+            return
+        names = {shared_arena} if isinstance(shared_arena, str) else set(shared_arena)
+        unchecked = sorted(names - SHARED_ARENA_CHECKED)
+        if unchecked:
+            raise InvalidRequestError(
+                f"shared_arena {unchecked}: on CUDA only the decode stage's components "
+                f"({', '.join(sorted(SHARED_ARENA_CHECKED))}) or every component (True) may share the arena; with "
+                "CLAP's text branch on it, two runtimes driven at once gave wrong audio (docs/benchmarks.md, runs "
+                "BD-BE), and other choices are not checked")
 
     def _arena_selector(self, shared_arena):
         """component name → whether its session is on the shared arena (see ``shared_arena`` above)."""
