@@ -179,9 +179,9 @@ def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                         metavar="default|all|none|NAME,NAME...",
                         help="which components share one ONNX Runtime memory arena on CUDA: default (the decode "
-                             "stage's), all (the flag alone: least GPU memory, every "
-                             "component's runs take turns), none (one arena each), or component names, "
-                             "comma-separated")
+                             "stage's), all (the flag alone: least GPU memory, every component's runs take turns), "
+                             "none (one arena each), or component names, comma-separated (on CUDA only the "
+                             "default's)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 # on the H100 cost about 120 MiB per ONNX Runtime session (half at creation, half on the first run; the UNet about
 # 240): 5007 → 3863 MiB for the fp16 runtime after its first call with 4 MiB, with no slowdown measured
 # (cold_start.py, docs/benchmarks.md, runs I and J). 1 MiB (since runs BC–BD): 66 MiB less again over the runtime's
-# sessions, at the same speed and audio; 256 KiB saved 18 MiB more (docs/benchmarks.md).
+# sessions, at the same speed and audio; 256 KiB saved 16–18 MiB more (docs/benchmarks.md).
 CUBLAS_WORKSPACE_KIB = 1024
 DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
 _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
@@ -450,10 +450,11 @@ class OrtSessionFactory:
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
     (``shared_arena.py``: less memory; on CUDA their runs take turns, each holding the arena's lock until its outputs
     are synchronised, so they are never queued on a loop stream; and no session may join the arena after one of its
-    graphs was captured) — None = ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the
-    default CUDA provider, none elsewhere; True = every component; False = none; or a collection of names. Where the default finds the arena
-    captured already (another runtime of the process has served), this factory's sessions keep arenas of their own
-    (logged); a choice made explicitly raises instead.
+    graphs was captured) — None = ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the default CUDA provider, none
+    elsewhere; True = every component; False = none; or a collection of names (on CUDA only among
+    ``SHARED_ARENA_CHECKED``'s: ``check_shared_arena_choice``). Where the default finds the arena captured already
+    (another runtime of the process has served), this factory's sessions keep arenas of their own (logged); a choice
+    made explicitly raises instead.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
     as one block) — None = off on CUDA, on on the CPU. Off, activations are allocated tensor by tensor, and the
     arena reuses the blocks a run freed within that run: on the H100 the fp16 runtime's first call grew by 450 MiB
