@@ -4,13 +4,15 @@ runtime loaded after a capture gets.
 
     python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--device cuda] [--request tiny|full] [--out DIR]
 
-1. Three runtimes loaded before any request: the default (on CUDA the decode stage's sessions on the arena), every
-   component on it (``shared_arena=True``) and none (``False``); their ``health()``: the components on the arena and
-   whether the loops queue (every session on the arena: neither loop may).
+1. Four runtimes loaded before any request: two with the default (on CUDA the decode stage's sessions on the
+   arena), one with every component on it (``shared_arena=True``) and one with none (``False``); their ``health()``:
+   the components on the arena and whether the loops queue (every session on the arena: neither loop may).
 2. Each one's audio for the request (one waveform, then two, ranked) against the one without the arena: rel-L2.
 3. The default and the all-on-arena runtime driven from two threads at once, 4 requests each, one waveform and then
    two (the ranking's sessions): every result against that runtime's own run alone (their decode sessions take the
-   arena's lock in turns). Run BD did the same with CLAP's text branch on the arena too: wrong audio (rel-L2 0.09-0.14).
+   arena's lock in turns). Then two default runtimes the same way: one's sessions on the arena then run while the
+   other's off it do (the default and the all-on-arena pair never overlap so, as every run of the latter takes the
+   lock). Run BD did the same with CLAP's text branch on the arena too: wrong audio (rel-L2 0.09-0.14).
 4. After those captures: a runtime loaded with the default keeps arenas of its own (the arena takes no session
    after a capture), one loaded with ``shared_arena=True`` is refused, and so are ``queued_steps=True`` with the loop
    on the arena and CLAP's text branch with the decode stage's sessions (names outside ``SHARED_ARENA_CHECKED``).
@@ -49,7 +51,9 @@ def main() -> None:
         request = REQUESTS[args.request]
     from audioldm2_trt.runtime.backends.ort import SHARED_ARENA_DEFAULT
 
-    options = {"default": None, "all": True, "none": False}
+    # default_b: a second default runtime, so that one's decode stage (on the arena) runs while the other's UNet or
+    # text stage (off it) runs — the overlap that the default+all pair never has (every run of 'all' takes the lock)
+    options = {"default": None, "all": True, "none": False, "default_b": None}
     runtimes = {name: AudioLDM2Runtime.load(args.artifacts, device=args.device, shared_arena=option)
                 for name, option in options.items()}  # all before the first request: the arena takes them all
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request, "health": {
@@ -66,6 +70,9 @@ def main() -> None:
         # two runtimes whose decode sessions share the arena, from two threads at once
         result["two_threads"] = two_threads(runtimes, ("default", "all"), request)
         result["two_threads_two_waveforms"] = two_threads(runtimes, ("default", "all"), request, waveforms=2)
+        result["two_default_runtimes"] = two_threads(runtimes, ("default", "default_b"), request)
+        result["two_default_runtimes_two_waveforms"] = two_threads(runtimes, ("default", "default_b"), request,
+                                                                   waveforms=2)
 
         # after the captures
         late = AudioLDM2Runtime.load(args.artifacts, device=args.device)
@@ -74,11 +81,11 @@ def main() -> None:
                                       "against_none": rel_l2(late(**request, seed=0).audios, audio["none"]["one"])}
         finally:
             late.close()
-        refused = {}
+        refused, known = {}, set(runtimes["all"].health()["shared_arena"])  # every component of these artefacts
         # CLAP's text branch with the decode stage (run BD: wrong audio from two threads, packed or not) is refused
         for label, kwargs in (("late_all", {"shared_arena": True}),
                               ("queued_on_arena", {"shared_arena": True, "queued_steps": True}),
-                              ("clap_text_on_arena", {"shared_arena": sorted(SHARED_ARENA_DEFAULT | {"clap_text"})})):
+                              ("clap_text_on_arena", {"shared_arena": sorted((SHARED_ARENA_DEFAULT | {"clap_text"}) & known)})):
             try:
                 AudioLDM2Runtime.load(args.artifacts, device=args.device, **kwargs).close()
                 refused[label] = None

@@ -177,6 +177,8 @@ def test_the_shared_arena_keeps_its_rules_on_cuda(tiny_artifacts, tmp_path):
     assert max(res["two_threads"]["worst_against_alone"].values()) < 1e-5
     assert res["two_threads_two_waveforms"]["errors"] == []  # the ranking's sessions (on the arena) too
     assert max(res["two_threads_two_waveforms"]["worst_against_alone"].values()) < 1e-5
+    for pair in ("two_default_runtimes", "two_default_runtimes_two_waveforms"):  # on and off the arena at once
+        assert res[pair]["errors"] == [] and max(res[pair]["worst_against_alone"].values()) < 1e-5, (pair, res[pair])
     assert res["late_default"]["shared_arena"] == [] and res["late_default"]["against_none"] < 1e-5
     assert res["refused"]["late_all"].startswith("BackendError") and "cannot join the shared arena" in \
         res["refused"]["late_all"]
