@@ -60,6 +60,8 @@ def test_the_default_shares_the_decode_stages_arena_on_cuda_only(tiny_artifacts)
     assert {n for n in every if cuda._arena_selector(["vocoder", "unet"])(n)} == {"vocoder", "unet"}
     cpu = OrtSessionFactory("cpu")
     assert cpu.arena is None and not any(cpu.on_shared_arena(n) for n in every)
+    one = OrtSessionFactory("cpu", shared_arena="vocoder")  # one name as a string, as load takes it
+    assert {n for n in every if one.on_shared_arena(n)} == {"vocoder"}
     with pytest.raises(InvalidRequestError, match=r"shared_arena names unknown components \['vocodr'\]"):
         AudioLDM2Runtime.load(tiny_artifacts, shared_arena=["vocodr"])
 

@@ -544,6 +544,8 @@ class OrtSessionFactory:
         self.bind = self.device.kind == "cuda" if bind is None else bind
         if shared_arena not in (None, False) and custom:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
+        if isinstance(shared_arena, str):  # one component's name, as load takes it
+            shared_arena = (shared_arena,)
         self.check_shared_arena_choice(self.device, shared_arena)
         self._arena_chosen = shared_arena is not None  # an explicit choice: joining a captured arena is an error
         self._on_arena = self._arena_selector(shared_arena)
