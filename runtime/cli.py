@@ -60,6 +60,9 @@ def add_commands(sub) -> None:
                    help="the NhwcConv components' weights (UNet, VAE decoder) in one device allocation of the "
                         "runtime's own (on: the default on CUDA) or one allocation per weight, ONNX Runtime's (off)")
     _shared_arena_argument(b)
+    b.add_argument("--uncaptured", type=_names, default=None, metavar="NAME,NAME...",
+                   help="sessions run without a CUDA graph, comma-separated (the others captured; default: every "
+                        "session captured where ONNX Runtime accepts it)")
     b.add_argument("--provider-options", type=_json_object, default=None, metavar="JSON",
                    help='extra CUDA provider options per component over the defaults, e.g. '
                         '\'{"vocoder": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}\' (backend ort, CUDA)')
@@ -163,16 +166,24 @@ def _json_object(text: str) -> dict:
 SHARED_ARENA_CHOICES = {"default": None, "all": True, "none": False}
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated component names (checked by ``load``, which names any it does not know)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected component names, comma-separated, got {text!r}")
+    return names
+
+
 def shared_arena_value(text: str):
     """--shared-arena's value → load(shared_arena=...): one of SHARED_ARENA_CHOICES' words, or comma-separated
     component names (checked by ``load``, which names any it does not know)."""
     if text in SHARED_ARENA_CHOICES:
         return SHARED_ARENA_CHOICES[text]
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
+    try:
+        return _names(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected {', '.join(SHARED_ARENA_CHOICES)} or component names, "
-                                         f"got {text!r}")
-    return names
+                                         f"got {text!r}") from None
 
 
 def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
@@ -199,6 +210,10 @@ def run_bench(args: argparse.Namespace) -> int:
         options["provider_options"] = args.provider_options
     if args.shared_arena is not None:
         options["shared_arena"] = args.shared_arena
+    if args.uncaptured is not None:
+        from .pipeline import captured_except
+
+        options["cuda_graphs"] = captured_except(args.uncaptured)
     result = bench(args.artifacts, args.device, args.runs, request, backend=args.backend, **options)
     print(report(result))
     if args.json:

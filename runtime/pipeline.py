@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifacts import RANKING_COMPONENTS, Artifacts, load_artifacts
+from .artifacts import COMPONENTS, RANKING_COMPONENTS, Artifacts, load_artifacts
 from .audio import ClapFeatures
 from .backends.base import Device, queued_together
 from .backends.ort import (CUBLAS_WORKSPACE_KIB, DEFAULT_MAX_GRAPHS, OrtSessionFactory, default_tf32,
@@ -37,6 +37,8 @@ UNET_CONTEXT = "unet_context"  # the session of the UNet's context graph (export
 SOLVER_STEP_GRAPH = Path(__file__).resolve().parent / "graphs" / "solver_step.onnx"  # export/solver_graph.py
 LM_APPEND_GRAPH = Path(__file__).resolve().parent / "graphs" / "lm_append.onnx"  # export/lm_append_graph.py
 StepCallback = Callable[[int, int], None]  # (step index, number of steps)
+# Every session a runtime may open: the components, the UNet's context graph, and the two loops' small graphs
+SESSION_NAMES = (*COMPONENTS, UNET_CONTEXT, "solver_step", "lm_append")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ def _component_names(option: str, value, known: set):
     if unknown:
         raise InvalidRequestError(f"{option} names unknown components {unknown}; components: {sorted(known)}")
     return names
+
+
+def captured_except(uncaptured) -> tuple[str, ...]:
+    """A ``cuda_graphs`` choice for ``load``: every session in ``SESSION_NAMES`` captured but ``uncaptured`` (one
+    name, or names), which run without a CUDA graph."""
+    left_out = set(_component_names("uncaptured", uncaptured, set(SESSION_NAMES)) or ())
+    return tuple(n for n in SESSION_NAMES if n not in left_out)
 
 
 class AudioLDM2Runtime:
@@ -119,7 +128,8 @@ class AudioLDM2Runtime:
         cuda_graphs (CUDA only): capture one CUDA graph per component and input shape — "auto" (each
         component whose graph ONNX Runtime accepts; the others run without one, with a warning, and
         ``health()`` names them), True (all, a refusal is an error), False, or the component names to
-        capture; max_graphs: shapes captured per component (later ones run uncaptured).
+        capture (``SESSION_NAMES``; ``captured_except`` names the others); max_graphs: shapes captured per component
+        (later ones run uncaptured).
         tf32 (CUDA only): TF32 tensor cores for the fp32 parts; None = on for fp16 artefacts, off for fp32 ones.
         provider_options (default CUDA provider only): extra CUDA provider options per component, e.g.
         ``{"unet": {"sdpa_kernel": 0}}`` (ORT's own attention kernel choice), over the defaults in
@@ -170,6 +180,8 @@ class AudioLDM2Runtime:
         dev = Device.parse(device)
         if backend != "ort" and dev.kind != "cuda":
             raise InvalidRequestError(f"backend {backend!r} runs on CUDA only; got device {device!r}")
+        if cuda_graphs != "auto":  # names outside SESSION_NAMES are an error, not sessions silently uncaptured
+            cuda_graphs = _component_names("cuda_graphs", cuda_graphs, set(SESSION_NAMES))
         art.check_device(dev.kind)
         if provider_options and (backend != "ort" or dev.kind != "cuda" or providers is not None):
             raise InvalidRequestError("provider_options apply to backend 'ort' with the default CUDA provider; "

@@ -39,6 +39,10 @@
 #   bash scripts/gpu_session.sh all-trimmed  # setup, fp16 export (tests/test_gpu.py meanwhile); the 1 MiB cuBLAS
 #                                          # workspace (the default since run BD) against 4 MiB and 256 KiB: peak memory
 #                                          # (and B0), bench alternating, the shared arena's rules
+#   bash scripts/gpu_session.sh all-textgraphs  # setup, fp16 and fp32 exports (tests/test_gpu.py meanwhile); the
+#                                          # once-per-request text sessions without CUDA graphs against the default:
+#                                          # peak memory (and B0), bench alternating; validate, cold start, the full
+#                                          # benchmark with the peers and the fp32 row, fidelity
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -660,6 +664,31 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
           > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done" ;;
   all-trimmed)  # setup, the fp16 export, trimmed
     setup_export_then 16 trimmed ;;
+  textgraphs)  # after the fp16 and fp32 exports started: tests/test_gpu.py meanwhile (two default runtimes at once
+               # among its checks); then peak memory with the once-per-request text sessions run without CUDA graphs
+               # (all three, T5 alone, CLAP's text branch and the projection; all three with a 256 KiB cuBLAS
+               # workspace) against the default and B0; bench alternating the default, the three uncaptured, and CLAP
+               # + projection uncaptured (3 rounds of 20 calls); validate; cold start; the full benchmark with the
+               # peers and the fp32 row; fidelity. Audio outside /tmp/logs.
+    mkdir -p /tmp/audio
+    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --audio-dir /tmp/audio --which runtime,runtime_text_uncaptured,\
+runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256k,b0 \
+        --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      for r in 1 2 3; do for v in default text clapproj; do \
+        case \$v in default) u= ;; text) u=clap_text,t5_encoder,projection ;; clapproj) u=clap_text,projection ;; esac; \
+        (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
+          \${u:+--uncaptured \$u} --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
+      $VALIDATE16; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs \
+        > /tmp/logs/cold.log 2>&1; \
+      bash $SELF wait 32; \
+      $BENCH_WITH_PEERS; \
+      $FIDELITY" ;;
+  all-textgraphs)  # setup, the fp16 and fp32 exports, textgraphs
+    setup_export_then "16 32" textgraphs ;;
   all-decode-arena)  # setup, the fp16 and fp32 exports, decode-arena
     setup_export_then "16 32" decode-arena ;;
   all-decode-arena-fp32)  # with ~8 minutes of device time: setup, the fp32 export (~100 s), then `bench` on it

@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 
 from benchmark import REQUEST
+
+from audioldm2_trt.runtime.pipeline import captured_except
+
+TEXT_SESSIONS = ("clap_text", "t5_encoder", "projection")  # those that run once per request
 from gpu_memory import GpuMemory
 
 # runtime rows: name → child_runtime arguments. runtime_unpacked: each weight in an allocation of its own (the default
@@ -46,6 +50,12 @@ ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared
         # the loops each waited for: where the warm calls' growth comes from
         "runtime_unqueued": {"queued_steps": False},
         "runtime_lm_host": {"lm_loop": False},
+        # sessions run without CUDA graphs: where the +32 MiB at the fourth request comes from (the once-per-request
+        # text sessions' captures, runs BC-BD), and with cuBLAS's 256 KiB workspace beside it
+        "runtime_text_uncaptured": {"cuda_graphs": captured_except(TEXT_SESSIONS)},
+        "runtime_t5_uncaptured": {"cuda_graphs": captured_except("t5_encoder")},
+        "runtime_clap_proj_uncaptured": {"cuda_graphs": captured_except(("clap_text", "projection"))},
+        "runtime_text_uncaptured_ws256k": {"cuda_graphs": captured_except(TEXT_SESSIONS), "cublas_workspace_kib": 256},
         "b0": None}
 
 

@@ -144,3 +144,15 @@ def test_bench_bad_runs_is_refused_before_loading(tmp_path, runs):
                         "--runs", runs], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"audioldm2-trt bench: error: runs must be an integer ≥ 1, got {runs}"
+
+
+def test_bench_uncaptured_takes_session_names(tiny_artifacts, capsys):
+    """``--uncaptured`` names sessions to run without a CUDA graph; a name that is no session is refused, naming it,
+    before any run. (On the CPU nothing is captured either way: this checks the option's path, not capture.)"""
+    from audioldm2_trt.cli import main
+
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "1", "--steps", "2", "--seconds", "1.0",
+                 "--uncaptured", "t5_encoder,nonsense"]) == 2
+    assert "uncaptured names unknown components ['nonsense']" in capsys.readouterr().err
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "1", "--steps", "2", "--seconds", "1.0",
+                 "--uncaptured", "clap_text,t5_encoder,projection"]) == 0

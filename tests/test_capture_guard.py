@@ -20,6 +20,8 @@ from audioldm2_trt.runtime.backends import ort as ort_backend
 from audioldm2_trt.runtime.backends.base import Device
 from audioldm2_trt.runtime.backends.capture_guard import CaptureGuard
 
+from .conftest import needs_export
+
 
 def _overlaps(guard: CaptureGuard, kinds: list[str], hold_s: float = 0.2) -> list[tuple[str, int]]:
     """Start one thread per kind ('shared' / 'exclusive'); return (kind, holders at entry) per entry."""
@@ -191,3 +193,37 @@ def test_a_cuda_factory_makes_each_session_under_the_guard(tiny_artifacts, monke
     with pytest.raises(ort_backend.BackendError):
         cpu.create("vocoder", tiny_artifacts / "vocoder.onnx")
     assert held == [1, 0]  # a CPU factory takes no guard
+
+
+def test_one_component_named_for_cuda_graphs_is_that_component():
+    """``cuda_graphs="unet"`` selects the UNet, not the letters of its name (as ``shared_arena`` reads one name)."""
+    chosen = ort_backend._graph_selector("unet")
+    assert chosen("unet") and not chosen("u") and not chosen("vocoder")
+    assert all(ort_backend._graph_selector("auto")(n) for n in ("unet", "vocoder"))
+
+
+@needs_export
+def test_cuda_graphs_names_are_checked_and_captured_except_covers_every_session(tiny_artifacts):
+    """``load(cuda_graphs=[...])`` refuses a name that is no session (a misspelt one would otherwise run uncaptured
+    without a word), and ``captured_except`` leaves out exactly the names given, out of ``SESSION_NAMES``, which holds
+    every session a runtime opens (the device loop's two small graphs too)."""
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+    from audioldm2_trt.runtime.errors import InvalidRequestError
+    from audioldm2_trt.runtime.pipeline import SESSION_NAMES, captured_except
+
+    with pytest.raises(InvalidRequestError, match=r"cuda_graphs names unknown components \['unte'\]"):
+        AudioLDM2Runtime.load(tiny_artifacts, cuda_graphs=["unte", "vocoder"])
+    with pytest.raises(InvalidRequestError, match=r"uncaptured names unknown components \['t5'\]"):
+        captured_except(("t5", "projection"))
+    text = ("clap_text", "t5_encoder", "projection")
+    kept = captured_except(text)
+    assert not set(kept) & set(text) and set(kept) | set(text) == set(SESSION_NAMES)
+    assert captured_except("t5_encoder") == tuple(n for n in SESSION_NAMES if n != "t5_encoder")
+    rt = AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True, cuda_graphs=kept)
+    try:
+        health = rt.health()
+    finally:
+        rt.close()
+    assert health["device_loop"] and health["lm_loop"]  # the solver step's and GPT-2's append graph's sessions
+    opened = {*health["components"], "solver_step", "lm_append"}
+    assert {"unet", "clap_audio"} <= opened <= set(SESSION_NAMES)

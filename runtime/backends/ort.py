@@ -890,7 +890,7 @@ def _graph_selector(cuda_graphs):
         return lambda name: True
     if not cuda_graphs:
         return lambda name: False
-    chosen = frozenset(cuda_graphs)
+    chosen = frozenset((cuda_graphs,) if isinstance(cuda_graphs, str) else cuda_graphs)  # one name, or names
     return lambda name: name in chosen
 
 
