@@ -124,12 +124,12 @@ def test_a_cuda_session_reads_its_weights_from_the_block(tmp_path):
         x = np.random.default_rng(1).standard_normal((4, 512)).astype(np.float32)
         np.testing.assert_allclose(session.run({"x": x})["y"], x @ weight, rtol=1e-4, atol=1e-4)
         doubled = (2 * weight).astype(np.float32)
-        block._device.copy_in(0, doubled.ctypes.data, doubled.nbytes)
+        block._memory.device.copy_in(0, doubled.ctypes.data, doubled.nbytes)
         np.testing.assert_allclose(session.run({"x": x})["y"], x @ doubled, rtol=1e-4, atol=1e-4)
         assert isinstance(block.values["w"], ort.OrtValue) and block.values["w"].device_name() == "cuda"
     finally:
         session.close()
-    assert block._device.address is None  # freed with the session
+    assert block._memory.device is None  # freed with the session
 
 
 @needs_cuda

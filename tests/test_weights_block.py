@@ -88,6 +88,40 @@ def test_block_lays_the_weights_out_aligned_and_session_gives_the_same_output(ti
 
 
 @needs_export
+def test_block_memory_outlives_close_while_onnx_runtime_holds_its_weights(tiny_artifacts):
+    """The DLPack structures and the block's memory stay until ONNX Runtime releases the last tensor over them (the
+    DLPack deleter), not merely until ``close``: an I/O binding kept elsewhere keeps the session, and with it the
+    weights, alive after the runtime closed it. (Run BF: freed on ``close``, ONNX Runtime later read a freed
+    structure — "A dlpack structure must have a deleter" — and the process aborted.) Once the session goes, the
+    memory goes, and no structure is left behind."""
+    import gc
+
+    import onnxruntime as ort
+
+    from audioldm2_trt.runtime.backends import weights_block as wb
+
+    path = tiny_artifacts / "vae_decoder.onnx"
+    before = set(wb._LIVE)
+    block = WeightsBlock(path, ort)
+    memory = block._memory
+    assert len(set(wb._LIVE) - before) == len(block.values) > 0
+    opts = ort.SessionOptions()
+    block.add_to(opts)
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {"latents": np.random.default_rng(0).standard_normal((1, 8, 32, 16)).astype(np.float32)}
+    assert np.isfinite(session.run(None, feeds)[0]).all()  # the weights in use
+    binding = session.io_binding()  # holds the ONNX Runtime session
+    block.close()
+    del session, opts
+    gc.collect()
+    assert block.values == {} and memory.host is not None  # ONNX Runtime still holds the weights
+    assert set(wb._LIVE) - before
+    del binding
+    gc.collect()
+    assert memory.host is None and set(wb._LIVE) == before  # released by ONNX Runtime's deleter calls
+
+
+@needs_export
 def test_runtime_with_weights_blocks_gives_the_same_audio(tiny_artifacts):
     audio, blocks = {}, {}
     for option in (False, True):

@@ -16,9 +16,10 @@ supplied initializer") and loads itself; its few bytes in the block go unused. M
 docs/benchmarks.md): the fused fp16 UNet's and VAE decoder's blocks (653 + 63 MiB) take 150 MiB less than their
 allocations per weight, at the same speed and audio; loading takes ~0.35 s longer.
 
-Lifetime: ONNX Runtime holds raw pointers into the block for as long as the session lives; ``WeightsBlock.close``
-must come after the session is gone (``OrtSession.close`` does that), and the block is otherwise kept alive by the
-session object (``attach``).
+Lifetime: ONNX Runtime holds tensors over the block for as long as the session lives, which can be longer than the
+runtime's ``OrtSession`` (an I/O binding held elsewhere keeps it). Each tensor's DLPack structure stays alive until
+ONNX Runtime calls its deleter, and the block's memory until the last such call after ``WeightsBlock.close``
+(``OrtSession.close`` closes it after the session; the session object keeps it otherwise, ``attach``).
 
 Not for components whose convolutions ``prefer_nhwc`` moves to NHWC (the vocoder): prepacking copies those weights
 into a transposed allocation of ONNX Runtime's own, and the block would hold a second copy that nothing reads.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,32 +169,97 @@ class _DLManagedTensor(ctypes.Structure):
     pass
 
 
-_DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
+# The deleter takes the DLManagedTensor's address as a plain integer (no ctypes pointer object is built in the call)
+_DELETER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _DELETER)]
-_NO_DELETE = _DELETER(lambda tensor: None)  # the block frees the memory, not ONNX Runtime
 _CAPSULE_NAME = b"dltensor"
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
 _capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 _DL_CPU, _DL_CUDA = 1, 2
 
+# DLPack's contract: the producer keeps a DLManagedTensor (and the memory it describes) until the consumer calls its
+# deleter. ONNX Runtime calls it when the last reference to the tensor goes — when the session that took the value
+# as an initializer is destroyed, which can be after the runtime closed its ``OrtSession`` (an I/O binding held
+# elsewhere keeps the session alive). So the structures live here, keyed by address, until that call, and the
+# block's memory until its last tensor's call (run BF: freeing them on ``close`` instead let ONNX Runtime read a
+# freed structure — "A dlpack structure must have a deleter", the process aborted).
+_LIVE: dict[int, tuple] = {}  # address → (DLManagedTensor, its shape array, the _Memory it points into)
+_LIVE_LOCK = threading.Lock()
 
-def _ortvalue(ort, address: int, init: Initializer, cuda_index: int | None, keep: list):
-    """An ``onnxruntime.OrtValue`` over ``init``'s bytes at ``address`` (no copy); the ctypes objects it points to go
-    into ``keep``, which must live as long as the value."""
+
+def _released(address) -> None:
+    """The deleter ONNX Runtime calls (any thread, the GIL taken by ctypes); never raises into it."""
+    try:
+        with _LIVE_LOCK:
+            entry = _LIVE.pop(address, None)
+        if entry is not None:
+            entry[2].tensor_released()
+    except Exception:  # noqa: BLE001 (e.g. at interpreter exit, with this module half torn down)
+        pass
+
+
+_RELEASED = _DELETER(_released)
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_RELEASED))  # never freed: ONNX Runtime may call it at interpreter exit
+
+
+class _Memory:
+    """A block's memory (device: a ``cuda_driver.DeviceBlock``; host: a numpy buffer) and how many tensors over it
+    ONNX Runtime holds; freed once it is closed and none is held."""
+
+    def __init__(self, device=None, host=None):
+        self.device, self.host = device, host
+        self._tensors, self._closed, self._lock = 0, False, threading.Lock()
+
+    def tensor_made(self) -> None:
+        with self._lock:
+            self._tensors += 1
+
+    def tensor_released(self) -> None:
+        with self._lock:
+            self._tensors -= 1
+            free = self._closed and self._tensors == 0
+        if free:
+            self._free()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            free = self._tensors == 0
+        if free:
+            self._free()
+
+    def _free(self) -> None:
+        device, self.device, self.host = self.device, None, None
+        if device is not None:
+            device.close()
+
+
+def _ortvalue(ort, address: int, init: Initializer, cuda_index: int | None, owner: _Memory):
+    """An ``onnxruntime.OrtValue`` over ``init``'s bytes at ``address`` (no copy), counted in ``owner`` until ONNX
+    Runtime releases it (``_released``)."""
     code, bits = _DLPACK_TYPES[init.data_type]
     shape = (ctypes.c_int64 * max(len(init.dims), 1))(*init.dims)
     device = _DLDevice(_DL_CPU, 0) if cuda_index is None else _DLDevice(_DL_CUDA, cuda_index)
     managed = _DLManagedTensor()
     managed.dl_tensor = _DLTensor(address, device, len(init.dims), _DLDataType(code, bits, 1), shape, None, 0)
-    managed.deleter = _NO_DELETE
-    keep.extend((shape, managed))
-    capsule = _capsule_new(ctypes.addressof(managed), _CAPSULE_NAME, None)
+    managed.deleter = _RELEASED
+    key = ctypes.addressof(managed)
+    with _LIVE_LOCK:
+        _LIVE[key] = (managed, shape, owner)
+    owner.tensor_made()
+    capsule = _capsule_new(key, _CAPSULE_NAME, None)
     from_dlpack = ort.capi._pybind_state.OrtValue.from_dlpack
     try:
-        value = from_dlpack(capsule)
-    except TypeError:  # older onnxruntime: from_dlpack(data, is_bool_tensor)
-        value = from_dlpack(capsule, False)
+        try:
+            value = from_dlpack(capsule)
+        except TypeError:  # older onnxruntime: from_dlpack(data, is_bool_tensor)
+            value = from_dlpack(capsule, False)
+    except BaseException:
+        _released(key)  # not consumed: ONNX Runtime will never call the deleter
+        raise
     return ort.OrtValue(value)
 
 
@@ -208,19 +275,15 @@ class WeightsBlock:
             offsets.append(total)
             total += -(-init.nbytes // ALIGNMENT) * ALIGNMENT
         self.nbytes = total
-        self._host = self._device = None
-        # values before _keep: when the object goes without close(), its attributes are released in the order they
-        # were set, and an OrtValue's release calls the DLPack deleter that _keep's structures hold
         self.values = {}
-        self._keep: list = []
         if cuda_index is None:
-            self._host = np.empty(max(total, 1) + ALIGNMENT, np.uint8)
-            base = -(-self._host.ctypes.data // ALIGNMENT) * ALIGNMENT
+            self._memory = _Memory(host=np.empty(max(total, 1) + ALIGNMENT, np.uint8))
+            base = -(-self._memory.host.ctypes.data // ALIGNMENT) * ALIGNMENT
         else:
             from .cuda_driver import DeviceBlock
 
-            self._device = DeviceBlock(cuda_index, total)
-            base = self._device.address
+            self._memory = _Memory(device=DeviceBlock(cuda_index, total))
+            base = self._memory.device.address
         files: dict[Path, tuple] = {}  # file → (open file, its map)
         try:
             for init, offset in zip(self.initializers, offsets):
@@ -228,7 +291,7 @@ class WeightsBlock:
                     f = open(init.file, "rb")
                     files[init.file] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
                 self._copy(files[init.file][1], init, base, offset)
-                self.values[init.name] = _ortvalue(ort, base + offset, init, cuda_index, self._keep)
+                self.values[init.name] = _ortvalue(ort, base + offset, init, cuda_index, self._memory)
         except BaseException:
             self.close()
             raise
@@ -241,11 +304,11 @@ class WeightsBlock:
         """``init``'s bytes from the mapped file into the block at ``offset`` (no view of the map outlives this)."""
         source = np.frombuffer(mapped, np.uint8, init.nbytes, init.offset)
         try:
-            if self._device is not None:
-                self._device.copy_in(offset, source.ctypes.data, init.nbytes)
+            if self._memory.device is not None:
+                self._memory.device.copy_in(offset, source.ctypes.data, init.nbytes)
             else:
-                start = base - self._host.ctypes.data + offset
-                self._host[start:start + init.nbytes] = source
+                start = base - self._memory.host.ctypes.data + offset
+                self._memory.host[start:start + init.nbytes] = source
         finally:
             del source
 
@@ -261,14 +324,13 @@ class WeightsBlock:
         session._audioldm2_weights_block = self
 
     def __del__(self):
-        # reached only once the session that read the block is gone (``attach``: the session releases it after its own
-        # ONNX Runtime session), or when it was never handed over
+        # the session holds the block (``attach``): reached once it and the runtime's OrtSession are gone
         self.close()
 
     def close(self) -> None:
-        """Free the memory; only once no session uses the values (idempotent)."""
-        self.values = {}
-        if getattr(self, "_device", None) is not None:
-            self._device.close()
-        self._host = None
-        self._keep = []
+        """Let the memory go (idempotent): at once where ONNX Runtime holds no tensor over it any more, else when it
+        releases the last one (the session that read them is destroyed)."""
+        self.values = {}  # the Python references: ONNX Runtime calls the deleters of those only it held
+        memory = getattr(self, "_memory", None)
+        if memory is not None:
+            memory.close()
