@@ -189,10 +189,9 @@ def shared_arena_value(text: str):
 def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                         metavar="default|all|none|NAME,NAME...",
-                        help="which components share one ONNX Runtime memory arena on CUDA: default (the decode "
-                             "stage's), all (the flag alone: least GPU memory, every component's runs take turns), "
-                             "none (one arena each), or component names, comma-separated (on CUDA only the "
-                             "default's)")
+                        help="which components share one ONNX Runtime memory arena: default or none (one arena "
+                             "each), all (the flag alone), or component names, comma-separated. Refused on CUDA "
+                             "(wrong audio with two runtimes at once, docs/benchmarks.md runs BF-BH)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

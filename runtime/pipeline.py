@@ -153,15 +153,10 @@ class AudioLDM2Runtime:
         CUBLAS_WORKSPACE_CONFIG unless that is set already (``backends.ort.limit_cublas_workspace``): cuBLAS's own
         default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
         shared_arena (backend "ort", default providers): the components whose sessions share one ONNX Runtime arena
-        for their activations instead of one each (``backends/shared_arena.py``) — less GPU memory, but their runs
-        take turns, and a session can join the arena only before any graph on it was captured. None = on CUDA the
-        decode stage's (VAE decoder, vocoder, the ranking's two; ``backends.ort.SHARED_ARENA_DEFAULT``), none on the
-        CPU; True = every component (its runs then never overlap, so two requests in different stages take turns,
-        and the loops' steps are each waited for), to be loaded, with every runtime of the process that shares the
-        arena, before the first request; False = none; or component names — on CUDA only among the default's
-        (``backends.ort.SHARED_ARENA_CHECKED``: with CLAP's text branch on the arena two runtimes driven at once gave
-        wrong audio, docs/benchmarks.md; other choices are refused until checked). ``health()["shared_arena"]`` names
-        the components on it.
+        for their activations instead of one each (``backends/shared_arena.py``) — None or False = none (one arena
+        per session), True = every component, or component names; ``health()["shared_arena"]`` names those on it.
+        **Refused on CUDA**: there, two runtimes of one process driven at once gave wrong audio with it (runs
+        BF-BH, docs/benchmarks.md); on the CPU it is ordinary arena use.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
         allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack,
         the ranking components and a UNet exported with ``--unet-layout nchw`` on CUDA (NHWC convolutions cannot be

@@ -85,14 +85,11 @@ FACTORY_VARIANTS = {
     "no_graphs": {"cuda_graphs": False},  # no CUDA graph captured
     # cuBLAS's own default workspace (the runtime asks for 4 MiB per handle since run I: CUBLAS_WORKSPACE_KIB)
     "cublas_default_ws": {"cublas_workspace_kib": None},
-    # one ONNX Runtime arena for every session (load(shared_arena=True))
-    "shared_arena": {"shared_arena": True},
     # ONNX Runtime's memory pattern off (activations allocated tensor by tensor instead of one planned block per
-    # run), with the shared arena and without — the default on CUDA since run N; mem_pattern_on: the default before
-    "shared_arena_nopattern": {"shared_arena": True, "mem_pattern": False},
+    # run) — the default on CUDA since run N; mem_pattern_on: the default before. (The shared-arena variants went
+    # with run BF: load refuses the shared arena on CUDA.)
     "nopattern": {"mem_pattern": False},
     "mem_pattern_on": {"mem_pattern": True},
-    "shared_arena_pattern": {"shared_arena": True, "mem_pattern": True},
     # every session's weights in allocations of their own (ONNX Runtime's default; the runtime's until packed weights)
     "unpacked": {"packed_weights": False},
 }

@@ -31,18 +31,13 @@
 #                                          # runtime's own block against one allocation per weight (audio, bench
 #                                          # alternating, peak memory, validate, cold start), then the full benchmark
 #                                          # with the peers and the fp32 row, fidelity
-#   bash scripts/gpu_session.sh all-decode-arena  # setup, fp16 and fp32 exports (tests/test_gpu.py meanwhile); the
-#                                          # decode stage's sessions on one shared arena (the default) against one
-#                                          # arena each and every component on it: rules and audio, peak memory, bench
-#                                          # alternating; the full benchmark with the peers and the fp32 row, cold
-#                                          # start, validate, the load test both ways, fidelity
-#   bash scripts/gpu_session.sh all-trimmed  # setup, fp16 export (tests/test_gpu.py meanwhile); the 1 MiB cuBLAS
-#                                          # workspace (the default since run BD) against 4 MiB and 256 KiB: peak memory
-#                                          # (and B0), bench alternating, the shared arena's rules
 #   bash scripts/gpu_session.sh all-textgraphs  # setup, fp16 and fp32 exports (tests/test_gpu.py meanwhile); the
 #                                          # once-per-request text sessions without CUDA graphs against the default:
 #                                          # peak memory (and B0), bench alternating; validate, cold start, the full
 #                                          # benchmark with the peers and the fp32 row, fidelity
+#   bash scripts/gpu_session.sh all-noarena  # setup, fp16 export (tests/test_gpu.py meanwhile); at the default
+#                                          # since run BF (one arena per session): runtimes driven at once, peak
+#                                          # memory (and B0), bench, the load test; the shared arena's failure again
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -71,22 +66,6 @@
 #                                          # device loop against host loop, bench (DPM-20, DDIM-200), benchmark with peers
 #   bash scripts/gpu_session.sh all-loop-handoff  # setup, fp16 export, the loop's steps in one hand-off against one
 #                                          # a step (and the solver uncaptured), device vs host loop, bench, fidelity
-#   bash scripts/gpu_session.sh all-arena  # setup, fp16 export, the shared arena against the default (peak memory and
-#                                          # audio, anatomy and cold start, load test and placement)
-#   bash scripts/gpu_session.sh all-arena-pattern  # setup, fp16 export, the shared arena with the memory pattern off
-#   bash scripts/gpu_session.sh all-arena-final  # setup, fp16 export, validate, peak memory, cold start, benchmark
-#                                                # (runtime rows), fidelity at the memory-pattern default
-#   bash scripts/gpu_session.sh all-check-memory  # setup, fp16 export, validate, peak memory and audio
-#   bash scripts/gpu_session.sh all-packed  # setup, fp16 export, each session's memory packed and unpacked, peak memory
-#                                           # and audio, validate, benchmark (runtime rows), cold start
-#   bash scripts/gpu_session.sh all-unet-variants  # setup, fp16 export and UNets fused without NHWC convolutions
-#                                           # (unet_variant.py), peak memory with every weight packed, benchmarks, validate
-#   bash scripts/gpu_session.sh all-nchw   # setup, export --unet-layout nchw, validate, fidelity, peak memory (shared
-#                                          # arena too, and B0), benchmark (runtime rows)
-#   bash scripts/gpu_session.sh all-load-nchw  # setup, export --unet-layout nchw, load test with the shared arena and without
-#   bash scripts/gpu_session.sh all-ranking  # setup, fp16 export, validate, the ranking features' timing, benchmark
-#                                          # (runtime rows), the ranking against diffusers fp32, peak memory (and B0),
-#                                          # then the load test with the shared arena and without
 #   bash scripts/gpu_session.sh all-profile  # setup, fp16 export, every component's kernels by category (profile_kernels.py)
 #   bash scripts/gpu_session.sh all-memory # setup, fp16 + fp32 exports, where GPU memory goes (tiny and full), the
 #                                          # options swept from the runtime's own, peak memory with and without ranking,
@@ -406,84 +385,6 @@ case "$1" in
     python3 benchmark.py --fp16 /tmp/art-tiny16 --runs 3 --skip b0,b1,b2,fp32,fp16_host_loop,fp16_nograph,fp16_notf32 \
       --out /tmp/logs/bench > /tmp/logs/bench.log 2>&1; echo "benchmark rc $? at $((SECONDS - t0)) s"
     tar -C /tmp -cf "$OUT/logs.tar" logs; tail -n 4 /tmp/logs/*.log ;;
-  arena)  # after the fp16 export: one shared ONNX Runtime arena (load(shared_arena=True)) against the default — peak
-          # memory and audio in fresh processes (with and without ranking; B0), the memory anatomy and cold start of
-          # both, the weights ONNX Runtime's optimiser adds at load (initializer_bytes.py), then the one-GPU load test
-          # with the shared arena and without (placement: two runtimes, two threads)
-    mkdir -p /tmp/logs/load-shared /tmp/logs/load-default
-    in_background "bash $SELF wait 16; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 \
-        --which runtime,runtime_shared,runtime_no_ranking,runtime_shared_no_ranking,b0 --out /tmp/logs \
-        > /tmp/logs/peakmem.log 2>&1; \
-      python3 cold_start.py --artifacts /tmp/art-fp16 --variants sequential,shared_arena --repeat 2 --out /tmp/logs \
-        > /tmp/logs/cold.log 2>&1; \
-      mkdir -p /tmp/logs/cache; python3 cold_start.py --artifacts /tmp/art-fp16 --variants cache_write --repeat 1 \
-        --out /tmp/logs/cache > /tmp/logs/cache.log 2>&1; \
-      python3 initializer_bytes.py --artifacts /tmp/art-fp16 --optimized /tmp/ort-optimized-cache --out /tmp/logs \
-        > /tmp/logs/initializers.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --shared-arena --out /tmp/logs/load-shared \
-        > /tmp/logs/load-shared.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs/load-default \
-        > /tmp/logs/load-default.log 2>&1" ;;
-  arena-pattern)  # after the fp16 export: the shared arena with ONNX Runtime's memory pattern on and off, and the
-                  # pattern off alone, against the default (cold_start.py: memory by stage, first call, warm, audio)
-    in_background "bash $SELF wait 16; \
-      python3 cold_start.py --artifacts /tmp/art-fp16 --variants sequential,shared_arena,shared_arena_nopattern,nopattern \
-        --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1" ;;
-  all-arena-pattern)  # setup, the fp16 export, arena-pattern
-    setup_export_then "16" arena-pattern ;;
-  arena-final)  # after the fp16 export, at the defaults since run N (memory pattern off on CUDA): validate, peak memory
-                # and audio (with and without the shared arena and ranking), cold start against the pattern on, the
-                # runtime's benchmark rows (no peers), fidelity
-    in_background "bash $SELF wait 16; \
-      $VALIDATE16; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 \
-        --which runtime,runtime_shared,runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs \
-        > /tmp/logs/peakmem.log 2>&1; \
-      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default,mem_pattern_on --repeat 2 --out /tmp/logs \
-        > /tmp/logs/cold.log 2>&1; \
-      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
-        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      $FIDELITY" ;;
-  all-arena-final)  # setup, the fp16 export, arena-final
-    setup_export_then "16" arena-final ;;
-  check-memory)  # after the fp16 export: validate, then peak memory and audio (the runtime with and without ranking,
-                 # and with the shared arena) — for a change to the artefacts' weights
-    in_background "bash $SELF wait 16; \
-      $VALIDATE16; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,runtime_shared --out /tmp/logs \
-        > /tmp/logs/peakmem.log 2>&1" ;;
-  all-check-memory)  # setup, the fp16 export, check-memory
-    setup_export_then "16" check-memory ;;
-  packed)  # after the fp16 export: each session's memory at creation with packed weights (the default) and without,
-           # cudaMalloc's cost by size; peak memory and audio (packed, unpacked, shared arena, VAE packed too, no
-           # ranking); validate; the runtime's benchmark rows; cold start packed and unpacked
-    in_background "bash $SELF wait 16; \
-      python3 session_memory.py --artifacts /tmp/art-fp16 --probe 200 --out /tmp/logs/sessions-packed \
-        > /tmp/logs/sessions.log 2>&1; \
-      python3 session_memory.py --artifacts /tmp/art-fp16 --unpacked --out /tmp/logs/sessions-unpacked \
-        >> /tmp/logs/sessions.log 2>&1; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_unpacked,runtime_shared,\
-runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
-      $VALIDATE16; \
-      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
-        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      python3 cold_start.py --artifacts /tmp/art-fp16 --variants sequential,unpacked --repeat 2 --out /tmp/logs \
-        > /tmp/logs/cold.log 2>&1" ;;
-  all-packed)  # setup, the fp16 export, packed
-    setup_export_then "16" packed ;;
-  unet-variants)  # while the fp16 export runs: the UNet fused without NHWC convolutions (two variants), so that
-                  # packed_weights=True packs it; then peak memory packed, benchmarks (default, variants), validate
-    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant nchw nchw_gn \
-        --out /tmp/art-nchw /tmp/art-nchwgn > /tmp/logs/variant.log 2>&1; \
-      bash $SELF wait 16; \
-      for v in nchw nchwgn; do python3 peak_memory.py --artifacts /tmp/art-\$v \
-        --which runtime_packed_all,runtime_shared_packed_all --out /tmp/logs/pm-\$v > /tmp/logs/pm-\$v.log 2>&1; done; \
-      for v in fp16 nchw nchwgn; do python3 benchmark.py --fp16 /tmp/art-\$v --packed-all --runs 10 \
-        --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32,fp16_host_loop --out /tmp/logs/bench-\$v \
-        > /tmp/logs/bench-\$v.log 2>&1; done; \
-      for v in nchw nchwgn; do (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-\$v --device cuda \
-        --components unet > /tmp/logs/validate-\$v.log 2>&1); done" ;;
   splitgelu)  # while the fp16 export runs: the UNet with BiasSplitGelu (unet_variant.py splitgelu); then its UNet
               # validated, bench default vs variant alternating (twice each), its kernels and the 100-prompt fidelity
     in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant splitgelu \
@@ -622,48 +523,6 @@ runtime_no_ranking,runtime_shared_no_ranking --out /tmp/logs > /tmp/logs/peakmem
       $FIDELITY" ;;
   all-wblock)  # setup, the fp16 and fp32 exports, wblock
     setup_export_then "16 32" wblock ;;
-  decode-arena)  # after the fp16 and fp32 exports started: tests/test_gpu.py meanwhile; then the decode stage's sessions
-                 # on one shared arena (the default since) against one arena each and against every component on it:
-                 # the rules and audio (shared_arena_check.py), peak memory (and B0), bench alternating (--shared-arena
-                 # default|none, 3 rounds of 20 calls); then the full benchmark with the peers and the fp32 row, cold
-                 # start in clean processes, validate, the load test both ways, fidelity
-    mkdir -p /tmp/logs/load-default /tmp/logs/load-none
-    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
-      bash $SELF wait 16; \
-      python3 shared_arena_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/arenacheck.log 2>&1; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_shared,runtime_shared,b0 \
-        --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
-      for r in 1 2 3; do for q in default none; do (cd /tmp && python3 -m audioldm2_trt.cli bench \
-        --artifacts /tmp/art-fp16 --device cuda --runs 20 --shared-arena \$q --json /tmp/logs/bench-\$q-\$r.json \
-        > /tmp/logs/bench-\$q-\$r.log 2>&1); done; done; \
-      bash $SELF wait 32; \
-      $BENCH_WITH_PEERS; \
-      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs \
-        > /tmp/logs/cold.log 2>&1; \
-      $VALIDATE16; \
-      for q in default none; do python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 \
-        --skip-placement --shared-arena \$q --out /tmp/logs/load-\$q > /tmp/logs/load-\$q.log 2>&1; done; \
-      $FIDELITY" ;;
-  trimmed)  # after the fp16 export started: tests/test_gpu.py meanwhile; then peak memory of the default (a 1 MiB
-            # cuBLAS workspace since run BD) against run BA's (4 MiB), 256 KiB, and B0; bench alternating the three
-            # (2 rounds of 20 calls); the arena's rules (shared_arena_check.py); a third bench round. (Run BD ran it
-            # at b13f832, with CLAP's text branch on the arena in the default then.) Audio outside /tmp/logs.
-    mkdir -p /tmp/audio
-    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
-      bash $SELF wait 16; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --audio-dir /tmp/audio \
-        --which runtime,runtime_ws4m,runtime_ws256k,b0 \
-        --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
-      for r in 1 2 3; do [ \$r = 3 ] && python3 shared_arena_check.py --artifacts /tmp/art-fp16 --out /tmp/logs \
-        > /tmp/logs/arenacheck.log 2>&1; for v in before new ws256k; do \
-        case \$v in before) a=default w=:4096:1 ;; new) a=default w= ;; ws256k) a=default w=:256:1 ;; esac; \
-        (cd /tmp && env \${w:+CUBLAS_WORKSPACE_CONFIG=\$w} python3 -m audioldm2_trt.cli bench \
-          --artifacts /tmp/art-fp16 --device cuda --runs 20 --shared-arena \$a --json /tmp/logs/bench-\$v-\$r.json \
-          > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done" ;;
-  all-trimmed)  # setup, the fp16 export, trimmed
-    setup_export_then 16 trimmed ;;
   textgraphs)  # after the fp16 and fp32 exports started: tests/test_gpu.py meanwhile (two default runtimes at once
                # among its checks); then peak memory with the once-per-request text sessions run without CUDA graphs
                # (all three, T5 alone, CLAP's text branch and the projection; all three with a 256 KiB cuBLAS
@@ -689,61 +548,31 @@ runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256
       $FIDELITY" ;;
   all-textgraphs)  # setup, the fp16 and fp32 exports, textgraphs
     setup_export_then "16 32" textgraphs ;;
-  all-decode-arena)  # setup, the fp16 and fp32 exports, decode-arena
-    setup_export_then "16 32" decode-arena ;;
-  all-decode-arena-fp32)  # with ~8 minutes of device time: setup, the fp32 export (~100 s), then `bench` on it
-                          # alternating --shared-arena default|none (3 rounds of 20 calls), then peak memory of both
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 32 || exit 1
-    in_background "bash $SELF wait 32; \
-      for r in 1 2 3; do for q in default none; do (cd /tmp && python3 -m audioldm2_trt.cli bench \
-        --artifacts /tmp/art-fp32 --device cuda --runs 20 --shared-arena \$q --json /tmp/logs/bench32-\$q-\$r.json \
-        > /tmp/logs/bench32-\$q-\$r.log 2>&1); done; done; \
-      python3 peak_memory.py --artifacts /tmp/art-fp32 --which runtime,runtime_no_shared --out /tmp/logs \
-        > /tmp/logs/peakmem32.log 2>&1" ;;
+  noarena)  # after the fp16 export started: tests/test_gpu.py meanwhile; then, at the default since run BF (one ONNX
+            # Runtime arena per session: the shared one is refused on CUDA), runtimes driven at once against alone
+            # (shared_arena_check.py, full size, 2 repeats), peak memory of the default, without ranking, and B0,
+            # `bench` (3 rounds of 20 calls), the load test (placement: two runtimes from two threads); then the
+            # failure reproduced for diagnosis (shared_arena_check.py --unsafe-arena, 3 repeats). First, in a
+            # process of its own: do ONNX Runtime's Python OrtValues come from a shared arena (ortvalue_allocator_probe.py)
+    mkdir -p /tmp/logs/load /tmp/logs/unsafe
+    in_background "python3 ortvalue_allocator_probe.py --out /tmp/logs > /tmp/logs/probe.log 2>&1; \
+      (cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --out /tmp/logs > /tmp/logs/arenacheck.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,b0 --out /tmp/logs \
+        > /tmp/logs/peakmem.log 2>&1; \
+      for r in 1 2 3; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda \
+        --runs 20 --json /tmp/logs/bench-\$r.json > /tmp/logs/bench-\$r.log 2>&1); done; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs/load \
+        > /tmp/logs/load.log 2>&1; \
+      python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena --repeat 3 --out /tmp/logs/unsafe \
+        > /tmp/logs/unsafe.log 2>&1" ;;
+  all-noarena)  # setup, the fp16 export, noarena
+    setup_export_then 16 noarena ;;
   all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
-  all-unet-variants)  # setup, the fp16 export and unet-variants at once
-    bash "$SELF" setup || exit 1
-    bash "$SELF" export 16 && bash "$SELF" unet-variants ;;
-  nchw)  # after the export --unet-layout nchw (the UNet without NHWC convolutions, its weights packed): validate,
-         # the 100-prompt fidelity, peak memory with and without the shared arena and B0's, the runtime's benchmark rows
-    mkdir -p /tmp/logs/nchw
-    in_background "bash $SELF wait nchw; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-nchw --device cuda > /tmp/logs/nchw/validate.log 2>&1); \
-      python3 fidelity.py --fp16 /tmp/art-nchw --out /tmp/logs/nchw > /tmp/logs/nchw/fidelity.log 2>&1; \
-      python3 peak_memory.py --artifacts /tmp/art-nchw --which runtime,runtime_shared,b0 --out /tmp/logs/nchw \
-        > /tmp/logs/nchw/peakmem.log 2>&1; \
-      python3 benchmark.py --fp16 /tmp/art-nchw --runs 10 --skip b0,b1,b2,fp32,fp16_nograph,fp16_notf32 \
-        --out /tmp/logs/nchw > /tmp/logs/nchw/bench.log 2>&1" ;;
-  all-nchw)  # setup, the export --unet-layout nchw, nchw
-    setup_export_then "nchw" nchw ;;
-  load-nchw)  # after the export --unet-layout nchw: the one-GPU load test with the shared arena (and its placement
-              # checks: two runtimes from two threads) and without
-    mkdir -p /tmp/logs/nchw/load-shared /tmp/logs/nchw/load-default
-    in_background "bash $SELF wait nchw; \
-      python3 load_test.py --artifacts /tmp/art-nchw --device cuda --shared-arena --out /tmp/logs/nchw/load-shared \
-        > /tmp/logs/nchw/load-shared.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-nchw --device cuda --skip-placement --out /tmp/logs/nchw/load-default \
-        > /tmp/logs/nchw/load-default.log 2>&1" ;;
-  all-load-nchw)  # setup, the export --unet-layout nchw, load-nchw
-    setup_export_then "nchw" load-nchw ;;
-  ranking)  # after the fp16 export: validate, the ranking features' timing (graph against host), the runtime's
-            # benchmark rows (batch 4's ranking stage), the ranking's choice against diffusers' CLAP in fp32, peak memory
-            # (the runtime and B0), then the one-GPU load test with the shared arena and without
-    mkdir -p /tmp/logs/load-shared /tmp/logs/load-default
-    in_background "bash $SELF wait 16; \
-      $VALIDATE16; \
-      python3 features_timing.py --rows 4 --artifacts /tmp/art-fp16 > /tmp/logs/features.log 2>&1; \
-      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip b0,b1,b2,fp32,fp16_host_loop,fp16_nograph,fp16_notf32 \
-        --out /tmp/logs > /tmp/logs/bench.log 2>&1; \
-      python3 ranking_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/ranking.log 2>&1; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --shared-arena --out /tmp/logs/load-shared \
-        > /tmp/logs/load-shared.log 2>&1; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --out /tmp/logs/load-default \
-        > /tmp/logs/load-default.log 2>&1" ;;
   profile)  # after the fp16 export: every component's kernels by category and name (profile_kernels.py, 40 listed)
     in_background "bash $SELF wait 16; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 \
@@ -751,10 +580,6 @@ runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256
         --out /tmp/logs > /tmp/logs/kernels.log 2>&1" ;;
   all-profile)  # setup, the fp16 export, profile
     setup_export_then "16" profile ;;
-  all-ranking)  # setup, the fp16 export, ranking
-    setup_export_then "16" ranking ;;
-  all-arena)  # setup, the fp16 export, arena
-    setup_export_then "16" arena ;;
   collect)
     # A machine that answers without /tmp/logs/started is a fresh one (the lent machine was replaced between two
     # calls, as in runs AY and BA): nothing runs here, so say so at once instead of polling an empty folder.

@@ -159,9 +159,8 @@ def main() -> None:
     ap.add_argument("--placement-only", action="store_true", help="the placement checks, no load")
     ap.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                     metavar="default|all|none|NAME,NAME...",
-                    help="every runtime loaded with shared_arena=True (all, the flag alone: one ONNX Runtime arena, "
-                         "runs take turns), False (none), those components, or load's default (the decode stage's on "
-                         "CUDA)")
+                    help="every runtime loaded with this shared_arena (load's; refused on CUDA since run BF, "
+                         "docs/benchmarks.md): all (the flag alone), none, component names, or load's default")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher

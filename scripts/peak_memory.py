@@ -12,9 +12,9 @@ request). Writes peak_memory.json.
 The ``runtime*`` rows then make two more calls — two waveforms of the request (seed 1: the batch-4 UNet and the
 ranking sessions; skipped without ranking) and the first request again — reported apart from the batch-1 peak, and
 save their audio (``--audio-dir``). The parent compares each row's audio with the ``runtime`` row's and a row's
-repeated first request with its first, as rel-L2: ``runtime_shared`` (``load(shared_arena=True)``) must give the same
-audio up to the fp16 UNet's run-to-run spread (~2e-3, docs/benchmarks.md), which is how a captured graph writing
-into another component's memory would show.
+repeated first request with its first, as rel-L2: every row must give the same audio up to the fp16 UNet's
+run-to-run spread (~2e-3, docs/benchmarks.md), which is how a captured graph writing into another component's memory
+would show.
 """
 
 from __future__ import annotations
@@ -37,13 +37,11 @@ from gpu_memory import GpuMemory
 # until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet);
 # runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
 # backends/weights_block.py).
-ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False}, "runtime_shared": {"shared_arena": True},
-        "runtime_shared_no_ranking": {"ranking": False, "shared_arena": True},
+# (The rows with ONNX Runtime's shared arena went with run BF: load refuses it on CUDA, backends/shared_arena.py.)
+ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
         "runtime_unpacked": {"packed_weights": False},
         "runtime_packed_all": {"packed_weights": True},
-        "runtime_shared_packed_all": {"shared_arena": True, "packed_weights": True},
         "runtime_no_block": {"weights_block": False},
-        "runtime_no_shared": {"shared_arena": False},  # one arena per session (the default before the decode stage's)
         # cuBLAS's workspace per handle (KiB; the default 1024 since run BD): run BA's default, and 256
         "runtime_ws4m": {"cublas_workspace_kib": 4096},
         "runtime_ws256k": {"cublas_workspace_kib": 256},

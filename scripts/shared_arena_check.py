@@ -1,22 +1,23 @@
-"""The shared arena's rules on the GPU, in one clean process: which sessions join it, that a session on it never
-queues its runs, that runtimes sharing it give their audio alone when driven from two threads at once, and what a
-runtime loaded after a capture gets.
+"""Runtimes driven from several threads at once on the GPU give the audio they give alone; the shared arena is
+refused on CUDA. One clean process:
 
-    python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--device cuda] [--request tiny|full] [--out DIR]
+    python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--request tiny|full] [--out DIR] [--unsafe-arena]
 
-1. Four runtimes loaded before any request: two with the default (on CUDA the decode stage's sessions on the
-   arena), one with every component on it (``shared_arena=True``) and one with none (``False``); their ``health()``:
-   the components on the arena and whether the loops queue (every session on the arena: neither loop may).
-2. Each one's audio for the request (one waveform, then two, ranked) against the one without the arena: rel-L2.
-3. The default and the all-on-arena runtime driven from two threads at once, 4 requests each, one waveform and then
-   two (the ranking's sessions): every result against that runtime's own run alone (their decode sessions take the
-   arena's lock in turns). Then two default runtimes the same way: one's sessions on the arena then run while the
-   other's off it do (the default and the all-on-arena pair never overlap so, as every run of the latter takes the
-   lock). Run BD did the same with CLAP's text branch on the arena too: wrong audio (rel-L2 0.09-0.14).
-4. After those captures: a runtime loaded with the default keeps arenas of its own (the arena takes no session
-   after a capture), one loaded with ``shared_arena=True`` is refused, and so are ``queued_steps=True`` with the loop
-   on the arena and CLAP's text branch with the decode stage's sessions (names outside ``SHARED_ARENA_CHECKED``).
+Why (docs/benchmarks.md, runs BF-BH): with the decode stage's sessions on ONNX Runtime's shared arena (the default from
+run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both, with two
+waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their runs alone in 10 of 12 trials, tiny and
+full-size exports — while with one arena per
+session (the default since) 3 of 3 matched. ``load`` now refuses the shared arena on CUDA. Checked here:
 
+1. ``two_runtimes``: two runtimes at the default from two threads, 4 requests each, one waveform; then
+   ``two_runtimes_two_waveforms`` (the ranking's sessions too): each result against the same runtime's run of that
+   request alone (rel-L2, worst of the 4);
+2. ``one_runtime``: one runtime from two threads, 4 requests each, the same way;
+3. ``refused``: ``shared_arena=True`` and one component's name, refused on CUDA.
+
+``--unsafe-arena`` (diagnosis only): lifts the refusal (``backends.shared_arena.ALLOW_ON_CUDA``) and loads the
+runtimes of 1 and 2 with the decode stage's sessions on the arena instead, to reproduce the failure.
+``--repeat N``: each of 1 and 2 N times, in this process (its runtimes loaded afresh each time).
 Writes shared_arena_check.json. ``--request tiny`` is the short request of tests/test_gpu.py (the tiny export).
 """
 
@@ -32,6 +33,8 @@ from device_loop_check import rel_l2  # scripts/ is on the path of a script run 
 REQUESTS = {"full": None,  # benchmark.REQUEST
             "tiny": dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
                          audio_length_in_s=2.0)}
+DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")  # on the arena with --unsafe-arena
+SEEDS = ((0, 2, 3, 5), (7, 8, 9, 11))  # the two threads' requests
 
 
 def main() -> None:
@@ -39,91 +42,81 @@ def main() -> None:
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--request", choices=list(REQUESTS), default="full")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--unsafe-arena", action="store_true",
+                    help="diagnosis only: the decode stage's sessions on the shared arena (gave wrong audio)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
 
     from audioldm2_trt.runtime import AudioLDM2Runtime
-    from audioldm2_trt.runtime.errors import BackendError, InvalidRequestError
+    from audioldm2_trt.runtime.backends import shared_arena
+    from audioldm2_trt.runtime.errors import InvalidRequestError
 
     if args.request == "full":
         from benchmark import REQUEST as request
     else:
         request = REQUESTS[args.request]
-    from audioldm2_trt.runtime.backends.ort import SHARED_ARENA_DEFAULT
-
-    # default_b: a second default runtime, so that one's decode stage (on the arena) runs while the other's UNet or
-    # text stage (off it) runs — the overlap that the default+all pair never has (every run of 'all' takes the lock)
-    options = {"default": None, "all": True, "none": False, "default_b": None}
-    runtimes = {name: AudioLDM2Runtime.load(args.artifacts, device=args.device, shared_arena=option)
-                for name, option in options.items()}  # all before the first request: the arena takes them all
-    result = {"artifacts": args.artifacts, "device": args.device, "request": args.request, "health": {
-        name: {k: rt.health()[k] for k in ("shared_arena", "queued_steps", "lm_queued")} for name, rt in runtimes.items()}}
-    try:
-        audio = {name: {"one": rt(**request, seed=0).audios,
-                        "two": rt(**request, seed=1, num_waveforms_per_prompt=2).audios}
-                 for name, rt in runtimes.items()}
-        result["against_none"] = {name: {call: rel_l2(a, audio["none"][call]) for call, a in calls.items()}
-                                  for name, calls in audio.items() if name != "none"}
-        again = runtimes["none"](**request, seed=0).audios
-        result["none_against_itself"] = rel_l2(again, audio["none"]["one"])
-
-        # two runtimes whose decode sessions share the arena, from two threads at once
-        result["two_threads"] = two_threads(runtimes, ("default", "all"), request)
-        result["two_threads_two_waveforms"] = two_threads(runtimes, ("default", "all"), request, waveforms=2)
-        result["two_default_runtimes"] = two_threads(runtimes, ("default", "default_b"), request)
-        result["two_default_runtimes_two_waveforms"] = two_threads(runtimes, ("default", "default_b"), request,
-                                                                   waveforms=2)
-
-        # after the captures
-        late = AudioLDM2Runtime.load(args.artifacts, device=args.device)
-        try:
-            result["late_default"] = {"shared_arena": late.health()["shared_arena"],
-                                      "against_none": rel_l2(late(**request, seed=0).audios, audio["none"]["one"])}
-        finally:
-            late.close()
-        refused, known = {}, set(runtimes["all"].health()["shared_arena"])  # every component of these artefacts
-        # CLAP's text branch with the decode stage (run BD: wrong audio from two threads, packed or not) is refused
-        for label, kwargs in (("late_all", {"shared_arena": True}),
-                              ("queued_on_arena", {"shared_arena": True, "queued_steps": True}),
-                              ("clap_text_on_arena", {"shared_arena": sorted((SHARED_ARENA_DEFAULT | {"clap_text"}) & known)})):
+    options = {}
+    if args.unsafe_arena:
+        shared_arena.ALLOW_ON_CUDA = True
+        options["shared_arena"] = DECODE_STAGE
+    load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731
+    result = {"artifacts": args.artifacts, "device": args.device, "request": args.request,
+              "shared_arena": list(options.get("shared_arena", ())), "runs": []}
+    for _ in range(args.repeat):
+        run = {}
+        for label, waveforms in (("two_runtimes", 1), ("two_runtimes_two_waveforms", 2)):
+            runtimes = [load(), load()]  # both before any request
             try:
-                AudioLDM2Runtime.load(args.artifacts, device=args.device, **kwargs).close()
+                run[label] = together_vs_alone(runtimes, request, waveforms)
+            finally:
+                for rt in runtimes:
+                    rt.close()
+        rt = load()
+        try:
+            run["one_runtime"] = together_vs_alone([rt, rt], request, 1)
+        finally:
+            rt.close()
+        print(json.dumps(run), flush=True)
+        result["runs"].append(run)
+    if not args.unsafe_arena:
+        refused = {}
+        for label, choice in (("all", True), ("one_name", "vocoder")):
+            try:
+                AudioLDM2Runtime.load(args.artifacts, device=args.device, shared_arena=choice).close()
                 refused[label] = None
-            except (BackendError, InvalidRequestError) as err:
+            except InvalidRequestError as err:
                 refused[label] = f"{type(err).__name__}: {err}"
         result["refused"] = refused
-    finally:
-        for rt in runtimes.values():
-            rt.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shared_arena_check.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 
-def two_threads(runtimes: dict, names: tuple, request: dict, waveforms: int = 1) -> dict:
-    """The runtimes ``names`` driven from one thread each at once, 4 requests each: errors, and each runtime's worst
-    rel-L2 against its own runs of the same requests alone."""
-    seeds = (0, 2, 3, 5)
-    call = lambda name, s: runtimes[name](**request, seed=s, num_waveforms_per_prompt=waveforms).audios  # noqa: E731
-    alone = {name: {s: call(name, s) for s in seeds} for name in names}
-    together, errors = {name: {} for name in names}, []
+def together_vs_alone(runtimes: list, request: dict, waveforms: int) -> dict:
+    """``runtimes[i]`` driven from thread i at once (the same runtime twice: one runtime from two threads), each
+    thread making its 4 requests of ``SEEDS``: errors, and per thread the worst rel-L2 against the same runtime's
+    run of the same request alone, made first in order (the first runtime's requests, then the second's)."""
+    call = lambda i, s: runtimes[i](**request, seed=s, num_waveforms_per_prompt=waveforms).audios  # noqa: E731
+    alone = [{s: call(i, s) for s in SEEDS[i]} for i in range(len(runtimes))]
+    together, errors = [{} for _ in runtimes], []
 
-    def drive(name):
+    def drive(i):
         try:
-            for s in seeds:
-                together[name][s] = call(name, s)
+            for s in SEEDS[i]:
+                together[i][s] = call(i, s)
         except Exception as err:  # reported below
-            errors.append(f"{name}: {type(err).__name__}: {err}")
+            errors.append(f"thread {i}: {type(err).__name__}: {err}")
 
-    threads = [threading.Thread(target=drive, args=(name,)) for name in names]
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(len(runtimes))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"errors": errors, "worst_against_alone": {
-        name: max(rel_l2(together[name][s], alone[name][s]) for s in together[name]) if together[name] else None
-        for name in names}}
+    return {"errors": errors, "worst_against_alone": [
+        max(rel_l2(together[i][s], alone[i][s]) for s in together[i]) if together[i] else None
+        for i in range(len(runtimes))]}
 
 
 if __name__ == "__main__":

@@ -42,19 +42,15 @@ def test_shared_arena_gives_the_default_runtimes_audio(tiny_artifacts, runtime):
     assert AudioLDM2Runtime.load(tiny_artifacts, shared_arena="vocoder").health()["shared_arena"] == ["vocoder"]
 
 
-def test_the_default_shares_the_decode_stages_arena_on_cuda_only(tiny_artifacts):
-    """Which sessions join the shared arena (the selection alone: this machine has no CUDA provider). On CUDA the
-    default is the decode stage's — never a loop's, nor the text stage's, whose steps are queued; on the CPU, none; True every component;
-    names those; unknown names are refused by load."""
-    from audioldm2_trt.runtime.artifacts import COMPONENTS as every
-    from audioldm2_trt.runtime.backends.ort import LOOP_STREAMS, SHARED_ARENA_DEFAULT
+def test_no_session_is_on_the_arena_by_default_and_names_pick_theirs(tiny_artifacts):
+    """Which sessions join the shared arena (the selection alone: this machine has no CUDA provider): none by default,
+    on CUDA as on the CPU (run BF: the decode stage's sessions on it by default gave wrong audio with two runtimes);
+    True every component; names those; unknown names are refused by load."""
+    from audioldm2_trt.runtime.pipeline import SESSION_NAMES as every
 
-    every = (*every, "unet_context", "solver_step", "lm_append")
-    assert SHARED_ARENA_DEFAULT == {"vae_decoder", "vocoder", "clap_features", "clap_audio"}
-    assert not SHARED_ARENA_DEFAULT & {*LOOP_STREAMS, "clap_text", "t5_encoder", "projection"}
     cuda = OrtSessionFactory.__new__(OrtSessionFactory)  # a CUDA factory's selection state, without CUDA
     cuda.device, cuda._default_cuda = Device.parse("cuda"), True
-    assert {n for n in every if cuda._arena_selector(None)(n)} == SHARED_ARENA_DEFAULT
+    assert not any(cuda._arena_selector(None)(n) for n in every)
     assert {n for n in every if cuda._arena_selector(True)(n)} == set(every)
     assert not any(cuda._arena_selector(False)(n) for n in every)
     assert {n for n in every if cuda._arena_selector(["vocoder", "unet"])(n)} == {"vocoder", "unet"}
@@ -66,21 +62,23 @@ def test_the_default_shares_the_decode_stages_arena_on_cuda_only(tiny_artifacts)
         AudioLDM2Runtime.load(tiny_artifacts, shared_arena=["vocodr"])
 
 
-def test_on_cuda_only_checked_components_may_be_named_for_the_arena():
-    """On CUDA, names for the shared arena outside SHARED_ARENA_CHECKED are refused before any session (CLAP's text
-    branch there gave wrong audio from two threads, runs BD-BE); None, True, False and the default's names pass; the
-    CPU takes any names (its runs are synchronous, nothing to check)."""
-    from audioldm2_trt.runtime.backends.ort import SHARED_ARENA_CHECKED, SHARED_ARENA_DEFAULT
+def test_the_shared_arena_is_refused_on_cuda(monkeypatch):
+    """On CUDA any shared arena is refused before a session is made — two runtimes at once gave wrong audio with the
+    decode stage's sessions on it (runs BF-BH) — unless the diagnosis switch is set; None and False pass, and the CPU
+    takes any choice (no captured graphs there)."""
+    from audioldm2_trt.runtime.backends import shared_arena as arena_module
 
     check, cuda = OrtSessionFactory.check_shared_arena_choice, Device.parse("cuda")
-    assert SHARED_ARENA_CHECKED == SHARED_ARENA_DEFAULT
-    for fine in (None, True, False, SHARED_ARENA_DEFAULT, ["vocoder"], "vae_decoder"):
+    for fine in (None, False):
         check(cuda, fine)
-    for bad, named in ((SHARED_ARENA_DEFAULT | {"clap_text"}, "['clap_text']"), ("t5_encoder", "['t5_encoder']"),
-                       (["unet", "gpt2", "vocoder"], "['gpt2', 'unet']")):
-        with pytest.raises(InvalidRequestError, match=re.escape(f"shared_arena {named}: on CUDA only the decode stage's")):
+    for bad in (True, ["vae_decoder", "vocoder"], "vocoder"):
+        with pytest.raises(InvalidRequestError, match=re.escape(f"shared_arena {bad!r}: refused on CUDA") +
+                           ".*runs BF-BH.*leave shared_arena unset or False"):
             check(cuda, bad)
+    check(Device.parse("cpu"), True)
     check(Device.parse("cpu"), ["clap_text", "t5_encoder"])
+    monkeypatch.setattr(arena_module, "ALLOW_ON_CUDA", True)
+    check(cuda, True)
 
 
 def test_a_session_on_the_arena_never_queues_its_runs(tiny_artifacts, monkeypatch):

@@ -25,6 +25,7 @@ from .capture_guard import CUDA_CAPTURE_GUARD
 from .cuda_driver import CudaStream, caller_context_kept, cuda_device_count
 from .shared_arena import SESSION_CONFIG as SHARED_ARENA_CONFIG
 from .shared_arena import SharedArena
+from . import shared_arena as _shared_arena_module
 from .shared_arena import shared_arena as _shared_arena
 from .weights_block import WeightsBlock
 
@@ -64,23 +65,13 @@ PACKED_CONFIG = {"session.disable_prepacking": "1"}
 # one request's text stage can still overlap another's denoising on the GPU.
 LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step": "denoising",
                 "gpt2": "language_model", "lm_append": "language_model"}
-# The components that share the device's ONNX Runtime arena by default (``shared_arena=None``, the default CUDA
-# provider; ``shared_arena.py``): the decode stage's. Within a request they run one after another, so sharing costs a
-# request nothing, and the vocoder's activations fit in the blocks the VAE decoder's run freed (run N: with every
-# component on one arena the vocoder's first run grew the GPU's use by 24 MiB instead of 142). Across requests only
-# one of them runs at a time. The loops' sessions stay off it: on the arena a run must end before its lock is
-# released, so their steps could not be queued (``loop_stream``), and the UNet's turn (~115 ms a request) would hold
-# up every other component (run M: ~10 % less unbatched throughput with every component on it). CLAP's text branch
-# stays off it: on the arena it saved nothing (run BD: 3150 MiB either way; run BC's saving needed T5 and the
-# projection on it too), and two runtimes with it there, driven from two threads, gave one of them wrong audio
-# (tests/test_gpu.py, run BD: rel-L2 0.116 against its runs alone; 0.09–0.14 in run BE, its weights packed or not) —
-# not explained yet (docs/benchmarks.md); load refuses that choice (``SHARED_ARENA_CHECKED``).
-SHARED_ARENA_DEFAULT = frozenset({"vae_decoder", "vocoder", "clap_features", "clap_audio"})
-# On CUDA a choice of names must stay within these. The sets whose runs were checked from two threads at once against
-# their runs alone (scripts/shared_arena_check.py) are the default and every component (True); the default's subsets
-# are allowed without a check of their own. The one other set checked, the default with CLAP's text branch, gave
-# wrong audio (runs BD–BE, packed weights or not).
-SHARED_ARENA_CHECKED = SHARED_ARENA_DEFAULT
+# The shared arena (``shared_arena.py``) is refused on CUDA (``check_shared_arena_choice``): with the decode stage's
+# sessions on it (the default from run BA to run BF), two runtimes of one process driven from two threads gave the
+# later-loaded one (both, with two waveforms at full size) wrong audio — rel-L2 0.14 to 0.8 against their runs alone
+# in 10 of 12 trials, tiny and full-size exports; with one arena per session 3 of 3 matched (runs BF-BH,
+# scripts/shared_arena_check.py, docs/benchmarks.md). Why is not known: the arena's two rules held, so a third way
+# for a captured graph to write into memory another session uses exists. One arena per session costs ~140 MiB of
+# peak GPU memory (run BA). On the CPU (no captured graphs) sharing stays available.
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -448,13 +439,11 @@ class OrtSessionFactory:
     sets it already (``limit_cublas_workspace``); None leaves cuBLAS's default.
     shared_arena (default providers only): the components whose sessions allocate their activations from the
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
-    (``shared_arena.py``: less memory; on CUDA their runs take turns, each holding the arena's lock until its outputs
-    are synchronised, so they are never queued on a loop stream; and no session may join the arena after one of its
-    graphs was captured) — None = ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the default CUDA provider, none
-    elsewhere; True = every component; False = none; or a collection of names (on CUDA only among
-    ``SHARED_ARENA_CHECKED``'s: ``check_shared_arena_choice``). Where the default finds the arena captured already
-    (another runtime of the process has served), this factory's sessions keep arenas of their own (logged); a choice
-    made explicitly raises instead.
+    (``shared_arena.py``) — None or False = none; True = every component; or a collection of names. Refused on CUDA
+    (``check_shared_arena_choice``: wrong audio with two runtimes at once, runs BF-BH) unless
+    ``shared_arena.ALLOW_ON_CUDA`` is set (diagnosis only); there its runs take turns, each holding the arena's lock
+    until its outputs are synchronised, so they are never queued on a loop stream, and no session may join the
+    arena after one of its graphs was captured.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
     as one block) — None = off on CUDA, on on the CPU. Off, activations are allocated tensor by tensor, and the
     arena reuses the blocks a run freed within that run: on the H100 the fp16 runtime's first call grew by 450 MiB
@@ -547,10 +536,8 @@ class OrtSessionFactory:
         if isinstance(shared_arena, str):  # one component's name, as load takes it
             shared_arena = (shared_arena,)
         self.check_shared_arena_choice(self.device, shared_arena)
-        self._arena_chosen = shared_arena is not None  # an explicit choice: joining a captured arena is an error
         self._on_arena = self._arena_selector(shared_arena)
-        self.arena = _shared_arena(ort, self.device) if shared_arena is not False and (
-            shared_arena is not None or self._default_cuda) else None
+        self.arena = _shared_arena(ort, self.device) if shared_arena not in (None, False) else None
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
         nhwc_conv = ASSUMED_NHWC if needs_prepacking is None else frozenset(needs_prepacking)
         self._packed = self._packed_selector(packed_weights, nhwc_conv)
@@ -606,24 +593,18 @@ class OrtSessionFactory:
 
     @staticmethod
     def check_shared_arena_choice(device: Device, shared_arena) -> None:
-        """Refuse, on CUDA, component names for the shared arena outside ``SHARED_ARENA_CHECKED`` (None, True and
-        False are always allowed): two requests running at once could corrupt each other's audio there."""
-        if device.kind != "cuda" or shared_arena in (None, True, False):
+        """Refuse any shared arena on CUDA (None and False always pass; ``shared_arena.ALLOW_ON_CUDA`` lifts it for
+        diagnosis): two runtimes of one process driven at once gave wrong audio with it (runs BF-BH)."""
+        if device.kind != "cuda" or shared_arena in (None, False) or _shared_arena_module.ALLOW_ON_CUDA:
             return
-        names = {shared_arena} if isinstance(shared_arena, str) else set(shared_arena)
-        unchecked = sorted(names - SHARED_ARENA_CHECKED)
-        if unchecked:
-            raise InvalidRequestError(
-                f"shared_arena {unchecked}: on CUDA only the decode stage's components "
-                f"({', '.join(sorted(SHARED_ARENA_CHECKED))}) or every component (True) may share the arena; with "
-                "CLAP's text branch on it, two runtimes driven at once gave wrong audio (docs/benchmarks.md, runs "
-                "BD-BE), and other choices are not checked")
+        raise InvalidRequestError(
+            f"shared_arena {shared_arena!r}: refused on CUDA — with sessions on ONNX Runtime's shared arena, two "
+            "runtimes of one process driven at once gave wrong audio (docs/benchmarks.md, runs BF-BH; not "
+            "explained yet); leave shared_arena unset or False (one arena per session)")
 
     def _arena_selector(self, shared_arena):
         """component name → whether its session is on the shared arena (see ``shared_arena`` above)."""
-        if shared_arena is None:
-            shared_arena = SHARED_ARENA_DEFAULT if self._default_cuda else False
-        if shared_arena is False:
+        if shared_arena is None or shared_arena is False:
             return lambda name: False
         if shared_arena is True:
             return lambda name: True
@@ -632,7 +613,7 @@ class OrtSessionFactory:
 
     def on_shared_arena(self, name: str) -> bool:
         """Whether a session of ``name`` made now would be on the shared arena."""
-        return self.arena is not None and self._on_arena(name) and not (self.arena.captured and not self._arena_chosen)
+        return self.arena is not None and self._on_arena(name)
 
     def _block_selector(self, weights_block, nhwc_conv: frozenset):
         """component name → whether its weights go in a ``WeightsBlock`` (see ``weights_block`` above)."""
@@ -685,12 +666,8 @@ class OrtSessionFactory:
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                               "1024")
         arena = self.arena if self.arena is not None and self._on_arena(name) else None
-        if arena is not None and arena.captured:
-            if self._arena_chosen:
-                arena.check_can_join(name)  # raises
-            log.info("%s: the shared arena of %s has captured graphs already (another runtime of the process has "
-                     "served); this session keeps an arena of its own", name, self.device)
-            arena = None
+        if arena is not None:
+            arena.check_can_join(name)  # raises once a graph on it was captured
         config = {**(SHARED_ARENA_CONFIG if arena is not None else {}), **(PACKED_CONFIG if packed else {}),
                   **self.session_config}
         for key, value in config.items():

@@ -1,5 +1,13 @@
-"""One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``load(shared_arena=...)``: by
-default on CUDA the decode stage's, ``backends.ort.SHARED_ARENA_DEFAULT``; ``True`` every component's).
+"""One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``load(shared_arena=...)``:
+``True`` every component's, or component names).
+
+**Refused on CUDA since run BF** (``OrtSessionFactory.check_shared_arena_choice``): with the decode stage's sessions
+on it (the default from run BA), two runtimes of one process driven from two threads gave wrong audio,
+rel-L2 0.14-0.8 against their runs alone in 10 of 12 trials — the later-loaded runtime each time, both with two
+waveforms at full size (runs BF-BH; one arena per session: 3 of 3 matched).
+The two rules below held there, so they are not enough, and why is not known. ``ALLOW_ON_CUDA`` lifts the refusal for
+diagnosis only (``scripts/shared_arena_check.py --unsafe-arena``). On the CPU there are no captured graphs, and
+sharing is ordinary arena use.
 
 By default every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
 activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a shared
@@ -8,9 +16,9 @@ torch's caching allocator does for diffusers. On the H100 (docs/benchmarks.md, r
 call then grew by 308 MiB instead of 452 (diffusers: 388), its peak 3527 MiB instead of 3689, and 3697 instead of
 4119 once a two-waveform request had run too; the audio stayed within the fp16 UNet's run-to-run spread.
 
-What makes that safe with CUDA graphs. A captured graph replays into the addresses its intermediates had when it
-was captured, and ONNX Runtime returns those blocks to the arena after the capture run; in a shared arena another
-session's run may be handed the same blocks. Two rules keep that harmless:
+What was meant to make that safe with CUDA graphs. A captured graph replays into the addresses its intermediates had
+when it was captured, and ONNX Runtime returns those blocks to the arena after the capture run; in a shared arena
+another session's run may be handed the same blocks. Two rules were to keep that harmless:
 
 1. Runs never overlap. Every run of a session on the arena holds the arena's ``lock`` from its launch to the
    synchronisation of its outputs (``OrtSession`` does this); between runs a graph's intermediates are dead. So a
@@ -22,13 +30,19 @@ session's run may be handed the same blocks. Two rules keep that harmless:
    (kernels' prepacked weights would come from the arena): ``check_can_join`` raises, naming the remedy (create
    every session, of every runtime that shares the arena, before the first request).
 
+Candidates for what these miss, neither checked: (a) the runtime's own bound buffers (inputs, outputs, the loops'
+latents: OrtValues from ``ortvalue_from_shape_and_type``) were assumed to come from ONNX Runtime's Python allocator,
+but since onnxruntime 1.23 its Python bindings can take an allocator shared in the environment (this one) — then they
+are long-lived allocations in the arena, and a second runtime's, made at its first requests after the first one's
+captures, land in blocks those graphs write as scratch (``scripts/ortvalue_allocator_probe.py`` tells); (b) state a
+kernel allocates from the arena at its first run with a shape and keeps, with the same effect.
+
 What it costs: on that device the runs of the components on it no longer overlap. With every component on it, two
 requests in different stages take turns (run M: ~10 % less unbatched throughput at 4 and 16 concurrent clients, 2 %
-with micro-batching) and the loops' steps are not queued; the default's decode stage runs one component at a time
-within a request anyway, and only one request's decode stage waits for another's. The arena is the process's (ONNX Runtime has one environment per
-process), so every runtime of the process on that device that asks for it shares it, and it lives as long as the
-process. Device buffers bound by the runtime (inputs, outputs, the denoising loop's latents) are OrtValues from
-ONNX Runtime's Python allocator, never from this arena.
+with micro-batching) and the loops' steps are not queued; a decode stage alone on it runs one component at a time
+within a request anyway, and only one request's decode stage waits for another's. The arena is the process's (ONNX
+Runtime has one environment per process), so every runtime of the process on that device that asks for it shares
+it, and it lives as long as the process.
 """
 
 from __future__ import annotations
@@ -61,6 +75,10 @@ class SharedArena:
                 "every runtime that shares the arena before its first request, or load this one with "
                 "shared_arena=False")
 
+
+# Diagnosis only (scripts/shared_arena_check.py --unsafe-arena): let load put sessions on the arena on CUDA, where it
+# gave wrong audio (above). Never set by the runtime.
+ALLOW_ON_CUDA = False
 
 _ARENAS: dict[str, SharedArena] = {}
 _REGISTER = threading.Lock()
