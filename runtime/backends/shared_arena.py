@@ -34,8 +34,9 @@ Candidates for what these miss, neither checked: (a) the runtime's own bound buf
 latents: OrtValues from ``ortvalue_from_shape_and_type``) were assumed to come from ONNX Runtime's Python allocator,
 but since onnxruntime 1.23 its Python bindings can take an allocator shared in the environment (this one) — then they
 are long-lived allocations in the arena, and a second runtime's, made at its first requests after the first one's
-captures, land in blocks those graphs write as scratch (``scripts/ortvalue_allocator_probe.py`` tells); (b) state a
-kernel allocates from the arena at its first run with a shape and keeps, with the same effect.
+captures, land in blocks those graphs write as scratch (``scripts/ortvalue_allocator_probe.py`` tells; on the CPU
+a value made after registering a shared CPU arena did not come from it); (b) state a kernel allocates from the arena
+at its first run with a shape and keeps, with the same effect.
 
 What it costs: on that device the runs of the components on it no longer overlap. With every component on it, two
 requests in different stages take turns (run M: ~10 % less unbatched throughput at 4 and 16 concurrent clients, 2 %
