@@ -73,6 +73,8 @@ def _component_names(option: str, value, known: set):
 def captured_except(uncaptured) -> tuple[str, ...]:
     """A ``cuda_graphs`` choice for ``load``: every session in ``SESSION_NAMES`` captured but ``uncaptured`` (one
     name, or names), which run without a CUDA graph."""
+    if isinstance(uncaptured, bool):
+        raise InvalidRequestError(f"uncaptured: expected session names, got {uncaptured!r}")
     left_out = set(_component_names("uncaptured", uncaptured, set(SESSION_NAMES)) or ())
     return tuple(n for n in SESSION_NAMES if n not in left_out)
 

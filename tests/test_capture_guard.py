@@ -215,6 +215,8 @@ def test_cuda_graphs_names_are_checked_and_captured_except_covers_every_session(
         AudioLDM2Runtime.load(tiny_artifacts, cuda_graphs=["unte", "vocoder"])
     with pytest.raises(InvalidRequestError, match=r"uncaptured names unknown components \['t5'\]"):
         captured_except(("t5", "projection"))
+    with pytest.raises(InvalidRequestError, match="uncaptured: expected session names, got True"):
+        captured_except(True)
     text = ("clap_text", "t5_encoder", "projection")
     kept = captured_except(text)
     assert not set(kept) & set(text) and set(kept) | set(text) == set(SESSION_NAMES)
