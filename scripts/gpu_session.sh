@@ -552,7 +552,7 @@ runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256
             # Runtime arena per session: the shared one is refused on CUDA), runtimes driven at once against alone
             # (shared_arena_check.py, full size, 2 repeats), peak memory of the default, without ranking, and B0,
             # `bench` (3 rounds of 20 calls), the load test (placement: two runtimes from two threads); then the
-            # failure reproduced for diagnosis (shared_arena_check.py --unsafe-arena, 3 repeats). First, in a
+            # failure reproduced for diagnosis (shared_arena_check.py --unsafe-arena, 3 processes). First, in a
             # process of its own: do ONNX Runtime's Python OrtValues come from a shared arena (ortvalue_allocator_probe.py)
     mkdir -p /tmp/logs/load /tmp/logs/unsafe
     in_background "python3 ortvalue_allocator_probe.py --out /tmp/logs > /tmp/logs/probe.log 2>&1; \
@@ -566,8 +566,8 @@ runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256
         --runs 20 --json /tmp/logs/bench-\$r.json > /tmp/logs/bench-\$r.log 2>&1); done; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs/load \
         > /tmp/logs/load.log 2>&1; \
-      python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena --repeat 3 --out /tmp/logs/unsafe \
-        > /tmp/logs/unsafe.log 2>&1" ;;
+      for t in 1:1 2:1 3:2; do python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena \
+        --waveforms \${t#*:} --out /tmp/logs/unsafe/\${t%%:*} >> /tmp/logs/unsafe.log 2>&1; done" ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
   all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once

@@ -15,9 +15,10 @@ session (the default since) 3 of 3 matched. ``load`` now refuses the shared aren
 2. ``one_runtime``: one runtime from two threads, 4 requests each, the same way;
 3. ``refused``: ``shared_arena=True`` and one component's name, refused on CUDA.
 
-``--unsafe-arena`` (diagnosis only): lifts the refusal (``backends.shared_arena.ALLOW_ON_CUDA``) and loads the
-runtimes of 1 and 2 with the decode stage's sessions on the arena instead, to reproduce the failure.
-``--repeat N``: each of 1 and 2 N times, in this process (its runtimes loaded afresh each time).
+``--unsafe-arena`` (diagnosis only): lifts the refusal (``backends.shared_arena.ALLOW_ON_CUDA``) and runs only
+1, once, with ``--waveforms`` (default 1), the two runtimes' decode stage's sessions on the arena, to reproduce the
+failure — once per process, as no session may join the arena after a capture (run it again for another trial).
+``--repeat N``: each of 1-2 N times, in this process (its runtimes loaded afresh each time).
 Writes shared_arena_check.json. ``--request tiny`` is the short request of tests/test_gpu.py (the tiny export).
 """
 
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--request", choices=list(REQUESTS), default="full")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--waveforms", type=int, default=1, help="with --unsafe-arena: waveforms per request")
     ap.add_argument("--unsafe-arena", action="store_true",
                     help="diagnosis only: the decode stage's sessions on the shared arena (gave wrong audio)")
     ap.add_argument("--out", default=".")
@@ -58,25 +60,32 @@ def main() -> None:
         request = REQUESTS[args.request]
     options = {}
     if args.unsafe_arena:
+        from audioldm2_trt.runtime.backends.base import Device
+        from audioldm2_trt.runtime.pipeline import features_graph_on
+
         shared_arena.ALLOW_ON_CUDA = True
-        options["shared_arena"] = DECODE_STAGE
+        graph = features_graph_on(Device.parse(args.device))  # (on the CPU the features are the host's: no session)
+        options["shared_arena"] = tuple(n for n in DECODE_STAGE if n != "clap_features" or graph)
     load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request,
               "shared_arena": list(options.get("shared_arena", ())), "runs": []}
-    for _ in range(args.repeat):
+    checks = ((f"two_runtimes_{args.waveforms}_waveforms", args.waveforms),) if args.unsafe_arena else (
+        ("two_runtimes", 1), ("two_runtimes_two_waveforms", 2))
+    for _ in range(1 if args.unsafe_arena else args.repeat):
         run = {}
-        for label, waveforms in (("two_runtimes", 1), ("two_runtimes_two_waveforms", 2)):
+        for label, waveforms in checks:
             runtimes = [load(), load()]  # both before any request
             try:
                 run[label] = together_vs_alone(runtimes, request, waveforms)
             finally:
                 for rt in runtimes:
                     rt.close()
-        rt = load()
-        try:
-            run["one_runtime"] = together_vs_alone([rt, rt], request, 1)
-        finally:
-            rt.close()
+        if not args.unsafe_arena:
+            rt = load()
+            try:
+                run["one_runtime"] = together_vs_alone([rt, rt], request, 1)
+            finally:
+                rt.close()
         print(json.dumps(run), flush=True)
         result["runs"].append(run)
     if not args.unsafe_arena:
