@@ -190,8 +190,9 @@ def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                         metavar="default|all|none|NAME,NAME...",
                         help="which components share one ONNX Runtime memory arena: default or none (one arena "
-                             "each), all (the flag alone), or component names, comma-separated. Refused on CUDA "
-                             "(wrong audio with two runtimes at once, docs/benchmarks.md runs BF-BH)")
+                             "each), all (the flag alone), or component names, comma-separated. On CUDA only "
+                             "sessions without CUDA graphs (bench: name them in --uncaptured too; docs/benchmarks.md "
+                             "runs BF-BH)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -36,8 +36,9 @@
 #                                          # peak memory (and B0), bench alternating; validate, cold start, the full
 #                                          # benchmark with the peers and the fp32 row, fidelity
 #   bash scripts/gpu_session.sh all-noarena  # setup, fp16 export (tests/test_gpu.py meanwhile); at the default
-#                                          # since run BF (one arena per session): runtimes driven at once, peak
-#                                          # memory (and B0), bench, the load test; the shared arena's failure again
+#                                          # since run BF (one arena per session) and with the decode stage uncaptured
+#                                          # on the shared arena: runtimes driven at once, peak memory (and B0), bench
+#                                          # alternating, the load test; the captured arena's failure again
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -549,21 +550,28 @@ runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256
   all-textgraphs)  # setup, the fp16 and fp32 exports, textgraphs
     setup_export_then "16 32" textgraphs ;;
   noarena)  # after the fp16 export started: tests/test_gpu.py meanwhile; then, at the default since run BF (one ONNX
-            # Runtime arena per session: the shared one is refused on CUDA), runtimes driven at once against alone
-            # (shared_arena_check.py, full size, 2 repeats), peak memory of the default, without ranking, and B0,
-            # `bench` (3 rounds of 20 calls), the load test (placement: two runtimes from two threads); then the
-            # failure reproduced for diagnosis (shared_arena_check.py --unsafe-arena, 3 processes). First, in a
-            # process of its own: do ONNX Runtime's Python OrtValues come from a shared arena (ortvalue_allocator_probe.py)
-    mkdir -p /tmp/logs/load /tmp/logs/unsafe
+            # Runtime arena per session: captured sessions may not share one on CUDA), and with the decode stage's
+            # sessions uncaptured on the shared arena (what load allows): runtimes driven at once against alone
+            # (shared_arena_check.py, full size, 2 repeats each), peak memory of the default, without ranking, the
+            # decode stage uncaptured on the arena and off it, and B0; `bench` alternating the default and the decode
+            # stage uncaptured on the arena (3 rounds of 20 calls); the load test (placement: two runtimes at once);
+            # then the failure reproduced for diagnosis (shared_arena_check.py --unsafe-arena, 3 processes). First,
+            # in a process of its own: do ONNX Runtime's Python OrtValues come from a shared arena
+            # (ortvalue_allocator_probe.py)
+    mkdir -p /tmp/logs/load /tmp/logs/unsafe /tmp/logs/decode-arena
     in_background "python3 ortvalue_allocator_probe.py --out /tmp/logs > /tmp/logs/probe.log 2>&1; \
       (cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
         > /tmp/logs/pytest-gpu.log 2>&1); \
       bash $SELF wait 16; \
       python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --out /tmp/logs > /tmp/logs/arenacheck.log 2>&1; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,b0 --out /tmp/logs \
-        > /tmp/logs/peakmem.log 2>&1; \
-      for r in 1 2 3; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda \
-        --runs 20 --json /tmp/logs/bench-\$r.json > /tmp/logs/bench-\$r.log 2>&1); done; \
+      python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --decode-arena-uncaptured \
+        --out /tmp/logs/decode-arena > /tmp/logs/arenacheck-decode.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,\
+runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      for r in 1 2 3; do for v in default decodearena; do \
+        case \$v in default) o= ;; decodearena) o='--shared-arena vae_decoder,vocoder --uncaptured vae_decoder,vocoder' ;; esac; \
+        (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \$o \
+          --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs/load \
         > /tmp/logs/load.log 2>&1; \
       for t in 1:1 2:1 3:2; do python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena \

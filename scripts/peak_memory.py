@@ -37,8 +37,14 @@ from gpu_memory import GpuMemory
 # until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet);
 # runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
 # backends/weights_block.py).
-# (The rows with ONNX Runtime's shared arena went with run BF: load refuses it on CUDA, backends/shared_arena.py.)
+# (The rows with captured sessions on ONNX Runtime's shared arena went with run BF: load refuses those on CUDA,
+# backends/shared_arena.py.) The decode stage's sessions: on the CUDA features graph's device, all four.
+DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
+        # the decode stage uncaptured, on the shared arena (what run BA's arena saved, without captured graphs on it)
+        # and off it (what running it uncaptured costs alone)
+        "runtime_decode_arena_uncaptured": {"shared_arena": DECODE_STAGE, "cuda_graphs": captured_except(DECODE_STAGE)},
+        "runtime_decode_uncaptured": {"cuda_graphs": captured_except(DECODE_STAGE)},
         "runtime_unpacked": {"packed_weights": False},
         "runtime_packed_all": {"packed_weights": True},
         "runtime_no_block": {"weights_block": False},

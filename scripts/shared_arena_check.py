@@ -1,20 +1,23 @@
 """Runtimes driven from several threads at once on the GPU give the audio they give alone; the shared arena is
-refused on CUDA. One clean process:
+refused on CUDA for captured sessions. One clean process:
 
-    python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--request tiny|full] [--out DIR] [--unsafe-arena]
+    python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--request tiny|full] [--out DIR]
+        [--decode-arena-uncaptured | --unsafe-arena [--waveforms N]] [--repeat N]
 
-Why (docs/benchmarks.md, runs BF-BH): with the decode stage's sessions on ONNX Runtime's shared arena (the default from
-run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both, with two
-waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their runs alone in 10 of 12 trials, tiny and
-full-size exports — while with one arena per
-session (the default since) 3 of 3 matched. ``load`` now refuses the shared arena on CUDA. Checked here:
+Why (docs/benchmarks.md, runs BF-BH): with the decode stage's captured sessions on ONNX Runtime's shared arena (the
+default from run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both,
+with two waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their runs alone in 10 of 12 trials, tiny and
+full-size exports — while with one arena per session (the default since) 3 of 3 matched. ``load`` now refuses
+captured sessions on the shared arena on CUDA. Checked here:
 
 1. ``two_runtimes``: two runtimes at the default from two threads, 4 requests each, one waveform; then
    ``two_runtimes_two_waveforms`` (the ranking's sessions too): each result against the same runtime's run of that
    request alone (rel-L2, worst of the 4);
 2. ``one_runtime``: one runtime from two threads, 4 requests each, the same way;
-3. ``refused``: ``shared_arena=True`` and one component's name, refused on CUDA.
+3. ``refused``: ``shared_arena=True`` and one captured component's name, refused on CUDA.
 
+``--decode-arena-uncaptured``: 1-2 with the decode stage's sessions run without CUDA graphs and on the shared arena
+(what ``load`` allows on CUDA: ``shared_arena=DECODE_STAGE, cuda_graphs=captured_except(DECODE_STAGE)``).
 ``--unsafe-arena`` (diagnosis only): lifts the refusal (``backends.shared_arena.ALLOW_ON_CUDA``) and runs only
 1, once, with ``--waveforms`` (default 1), the two runtimes' decode stage's sessions on the arena, to reproduce the
 failure — once per process, as no session may join the arena after a capture (run it again for another trial).
@@ -46,7 +49,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--waveforms", type=int, default=1, help="with --unsafe-arena: waveforms per request")
     ap.add_argument("--unsafe-arena", action="store_true",
-                    help="diagnosis only: the decode stage's sessions on the shared arena (gave wrong audio)")
+                    help="diagnosis only: the decode stage's captured sessions on the shared arena (gave wrong audio)")
+    ap.add_argument("--decode-arena-uncaptured", action="store_true",
+                    help="the decode stage's sessions uncaptured, on the shared arena")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
 
@@ -59,16 +64,20 @@ def main() -> None:
     else:
         request = REQUESTS[args.request]
     options = {}
-    if args.unsafe_arena:
+    if args.unsafe_arena or args.decode_arena_uncaptured:
         from audioldm2_trt.runtime.backends.base import Device
-        from audioldm2_trt.runtime.pipeline import features_graph_on
+        from audioldm2_trt.runtime.pipeline import captured_except, features_graph_on
 
-        shared_arena.ALLOW_ON_CUDA = True
         graph = features_graph_on(Device.parse(args.device))  # (on the CPU the features are the host's: no session)
         options["shared_arena"] = tuple(n for n in DECODE_STAGE if n != "clap_features" or graph)
+        if args.unsafe_arena:
+            shared_arena.ALLOW_ON_CUDA = True
+        else:
+            options["cuda_graphs"] = captured_except(DECODE_STAGE)
     load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request,
-              "shared_arena": list(options.get("shared_arena", ())), "runs": []}
+              "shared_arena": list(options.get("shared_arena", ())),
+              "uncaptured": sorted(set(DECODE_STAGE) - set(options.get("cuda_graphs", DECODE_STAGE))), "runs": []}
     checks = ((f"two_runtimes_{args.waveforms}_waveforms", args.waveforms),) if args.unsafe_arena else (
         ("two_runtimes", 1), ("two_runtimes_two_waveforms", 2))
     for _ in range(1 if args.unsafe_arena else args.repeat):
@@ -88,7 +97,7 @@ def main() -> None:
                 rt.close()
         print(json.dumps(run), flush=True)
         result["runs"].append(run)
-    if not args.unsafe_arena:
+    if not args.unsafe_arena:  # captured sessions named for the arena: refused on CUDA
         refused = {}
         for label, choice in (("all", True), ("one_name", "vocoder")):
             try:

@@ -152,19 +152,23 @@ def test_the_weights_block_gives_the_same_audio_on_cuda(tiny_artifacts):
 
 @needs_cuda
 @needs_export
-def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, tmp_path):
-    """In a process of its own (scripts/shared_arena_check.py): two runtimes at the default driven from two threads
-    at once, one waveform and two (the ranking's sessions), and one runtime from two threads, give each request the
-    audio it gives alone; the shared arena is refused on CUDA (with the decode stage's sessions on it the later
-    runtime of such a pair got wrong audio, rel-L2 0.14-0.8, runs BF-BH)."""
+@pytest.mark.parametrize("mode", ["default", "decode_arena_uncaptured"])
+def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, tmp_path, mode):
+    """In a process of its own (scripts/shared_arena_check.py): two runtimes driven from two threads at once, one
+    waveform and two (the ranking's sessions), and one runtime from two threads, give each request the audio it gives
+    alone — at the default (one arena per session), and with the decode stage's sessions uncaptured on the shared
+    arena (what load allows on CUDA). Captured sessions on the arena are refused (with the decode stage's on it the
+    later runtime of such a pair got wrong audio, rel-L2 0.14-0.8, runs BF-BH)."""
+    extra = ["--decode-arena-uncaptured"] if mode != "default" else []
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shared_arena_check.py"), "--artifacts",
-                        str(tiny_artifacts), "--device", "cuda", "--request", "tiny", "--out", str(tmp_path)],
+                        str(tiny_artifacts), "--device", "cuda", "--request", "tiny", "--out", str(tmp_path), *extra],
                        capture_output=True, text=True, timeout=600, cwd=ROOT / "scripts")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "shared_arena_check.json").read_text())
-    assert res["shared_arena"] == []
+    on_arena = {"vae_decoder", "vocoder", "clap_features", "clap_audio"} if extra else set()
+    assert set(res["shared_arena"]) == on_arena and set(res["uncaptured"]) == on_arena
     for label, check in res["runs"][0].items():
         assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-5, (label, check)
     for label, refusal in res["refused"].items():
         assert refusal is not None and refusal.startswith("InvalidRequestError: shared_arena") and \
-            "refused on CUDA" in refusal, (label, refusal)
+            "runs BF-BH" in refusal, (label, refusal)

@@ -62,23 +62,33 @@ def test_no_session_is_on_the_arena_by_default_and_names_pick_theirs(tiny_artifa
         AudioLDM2Runtime.load(tiny_artifacts, shared_arena=["vocodr"])
 
 
-def test_the_shared_arena_is_refused_on_cuda(monkeypatch):
-    """On CUDA any shared arena is refused before a session is made — two runtimes at once gave wrong audio with the
-    decode stage's sessions on it (runs BF-BH) — unless the diagnosis switch is set; None and False pass, and the CPU
-    takes any choice (no captured graphs there)."""
+def test_on_cuda_only_uncaptured_sessions_may_share_the_arena(monkeypatch):
+    """On CUDA a session that captures CUDA graphs may not share the arena — with the decode stage's captured sessions
+    on it two runtimes at once gave wrong audio (runs BF-BH) — and the error names them and the remedy; sessions run
+    uncaptured may; True only with no graphs at all. None and False pass, the CPU takes any choice (no captured graphs
+    there), and the diagnosis switch lifts the rule."""
     from audioldm2_trt.runtime.backends import shared_arena as arena_module
+    from audioldm2_trt.runtime.pipeline import captured_except
 
     check, cuda = OrtSessionFactory.check_shared_arena_choice, Device.parse("cuda")
-    for fine in (None, False):
-        check(cuda, fine)
-    for bad in (True, ["vae_decoder", "vocoder"], "vocoder"):
-        with pytest.raises(InvalidRequestError, match=re.escape(f"shared_arena {bad!r}: refused on CUDA") +
-                           ".*runs BF-BH.*leave shared_arena unset or False"):
-            check(cuda, bad)
-    check(Device.parse("cpu"), True)
-    check(Device.parse("cpu"), ["clap_text", "t5_encoder"])
+    decode = ("vae_decoder", "vocoder")
+    for graphs in ("auto", True, False, captured_except(decode)):
+        check(cuda, None, graphs)
+        check(cuda, False, graphs)
+    for graphs in ("auto", True, ["vocoder", "unet"]):
+        with pytest.raises(InvalidRequestError, match=re.escape("shared_arena ['vocoder']: on CUDA only sessions "
+                                                                "without CUDA graphs may share the arena") +
+                           r".*runs BF-BH.*captured_except\(\['vocoder'\]\).*bench --uncaptured vocoder"):
+            check(cuda, ["vae_decoder", "vocoder"] if graphs == ["vocoder", "unet"] else "vocoder", graphs)
+    check(cuda, decode, captured_except(decode))  # uncaptured: allowed
+    check(cuda, decode, False)
+    with pytest.raises(InvalidRequestError, match=re.escape("shared_arena=True on CUDA needs cuda_graphs=False")):
+        check(cuda, True, captured_except(decode))
+    check(cuda, True, False)
+    check(Device.parse("cpu"), True, "auto")
+    check(Device.parse("cpu"), ["clap_text", "t5_encoder"], "auto")
     monkeypatch.setattr(arena_module, "ALLOW_ON_CUDA", True)
-    check(cuda, True)
+    check(cuda, True, "auto")
 
 
 def test_a_session_on_the_arena_never_queues_its_runs(tiny_artifacts, monkeypatch):

@@ -65,13 +65,14 @@ PACKED_CONFIG = {"session.disable_prepacking": "1"}
 # one request's text stage can still overlap another's denoising on the GPU.
 LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step": "denoising",
                 "gpt2": "language_model", "lm_append": "language_model"}
-# The shared arena (``shared_arena.py``) is refused on CUDA (``check_shared_arena_choice``): with the decode stage's
-# sessions on it (the default from run BA to run BF), two runtimes of one process driven from two threads gave the
-# later-loaded one (both, with two waveforms at full size) wrong audio — rel-L2 0.14 to 0.8 against their runs alone
-# in 10 of 12 trials, tiny and full-size exports; with one arena per session 3 of 3 matched (runs BF-BH,
-# scripts/shared_arena_check.py, docs/benchmarks.md). Why is not known: the arena's two rules held, so a third way
-# for a captured graph to write into memory another session uses exists. One arena per session costs ~140 MiB of
-# peak GPU memory (run BA). On the CPU (no captured graphs) sharing stays available.
+# On CUDA the shared arena (``shared_arena.py``) takes only sessions that capture no CUDA graph
+# (``check_shared_arena_choice``), and none by default: with the decode stage's captured sessions on it (the default
+# from run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both, with
+# two waveforms at full size) wrong audio — rel-L2 0.14 to 0.8 against their runs alone in 10 of 12 trials, tiny and
+# full-size exports; with one arena per session 3 of 3 matched (runs BF-BH, scripts/shared_arena_check.py,
+# docs/benchmarks.md). Why is not known: the arena's two rules held, so a third way for a captured graph to write
+# into memory another session uses exists; a session that never captures cannot do that. One arena per session costs
+# ~140 MiB of peak GPU memory (run BA). On the CPU (no captured graphs) sharing is ordinary arena use.
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -439,11 +440,11 @@ class OrtSessionFactory:
     sets it already (``limit_cublas_workspace``); None leaves cuBLAS's default.
     shared_arena (default providers only): the components whose sessions allocate their activations from the
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
-    (``shared_arena.py``) — None or False = none; True = every component; or a collection of names. Refused on CUDA
-    (``check_shared_arena_choice``: wrong audio with two runtimes at once, runs BF-BH) unless
-    ``shared_arena.ALLOW_ON_CUDA`` is set (diagnosis only); there its runs take turns, each holding the arena's lock
-    until its outputs are synchronised, so they are never queued on a loop stream, and no session may join the
-    arena after one of its graphs was captured.
+    (``shared_arena.py``) — None or False = none; True = every component; or a collection of names. On CUDA only
+    sessions that capture no CUDA graph may be named (``check_shared_arena_choice``: with captured ones, wrong audio
+    with two runtimes at once, runs BF-BH; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis); there its runs
+    take turns, each holding the arena's lock until its outputs are synchronised, so they are never queued on a loop
+    stream, and no session may join the arena after one of its graphs was captured.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
     as one block) — None = off on CUDA, on on the CPU. Off, activations are allocated tensor by tensor, and the
     arena reuses the blocks a run freed within that run: on the H100 the fp16 runtime's first call grew by 450 MiB
@@ -535,7 +536,7 @@ class OrtSessionFactory:
             raise BackendError("shared_arena applies to the default CPU or CUDA provider only; providers were given")
         if isinstance(shared_arena, str):  # one component's name, as load takes it
             shared_arena = (shared_arena,)
-        self.check_shared_arena_choice(self.device, shared_arena)
+        self.check_shared_arena_choice(self.device, shared_arena, cuda_graphs if use_graphs else False)
         self._on_arena = self._arena_selector(shared_arena)
         self.arena = _shared_arena(ort, self.device) if shared_arena not in (None, False) else None
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
@@ -592,15 +593,30 @@ class OrtSessionFactory:
         return lambda name: name in chosen
 
     @staticmethod
-    def check_shared_arena_choice(device: Device, shared_arena) -> None:
-        """Refuse any shared arena on CUDA (None and False always pass; ``shared_arena.ALLOW_ON_CUDA`` lifts it for
-        diagnosis): two runtimes of one process driven at once gave wrong audio with it (runs BF-BH)."""
+    def check_shared_arena_choice(device: Device, shared_arena, cuda_graphs=False) -> None:
+        """On CUDA, only sessions that capture no CUDA graph may share the arena (``cuda_graphs``: the factory's
+        choice, False where it captures none): with captured sessions on it, two runtimes of one process driven at
+        once gave wrong audio (runs BF-BH). A session that never captures allocates before it writes and frees after,
+        as any arena user, so nothing writes into blocks the arena holds free. None and False always pass;
+        ``shared_arena.ALLOW_ON_CUDA`` lifts the rule for diagnosis."""
         if device.kind != "cuda" or shared_arena in (None, False) or _shared_arena_module.ALLOW_ON_CUDA:
             return
-        raise InvalidRequestError(
-            f"shared_arena {shared_arena!r}: refused on CUDA — with sessions on ONNX Runtime's shared arena, two "
-            "runtimes of one process driven at once gave wrong audio (docs/benchmarks.md, runs BF-BH; not "
-            "explained yet); leave shared_arena unset or False (one arena per session)")
+        why = ("with sessions that capture CUDA graphs on ONNX Runtime's shared arena, two runtimes of one process "
+               "driven at once gave wrong audio (docs/benchmarks.md, runs BF-BH)")
+        if shared_arena is True:
+            if cuda_graphs:
+                raise InvalidRequestError(f"shared_arena=True on CUDA needs cuda_graphs=False: {why}; or name the "
+                                          "sessions to share it and run them uncaptured "
+                                          "(cuda_graphs=captured_except(...))")
+            return
+        names = {shared_arena} if isinstance(shared_arena, str) else set(shared_arena)
+        captures = _graph_selector(cuda_graphs)
+        captured = sorted(n for n in names if captures(n))
+        if captured:
+            raise InvalidRequestError(
+                f"shared_arena {captured}: on CUDA only sessions without CUDA graphs may share the arena — {why}; "
+                f"run them uncaptured (cuda_graphs=captured_except({captured}), or bench --uncaptured "
+                f"{','.join(captured)}), or leave shared_arena unset (one arena per session)")
 
     def _arena_selector(self, shared_arena):
         """component name → whether its session is on the shared arena (see ``shared_arena`` above)."""

@@ -1,13 +1,15 @@
 """One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``load(shared_arena=...)``:
 ``True`` every component's, or component names).
 
-**Refused on CUDA since run BF** (``OrtSessionFactory.check_shared_arena_choice``): with the decode stage's sessions
-on it (the default from run BA), two runtimes of one process driven from two threads gave wrong audio,
-rel-L2 0.14-0.8 against their runs alone in 10 of 12 trials — the later-loaded runtime each time, both with two
-waveforms at full size (runs BF-BH; one arena per session: 3 of 3 matched).
-The two rules below held there, so they are not enough, and why is not known. ``ALLOW_ON_CUDA`` lifts the refusal for
-diagnosis only (``scripts/shared_arena_check.py --unsafe-arena``). On the CPU there are no captured graphs, and
-sharing is ordinary arena use.
+**On CUDA, since run BF, only sessions that capture no CUDA graph may share it, and none do by default**
+(``OrtSessionFactory.check_shared_arena_choice``): with the decode stage's captured sessions on it (the default from
+run BA), two runtimes of one process driven from two threads gave wrong audio, rel-L2 0.14-0.8 against their runs
+alone in 10 of 12 trials — the later-loaded runtime each time, both with two waveforms at full size (runs BF-BH; one
+arena per session: 3 of 3 matched). The two rules below held there, so they are not enough, and why is not known. A
+session that never captures allocates before it writes and frees after, as any arena user does, so the hazard below
+does not arise for it (``load(shared_arena=[...], cuda_graphs=captured_except([...]))``; not yet measured on a GPU).
+``ALLOW_ON_CUDA`` lifts the rule for diagnosis only (``scripts/shared_arena_check.py --unsafe-arena``). On the CPU
+there are no captured graphs, and sharing is ordinary arena use.
 
 By default every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
 activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a shared
@@ -77,8 +79,8 @@ class SharedArena:
                 "shared_arena=False")
 
 
-# Diagnosis only (scripts/shared_arena_check.py --unsafe-arena): let load put sessions on the arena on CUDA, where it
-# gave wrong audio (above). Never set by the runtime.
+# Diagnosis only (scripts/shared_arena_check.py --unsafe-arena): let load put captured sessions on the arena on CUDA,
+# where it gave wrong audio (above). Never set by the runtime.
 ALLOW_ON_CUDA = False
 
 _ARENAS: dict[str, SharedArena] = {}
