@@ -277,3 +277,26 @@ def test_factory_for_artifacts_takes_their_precision_and_nhwc_components(tiny_ar
     assert factory.threads == 1
     default = OrtSessionFactory("cpu")  # the constructor's defaults, for contrast
     assert seen[1] == ASSUMED_NHWC and default.component_options == COMPONENT_PROVIDER_OPTIONS
+
+
+def test_the_concurrency_check_script_on_the_cpu(tiny_artifacts, tmp_path):
+    """scripts/shared_arena_check.py (which tests/test_gpu.py runs on CUDA) on the CPU, with the decode stage's
+    sessions on the shared arena: two runtimes from two threads at once, one and two waveforms, and one runtime from
+    two threads give each request exactly what it gives alone (the CPU is deterministic here), and the CPU takes the
+    choices CUDA refuses."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "scripts" / "shared_arena_check.py"), "--artifacts",
+                        str(tiny_artifacts), "--device", "cpu", "--request", "tiny", "--decode-arena-uncaptured",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root / "scripts")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "shared_arena_check.json").read_text())
+    assert res["shared_arena"] == ["vae_decoder", "vocoder", "clap_audio"]  # no features session on the CPU
+    assert set(res["runs"][0]) == {"two_runtimes", "two_runtimes_two_waveforms", "one_runtime"}
+    for label, check in res["runs"][0].items():
+        assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-6, (label, check)
+    assert res["refused"] == {"all": None, "one_name": None}
