@@ -87,7 +87,7 @@ FACTORY_VARIANTS = {
     "cublas_default_ws": {"cublas_workspace_kib": None},
     # ONNX Runtime's memory pattern off (activations allocated tensor by tensor instead of one planned block per
     # run) — the default on CUDA since run N; mem_pattern_on: the default before. (The shared-arena variants went
-    # with run BF: load refuses the shared arena on CUDA.)
+    # with run BF: load refuses captured sessions on the shared arena on CUDA.)
     "nopattern": {"mem_pattern": False},
     "mem_pattern_on": {"mem_pattern": True},
     # every session's weights in allocations of their own (ONNX Runtime's default; the runtime's until packed weights)

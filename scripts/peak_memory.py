@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmark import REQUEST
+from shared_arena_check import DECODE_STAGE
 
 from audioldm2_trt.runtime.pipeline import captured_except
 
@@ -38,8 +39,7 @@ from gpu_memory import GpuMemory
 # runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
 # backends/weights_block.py).
 # (The rows with captured sessions on ONNX Runtime's shared arena went with run BF: load refuses those on CUDA,
-# backends/shared_arena.py.) The decode stage's sessions: on the CUDA features graph's device, all four.
-DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")
+# backends/shared_arena.py.)
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
         # the decode stage uncaptured, on the shared arena (what run BA's arena saved, without captured graphs on it)
         # and off it (what running it uncaptured costs alone)

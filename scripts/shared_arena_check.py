@@ -37,7 +37,8 @@ from device_loop_check import rel_l2  # scripts/ is on the path of a script run 
 REQUESTS = {"full": None,  # benchmark.REQUEST
             "tiny": dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
                          audio_length_in_s=2.0)}
-DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")  # on the arena with --unsafe-arena
+# the decode stage's sessions (on the arena with --decode-arena-uncaptured or --unsafe-arena; peak_memory.py's rows)
+DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")
 SEEDS = ((0, 2, 3, 5), (7, 8, 9, 11))  # the two threads' requests
 
 
