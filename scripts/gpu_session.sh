@@ -63,6 +63,8 @@
 #                                          # without the compiled peers, then the Ray levels
 #   bash scripts/gpu_session.sh smoke      # setup, tiny fp16 export, then the measurement scripts on it (they run on CUDA?)
 #   bash scripts/gpu_session.sh overhead   # setup, tiny fp16 export, step_overhead.py (host time between GPU work)
+#   bash scripts/gpu_session.sh ownbuffers # setup, tiny fp16 export, the captured decode stage on the shared arena with the
+#                                          # runtime's own buffers against ONNX Runtime's (the arena's), then uncaptured
 #   bash scripts/gpu_session.sh all-solver-graph  # setup, fp16 export, the solver step captured against uncaptured,
 #                                          # device loop against host loop, bench (DPM-20, DDIM-200), benchmark with peers
 #   bash scripts/gpu_session.sh all-loop-handoff  # setup, fp16 export, the loop's steps in one hand-off against one
@@ -367,6 +369,25 @@ case "$1" in
     cd "$ROOT/scripts"
     python3 step_overhead.py --artifacts /tmp/art-tiny16 --out /tmp/logs > /tmp/logs/overhead.log 2>&1
     echo "step_overhead rc $? at $((SECONDS - t0)) s"; tail -60 /tmp/logs/overhead.log
+    tar -C /tmp -cf "$OUT/logs.tar" logs ;;
+  ownbuffers)  # with little device time, in the foreground: setup, the tiny fp16 export, then the decode stage's
+              # captured sessions on the shared arena (shared_arena_check.py --unsafe-arena --waveforms 2, one trial
+              # a process) with the runtime's buffers in memory of its own (the default since run BI) and, alternating,
+              # from ONNX Runtime's Python allocator (--python-buffers: the shared arena, as in runs BA-BI); then the
+              # decode stage uncaptured on the arena with its own buffers (2 repeats); logs into $OUT/logs.tar
+    t0=$SECONDS
+    setup_export_foreground tiny /tmp/art-tiny16 /tmp/logs/export_tiny.log
+    cd "$ROOT/scripts"
+    mkdir -p /tmp/logs/own /tmp/logs/python /tmp/logs/decode-own
+    for t in 1 2 3; do for b in own python; do
+      flag=; [ $b = python ] && flag=--python-buffers
+      timeout 120 python3 shared_arena_check.py --artifacts /tmp/art-tiny16 --request tiny --unsafe-arena --waveforms 2 \
+        $flag --out /tmp/logs/$b/$t > /tmp/logs/$b-$t.log 2>&1
+      echo "$b $t rc $? at $((SECONDS - t0)) s: $(grep -h worst_against_alone /tmp/logs/$b-$t.log | head -1)"
+    done; done
+    timeout 200 python3 shared_arena_check.py --artifacts /tmp/art-tiny16 --request tiny --decode-arena-uncaptured \
+      --repeat 2 --out /tmp/logs/decode-own > /tmp/logs/decode-own.log 2>&1
+    echo "decode-own rc $? at $((SECONDS - t0)) s"; grep -h worst /tmp/logs/decode-own.log | head -4
     tar -C /tmp -cf "$OUT/logs.tar" logs ;;
   smoke)  # with little device time: setup, the tiny fp16 export, then validate, cold start (default and
            # init_outside_arena), the ranking features' timing, the runtime's peak memory and its benchmark on it, in the

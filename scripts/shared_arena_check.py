@@ -2,7 +2,7 @@
 refused on CUDA for captured sessions. One clean process:
 
     python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--request tiny|full] [--out DIR]
-        [--decode-arena-uncaptured | --unsafe-arena [--waveforms N]] [--repeat N]
+        [--decode-arena-uncaptured | --unsafe-arena [--waveforms N]] [--repeat N] [--python-buffers]
 
 Why (docs/benchmarks.md, runs BF-BH): with the decode stage's captured sessions on ONNX Runtime's shared arena (the
 default from run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both,
@@ -21,6 +21,9 @@ captured sessions on the shared arena on CUDA. Checked here:
 ``--unsafe-arena`` (diagnosis only): lifts the refusal (``backends.shared_arena.ALLOW_ON_CUDA``) and runs only
 1, once, with ``--waveforms`` (default 1), the two runtimes' decode stage's sessions on the arena, to reproduce the
 failure — once per process, as no session may join the arena after a capture (run it again for another trial).
+``--python-buffers`` (diagnosis only): the runtime's bound buffers from ONNX Runtime's Python allocator, which takes
+them from the shared arena once it is registered (run BI: ``ortvalue_allocator_probe.py``) — what runs BA-BI did;
+by default, on a device whose arena is registered, they are the runtime's own (``backends/dlpack.py``).
 ``--repeat N``: each of 1-2 N times, in this process (its runtimes loaded afresh each time).
 Writes shared_arena_check.json. ``--request tiny`` is the short request of tests/test_gpu.py (the tiny export).
 """
@@ -53,6 +56,9 @@ def main() -> None:
                     help="diagnosis only: the decode stage's captured sessions on the shared arena (gave wrong audio)")
     ap.add_argument("--decode-arena-uncaptured", action="store_true",
                     help="the decode stage's sessions uncaptured, on the shared arena")
+    ap.add_argument("--python-buffers", action="store_true",
+                    help="diagnosis only: the runtime's bound buffers from ONNX Runtime's Python allocator (the shared "
+                         "arena once registered, as in runs BA-BI) instead of memory of its own")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
 
@@ -65,6 +71,8 @@ def main() -> None:
     else:
         request = REQUESTS[args.request]
     options = {}
+    if args.python_buffers:
+        shared_arena.OWN_BUFFERS = False
     if args.unsafe_arena or args.decode_arena_uncaptured:
         from audioldm2_trt.runtime.backends.base import Device
         from audioldm2_trt.runtime.pipeline import captured_except, features_graph_on
@@ -77,6 +85,7 @@ def main() -> None:
             options["cuda_graphs"] = captured_except(DECODE_STAGE)
     load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request,
+              "buffers": "python" if args.python_buffers else "own",
               "shared_arena": list(options.get("shared_arena", ())),
               "uncaptured": sorted(set(DECODE_STAGE) - set(options.get("cuda_graphs", DECODE_STAGE))), "runs": []}
     checks = ((f"two_runtimes_{args.waveforms}_waveforms", args.waveforms),) if args.unsafe_arena else (

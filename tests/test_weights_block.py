@@ -98,7 +98,7 @@ def test_block_memory_outlives_close_while_onnx_runtime_holds_its_weights(tiny_a
 
     import onnxruntime as ort
 
-    from audioldm2_trt.runtime.backends import weights_block as wb
+    from audioldm2_trt.runtime.backends import dlpack as wb
 
     path = tiny_artifacts / "vae_decoder.onnx"
     before = set(wb._LIVE)

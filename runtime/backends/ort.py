@@ -27,6 +27,7 @@ from .shared_arena import SESSION_CONFIG as SHARED_ARENA_CONFIG
 from .shared_arena import SharedArena
 from . import shared_arena as _shared_arena_module
 from .shared_arena import shared_arena as _shared_arena
+from .dlpack import own_value
 from .weights_block import WeightsBlock
 
 log = logging.getLogger("audioldm2_trt.runtime")
@@ -349,10 +350,27 @@ class OrtSession:
             self._arena.captured = True  # (from its first graph run on: ONNX Runtime captures within CAPTURE_RUNS)
         return not queue
 
+    def _own_buffers(self) -> bool:
+        """Whether this session's new buffers come from memory of the runtime's own (``dlpack.own_value``), not
+        from ONNX Runtime's Python allocator: where that allocator would take them from the shared arena."""
+        return _shared_arena_module.OWN_BUFFERS and _shared_arena_module.python_values_from_arena(self.device)
+
+    def _cuda_index(self) -> int | None:
+        return self.device.index if self.device.kind == "cuda" else None
+
     def _ortvalue(self, array: np.ndarray):
+        """An OrtValue on this session's device holding a copy of ``array``."""
+        if self._own_buffers():
+            return own_value(self._ort, array.shape, array.dtype, self._cuda_index(), source=array)
         if self.device.kind == "cpu":  # a CPU OrtValue wraps the array itself: never alias the caller's
             array = array.copy()
         return self._ort.OrtValue.ortvalue_from_numpy(array, self.device.kind, self.device.index)
+
+    def _empty_value(self, shape, dtype):
+        """An uninitialised OrtValue of ``shape`` and ``dtype`` on this session's device."""
+        if self._own_buffers():
+            return own_value(self._ort, shape, dtype, self._cuda_index())
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device.kind, self.device.index)
 
     def _make_bound(self, feeds: dict[str, np.ndarray], bound_inputs: dict | None = None) -> _Bound:
         """Device buffers for this key: inputs copied in (``bound_inputs`` bound as they are), outputs sized by one
@@ -369,8 +387,7 @@ class OrtSession:
         for k, v in zip(self.output_names, probe.get_outputs()):
             dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                      "tensor(int64)": np.int64, "tensor(int32)": np.int32}[v.data_type()]
-            outputs[k] = self._ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), dtype, self.device.kind,
-                                                                         self.device.index)
+            outputs[k] = self._empty_value(v.shape(), dtype)
         binding = self._session.io_binding()
         for k, v in inputs.items():
             binding.bind_ortvalue_input(k, v)

@@ -79,6 +79,18 @@ class SharedArena:
                 "shared_arena=False")
 
 
+# Diagnosis only (scripts/shared_arena_check.py --python-buffers): False leaves the runtime's bound buffers to ONNX
+# Runtime's Python allocator — the shared arena, once it is registered (what runs BA-BI did). Never set by the runtime.
+OWN_BUFFERS = True
+
+
+def python_values_from_arena(device: Device) -> bool:
+    """Whether ONNX Runtime's Python bindings allocate new OrtValues on ``device`` from the shared arena: once it is
+    registered there (since onnxruntime 1.23 they take an allocator registered in the environment; measured on the
+    H100, run BI). Then ``OrtSession`` makes its buffers in memory of its own instead (``dlpack.own_value``)."""
+    return device.kind == "cuda" and str(device) in _ARENAS
+
+
 # Diagnosis only (scripts/shared_arena_check.py --unsafe-arena): let load put captured sessions on the arena on CUDA,
 # where it gave wrong audio (above). Never set by the runtime.
 ALLOW_ON_CUDA = False

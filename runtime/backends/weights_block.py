@@ -19,7 +19,8 @@ allocations per weight, at the same speed and audio; loading takes ~0.35 s longe
 Lifetime: ONNX Runtime holds tensors over the block for as long as the session lives, which can be longer than the
 runtime's ``OrtSession`` (an I/O binding held elsewhere keeps it). Each tensor's DLPack structure stays alive until
 ONNX Runtime calls its deleter, and the block's memory until the last such call after ``WeightsBlock.close``
-(``OrtSession.close`` closes it after the session; the session object keeps it otherwise, ``attach``).
+(``OrtSession.close`` closes it after the session; the session object keeps it otherwise, ``attach``). The DLPack
+side is ``dlpack.py``'s, shared with the runtime's bound buffers.
 
 Not for components whose convolutions ``prefer_nhwc`` moves to NHWC (the vocoder): prepacking copies those weights
 into a transposed allocation of ONNX Runtime's own, and the block would hold a second copy that nothing reads.
@@ -27,20 +28,13 @@ into a transposed allocation of ONNX Runtime's own, and the block would hold a s
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ALIGNMENT = 256  # bytes; what CUDA's allocations and ONNX Runtime's arena give each tensor
-
-# ONNX TensorProto.DataType → (DLPack type code, bits). DLPack codes: 0 int, 1 uint, 2 float, 4 bfloat. Bool is left
-# to ONNX Runtime (from_dlpack would make it uint8).
-_DLPACK_TYPES = {1: (2, 32), 2: (1, 8), 3: (0, 8), 4: (1, 16), 5: (0, 16), 6: (0, 32), 7: (0, 64), 10: (2, 16),
-                 11: (2, 64), 12: (1, 32), 13: (1, 64), 16: (4, 16)}
+from .dlpack import ALIGNMENT, ONNX_TYPES, Memory, ortvalue_over
 
 
 @dataclass(frozen=True)
@@ -113,10 +107,10 @@ def _tensor(buf, start: int, end: int, model: Path) -> Initializer | None:
             external[entry.get(1, "")] = entry.get(2, "")
         elif number in (4, 5, 6, 7, 10, 11):  # typed data fields: not raw bytes
             return None
-    if data_type not in _DLPACK_TYPES:
+    if data_type not in ONNX_TYPES:
         return None
     count = int(np.prod(dims)) if dims else 1
-    nbytes = count * _DLPACK_TYPES[data_type][1] // 8
+    nbytes = count * ONNX_TYPES[data_type][1] // 8
     if raw is not None:
         if raw[1] - raw[0] != nbytes:
             raise ValueError(f"{model}: initializer {name!r} holds {raw[1] - raw[0]} bytes, its shape {dims} "
@@ -149,120 +143,6 @@ def read_initializers(model: str | Path) -> list[Initializer]:
         return found
 
 
-# --- DLPack: an OrtValue over memory the runtime owns --------------------------------------------------------
-
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int)]
-
-
-class _DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int), ("dtype", _DLDataType),
-                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
-                ("byte_offset", ctypes.c_uint64)]
-
-
-class _DLManagedTensor(ctypes.Structure):
-    pass
-
-
-# The deleter takes the DLManagedTensor's address as a plain integer (no ctypes pointer object is built in the call)
-_DELETER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _DELETER)]
-_CAPSULE_NAME = b"dltensor"
-_capsule_new = ctypes.pythonapi.PyCapsule_New
-_capsule_new.restype = ctypes.py_object
-_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-_DL_CPU, _DL_CUDA = 1, 2
-
-# DLPack's contract: the producer keeps a DLManagedTensor (and the memory it describes) until the consumer calls its
-# deleter. ONNX Runtime calls it when the last reference to the tensor goes — when the session that took the value
-# as an initializer is destroyed, which can be after the runtime closed its ``OrtSession`` (an I/O binding held
-# elsewhere keeps the session alive). So the structures live here, keyed by address, until that call, and the
-# block's memory until its last tensor's call (run BF: freeing them on ``close`` instead let ONNX Runtime read a
-# freed structure — "A dlpack structure must have a deleter", the process aborted).
-_LIVE: dict[int, tuple] = {}  # address → (DLManagedTensor, its shape array, the _Memory it points into)
-_LIVE_LOCK = threading.Lock()
-
-
-def _released(address) -> None:
-    """The deleter ONNX Runtime calls (any thread, the GIL taken by ctypes); never raises into it."""
-    try:
-        with _LIVE_LOCK:
-            entry = _LIVE.pop(address, None)
-        if entry is not None:
-            entry[2].tensor_released()
-    except Exception:  # noqa: BLE001 (e.g. at interpreter exit, with this module half torn down)
-        pass
-
-
-_RELEASED = _DELETER(_released)
-ctypes.pythonapi.Py_IncRef(ctypes.py_object(_RELEASED))  # never freed: ONNX Runtime may call it at interpreter exit
-
-
-class _Memory:
-    """A block's memory (device: a ``cuda_driver.DeviceBlock``; host: a numpy buffer) and how many tensors over it
-    ONNX Runtime holds; freed once it is closed and none is held."""
-
-    def __init__(self, device=None, host=None):
-        self.device, self.host = device, host
-        self._tensors, self._closed, self._lock = 0, False, threading.Lock()
-
-    def tensor_made(self) -> None:
-        with self._lock:
-            self._tensors += 1
-
-    def tensor_released(self) -> None:
-        with self._lock:
-            self._tensors -= 1
-            free = self._closed and self._tensors == 0
-        if free:
-            self._free()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            free = self._tensors == 0
-        if free:
-            self._free()
-
-    def _free(self) -> None:
-        device, self.device, self.host = self.device, None, None
-        if device is not None:
-            device.close()
-
-
-def _ortvalue(ort, address: int, init: Initializer, cuda_index: int | None, owner: _Memory):
-    """An ``onnxruntime.OrtValue`` over ``init``'s bytes at ``address`` (no copy), counted in ``owner`` until ONNX
-    Runtime releases it (``_released``)."""
-    code, bits = _DLPACK_TYPES[init.data_type]
-    shape = (ctypes.c_int64 * max(len(init.dims), 1))(*init.dims)
-    device = _DLDevice(_DL_CPU, 0) if cuda_index is None else _DLDevice(_DL_CUDA, cuda_index)
-    managed = _DLManagedTensor()
-    managed.dl_tensor = _DLTensor(address, device, len(init.dims), _DLDataType(code, bits, 1), shape, None, 0)
-    managed.deleter = _RELEASED
-    key = ctypes.addressof(managed)
-    with _LIVE_LOCK:
-        _LIVE[key] = (managed, shape, owner)
-    owner.tensor_made()
-    capsule = _capsule_new(key, _CAPSULE_NAME, None)
-    from_dlpack = ort.capi._pybind_state.OrtValue.from_dlpack
-    try:
-        try:
-            value = from_dlpack(capsule)
-        except TypeError:  # older onnxruntime: from_dlpack(data, is_bool_tensor)
-            value = from_dlpack(capsule, False)
-    except BaseException:
-        _released(key)  # not consumed: ONNX Runtime will never call the deleter
-        raise
-    return ort.OrtValue(value)
-
-
 class WeightsBlock:
     """The initializers of one ONNX file (``read_initializers``) in one block: device memory of CUDA GPU
     ``cuda_index`` (``cuda_driver.DeviceBlock``), or host memory where ``cuda_index`` is None; each one's slice
@@ -277,12 +157,12 @@ class WeightsBlock:
         self.nbytes = total
         self.values = {}
         if cuda_index is None:
-            self._memory = _Memory(host=np.empty(max(total, 1) + ALIGNMENT, np.uint8))
+            self._memory = Memory(host=np.empty(max(total, 1) + ALIGNMENT, np.uint8))
             base = -(-self._memory.host.ctypes.data // ALIGNMENT) * ALIGNMENT
         else:
             from .cuda_driver import DeviceBlock
 
-            self._memory = _Memory(device=DeviceBlock(cuda_index, total))
+            self._memory = Memory(device=DeviceBlock(cuda_index, total))
             base = self._memory.device.address
         files: dict[Path, tuple] = {}  # file → (open file, its map)
         try:
@@ -291,7 +171,8 @@ class WeightsBlock:
                     f = open(init.file, "rb")
                     files[init.file] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
                 self._copy(files[init.file][1], init, base, offset)
-                self.values[init.name] = _ortvalue(ort, base + offset, init, cuda_index, self._memory)
+                self.values[init.name] = ortvalue_over(ort, base + offset, init.dims, ONNX_TYPES[init.data_type],
+                                                        cuda_index, self._memory)
         except BaseException:
             self.close()
             raise
