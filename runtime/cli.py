@@ -192,7 +192,7 @@ def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
                         help="which components share one ONNX Runtime memory arena: default or none (one arena "
                              "each), all (the flag alone), or component names, comma-separated. On CUDA only "
                              "sessions without CUDA graphs (bench: name them in --uncaptured too; docs/benchmarks.md "
-                             "runs BF-BH)")
+                             "runs BF-BI)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

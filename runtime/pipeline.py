@@ -158,7 +158,7 @@ class AudioLDM2Runtime:
         for their activations instead of one each (``backends/shared_arena.py``) — None or False = none (one arena
         per session), True = every component, or component names; ``health()["shared_arena"]`` names those on it.
         **On CUDA only sessions without CUDA graphs** (``cuda_graphs=captured_except(names)``): with captured ones on
-        it, two runtimes of one process driven at once gave wrong audio (runs BF-BH, docs/benchmarks.md); other
+        it, two runtimes of one process driven at once gave wrong audio (runs BF-BI, docs/benchmarks.md); other
         choices are an InvalidRequestError. On the CPU it is ordinary arena use.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
         allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack,

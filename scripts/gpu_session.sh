@@ -39,6 +39,8 @@
 #                                          # since run BF (one arena per session) and with the decode stage uncaptured
 #                                          # on the shared arena: runtimes driven at once, peak memory (and B0), bench
 #                                          # alternating, the load test; the captured arena's failure again
+#   bash scripts/gpu_session.sh all-ownbuffers-full  # setup, fp16 export; the captured decode stage on the shared
+#                                          # arena with the runtime's own buffers at full size (run BJ's fix), peak memory
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -597,6 +599,26 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
         > /tmp/logs/load.log 2>&1; \
       for t in 1:1 2:1 3:2; do python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena \
         --waveforms \${t#*:} --out /tmp/logs/unsafe/\${t%%:*} >> /tmp/logs/unsafe.log 2>&1; done" ;;
+  ownbuffers-full)  # after the fp16 export started: at full size, the decode stage's captured sessions on the shared
+                   # arena with the runtime's buffers in memory of its own (run BJ's fix, checked on the tiny export
+                   # only): shared_arena_check.py --unsafe-arena, 3 processes with two waveforms and 2 with one, one
+                   # control with --python-buffers (the failure of runs BF-BI); the decode stage uncaptured on the arena
+                   # (2 repeats); peak memory of the default, the decode stage captured and uncaptured on the arena,
+                   # and B0; tests/test_gpu.py while the export runs
+    mkdir -p /tmp/logs/own /tmp/logs/python /tmp/logs/decode-own
+    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      for t in 1:2 2:2 3:2 4:1 5:1; do timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena \
+        --waveforms \${t#*:} --out /tmp/logs/own/\${t%%:*} >> /tmp/logs/own.log 2>&1; done; \
+      timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena --waveforms 2 --python-buffers \
+        --out /tmp/logs/python/1 >> /tmp/logs/python.log 2>&1; \
+      python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --decode-arena-uncaptured \
+        --out /tmp/logs/decode-own > /tmp/logs/arenacheck-decode-own.log 2>&1; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_decode_arena_captured,\
+runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1" ;;
+  all-ownbuffers-full)  # setup, the fp16 export, ownbuffers-full
+    setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
   all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once

@@ -4,11 +4,13 @@ refused on CUDA for captured sessions. One clean process:
     python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--request tiny|full] [--out DIR]
         [--decode-arena-uncaptured | --unsafe-arena [--waveforms N]] [--repeat N] [--python-buffers]
 
-Why (docs/benchmarks.md, runs BF-BH): with the decode stage's captured sessions on ONNX Runtime's shared arena (the
+Why (docs/benchmarks.md, runs BF-BJ): with the decode stage's captured sessions on ONNX Runtime's shared arena (the
 default from run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both,
-with two waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their runs alone in 10 of 12 trials, tiny and
-full-size exports — while with one arena per session (the default since) 3 of 3 matched. ``load`` now refuses
-captured sessions on the shared arena on CUDA. Checked here:
+with two waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their runs alone in most trials, tiny and
+full-size exports — while with one arena per session (the default since) every trial matched. ``load`` now refuses
+captured sessions on the shared arena on CUDA. The cause was the runtime's bound buffers, which ONNX Runtime's
+Python allocator took from the arena (run BI); they are the runtime's own there since (run BJ, tiny export: 11 of 11
+right). Checked here:
 
 1. ``two_runtimes``: two runtimes at the default from two threads, 4 requests each, one waveform; then
    ``two_runtimes_two_waveforms`` (the ranking's sessions too): each result against the same runtime's run of that

@@ -158,7 +158,7 @@ def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, 
     waveform and two (the ranking's sessions), and one runtime from two threads, give each request the audio it gives
     alone — at the default (one arena per session), and with the decode stage's sessions uncaptured on the shared
     arena (what load allows on CUDA). Captured sessions on the arena are refused (with the decode stage's on it the
-    later runtime of such a pair got wrong audio, rel-L2 0.14-0.8, runs BF-BH)."""
+    later runtime of such a pair got wrong audio, rel-L2 0.14-0.8, runs BF-BI)."""
     extra = ["--decode-arena-uncaptured"] if mode != "default" else []
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shared_arena_check.py"), "--artifacts",
                         str(tiny_artifacts), "--device", "cuda", "--request", "tiny", "--out", str(tmp_path), *extra],
@@ -171,4 +171,4 @@ def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, 
         assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-5, (label, check)
     for label, refusal in res["refused"].items():
         assert refusal is not None and refusal.startswith("InvalidRequestError: shared_arena") and \
-            "runs BF-BH" in refusal, (label, refusal)
+            "runs BF-BI" in refusal, (label, refusal)

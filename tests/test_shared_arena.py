@@ -64,7 +64,7 @@ def test_no_session_is_on_the_arena_by_default_and_names_pick_theirs(tiny_artifa
 
 def test_on_cuda_only_uncaptured_sessions_may_share_the_arena(monkeypatch):
     """On CUDA a session that captures CUDA graphs may not share the arena — with the decode stage's captured sessions
-    on it two runtimes at once gave wrong audio (runs BF-BH) — and the error names them and the remedy; sessions run
+    on it two runtimes at once gave wrong audio (runs BF-BI) — and the error names them and the remedy; sessions run
     uncaptured may; True only with no graphs at all. None and False pass, the CPU takes any choice (no captured graphs
     there), and the diagnosis switch lifts the rule."""
     from audioldm2_trt.runtime.backends import shared_arena as arena_module
@@ -78,7 +78,7 @@ def test_on_cuda_only_uncaptured_sessions_may_share_the_arena(monkeypatch):
     for graphs in ("auto", True, ["vocoder", "unet"]):
         with pytest.raises(InvalidRequestError, match=re.escape("shared_arena ['vocoder']: on CUDA only sessions "
                                                                 "without CUDA graphs may share the arena") +
-                           r".*runs BF-BH.*captured_except\(\['vocoder'\]\).*bench --uncaptured vocoder"):
+                           r".*runs BF-BI.*captured_except\(\['vocoder'\]\).*bench --uncaptured vocoder"):
             check(cuda, ["vae_decoder", "vocoder"] if graphs == ["vocoder", "unet"] else "vocoder", graphs)
     check(cuda, decode, captured_except(decode))  # uncaptured: allowed
     check(cuda, decode, False)

@@ -68,12 +68,14 @@ LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step":
                 "gpt2": "language_model", "lm_append": "language_model"}
 # On CUDA the shared arena (``shared_arena.py``) takes only sessions that capture no CUDA graph
 # (``check_shared_arena_choice``), and none by default: with the decode stage's captured sessions on it (the default
-# from run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both, with
-# two waveforms at full size) wrong audio — rel-L2 0.14 to 0.8 against their runs alone in 10 of 12 trials, tiny and
-# full-size exports; with one arena per session 3 of 3 matched (runs BF-BH, scripts/shared_arena_check.py,
-# docs/benchmarks.md). Why is not known: the arena's two rules held, so a third way for a captured graph to write
-# into memory another session uses exists; a session that never captures cannot do that. One arena per session costs
-# ~140 MiB of peak GPU memory (run BA). On the CPU (no captured graphs) sharing is ordinary arena use.
+# from run BA to run BF), two runtimes of one process driven from two threads gave wrong audio — rel-L2 0.14 to 0.8
+# against their runs alone in most trials, tiny and full-size exports (runs BF-BI, scripts/shared_arena_check.py,
+# docs/benchmarks.md). The cause, found in runs BI-BJ: ONNX Runtime's Python bindings took the runtime's own bound
+# buffers from that arena (``shared_arena.python_values_from_arena``); they now come from memory of the runtime's own
+# there (``OrtSession._own_buffers``), and the tiny export gave the right audio in 11 of 11 trials that way (3 of 5
+# wrong without). The refusal stays until the full-size check (``gpu_session.sh all-ownbuffers-full``). One arena per
+# session costs ~130 MiB of peak GPU memory (run BI: 3282 against run BF's 3150). On the CPU (no captured graphs)
+# sharing is ordinary arena use.
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -459,7 +461,7 @@ class OrtSessionFactory:
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
     (``shared_arena.py``) — None or False = none; True = every component; or a collection of names. On CUDA only
     sessions that capture no CUDA graph may be named (``check_shared_arena_choice``: with captured ones, wrong audio
-    with two runtimes at once, runs BF-BH; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis); there its runs
+    with two runtimes at once, runs BF-BI; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis); there its runs
     take turns, each holding the arena's lock until its outputs are synchronised, so they are never queued on a loop
     stream, and no session may join the arena after one of its graphs was captured.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
@@ -613,13 +615,15 @@ class OrtSessionFactory:
     def check_shared_arena_choice(device: Device, shared_arena, cuda_graphs=False) -> None:
         """On CUDA, only sessions that capture no CUDA graph may share the arena (``cuda_graphs``: the factory's
         choice, False where it captures none): with captured sessions on it, two runtimes of one process driven at
-        once gave wrong audio (runs BF-BH). A session that never captures allocates before it writes and frees after,
-        as any arena user, so nothing writes into blocks the arena holds free. None and False always pass;
+        once gave wrong audio (runs BF-BI; the cause, the runtime's buffers taken from the arena, is mended since run
+        BJ, checked on the tiny export only — the comment above ``NO_WAIT_OPTION``). A session that never captures
+        allocates before it writes and frees after, as any arena user. None and False always pass;
         ``shared_arena.ALLOW_ON_CUDA`` lifts the rule for diagnosis."""
         if device.kind != "cuda" or shared_arena in (None, False) or _shared_arena_module.ALLOW_ON_CUDA:
             return
         why = ("with sessions that capture CUDA graphs on ONNX Runtime's shared arena, two runtimes of one process "
-               "driven at once gave wrong audio (docs/benchmarks.md, runs BF-BH)")
+               "driven at once gave wrong audio (docs/benchmarks.md, runs BF-BI; the fix since is not yet checked at "
+               "full size)")
         if shared_arena is True:
             if cuda_graphs:
                 raise InvalidRequestError(f"shared_arena=True on CUDA needs cuda_graphs=False: {why}; or name the "

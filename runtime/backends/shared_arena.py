@@ -4,12 +4,27 @@
 **On CUDA, since run BF, only sessions that capture no CUDA graph may share it, and none do by default**
 (``OrtSessionFactory.check_shared_arena_choice``): with the decode stage's captured sessions on it (the default from
 run BA), two runtimes of one process driven from two threads gave wrong audio, rel-L2 0.14-0.8 against their runs
-alone in 10 of 12 trials — the later-loaded runtime each time, both with two waveforms at full size (runs BF-BH; one
-arena per session: 3 of 3 matched). The two rules below held there, so they are not enough, and why is not known. A
-session that never captures allocates before it writes and frees after, as any arena user does, so the hazard below
-does not arise for it (``load(shared_arena=[...], cuda_graphs=captured_except([...]))``; not yet measured on a GPU).
-``ALLOW_ON_CUDA`` lifts the rule for diagnosis only (``scripts/shared_arena_check.py --unsafe-arena``). On the CPU
-there are no captured graphs, and sharing is ordinary arena use.
+alone in most trials — the later-loaded runtime, and at full size with two waveforms both (runs BF-BI; one arena per
+session: every trial matched). ``ALLOW_ON_CUDA`` lifts the rule for diagnosis only
+(``scripts/shared_arena_check.py --unsafe-arena``). On the CPU there are no captured graphs, and sharing is ordinary
+arena use.
+
+**The cause (runs BI-BJ), and the fix.** Since onnxruntime 1.23 the Python bindings allocate
+``OrtValue.ortvalue_from_numpy`` / ``ortvalue_from_shape_and_type`` on a device from an allocator registered in the
+environment for it — this arena, once registered (``scripts/ortvalue_allocator_probe.py`` on the H100, run BI: the
+first value took the arena's 256 MiB first chunk). So every buffer the runtime binds (inputs, outputs, the loops'
+latents), of every runtime of the process, came from the arena: a second runtime's, made at its first requests,
+landed in blocks the first one's captured graphs write as scratch (rule 2 below, broken unseen). The decode stage
+*uncaptured* on the arena also went wrong once in six full-size trials (run BI); a likely way, not shown: a buffer
+made from another thread (outside the arena's lock) while a session on the arena ran took a block that session had
+freed mid-run, which ONNX Runtime reuses in its own stream's order only, with kernels still queued. Now, on a device
+whose arena is registered (``python_values_from_arena``), ``OrtSession`` makes its buffers in memory of the
+runtime's own (``dlpack.own_value``), and the arena holds only what sessions allocate inside their runs. On the tiny
+export (run BJ) the decode stage's captured sessions on the arena then gave two runtimes the right audio in 11 of 11
+trials, against 3 of 5 wrong with the buffers from the arena (``--python-buffers``, the diagnosis switch
+``OWN_BUFFERS``), and uncaptured 6 of 6. The refusal stays until that is checked at full size
+(``scripts/gpu_session.sh all-ownbuffers-full``), where it would take back ~130 MiB of peak memory (run BI: 3282 MiB
+at the default, 3166 with the decode stage uncaptured on the arena; run BF: 3150 captured on it).
 
 By default every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
 activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a shared
@@ -32,13 +47,8 @@ another session's run may be handed the same blocks. Two rules were to keep that
    (kernels' prepacked weights would come from the arena): ``check_can_join`` raises, naming the remedy (create
    every session, of every runtime that shares the arena, before the first request).
 
-Candidates for what these miss, neither checked: (a) the runtime's own bound buffers (inputs, outputs, the loops'
-latents: OrtValues from ``ortvalue_from_shape_and_type``) were assumed to come from ONNX Runtime's Python allocator,
-but since onnxruntime 1.23 its Python bindings can take an allocator shared in the environment (this one) — then they
-are long-lived allocations in the arena, and a second runtime's, made at its first requests after the first one's
-captures, land in blocks those graphs write as scratch (``scripts/ortvalue_allocator_probe.py`` tells; on the CPU
-a value made after registering a shared CPU arena did not come from it); (b) state a kernel allocates from the arena
-at its first run with a shape and keeps, with the same effect.
+What these rules missed: the runtime's own buffers in the arena (above); (b), state a kernel allocates from the
+arena at its first run with a shape and keeps, would have the same effect and is not ruled out at full size.
 
 What it costs: on that device the runs of the components on it no longer overlap. With every component on it, two
 requests in different stages take turns (run M: ~10 % less unbatched throughput at 4 and 16 concurrent clients, 2 %
