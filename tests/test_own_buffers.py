@@ -89,3 +89,24 @@ def test_a_runtime_with_its_buffers_in_memory_of_its_own_gives_the_same_audio(ti
     del own, got, again
     gc.collect()
     assert set(dlpack._LIVE) - before == set()  # all freed once the runtime closed
+
+
+def test_own_buffers_are_made_at_a_new_shape_only_never_per_request(tiny_artifacts, monkeypatch):
+    """One ``cuMemAlloc`` per buffer is cheap only if a warm request allocates none (a free can wait for the whole
+    device): buffers are made with each new shape key — the first request, the first with two waveforms — and reused
+    after."""
+    from audioldm2_trt.runtime.backends import ort as ort_backend
+
+    made = []
+    original = ort_backend.own_value
+    monkeypatch.setattr(ort_backend, "own_value", lambda *a, **k: (made.append(a[1]), original(*a, **k))[1])
+    monkeypatch.setattr(shared_arena_module, "python_values_from_arena", lambda device: True)
+    rt = AudioLDM2Runtime.load(tiny_artifacts, device_loop=True)
+    counts = []
+    for seed, waveforms in ((1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 1)):
+        before = len(made)
+        rt("rain", **dict(KW, seed=seed, num_waveforms_per_prompt=waveforms))
+        counts.append(len(made) - before)
+    assert counts[0] > 10 and counts[3] > 0  # the first request, and the first with two waveforms (new shapes)
+    assert counts[1] == counts[2] == counts[4] == counts[5] == 0, counts
+    rt.close()
