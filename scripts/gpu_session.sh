@@ -98,6 +98,14 @@ BENCH_CLI_DDIM200="(cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /t
 # the device loop's designs against each other in one process, then the device loop against the host loop
 LOOP_CHECKS="python3 step_overhead.py --artifacts /tmp/art-fp16 --rounds 10 --out /tmp/logs > /tmp/logs/overhead.log 2>&1; \
   python3 device_loop_check.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/loopcheck.log 2>&1"
+# `bench` alternating, 3 rounds of 20 calls: what run BJ's fix costs where the arena is in use — the projection run
+# uncaptured, off the arena (proj) and on it (own: the arena registered, so every session's buffers are in memory of
+# the runtime's own; the difference between the two is theirs), and the default; $ART (default /tmp/art-fp16)
+OWN_BUFFERS_BENCH="for r in 1 2 3; do for v in default proj own; do \
+    case \$v in default) o= ;; proj) o='--uncaptured projection' ;; \
+      own) o='--shared-arena projection --uncaptured projection' ;; esac; \
+    (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts \${ART:-/tmp/art-fp16} --device cuda --runs 20 \$o \
+      --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done"
 VALIDATE16="(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1)"
 # A mode's steps ($1: shell commands joined by "; ") in the background, run from scripts/; /tmp/logs/done once they
 # have ended (collect waits for it)
@@ -391,6 +399,12 @@ case "$1" in
       --repeat 2 --out /tmp/logs/decode-own > /tmp/logs/decode-own.log 2>&1
     echo "decode-own rc $? at $((SECONDS - t0)) s"; grep -h worst /tmp/logs/decode-own.log | head -4
     tar -C /tmp -cf "$OUT/logs.tar" logs ;;
+  ownbuffers-speed)  # with little device time, in the foreground: setup, the tiny fp16 export, $OWN_BUFFERS_BENCH on it
+    t0=$SECONDS
+    setup_export_foreground tiny /tmp/art-tiny16 /tmp/logs/export_tiny.log
+    ART=/tmp/art-tiny16 bash -c "$OWN_BUFFERS_BENCH"
+    echo "bench done at $((SECONDS - t0)) s"; grep -h "end to end\|stages" /tmp/logs/bench-*.log
+    tar -C /tmp -cf "$OUT/logs.tar" logs ;;
   smoke)  # with little device time: setup, the tiny fp16 export, then validate, cold start (default and
            # init_outside_arena), the ranking features' timing, the runtime's peak memory and its benchmark on it, in the
            # foreground, logs and results into $OUT/logs.tar. Checks that these scripts run on CUDA; tiny-config
@@ -616,7 +630,8 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
       python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --decode-arena-uncaptured \
         --out /tmp/logs/decode-own > /tmp/logs/arenacheck-decode-own.log 2>&1; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_decode_arena_captured,\
-runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1" ;;
+runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      $OWN_BUFFERS_BENCH" ;;
   all-ownbuffers-full)  # setup, the fp16 export, ownbuffers-full
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
