@@ -19,10 +19,10 @@ value came from the shared arena. Writes ortvalue_allocator_probe.json.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
+
+from result_json import write_result  # scripts/ is on the path of a script run from it
 
 FIRST_CHUNK = 256 << 20
 
@@ -53,10 +53,7 @@ def main() -> None:
     grew = result["after_from_numpy_mib"] - result["after_registering_mib"]
     result["grew_mib"] = grew
     result["values_from_the_shared_arena"] = bool(grew >= (FIRST_CHUNK >> 20) / 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ortvalue_allocator_probe.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_result(args.out, "ortvalue_allocator_probe.json", result)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-from pathlib import Path
 
 from device_loop_check import rel_l2  # scripts/ is on the path of a script run from it
+from result_json import write_result
 
 REQUESTS = {"full": None,  # benchmark.REQUEST
             "tiny": dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
@@ -118,10 +118,7 @@ def main() -> None:
             except InvalidRequestError as err:
                 refused[label] = f"{type(err).__name__}: {err}"
         result["refused"] = refused
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shared_arena_check.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_result(args.out, "shared_arena_check.json", result)
 
 
 def together_vs_alone(runtimes: list, request: dict, waveforms: int) -> dict:

@@ -12,13 +12,12 @@ the same configuration. Writes weights_block_check.json.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 
 from benchmark import REQUEST
 from device_loop_check import rel_l2
+from result_json import write_result
 
 VARIANTS = (("block", None), ("no_block", False), ("block_again", None))
 
@@ -47,10 +46,7 @@ def main() -> None:
                       "max_abs": float(np.abs(a - first[call]).max()), "identical": bool(np.array_equal(a, first[call]))}
                for call, a in calls.items()}
         for name, calls in audio.items() if name != VARIANTS[0][0]}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "weights_block_check.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_result(args.out, "weights_block_check.json", result)
 
 
 if __name__ == "__main__":
