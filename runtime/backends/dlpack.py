@@ -34,6 +34,7 @@ NUMPY_TYPES = {np.dtype(np.float32): (2, 32), np.dtype(np.float16): (2, 16), np.
                np.dtype(np.uint8): (1, 8)}
 ALIGNMENT = 256  # bytes; what CUDA's allocations and ONNX Runtime's arena give each tensor
 
+
 class _DLDevice(ctypes.Structure):
     _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int)]
 
@@ -88,6 +89,32 @@ class Memory:
     def __init__(self, device=None, host=None):
         self.device, self.host = device, host
         self._tensors, self._closed, self._lock = 0, False, threading.Lock()
+
+    @classmethod
+    def allocate(cls, nbytes: int, cuda_index: int | None) -> "Memory":
+        """``nbytes`` of device memory of CUDA GPU ``cuda_index`` (one ``cuMemAlloc``), or of host memory where it is
+        None; ``address`` is ``ALIGNMENT``-aligned either way."""
+        if cuda_index is None:
+            return cls(host=np.empty(max(nbytes, 1) + ALIGNMENT, np.uint8))
+        from .cuda_driver import DeviceBlock
+
+        return cls(device=DeviceBlock(cuda_index, nbytes))
+
+    @property
+    def address(self) -> int:
+        """Where the memory starts (for host memory, the first aligned byte of its buffer)."""
+        if self.device is not None:
+            return self.device.address
+        return -(-self.host.ctypes.data // ALIGNMENT) * ALIGNMENT
+
+    def copy_in(self, offset: int, host_address: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from host memory at ``host_address`` to ``offset`` bytes past ``address`` (synchronous)."""
+        if self.device is not None:
+            self.device.copy_in(offset, host_address, nbytes)  # (it checks the bounds)
+            return
+        if offset < 0 or self.address - self.host.ctypes.data + offset + nbytes > self.host.nbytes:
+            raise ValueError(f"copy of {nbytes} bytes at offset {offset} outside the host buffer")
+        ctypes.memmove(self.address + offset, host_address, nbytes)
 
     def tensor_made(self) -> None:
         with self._lock:
@@ -155,24 +182,10 @@ def own_value(ort, shape: tuple, dtype, cuda_index: int | None, source: np.ndarr
         if source.shape != shape or source.dtype != dtype:
             raise ValueError(f"source {source.shape} {source.dtype} does not match the buffer {shape} {dtype}")
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if cuda_index is None:
-        host = np.empty(max(nbytes, 1) + ALIGNMENT, np.uint8)
-        address = -(-host.ctypes.data // ALIGNMENT) * ALIGNMENT
-        memory = Memory(host=host)
-        if source is not None:
-            ctypes.memmove(address, source.ctypes.data, nbytes)
-    else:
-        from .cuda_driver import DeviceBlock
-
-        memory = Memory(device=DeviceBlock(cuda_index, nbytes))
-        address = memory.device.address
-        if source is not None and nbytes:
-            try:
-                memory.device.copy_in(0, source.ctypes.data, nbytes)
-            except BaseException:
-                memory.close()
-                raise
+    memory = Memory.allocate(nbytes, cuda_index)
     try:
-        return ortvalue_over(ort, address, shape, NUMPY_TYPES[dtype], cuda_index, memory)
+        if source is not None and nbytes:
+            memory.copy_in(0, source.ctypes.data, nbytes)
+        return ortvalue_over(ort, memory.address, shape, NUMPY_TYPES[dtype], cuda_index, memory)
     finally:
-        memory.close()  # freed once ONNX Runtime releases the value (at once, where from_dlpack failed)
+        memory.close()  # freed once ONNX Runtime releases the value (at once, where it holds none)

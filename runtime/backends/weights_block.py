@@ -156,21 +156,15 @@ class WeightsBlock:
             total += -(-init.nbytes // ALIGNMENT) * ALIGNMENT
         self.nbytes = total
         self.values = {}
-        if cuda_index is None:
-            self._memory = Memory(host=np.empty(max(total, 1) + ALIGNMENT, np.uint8))
-            base = -(-self._memory.host.ctypes.data // ALIGNMENT) * ALIGNMENT
-        else:
-            from .cuda_driver import DeviceBlock
-
-            self._memory = Memory(device=DeviceBlock(cuda_index, total))
-            base = self._memory.device.address
+        self._memory = Memory.allocate(total, cuda_index)
+        base = self._memory.address
         files: dict[Path, tuple] = {}  # file → (open file, its map)
         try:
             for init, offset in zip(self.initializers, offsets):
                 if init.file not in files:
                     f = open(init.file, "rb")
                     files[init.file] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-                self._copy(files[init.file][1], init, base, offset)
+                self._copy(files[init.file][1], init, offset)
                 self.values[init.name] = ortvalue_over(ort, base + offset, init.dims, ONNX_TYPES[init.data_type],
                                                         cuda_index, self._memory)
         except BaseException:
@@ -181,15 +175,11 @@ class WeightsBlock:
                 mapped.close()
                 f.close()
 
-    def _copy(self, mapped, init: Initializer, base: int, offset: int) -> None:
+    def _copy(self, mapped, init: Initializer, offset: int) -> None:
         """``init``'s bytes from the mapped file into the block at ``offset`` (no view of the map outlives this)."""
         source = np.frombuffer(mapped, np.uint8, init.nbytes, init.offset)
         try:
-            if self._memory.device is not None:
-                self._memory.device.copy_in(offset, source.ctypes.data, init.nbytes)
-            else:
-                start = base - self._memory.host.ctypes.data + offset
-                self._memory.host[start:start + init.nbytes] = source
+            self._memory.copy_in(offset, source.ctypes.data, init.nbytes)
         finally:
             del source
 
