@@ -40,7 +40,8 @@
 #                                          # on the shared arena: runtimes driven at once, peak memory (and B0), bench
 #                                          # alternating, the load test; the captured arena's failure again
 #   bash scripts/gpu_session.sh all-ownbuffers-full  # setup, fp16 export; the captured decode stage on the shared
-#                                          # arena with the runtime's own buffers at full size (run BJ's fix), peak memory
+#                                          # arena with the runtime's own buffers at full size (run BJ's fix), peak memory,
+#                                          # bench alternating, then the benchmark with the peers (no fp32 row)
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -89,6 +90,9 @@ RAY_LEVELS="python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --
 # BENCH_OPTIONS='{"unet": {...}}' (exported, read when the step runs): also a row with those per-component options
 BENCH_WITH_PEERS="python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 \
   --skip fp16_nograph,fp16_notf32 \${BENCH_OPTIONS:+--provider-options \"\$BENCH_OPTIONS\"} --out /tmp/logs > /tmp/logs/bench.log 2>&1"
+# the same without the fp32 export: the peers (B0, B1, B2) and the fp16 runtime only
+BENCH_PEERS_FP16="python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_nograph,fp16_notf32 \
+  --out /tmp/logs > /tmp/logs/bench.log 2>&1"
 FIDELITY="python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1"
 # the bench command in its own process on the fp16 artefacts: the request (20 warm calls), and DDIM-200 (3)
 BENCH_CLI="(cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
@@ -618,7 +622,7 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
                    # only): shared_arena_check.py --unsafe-arena, 3 processes with two waveforms and 2 with one, one
                    # control with --python-buffers (the failure of runs BF-BI); the decode stage uncaptured on the arena
                    # (2 repeats); peak memory of the default, the decode stage captured and uncaptured on the arena,
-                   # and B0; tests/test_gpu.py while the export runs
+                   # and B0; tests/test_gpu.py while the export runs; last, the benchmark with the peers (no fp32)
     mkdir -p /tmp/logs/own /tmp/logs/python /tmp/logs/decode-own
     in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
         > /tmp/logs/pytest-gpu.log 2>&1); \
@@ -631,7 +635,8 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
         --out /tmp/logs/decode-own > /tmp/logs/arenacheck-decode-own.log 2>&1; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_decode_arena_captured,\
 runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
-      $OWN_BUFFERS_BENCH" ;;
+      $OWN_BUFFERS_BENCH; \
+      $BENCH_PEERS_FP16" ;;
   all-ownbuffers-full)  # setup, the fp16 export, ownbuffers-full
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
