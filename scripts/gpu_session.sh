@@ -91,7 +91,7 @@ RAY_LEVELS="python3 multi_gpu.py ray --artifacts /tmp/art-fp16 --replicas 1 2 --
 BENCH_WITH_PEERS="python3 benchmark.py --fp16 /tmp/art-fp16 --fp32 /tmp/art-fp32 --runs 10 \
   --skip fp16_nograph,fp16_notf32 \${BENCH_OPTIONS:+--provider-options \"\$BENCH_OPTIONS\"} --out /tmp/logs > /tmp/logs/bench.log 2>&1"
 # the same without the fp32 export: the peers (B0, B1, B2) and the fp16 runtime only
-BENCH_PEERS_FP16="python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_nograph,fp16_notf32 \
+BENCH_PEERS_FP16="python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_host_loop,fp16_nograph,fp16_notf32 \
   --out /tmp/logs > /tmp/logs/bench.log 2>&1"
 FIDELITY="python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs > /tmp/logs/fidelity.log 2>&1"
 # the bench command in its own process on the fp16 artefacts: the request (20 warm calls), and DDIM-200 (3)
@@ -371,7 +371,7 @@ case "$1" in
                  # full-size artefacts, the bench command (DPM-20, DDIM-200), then benchmark.py with the peers (no fp32)
     in_background "bash $SELF wait 16; \
       $LOOP_CHECKS; $BENCH_CLI; $BENCH_CLI_DDIM200; \
-      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_nograph,fp16_notf32 \
+      python3 benchmark.py --fp16 /tmp/art-fp16 --runs 10 --skip fp32,fp16_host_loop,fp16_nograph,fp16_notf32 \
         --out /tmp/logs > /tmp/logs/bench.log 2>&1" ;;
   all-solver-graph)  # setup, the fp16 export, solver-graph
     setup_export_then "16" solver-graph ;;
