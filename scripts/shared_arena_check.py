@@ -10,11 +10,14 @@ with two waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their r
 full-size exports — while with one arena per session (the default since) every trial matched. ``load`` now refuses
 captured sessions on the shared arena on CUDA. The cause was the runtime's bound buffers, which ONNX Runtime's
 Python allocator took from the arena (run BI); they are the runtime's own there since (run BJ, tiny export: 11 of 11
-right). Checked here:
+right; run BL, full size: every request with one waveform right, and with two every thread's waveforms differed from
+its run alone by the distance of its pair swapped, or not at all — the order, not yet told apart here then). Checked
+here:
 
 1. ``two_runtimes``: two runtimes at the default from two threads, 4 requests each, one waveform; then
    ``two_runtimes_two_waveforms`` (the ranking's sessions too): each result against the same runtime's run of that
-   request alone (rel-L2, worst of the 4);
+   request alone (rel-L2, worst of the 4), as ranked and with the waveforms matched to the run alone's (a ranking
+   that changed order is not wrong audio: ``together_vs_alone``);
 2. ``one_runtime``: one runtime from two threads, 4 requests each, the same way;
 3. ``refused``: ``shared_arena=True`` and one captured component's name, refused on CUDA.
 
@@ -36,7 +39,7 @@ import argparse
 import json
 import threading
 
-from device_loop_check import rel_l2  # scripts/ is on the path of a script run from it
+from device_loop_check import matched_order, rel_l2  # scripts/ is on the path of a script run from it
 from result_json import write_result
 
 REQUESTS = {"full": None,  # benchmark.REQUEST
@@ -123,9 +126,18 @@ def main() -> None:
 
 def together_vs_alone(runtimes: list, request: dict, waveforms: int) -> dict:
     """``runtimes[i]`` driven from thread i at once (the same runtime twice: one runtime from two threads), each
-    thread making its 4 requests of ``SEEDS``: errors, and per thread the worst rel-L2 against the same runtime's
-    run of the same request alone, made first in order (the first runtime's requests, then the second's)."""
-    call = lambda i, s: runtimes[i](**request, seed=s, num_waveforms_per_prompt=waveforms).audios  # noqa: E731
+    thread making its 4 requests of ``SEEDS``, against the same runtime's run of the same request alone, made first
+    in order (the first runtime's requests, then the second's). Per thread, the worst rel-L2 of:
+
+    - ``worst_against_alone``: the waveforms as returned (ranked best first by CLAP when there are several);
+    - ``worst_rows_matched``: each prompt's waveforms matched to the run alone's (the permutation closest in rel-L2),
+      so a ranking that put the same waveforms in another order is told apart from wrong audio.
+
+    ``order_differs`` lists each request whose ranking differs from its run alone, with both runs' CLAP scores of
+    the same waveforms (row k: the run alone's k-th), so one can see whether the scores or only the order moved.
+    With random weights CLAP's scores of two waveforms can lie closer than the fp16 UNet's spread moves them
+    (docs/benchmarks.md, run BL): such a pair's order then changes between runs."""
+    call = lambda i, s: runtimes[i](**request, seed=s, num_waveforms_per_prompt=waveforms)  # noqa: E731
     alone = [{s: call(i, s) for s in SEEDS[i]} for i in range(len(runtimes))]
     together, errors = [{} for _ in runtimes], []
 
@@ -141,10 +153,25 @@ def together_vs_alone(runtimes: list, request: dict, waveforms: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    return {"errors": errors, "worst_against_alone": [
-        max(rel_l2(together[i][s], alone[i][s]) for s in together[i]) if together[i] else None
-        for i in range(len(runtimes))]}
+    as_ranked, matched, order_differs = [], [], []
+    for i in range(len(runtimes)):
+        ranked, rows = [], []
+        for s, out in together[i].items():
+            ref = alone[i][s]
+            order = matched_order(out.audios, ref.audios, waveforms)
+            ranked.append(rel_l2(out.audios, ref.audios))
+            rows.append(rel_l2(out.audios[order], ref.audios))
+            if order != list(range(len(order))):
+                order_differs.append({"thread": i, "seed": s, "alone_scores": _floats(ref.scores),
+                                      "together_scores": _floats(None if out.scores is None else out.scores[order])})
+        as_ranked.append(max(ranked) if ranked else None)
+        matched.append(max(rows) if rows else None)
+    return {"errors": errors, "worst_against_alone": as_ranked, "worst_rows_matched": matched,
+            "order_differs": order_differs}
 
+
+def _floats(values) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
 
 if __name__ == "__main__":
     main()

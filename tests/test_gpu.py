@@ -169,6 +169,7 @@ def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, 
     assert set(res["shared_arena"]) == on_arena and set(res["uncaptured"]) == on_arena
     for label, check in res["runs"][0].items():
         assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-5, (label, check)
+        assert max(check["worst_rows_matched"]) < 1e-5 and check["order_differs"] == [], (label, check)
     for label, refusal in res["refused"].items():
         assert refusal is not None and refusal.startswith("InvalidRequestError: shared_arena") and \
             "runs BF-BI" in refusal, (label, refusal)

@@ -299,4 +299,50 @@ def test_the_concurrency_check_script_on_the_cpu(tiny_artifacts, tmp_path):
     assert set(res["runs"][0]) == {"two_runtimes", "two_runtimes_two_waveforms", "one_runtime"}
     for label, check in res["runs"][0].items():
         assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-6, (label, check)
+        assert max(check["worst_rows_matched"]) < 1e-6 and check["order_differs"] == [], (label, check)
     assert res["refused"] == {"all": None, "one_name": None}
+
+
+def test_the_concurrency_check_tells_a_reordered_ranking_from_wrong_audio():
+    """scripts/shared_arena_check.together_vs_alone on two stand-in runtimes with known outputs (the second call
+    of a seed is the one made while both threads run): runtime 0's seed 3 comes back with its two waveforms
+    exact but ranked the other way round, as when CLAP's scores of the pair move past each other; runtime 1's seed 8
+    comes back in its order with one waveform wrong. The check keeps the ranked comparison, and its row-matched
+    comparison clears the first and catches the second; order_differs names the first with both runs' scores of the
+    same waveforms."""
+    import importlib
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        check = importlib.import_module("shared_arena_check")
+    finally:
+        sys.path.pop(0)
+
+    class StandIn:
+        def __init__(self, reorder_seed=None, wrong_seed=None):
+            self.calls, self.reorder_seed, self.wrong_seed = {}, reorder_seed, wrong_seed
+
+        def __call__(self, seed, num_waveforms_per_prompt, **request):
+            assert num_waveforms_per_prompt == 2 and request == {"prompt": "rain"}
+            self.calls[seed] = self.calls.get(seed, 0) + 1
+            rows = np.random.default_rng(seed).standard_normal((2, 64)).astype(np.float32)
+            scores = np.array([0.060, 0.059], np.float32)
+            if self.calls[seed] == 2 and seed == self.reorder_seed:
+                rows, scores = rows[[1, 0]], np.array([0.061, 0.058], np.float32)
+            if self.calls[seed] == 2 and seed == self.wrong_seed:
+                rows = rows.copy()
+                rows[1] += 0.5
+            return SimpleNamespace(audios=rows, scores=scores)
+
+    res = check.together_vs_alone([StandIn(reorder_seed=3), StandIn(wrong_seed=8)], {"prompt": "rain"}, 2)
+    rows = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    assert res["errors"] == []
+    assert res["worst_against_alone"][0] == pytest.approx(check.rel_l2(rows[[1, 0]], rows))
+    assert res["worst_against_alone"][0] > 1.0 and res["worst_rows_matched"][0] == 0.0
+    wrong = np.random.default_rng(8).standard_normal((2, 64)).astype(np.float32)
+    assert res["worst_rows_matched"][1] == pytest.approx(0.5 * np.sqrt(64) / np.linalg.norm(wrong), rel=1e-5)
+    assert res["order_differs"] == [{"thread": 0, "seed": 3, "alone_scores": pytest.approx([0.060, 0.059]),
+                                     "together_scores": pytest.approx([0.058, 0.061])}]
