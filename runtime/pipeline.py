@@ -157,9 +157,13 @@ class AudioLDM2Runtime:
         shared_arena (backend "ort", default providers): the components whose sessions share one ONNX Runtime arena
         for their activations instead of one each (``backends/shared_arena.py``) — None or False = none (one arena
         per session), True = every component, or component names; ``health()["shared_arena"]`` names those on it.
-        **On CUDA only sessions without CUDA graphs** (``cuda_graphs=captured_except(names)``): with captured ones on
-        it, two runtimes of one process driven at once gave wrong audio (runs BF-BI, docs/benchmarks.md); other
-        choices are an InvalidRequestError. On the CPU it is ordinary arena use.
+        **On CUDA, sessions with CUDA graphs only among the decode stage's** (vae_decoder, vocoder, clap_features,
+        clap_audio: ``backends.ort.CAPTURED_ON_ARENA_CHECKED``; about 140 MiB less peak memory, run BL) — others only
+        uncaptured (``cuda_graphs=captured_except(names)``): captured sessions on it gave two runtimes of one process
+        driven at once wrong audio until the runtime's buffers were its own there, and only the decode stage's are
+        checked since (runs BD-BM, docs/benchmarks.md); other choices are an InvalidRequestError. Every runtime of the
+        process that shares the arena must be loaded before any of them serves (a session cannot join it after a
+        capture). On the CPU it is ordinary arena use.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
         allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack,
         the ranking components and a UNet exported with ``--unet-layout nchw`` on CUDA (NHWC convolutions cannot be

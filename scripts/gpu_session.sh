@@ -42,6 +42,9 @@
 #   bash scripts/gpu_session.sh all-ownbuffers-full  # setup, fp16 export; the captured decode stage on the shared
 #                                          # arena with the runtime's own buffers at full size (run BJ's fix), peak memory,
 #                                          # bench alternating, then the benchmark with the peers (no fp32 row)
+#   bash scripts/gpu_session.sh all-decodearena-full  # setup, fp16 export; the decode stage captured on the shared
+#                                          # arena (load takes it since runs BL-BM): 8 two-runtime trials, peak memory,
+#                                          # bench alternating with the default, the load test with it; test_gpu.py
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -385,7 +388,7 @@ case "$1" in
     echo "step_overhead rc $? at $((SECONDS - t0)) s"; tail -60 /tmp/logs/overhead.log
     tar -C /tmp -cf "$OUT/logs.tar" logs ;;
   ownbuffers)  # with little device time, in the foreground: setup, the tiny fp16 export, then the decode stage's
-              # captured sessions on the shared arena (shared_arena_check.py --unsafe-arena --waveforms 2, one trial
+              # captured sessions on the shared arena (shared_arena_check.py --decode-arena --waveforms 2, one trial
               # a process) with the runtime's buffers in memory of its own (the default since run BI) and, alternating,
               # from ONNX Runtime's Python allocator (--python-buffers: the shared arena, as in runs BA-BI); then the
               # decode stage uncaptured on the arena with its own buffers (2 repeats); logs into $OUT/logs.tar
@@ -395,7 +398,7 @@ case "$1" in
     mkdir -p /tmp/logs/own /tmp/logs/python /tmp/logs/decode-own
     for t in 1 2 3; do for b in own python; do
       flag=; [ $b = python ] && flag=--python-buffers
-      timeout 120 python3 shared_arena_check.py --artifacts /tmp/art-tiny16 --request tiny --unsafe-arena --waveforms 2 \
+      timeout 120 python3 shared_arena_check.py --artifacts /tmp/art-tiny16 --request tiny --decode-arena --waveforms 2 \
         $flag --out /tmp/logs/$b/$t > /tmp/logs/$b-$t.log 2>&1
       echo "$b $t rc $? at $((SECONDS - t0)) s: $(grep -h worst_against_alone /tmp/logs/$b-$t.log | head -1)"
     done; done
@@ -596,7 +599,7 @@ runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256
             # (shared_arena_check.py, full size, 2 repeats each), peak memory of the default, without ranking, the
             # decode stage uncaptured on the arena and off it, and B0; `bench` alternating the default and the decode
             # stage uncaptured on the arena (3 rounds of 20 calls); the load test (placement: two runtimes at once);
-            # then the failure reproduced for diagnosis (shared_arena_check.py --unsafe-arena, 3 processes). First,
+            # then the failure reproduced for diagnosis (shared_arena_check.py --decode-arena, 3 processes). First,
             # in a process of its own: do ONNX Runtime's Python OrtValues come from a shared arena
             # (ortvalue_allocator_probe.py)
     mkdir -p /tmp/logs/load /tmp/logs/unsafe /tmp/logs/decode-arena
@@ -615,11 +618,11 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
           --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs/load \
         > /tmp/logs/load.log 2>&1; \
-      for t in 1:1 2:1 3:2; do python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena \
+      for t in 1:1 2:1 3:2; do python3 shared_arena_check.py --artifacts /tmp/art-fp16 --decode-arena \
         --waveforms \${t#*:} --out /tmp/logs/unsafe/\${t%%:*} >> /tmp/logs/unsafe.log 2>&1; done" ;;
   ownbuffers-full)  # after the fp16 export started: at full size, the decode stage's captured sessions on the shared
                    # arena with the runtime's buffers in memory of its own (run BJ's fix, checked on the tiny export
-                   # only): shared_arena_check.py --unsafe-arena, 3 processes with two waveforms and 2 with one, one
+                   # only): shared_arena_check.py --decode-arena, 3 processes with two waveforms and 2 with one, one
                    # control with --python-buffers (the failure of runs BF-BI); the decode stage uncaptured on the arena
                    # (2 repeats); peak memory of the default, the decode stage captured and uncaptured on the arena,
                    # and B0; tests/test_gpu.py while the export runs; last, the benchmark with the peers (no fp32)
@@ -627,9 +630,9 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
     in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
         > /tmp/logs/pytest-gpu.log 2>&1); \
       bash $SELF wait 16; \
-      for t in 1:2 2:2 3:2 4:1 5:1; do timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena \
+      for t in 1:2 2:2 3:2 4:1 5:1; do timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --decode-arena \
         --waveforms \${t#*:} --out /tmp/logs/own/\${t%%:*} >> /tmp/logs/own.log 2>&1; done; \
-      timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --unsafe-arena --waveforms 2 --python-buffers \
+      timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --decode-arena --waveforms 2 --python-buffers \
         --out /tmp/logs/python/1 >> /tmp/logs/python.log 2>&1; \
       python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --decode-arena-uncaptured \
         --out /tmp/logs/decode-own > /tmp/logs/arenacheck-decode-own.log 2>&1; \
@@ -637,6 +640,28 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
 runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
       $OWN_BUFFERS_BENCH; \
       $BENCH_PEERS_FP16" ;;
+  decodearena-full)  # after the fp16 export started: the decode stage's captured sessions on the shared arena, which
+                    # load takes since runs BL-BM, before it becomes the default: tests/test_gpu.py while the export
+                    # runs; shared_arena_check.py --decode-arena, 8 processes (6 with two waveforms: the waveforms
+                    # matched to their runs alone, and CLAP's scores where the order changed); peak memory of the
+                    # default, the decode arena and B0; `bench` alternating the default and the decode arena (3 rounds
+                    # of 20 calls); the load test with the decode arena (placement: two runtimes at once)
+    mkdir -p /tmp/logs/decode /tmp/logs/load
+    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      for t in 1:2 2:2 3:2 4:2 5:2 6:2 7:1 8:1; do timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 \
+        --decode-arena --waveforms \${t#*:} --out /tmp/logs/decode/\${t%%:*} >> /tmp/logs/decode.log 2>&1; done; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_decode_arena_captured,b0 \
+        --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      for r in 1 2 3; do for v in default decodearena; do \
+        case \$v in default) o= ;; decodearena) o='--shared-arena vae_decoder,vocoder,clap_features,clap_audio' ;; esac; \
+        (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \$o \
+          --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 \
+        --shared-arena vae_decoder,vocoder,clap_features,clap_audio --out /tmp/logs/load > /tmp/logs/load.log 2>&1" ;;
+  all-decodearena-full)  # setup, the fp16 export, decodearena-full
+    setup_export_then 16 decodearena-full ;;
   all-ownbuffers-full)  # setup, the fp16 export, ownbuffers-full
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena

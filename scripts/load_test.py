@@ -159,9 +159,9 @@ def main() -> None:
     ap.add_argument("--placement-only", action="store_true", help="the placement checks, no load")
     ap.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                     metavar="default|all|none|NAME,NAME...",
-                    help="every runtime loaded with this shared_arena (load's; on CUDA captured sessions are "
-                         "refused since run BF, docs/benchmarks.md): all (the flag alone), none, component names, or "
-                         "load's default")
+                    help="every runtime loaded with this shared_arena (load's; on CUDA captured sessions only "
+                         "among the decode stage's, docs/benchmarks.md runs BD-BM): all (the flag alone), none, "
+                         "component names, or load's default")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher

@@ -38,16 +38,15 @@ from gpu_memory import GpuMemory
 # until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet);
 # runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
 # backends/weights_block.py).
-# (The rows with captured sessions on ONNX Runtime's shared arena went with run BF: load refuses those on CUDA,
-# backends/shared_arena.py. ``runtime_decode_arena_captured`` lifts the refusal for diagnosis, ALLOW_ON_CUDA: the
-# decode stage captured on the arena, as from run BA to BF, with the runtime's buffers in memory of its own since run
-# BJ — what the default would be again if the arena is safe with them at full size.)
+# runtime_decode_arena_captured: the decode stage captured on ONNX Runtime's shared arena, as from run BA to BF, with
+# the runtime's buffers in memory of its own since run BJ (load takes it on CUDA since runs BL-BM; other captured
+# sessions on the arena it refuses, backends/shared_arena.py).
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
         # the decode stage uncaptured, on the shared arena (what run BA's arena saved, without captured graphs on it)
         # and off it (what running it uncaptured costs alone)
         "runtime_decode_arena_uncaptured": {"shared_arena": DECODE_STAGE, "cuda_graphs": captured_except(DECODE_STAGE)},
         "runtime_decode_uncaptured": {"cuda_graphs": captured_except(DECODE_STAGE)},
-        "runtime_decode_arena_captured": {"shared_arena": DECODE_STAGE, "allow_captured_on_arena": True},
+        "runtime_decode_arena_captured": {"shared_arena": DECODE_STAGE},
         "runtime_unpacked": {"packed_weights": False},
         "runtime_packed_all": {"packed_weights": True},
         "runtime_no_block": {"weights_block": False},
@@ -67,15 +66,10 @@ ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
 
 
 def child_runtime(folder: str, calls: int, base: float, audio_path: str | None = None, **load_options) -> dict:
-    """load_options: ``AudioLDM2Runtime.load``'s (a row of ROWS); ``allow_captured_on_arena`` (diagnosis) sets
-    ``shared_arena.ALLOW_ON_CUDA`` in this child process."""
+    """load_options: ``AudioLDM2Runtime.load``'s (a row of ROWS)."""
     import numpy as np
 
     from audioldm2_trt.runtime import AudioLDM2Runtime
-    from audioldm2_trt.runtime.backends import shared_arena
-
-    load_options = dict(load_options)
-    shared_arena.ALLOW_ON_CUDA = load_options.pop("allow_captured_on_arena", False)
 
     marks, audio = {}, {}
     with GpuMemory() as mem:

@@ -1,31 +1,31 @@
 """Runtimes driven from several threads at once on the GPU give the audio they give alone; the shared arena is
-refused on CUDA for captured sessions. One clean process:
+refused on CUDA for captured sessions outside the decode stage. One clean process:
 
     python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--request tiny|full] [--out DIR]
-        [--decode-arena-uncaptured | --unsafe-arena [--waveforms N]] [--repeat N] [--python-buffers]
+        [--decode-arena-uncaptured | --decode-arena [--waveforms N]] [--repeat N] [--python-buffers]
 
 Why (docs/benchmarks.md, runs BF-BJ): with the decode stage's captured sessions on ONNX Runtime's shared arena (the
 default from run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both,
 with two waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their runs alone in most trials, tiny and
-full-size exports — while with one arena per session (the default since) every trial matched. ``load`` now refuses
-captured sessions on the shared arena on CUDA. The cause was the runtime's bound buffers, which ONNX Runtime's
+full-size exports — while with one arena per session (the default since) every trial matched. ``load`` refused
+captured sessions on the shared arena on CUDA from then. The cause was the runtime's bound buffers, which ONNX Runtime's
 Python allocator took from the arena (run BI); they are the runtime's own there since (run BJ, tiny export: 11 of 11
-right; run BL, full size: every request with one waveform right, and with two every thread's waveforms differed from
-its run alone by the distance of its pair swapped, or not at all — the order, not yet told apart here then). Checked
-here:
+right; runs BL-BM, full size, 6 processes: every waveform right — where two came back in the other order, CLAP's
+scores of the pair lay 1.2e-5 apart), and ``load`` takes the decode stage's captured sessions on the arena since.
+Checked here:
 
 1. ``two_runtimes``: two runtimes at the default from two threads, 4 requests each, one waveform; then
    ``two_runtimes_two_waveforms`` (the ranking's sessions too): each result against the same runtime's run of that
    request alone (rel-L2, worst of the 4), as ranked and with the waveforms matched to the run alone's (a ranking
    that changed order is not wrong audio: ``together_vs_alone``);
 2. ``one_runtime``: one runtime from two threads, 4 requests each, the same way;
-3. ``refused``: ``shared_arena=True`` and one captured component's name, refused on CUDA.
+3. ``refused``: ``shared_arena=True`` and one captured component's name outside the decode stage, refused on CUDA.
 
 ``--decode-arena-uncaptured``: 1-2 with the decode stage's sessions run without CUDA graphs and on the shared arena
 (what ``load`` allows on CUDA: ``shared_arena=DECODE_STAGE, cuda_graphs=captured_except(DECODE_STAGE)``).
-``--unsafe-arena`` (diagnosis only): lifts the refusal (``backends.shared_arena.ALLOW_ON_CUDA``) and runs only
-1, once, with ``--waveforms`` (default 1), the two runtimes' decode stage's sessions on the arena, to reproduce the
-failure — once per process, as no session may join the arena after a capture (run it again for another trial).
+``--decode-arena``: the decode stage's sessions captured on the arena (runs BF-BI's failure; checked in runs BJ-BM),
+only 1, once, with ``--waveforms`` (default 1) — once per process, as no session may join the arena after a capture
+(run it again for another trial).
 ``--python-buffers`` (diagnosis only): the runtime's bound buffers from ONNX Runtime's Python allocator, which takes
 them from the shared arena once it is registered (run BI: ``ortvalue_allocator_probe.py``) — what runs BA-BI did;
 by default, on a device whose arena is registered, they are the runtime's own (``backends/dlpack.py``).
@@ -45,7 +45,7 @@ from result_json import write_result
 REQUESTS = {"full": None,  # benchmark.REQUEST
             "tiny": dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
                          audio_length_in_s=2.0)}
-# the decode stage's sessions (on the arena with --decode-arena-uncaptured or --unsafe-arena; peak_memory.py's rows)
+# the decode stage's sessions (on the arena with --decode-arena-uncaptured or --decode-arena; peak_memory.py's rows)
 DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")
 SEEDS = ((0, 2, 3, 5), (7, 8, 9, 11))  # the two threads' requests
 
@@ -56,9 +56,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--request", choices=list(REQUESTS), default="full")
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--waveforms", type=int, default=1, help="with --unsafe-arena: waveforms per request")
-    ap.add_argument("--unsafe-arena", action="store_true",
-                    help="diagnosis only: the decode stage's captured sessions on the shared arena (gave wrong audio)")
+    ap.add_argument("--waveforms", type=int, default=1, help="with --decode-arena: waveforms per request")
+    ap.add_argument("--decode-arena", action="store_true",
+                    help="the decode stage's sessions captured on the shared arena, one trial")
     ap.add_argument("--decode-arena-uncaptured", action="store_true",
                     help="the decode stage's sessions uncaptured, on the shared arena")
     ap.add_argument("--python-buffers", action="store_true",
@@ -78,24 +78,22 @@ def main() -> None:
     options = {}
     if args.python_buffers:
         shared_arena.OWN_BUFFERS = False
-    if args.unsafe_arena or args.decode_arena_uncaptured:
+    if args.decode_arena or args.decode_arena_uncaptured:
         from audioldm2_trt.runtime.backends.base import Device
         from audioldm2_trt.runtime.pipeline import captured_except, features_graph_on
 
         graph = features_graph_on(Device.parse(args.device))  # (on the CPU the features are the host's: no session)
         options["shared_arena"] = tuple(n for n in DECODE_STAGE if n != "clap_features" or graph)
-        if args.unsafe_arena:
-            shared_arena.ALLOW_ON_CUDA = True
-        else:
+        if not args.decode_arena:
             options["cuda_graphs"] = captured_except(DECODE_STAGE)
     load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request,
               "buffers": "python" if args.python_buffers else "own",
               "shared_arena": list(options.get("shared_arena", ())),
               "uncaptured": sorted(set(DECODE_STAGE) - set(options.get("cuda_graphs", DECODE_STAGE))), "runs": []}
-    checks = ((f"two_runtimes_{args.waveforms}_waveforms", args.waveforms),) if args.unsafe_arena else (
+    checks = ((f"two_runtimes_{args.waveforms}_waveforms", args.waveforms),) if args.decode_arena else (
         ("two_runtimes", 1), ("two_runtimes_two_waveforms", 2))
-    for _ in range(1 if args.unsafe_arena else args.repeat):
+    for _ in range(1 if args.decode_arena else args.repeat):
         run = {}
         for label, waveforms in checks:
             runtimes = [load(), load()]  # both before any request
@@ -104,7 +102,7 @@ def main() -> None:
             finally:
                 for rt in runtimes:
                     rt.close()
-        if not args.unsafe_arena:
+        if not args.decode_arena:
             rt = load()
             try:
                 run["one_runtime"] = together_vs_alone([rt, rt], request, 1)
@@ -112,9 +110,9 @@ def main() -> None:
                 rt.close()
         print(json.dumps(run), flush=True)
         result["runs"].append(run)
-    if not args.unsafe_arena:  # captured sessions named for the arena: refused on CUDA
+    if not args.decode_arena:  # captured sessions outside the decode stage named for the arena: refused on CUDA
         refused = {}
-        for label, choice in (("all", True), ("one_name", "vocoder")):
+        for label, choice in (("all", True), ("one_name", "clap_text")):
             try:
                 AudioLDM2Runtime.load(args.artifacts, device=args.device, shared_arena=choice).close()
                 refused[label] = None

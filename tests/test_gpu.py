@@ -157,8 +157,9 @@ def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, 
     """In a process of its own (scripts/shared_arena_check.py): two runtimes driven from two threads at once, one
     waveform and two (the ranking's sessions), and one runtime from two threads, give each request the audio it gives
     alone — at the default (one arena per session), and with the decode stage's sessions uncaptured on the shared
-    arena (what load allows on CUDA). Captured sessions on the arena are refused (with the decode stage's on it the
-    later runtime of such a pair got wrong audio, rel-L2 0.14-0.8, runs BF-BI)."""
+    arena. Captured sessions outside the decode stage on the arena are refused (before the runtime's buffers were its
+    own there, with the decode stage's captured on it the later runtime of such a pair got wrong audio, rel-L2
+    0.14-0.8, runs BF-BI; with CLAP's text branch too, runs BD-BE)."""
     extra = ["--decode-arena-uncaptured"] if mode != "default" else []
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shared_arena_check.py"), "--artifacts",
                         str(tiny_artifacts), "--device", "cuda", "--request", "tiny", "--out", str(tmp_path), *extra],
@@ -172,4 +173,25 @@ def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, 
         assert max(check["worst_rows_matched"]) < 1e-5 and check["order_differs"] == [], (label, check)
     for label, refusal in res["refused"].items():
         assert refusal is not None and refusal.startswith("InvalidRequestError: shared_arena") and \
-            "runs BF-BI" in refusal, (label, refusal)
+            "runs BD-BI" in refusal, (label, refusal)
+
+
+@needs_cuda
+@needs_export
+def test_two_runtimes_with_the_decode_stage_captured_on_the_arena_give_their_audio_alone_on_cuda(tiny_artifacts,
+                                                                                                  tmp_path):
+    """In a process of its own (scripts/shared_arena_check.py --decode-arena): two runtimes with the decode stage's
+    captured sessions on the shared arena, loaded before either serves, driven from two threads at once with two
+    waveforms a request, give each request the waveforms it gives alone, in the same order. This is the choice that
+    gave wrong audio while the runtime's buffers came from the arena (runs BF-BI); with buffers of its own it gave
+    the right audio in runs BJ-BM."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shared_arena_check.py"), "--artifacts",
+                        str(tiny_artifacts), "--device", "cuda", "--request", "tiny", "--decode-arena", "--waveforms",
+                        "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT / "scripts")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "shared_arena_check.json").read_text())
+    assert set(res["shared_arena"]) == {"vae_decoder", "vocoder", "clap_features", "clap_audio"}
+    assert res["uncaptured"] == [] and res["buffers"] == "own"
+    check = res["runs"][0]["two_runtimes_2_waveforms"]
+    assert check["errors"] == [] and max(check["worst_rows_matched"]) < 1e-5, check
+    assert max(check["worst_against_alone"]) < 1e-5 and check["order_differs"] == [], check

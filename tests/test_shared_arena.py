@@ -62,29 +62,39 @@ def test_no_session_is_on_the_arena_by_default_and_names_pick_theirs(tiny_artifa
         AudioLDM2Runtime.load(tiny_artifacts, shared_arena=["vocodr"])
 
 
-def test_on_cuda_only_uncaptured_sessions_may_share_the_arena(monkeypatch):
-    """On CUDA a session that captures CUDA graphs may not share the arena — with the decode stage's captured sessions
-    on it two runtimes at once gave wrong audio (runs BF-BI) — and the error names them and the remedy; sessions run
-    uncaptured may; True only with no graphs at all. None and False pass, the CPU takes any choice (no captured graphs
-    there), and the diagnosis switch lifts the rule."""
+def test_on_cuda_captured_sessions_may_share_the_arena_only_in_the_decode_stage(monkeypatch):
+    """On CUDA a session that captures CUDA graphs may share the arena only if it is one of the decode stage's (checked
+    at full size since the runtime's buffers are its own there, runs BJ-BM); another captured one is refused — with
+    CLAP's text branch on it two runtimes at once gave wrong audio (runs BD-BE) and none is checked since — and the
+    error names it and the remedy. Sessions run uncaptured may share it; True only with every session outside the
+    decode stage uncaptured. None and False pass, the CPU takes any choice (no captured graphs there), and the
+    diagnosis switch lifts the rule."""
     from audioldm2_trt.runtime.backends import shared_arena as arena_module
-    from audioldm2_trt.runtime.pipeline import captured_except
+    from audioldm2_trt.runtime.backends.ort import CAPTURED_ON_ARENA_CHECKED
+    from audioldm2_trt.runtime.pipeline import SESSION_NAMES, captured_except
 
     check, cuda = OrtSessionFactory.check_shared_arena_choice, Device.parse("cuda")
-    decode = ("vae_decoder", "vocoder")
+    decode = ("vae_decoder", "vocoder", "clap_features", "clap_audio")
+    assert CAPTURED_ON_ARENA_CHECKED == set(decode)
     for graphs in ("auto", True, False, captured_except(decode)):
         check(cuda, None, graphs)
         check(cuda, False, graphs)
-    for graphs in ("auto", True, ["vocoder", "unet"]):
-        with pytest.raises(InvalidRequestError, match=re.escape("shared_arena ['vocoder']: on CUDA only sessions "
-                                                                "without CUDA graphs may share the arena") +
-                           r".*runs BF-BI.*captured_except\(\['vocoder'\]\).*bench --uncaptured vocoder"):
-            check(cuda, ["vae_decoder", "vocoder"] if graphs == ["vocoder", "unet"] else "vocoder", graphs)
-    check(cuda, decode, captured_except(decode))  # uncaptured: allowed
-    check(cuda, decode, False)
-    with pytest.raises(InvalidRequestError, match=re.escape("shared_arena=True on CUDA needs cuda_graphs=False")):
-        check(cuda, True, captured_except(decode))
+        check(cuda, decode, graphs)  # the decode stage, captured or not
+        check(cuda, "vocoder", graphs)
+    for graphs in ("auto", True, ["clap_text", "unet"]):
+        with pytest.raises(InvalidRequestError, match=re.escape("shared_arena ['clap_text']: on CUDA only the decode "
+                                                                "stage's sessions may share the arena with CUDA graphs")
+                           + r".*runs BD-BI.*runs BJ-BM.*captured_except\(\['clap_text'\]\).*bench --uncaptured "
+                             r"clap_text"):
+            check(cuda, ["vocoder", "clap_text"], graphs)
+    check(cuda, ["vocoder", "clap_text"], captured_except(["clap_text"]))  # clap_text uncaptured: allowed
+    for graphs in ("auto", True, captured_except(decode), ["vocoder", "unet"]):
+        with pytest.raises(InvalidRequestError, match=re.escape("shared_arena=True on CUDA needs every session "
+                                                                "outside the decode stage uncaptured")):
+            check(cuda, True, graphs)
     check(cuda, True, False)
+    check(cuda, True, decode)
+    check(cuda, True, [n for n in SESSION_NAMES if n in decode])
     check(Device.parse("cpu"), True, "auto")
     check(Device.parse("cpu"), ["clap_text", "t5_encoder"], "auto")
     monkeypatch.setattr(arena_module, "ALLOW_ON_CUDA", True)

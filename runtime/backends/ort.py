@@ -66,16 +66,22 @@ PACKED_CONFIG = {"session.disable_prepacking": "1"}
 # one request's text stage can still overlap another's denoising on the GPU.
 LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step": "denoising",
                 "gpt2": "language_model", "lm_append": "language_model"}
-# On CUDA the shared arena (``shared_arena.py``) takes only sessions that capture no CUDA graph
-# (``check_shared_arena_choice``), and none by default: with the decode stage's captured sessions on it (the default
-# from run BA to run BF), two runtimes of one process driven from two threads gave wrong audio — rel-L2 0.14 to 0.8
-# against their runs alone in most trials, tiny and full-size exports (runs BF-BI, scripts/shared_arena_check.py,
-# docs/benchmarks.md). The cause, found in runs BI-BJ: ONNX Runtime's Python bindings took the runtime's own bound
-# buffers from that arena (``shared_arena.python_values_from_arena``); they now come from memory of the runtime's own
-# there (``OrtSession._own_buffers``), and the tiny export gave the right audio in 11 of 11 trials that way (3 of 5
-# wrong without). The refusal stays until the full-size check (``gpu_session.sh all-ownbuffers-full``). One arena per
-# session costs ~130 MiB of peak GPU memory (run BI: 3282 against run BF's 3150). On the CPU (no captured graphs)
-# sharing is ordinary arena use.
+# On CUDA the shared arena (``shared_arena.py``) takes sessions that capture CUDA graphs only among the decode stage's
+# (``CAPTURED_ON_ARENA_CHECKED``, ``check_shared_arena_choice``), any session that captures none, and none by default.
+# With the decode stage's captured sessions on it (the default from run BA to run BF), two runtimes of one process
+# driven from two threads gave wrong audio — rel-L2 0.14 to 0.8 against their runs alone in most trials, tiny and
+# full-size exports (runs BF-BI, scripts/shared_arena_check.py, docs/benchmarks.md). The cause, found in runs BI-BJ:
+# ONNX Runtime's Python bindings took the runtime's own bound buffers from that arena
+# (``shared_arena.python_values_from_arena``); they come from memory of the runtime's own there since
+# (``OrtSession._own_buffers``). Checked that way: the tiny export 11 of 11 trials right (run BJ; 3 of 5 wrong
+# without), the full-size one every request of 6 processes right (runs BL-BM, one H200; the one control with the
+# buffers from the arena: a NaN in the UNet). Other captured sessions on the arena are not checked with the runtime's
+# own buffers (CLAP's text branch gave wrong audio there before the fix, runs BD-BE), so they stay refused. The
+# default stays one arena per session until the decode stage's arena is measured as the default on the GPU (the
+# peers, the load test, tests/test_gpu.py); it would take back ~140 MiB of peak memory (run BL: 3288 MiB at the
+# default, 3150 with the decode stage captured on the arena, B0 3126). On the CPU (no captured graphs) sharing is
+# ordinary arena use.
+CAPTURED_ON_ARENA_CHECKED = frozenset({"vae_decoder", "vocoder", "clap_features", "clap_audio"})
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -459,9 +465,10 @@ class OrtSessionFactory:
     sets it already (``limit_cublas_workspace``); None leaves cuBLAS's default.
     shared_arena (default providers only): the components whose sessions allocate their activations from the
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
-    (``shared_arena.py``) — None or False = none; True = every component; or a collection of names. On CUDA only
-    sessions that capture no CUDA graph may be named (``check_shared_arena_choice``: with captured ones, wrong audio
-    with two runtimes at once, runs BF-BI; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis); there its runs
+    (``shared_arena.py``) — None or False = none; True = every component; or a collection of names. On CUDA sessions
+    that capture CUDA graphs may be named only among the decode stage's (``check_shared_arena_choice``: other captured
+    ones gave wrong audio with two runtimes at once and are not checked since the fix, runs BD-BM;
+    ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis), any session that captures none; there its runs
     take turns, each holding the arena's lock until its outputs are synchronised, so they are never queued on a loop
     stream, and no session may join the arena after one of its graphs was captured.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
@@ -613,31 +620,31 @@ class OrtSessionFactory:
 
     @staticmethod
     def check_shared_arena_choice(device: Device, shared_arena, cuda_graphs=False) -> None:
-        """On CUDA, only sessions that capture no CUDA graph may share the arena (``cuda_graphs``: the factory's
-        choice, False where it captures none): with captured sessions on it, two runtimes of one process driven at
-        once gave wrong audio (runs BF-BI; the cause, the runtime's buffers taken from the arena, is mended since run
-        BJ, checked on the tiny export only — the comment above ``NO_WAIT_OPTION``). A session that never captures
-        allocates before it writes and frees after, as any arena user. None and False always pass;
-        ``shared_arena.ALLOW_ON_CUDA`` lifts the rule for diagnosis."""
+        """On CUDA, sessions that capture CUDA graphs may share the arena only among ``CAPTURED_ON_ARENA_CHECKED``
+        (the decode stage's; ``cuda_graphs``: the factory's choice, False where it captures none). Other captured
+        ones are not checked since the fix of runs BI-BJ (the comment above ``CAPTURED_ON_ARENA_CHECKED``); a session
+        that never captures allocates before it writes and frees after, as any arena user. None and False always
+        pass; ``shared_arena.ALLOW_ON_CUDA`` lifts the rule for diagnosis."""
         if device.kind != "cuda" or shared_arena in (None, False) or _shared_arena_module.ALLOW_ON_CUDA:
             return
-        why = ("with sessions that capture CUDA graphs on ONNX Runtime's shared arena, two runtimes of one process "
-               "driven at once gave wrong audio (docs/benchmarks.md, runs BF-BI; the fix since is not yet checked at "
-               "full size)")
-        if shared_arena is True:
-            if cuda_graphs:
-                raise InvalidRequestError(f"shared_arena=True on CUDA needs cuda_graphs=False: {why}; or name the "
-                                          "sessions to share it and run them uncaptured "
-                                          "(cuda_graphs=captured_except(...))")
+        why = ("captured sessions on ONNX Runtime's shared arena gave two runtimes of one process driven at once "
+               "wrong audio (docs/benchmarks.md, runs BD-BI); since the runtime's buffers are its own there, only "
+               f"the decode stage's ({', '.join(sorted(CAPTURED_ON_ARENA_CHECKED))}) are checked (runs BJ-BM)")
+        if shared_arena is True:  # every session: only the decode stage's may capture
+            if cuda_graphs is True or cuda_graphs == "auto" or (cuda_graphs and set(
+                    (cuda_graphs,) if isinstance(cuda_graphs, str) else cuda_graphs) - CAPTURED_ON_ARENA_CHECKED):
+                raise InvalidRequestError(f"shared_arena=True on CUDA needs every session outside the decode stage "
+                                          f"uncaptured (cuda_graphs=False, or the decode stage's names only): {why}; "
+                                          "or name the sessions to share it")
             return
-        names = {shared_arena} if isinstance(shared_arena, str) else set(shared_arena)
         captures = _graph_selector(cuda_graphs)
-        captured = sorted(n for n in names if captures(n))
+        names = {shared_arena} if isinstance(shared_arena, str) else set(shared_arena)
+        captured = sorted(n for n in names if captures(n) and n not in CAPTURED_ON_ARENA_CHECKED)
         if captured:
             raise InvalidRequestError(
-                f"shared_arena {captured}: on CUDA only sessions without CUDA graphs may share the arena — {why}; "
-                f"run them uncaptured (cuda_graphs=captured_except({captured}), or bench --uncaptured "
-                f"{','.join(captured)}), or leave shared_arena unset (one arena per session)")
+                f"shared_arena {captured}: on CUDA only the decode stage's sessions may share the arena with CUDA "
+                f"graphs — {why}; run these uncaptured (cuda_graphs=captured_except({captured}), or bench "
+                f"--uncaptured {','.join(captured)}), or leave them off the arena")
 
     def _arena_selector(self, shared_arena):
         """component name → whether its session is on the shared arena (see ``shared_arena`` above)."""

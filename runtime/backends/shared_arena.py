@@ -1,30 +1,35 @@
 """One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``load(shared_arena=...)``:
 ``True`` every component's, or component names).
 
-**On CUDA, since run BF, only sessions that capture no CUDA graph may share it, and none do by default**
-(``OrtSessionFactory.check_shared_arena_choice``): with the decode stage's captured sessions on it (the default from
-run BA), two runtimes of one process driven from two threads gave wrong audio, rel-L2 0.14-0.8 against their runs
-alone in most trials — the later-loaded runtime, and at full size with two waveforms both (runs BF-BI; one arena per
-session: every trial matched). ``ALLOW_ON_CUDA`` lifts the rule for diagnosis only
-(``scripts/shared_arena_check.py --unsafe-arena``). On the CPU there are no captured graphs, and sharing is ordinary
-arena use.
+**On CUDA, sessions that capture CUDA graphs may share it only among the decode stage's, and none do by default**
+(``OrtSessionFactory.check_shared_arena_choice``, ``backends.ort.CAPTURED_ON_ARENA_CHECKED``): with the decode stage's
+captured sessions on it (the default from run BA), two runtimes of one process driven from two threads gave wrong
+audio, rel-L2 0.14-0.8 against their runs alone in most trials — the later-loaded runtime, and at full size with two
+waveforms both (runs BF-BI; one arena per session: every trial matched). The cause is mended (below) and the decode
+stage checked since at full size; other captured sessions are not, and stay refused. Sessions that capture no graph
+may share it. ``ALLOW_ON_CUDA`` lifts the rule for diagnosis only (``scripts/shared_arena_check.py``). On the CPU
+there are no captured graphs, and sharing is ordinary arena use.
 
 **The cause (runs BI-BJ), and the fix.** Since onnxruntime 1.23 the Python bindings allocate
 ``OrtValue.ortvalue_from_numpy`` / ``ortvalue_from_shape_and_type`` on a device from an allocator registered in the
 environment for it — this arena, once registered (``scripts/ortvalue_allocator_probe.py`` on the H100, run BI: the
 first value took the arena's 256 MiB first chunk). So every buffer the runtime binds (inputs, outputs, the loops'
 latents), of every runtime of the process, came from the arena: a second runtime's, made at its first requests,
-landed in blocks the first one's captured graphs write as scratch (rule 2 below, broken unseen). The decode stage
-*uncaptured* on the arena also went wrong once in six full-size trials (run BI); a likely way, not shown: a buffer
-made from another thread (outside the arena's lock) while a session on the arena ran took a block that session had
-freed mid-run, which ONNX Runtime reuses in its own stream's order only, with kernels still queued. Now, on a device
+landed in blocks the first one's captured graphs write as scratch (rule 2 below, broken unseen). (The decode stage
+*uncaptured* on the arena gave one two-waveform request of six full-size trials 0.619 from its run alone (run BI):
+the distance of one request's pair swapped, which came back in runs BF and BL too — the ranking's order, below, most
+likely, not wrong audio.) Now, on a device
 whose arena is registered (``python_values_from_arena``), ``OrtSession`` makes its buffers in memory of the
 runtime's own (``dlpack.own_value``), and the arena holds only what sessions allocate inside their runs. On the tiny
 export (run BJ) the decode stage's captured sessions on the arena then gave two runtimes the right audio in 11 of 11
 trials, against 3 of 5 wrong with the buffers from the arena (``--python-buffers``, the diagnosis switch
-``OWN_BUFFERS``), and uncaptured 6 of 6. The refusal stays until that is checked at full size
-(``scripts/gpu_session.sh all-ownbuffers-full``), where it would take back ~130 MiB of peak memory (run BI: 3282 MiB
-at the default, 3166 with the decode stage uncaptured on the arena; run BF: 3150 captured on it).
+``OWN_BUFFERS``), and uncaptured 6 of 6. At full size (runs BL-BM, one H200) every request of 6 processes with the
+captured decode stage on the arena got its waveforms right (the one control with the buffers from the arena: a NaN in
+the UNet); where two waveforms came back in the other order, CLAP's scores of the pair lay 1.2e-5 apart, inside the
+fp16 run-to-run spread (docs/benchmarks.md). So ``load`` takes the decode stage's captured sessions on the arena on
+CUDA since; not yet by default (one arena per session), until that default is measured on the GPU. It takes back
+~140 MiB of peak memory (run BL: 3288 MiB at the default, 3150 with the decode stage captured on the arena, 3166
+uncaptured on it; B0 3126).
 
 By default every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
 activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a shared
@@ -48,7 +53,8 @@ another session's run may be handed the same blocks. Two rules were to keep that
    every session, of every runtime that shares the arena, before the first request).
 
 What these rules missed: the runtime's own buffers in the arena (above); (b), state a kernel allocates from the
-arena at its first run with a shape and keeps, would have the same effect and is not ruled out at full size.
+arena at its first run with a shape and keeps, would have the same effect: not seen for the decode stage's sessions
+in runs BJ-BM, and not checked for the others.
 
 What it costs: on that device the runs of the components on it no longer overlap. With every component on it, two
 requests in different stages take turns (run M: ~10 % less unbatched throughput at 4 and 16 concurrent clients, 2 %
