@@ -356,3 +356,28 @@ def test_the_concurrency_check_tells_a_reordered_ranking_from_wrong_audio():
     assert res["worst_rows_matched"][1] == pytest.approx(0.5 * np.sqrt(64) / np.linalg.norm(wrong), rel=1e-5)
     assert res["order_differs"] == [{"thread": 0, "seed": 3, "alone_scores": pytest.approx([0.060, 0.059]),
                                      "together_scores": pytest.approx([0.058, 0.061])}]
+
+
+def test_clap_score_spread_scores_a_pair_in_either_order_the_same(tmp_path):
+    """scripts/clap_score_spread.py on the tiny config: a pair of waveforms and the same pair in the other order get
+    the same two scores, swapped (the gap's sign flips, the spread across files is the gap), and every score is a
+    cosine similarity computed through the runtime's CLAP features."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows = np.random.default_rng(0).standard_normal((2, 16000 * 2)).astype(np.float32) * 0.1
+    np.savez(tmp_path / "a.npz", two=rows)
+    np.savez(tmp_path / "b.npz", two=rows[[1, 0]])
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "scripts" / "clap_score_spread.py"), "--config", "tiny", "--audio",
+                        str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=root / "scripts")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "clap_score_spread.json").read_text())
+    a, b = res["files"]["a.npz"], res["files"]["b.npz"]
+    assert b["scores"] == pytest.approx(a["scores"][::-1], abs=1e-6) and all(-1 <= v <= 1 for v in a["scores"])
+    assert a["gap"] != 0 and b["gap"] == pytest.approx(-a["gap"], abs=1e-6)
+    assert res["score_spread_across_files"] == pytest.approx([abs(a["gap"])] * 2, abs=1e-6)
+    assert res["gap_signs"] == [-1, 1]
