@@ -156,7 +156,9 @@ class AudioLDM2Runtime:
         default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
         shared_arena (backend "ort", default providers): the components whose sessions share one ONNX Runtime arena
         for their activations instead of one each (``backends/shared_arena.py``) — None or False = none (one arena
-        per session), True = every component, or component names; ``health()["shared_arena"]`` names those on it.
+        per session), True = every component, or component names (a component with no session in this load — CLAP's
+        features on the CPU, the ranking's with ``ranking=False`` — is left out); ``health()["shared_arena"]`` names
+        those on it.
         **On CUDA, sessions with CUDA graphs only among the decode stage's** (vae_decoder, vocoder, clap_features,
         clap_audio: ``backends.ort.CAPTURED_ON_ARENA_CHECKED``; about 140 MiB less peak memory, run BL) — others only
         uncaptured (``cuda_graphs=captured_except(names)``): captured sessions on it gave two runtimes of one process
@@ -214,10 +216,13 @@ class AudioLDM2Runtime:
         unknown = sorted(set(provider_options or {}) - set(files))
         if unknown:
             raise InvalidRequestError(f"provider_options name unknown components {unknown}; components: {sorted(files)}")
-        packed_weights, weights_block, shared_arena = (
+        packed_weights, weights_block = (
             _component_names(option, value, {*files, "solver_step", "lm_append"})
-            for option, value in (("packed_weights", packed_weights), ("weights_block", weights_block),
-                                  ("shared_arena", shared_arena)))
+            for option, value in (("packed_weights", packed_weights), ("weights_block", weights_block)))
+        # the arena's choice may name a component with no session in this load (CLAP's features on the CPU, the
+        # ranking's without ranking), so that one choice serves every device: health() says which are on it
+        shared_arena = _component_names("shared_arena", shared_arena,
+                                        {*files, *art.manifest["components"], "solver_step", "lm_append"})
         if device_loop is None:
             device_loop = backend == "ort" and dev.kind == "cuda" and providers is None
         if lm_loop and not (device_loop and art.gpt2_graph == "step"):

@@ -381,3 +381,23 @@ def test_clap_score_spread_scores_a_pair_in_either_order_the_same(tmp_path):
     assert a["gap"] != 0 and b["gap"] == pytest.approx(-a["gap"], abs=1e-6)
     assert res["score_spread_across_files"] == pytest.approx([abs(a["gap"])] * 2, abs=1e-6)
     assert res["gap_signs"] == [-1, 1]
+
+
+def test_the_decode_stage_choice_serves_every_device_and_ranking_choice(tiny_artifacts):
+    """The decode stage's four names (the choice CUDA takes with captured sessions) load on the CPU too, where CLAP's
+    features have no session, and with ranking=False, where CLAP's audio branch has none either: what has no session
+    is left out, health() names what is on the arena, and the audio is the same as with one arena each. A name that
+    is no component is still refused."""
+    decode = ["vae_decoder", "vocoder", "clap_features", "clap_audio"]
+    kw = dict(num_inference_steps=3, audio_length_in_s=2.0, seed=4)
+    plain = AudioLDM2Runtime.load(tiny_artifacts)
+    shared = AudioLDM2Runtime.load(tiny_artifacts, shared_arena=decode)
+    assert shared.health()["shared_arena"] == ["clap_audio", "vae_decoder", "vocoder"]
+    out, ref = shared("rain", num_waveforms_per_prompt=2, **kw), plain("rain", num_waveforms_per_prompt=2, **kw)
+    np.testing.assert_array_equal(out.audios, ref.audios)
+    np.testing.assert_array_equal(out.scores, ref.scores)
+    no_ranking = AudioLDM2Runtime.load(tiny_artifacts, shared_arena=decode, ranking=False)
+    assert no_ranking.health()["shared_arena"] == ["vae_decoder", "vocoder"]
+    np.testing.assert_array_equal(no_ranking("rain", **kw).audios, plain("rain", **kw).audios)
+    with pytest.raises(InvalidRequestError, match=r"shared_arena names unknown components \['clap_feature'\]"):
+        AudioLDM2Runtime.load(tiny_artifacts, shared_arena=["vocoder", "clap_feature"])
