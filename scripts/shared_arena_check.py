@@ -88,7 +88,10 @@ def main() -> None:
             options["cuda_graphs"] = captured_except(DECODE_STAGE)
     load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request,
-              "buffers": "python" if args.python_buffers else "own",
+              # the runtime's bound buffers: its own memory only where the arena is registered on CUDA, else ONNX
+              # Runtime's Python allocator ("python": from the arena once registered, as in runs BA-BI)
+              "buffers": "own" if options.get("shared_arena") and args.device.startswith("cuda") and not
+              args.python_buffers else "python",
               "shared_arena": list(options.get("shared_arena", ())),
               "uncaptured": sorted(set(DECODE_STAGE) - set(options.get("cuda_graphs", DECODE_STAGE))), "runs": []}
     checks = ((f"two_runtimes_{args.waveforms}_waveforms", args.waveforms),) if args.decode_arena else (

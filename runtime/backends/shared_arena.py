@@ -107,8 +107,8 @@ def python_values_from_arena(device: Device) -> bool:
     return device.kind == "cuda" and str(device) in _ARENAS
 
 
-# Diagnosis only (scripts/shared_arena_check.py --unsafe-arena): let load put captured sessions on the arena on CUDA,
-# where it gave wrong audio (above). Never set by the runtime.
+# Diagnosis only: let load put any captured session on the arena on CUDA, where only the decode stage's are checked
+# (above; tests set it to test the rule's bypass). Never set by the runtime.
 ALLOW_ON_CUDA = False
 
 _ARENAS: dict[str, SharedArena] = {}
