@@ -69,6 +69,7 @@ def main() -> None:
 
     from audioldm2_trt.runtime import AudioLDM2Runtime
     from audioldm2_trt.runtime.backends import shared_arena
+    from audioldm2_trt.runtime.backends.base import Device
     from audioldm2_trt.runtime.errors import InvalidRequestError
 
     if args.request == "full":
@@ -79,7 +80,6 @@ def main() -> None:
     if args.python_buffers:
         shared_arena.OWN_BUFFERS = False
     if args.decode_arena or args.decode_arena_uncaptured:
-        from audioldm2_trt.runtime.backends.base import Device
         from audioldm2_trt.runtime.pipeline import captured_except, features_graph_on
 
         graph = features_graph_on(Device.parse(args.device))  # (on the CPU the features are the host's: no session)
@@ -88,10 +88,6 @@ def main() -> None:
             options["cuda_graphs"] = captured_except(DECODE_STAGE)
     load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request,
-              # the runtime's bound buffers: its own memory only where the arena is registered on CUDA, else ONNX
-              # Runtime's Python allocator ("python": from the arena once registered, as in runs BA-BI)
-              "buffers": "own" if options.get("shared_arena") and args.device.startswith("cuda") and not
-              args.python_buffers else "python",
               "shared_arena": list(options.get("shared_arena", ())),
               "uncaptured": sorted(set(DECODE_STAGE) - set(options.get("cuda_graphs", DECODE_STAGE))), "runs": []}
     checks = ((f"two_runtimes_{args.waveforms}_waveforms", args.waveforms),) if args.decode_arena else (
@@ -122,6 +118,10 @@ def main() -> None:
             except InvalidRequestError as err:
                 refused[label] = f"{type(err).__name__}: {err}"
         result["refused"] = refused
+    # the runtime's bound buffers, as its sessions chose them: its own memory where the arena is registered on CUDA,
+    # else ONNX Runtime's Python allocator ("python": from the arena once registered, as in runs BA-BI)
+    own = shared_arena.OWN_BUFFERS and shared_arena.python_values_from_arena(Device.parse(args.device))
+    result["buffers"] = "own" if own else "python"
     write_result(args.out, "shared_arena_check.json", result)
 
 
