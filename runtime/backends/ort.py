@@ -66,21 +66,10 @@ PACKED_CONFIG = {"session.disable_prepacking": "1"}
 # one request's text stage can still overlap another's denoising on the GPU.
 LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step": "denoising",
                 "gpt2": "language_model", "lm_append": "language_model"}
-# On CUDA the shared arena (``shared_arena.py``) takes sessions that capture CUDA graphs only among the decode stage's
-# (``CAPTURED_ON_ARENA_CHECKED``, ``check_shared_arena_choice``), any session that captures none, and none by default.
-# With the decode stage's captured sessions on it (the default from run BA to run BF), two runtimes of one process
-# driven from two threads gave wrong audio — rel-L2 0.14 to 0.8 against their runs alone in most trials, tiny and
-# full-size exports (runs BF-BI, scripts/shared_arena_check.py, docs/benchmarks.md). The cause, found in runs BI-BJ:
-# ONNX Runtime's Python bindings took the runtime's own bound buffers from that arena
-# (``shared_arena.python_values_from_arena``); they come from memory of the runtime's own there since
-# (``OrtSession._own_buffers``). Checked that way: the tiny export 11 of 11 trials right (run BJ; 3 of 5 wrong
-# without), the full-size one every request of 6 processes right (runs BL-BM, one H200; the one control with the
-# buffers from the arena: a NaN in the UNet). Other captured sessions on the arena are not checked with the runtime's
-# own buffers (CLAP's text branch gave wrong audio there before the fix, runs BD-BE), so they stay refused. The
-# default stays one arena per session until the decode stage's arena is measured as the default on the GPU (the
-# peers, the load test, tests/test_gpu.py); it would take back ~140 MiB of peak memory (run BL: 3288 MiB at the
-# default, 3150 with the decode stage captured on the arena, B0 3126). On the CPU (no captured graphs) sharing is
-# ordinary arena use.
+# On CUDA the shared arena (``shared_arena.py``) takes sessions that capture CUDA graphs only among these, the decode
+# stage's (``check_shared_arena_choice``), any session that captures none, and none by default. These are the ones
+# checked at full size since the runtime's bound buffers are its own there (runs BJ-BM); why the others stay refused,
+# and the history, is in ``shared_arena.py``'s docstring.
 CAPTURED_ON_ARENA_CHECKED = frozenset({"vae_decoder", "vocoder", "clap_features", "clap_audio"})
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host

@@ -6,7 +6,8 @@
 captured sessions on it (the default from run BA), two runtimes of one process driven from two threads gave wrong
 audio, rel-L2 0.14-0.8 against their runs alone in most trials — the later-loaded runtime, and at full size with two
 waveforms both (runs BF-BI; one arena per session: every trial matched). The cause is mended (below) and the decode
-stage checked since at full size; other captured sessions are not, and stay refused. Sessions that capture no graph
+stage checked since at full size; other captured sessions are not (CLAP's text branch on it gave wrong audio before
+the fix, runs BD-BE), and stay refused. Sessions that capture no graph
 may share it. ``ALLOW_ON_CUDA`` lifts the rule for diagnosis only (``scripts/shared_arena_check.py``). On the CPU
 there are no captured graphs, and sharing is ordinary arena use.
 
