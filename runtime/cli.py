@@ -189,11 +189,11 @@ def shared_arena_value(text: str):
 def _shared_arena_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                         metavar="default|all|none|NAME,NAME...",
-                        help="which components share one ONNX Runtime memory arena: default or none (one arena "
-                             "each), all (the flag alone), or component names, comma-separated. On CUDA, with "
-                             "CUDA graphs only the decode stage's (vae_decoder,vocoder,clap_features,clap_audio: "
-                             "~140 MiB less peak memory); any other only uncaptured (bench: name it in --uncaptured "
-                             "too; docs/benchmarks.md runs BD-BM)")
+                        help="which components share one ONNX Runtime memory arena: default (on CUDA the decode "
+                             "stage's: vae_decoder,vocoder,clap_features,clap_audio, ~130 MiB less peak memory; none "
+                             "on the CPU), none (one arena each), all (the flag alone), or component names, "
+                             "comma-separated. On CUDA, with CUDA graphs only the decode stage's; any other only "
+                             "uncaptured (bench: name it in --uncaptured too; docs/benchmarks.md runs BD-BN)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -155,17 +155,19 @@ class AudioLDM2Runtime:
         CUBLAS_WORKSPACE_CONFIG unless that is set already (``backends.ort.limit_cublas_workspace``): cuBLAS's own
         default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
         shared_arena (backend "ort", default providers): the components whose sessions share one ONNX Runtime arena
-        for their activations instead of one each (``backends/shared_arena.py``) — None or False = none (one arena
-        per session), True = every component, or component names (a component with no session in this load — CLAP's
-        features on the CPU, the ranking's with ``ranking=False`` — is left out); ``health()["shared_arena"]`` names
-        those on it.
-        **On CUDA, sessions with CUDA graphs only among the decode stage's** (vae_decoder, vocoder, clap_features,
-        clap_audio: ``backends.ort.CAPTURED_ON_ARENA_CHECKED``; about 140 MiB less peak memory, run BL) — others only
+        for their activations instead of one each (``backends/shared_arena.py``) — None = on CUDA the decode
+        stage's (vae_decoder, vocoder, clap_features, clap_audio: ``backends.ort.SHARED_ARENA_DEFAULT``; about
+        130 MiB less peak memory than one arena per session, run BN), none on the CPU, and where another runtime of
+        the process has served already, none (logged: no session may join the arena after a capture); False = none
+        (one arena per session); True = every component; or component names (a component with no session in this
+        load — CLAP's features on the CPU, the ranking's with ``ranking=False`` — is left out).
+        ``health()["shared_arena"]`` names those on it.
+        **On CUDA, sessions with CUDA graphs only among the decode stage's** (``CAPTURED_ON_ARENA_CHECKED``) — others only
         uncaptured (``cuda_graphs=captured_except(names)``): captured sessions on it gave two runtimes of one process
         driven at once wrong audio until the runtime's buffers were its own there, and only the decode stage's are
-        checked since (runs BD-BM, docs/benchmarks.md); other choices are an InvalidRequestError. Every runtime of the
-        process that shares the arena must be loaded before any of them serves (a session cannot join it after a
-        capture). On the CPU it is ordinary arena use.
+        checked since (runs BD-BN, docs/benchmarks.md); other choices are an InvalidRequestError. Every runtime of the
+        process that shares the arena by an explicit choice must be loaded before any of them serves (a session cannot
+        join it after a capture: an error). On the CPU it is ordinary arena use.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device
         allocation each instead of one per initializer (``backends.ort.OrtSessionFactory``): None = the text stack,
         the ranking components and a UNet exported with ``--unet-layout nchw`` on CUDA (NHWC convolutions cannot be

@@ -140,7 +140,7 @@ def serve(artifacts: str, host: str = "127.0.0.1", port: int = 8000, device: str
           ranking: bool = True, shared_arena=None) -> None:
     """Load, warm up in the background, and serve until interrupted (``audioldm2-trt serve``). ``ranking=False``:
     CLAP's audio branch is not loaded, and ``limits.max_waveforms`` must be 1. ``shared_arena``: which components
-    share one ONNX Runtime arena (``AudioLDM2Runtime.load``'s; on CUDA only sessions without CUDA graphs)."""
+    share one ONNX Runtime arena (``AudioLDM2Runtime.load``'s: None = on CUDA the decode stage's)."""
     import uvicorn
 
     from .pipeline import AudioLDM2Runtime

@@ -61,6 +61,9 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
         result = {"load_s": load, "cold_start_s": cold, "cuda_graphs": bool(cuda_graphs),
                   "device_loop": rt._solver_step is not None,
                   "components_without_graphs": refused,  # ONNX Runtime refused their capture ("auto")
+                  # on CUDA the default's decode stage, for the first runtime of the process only: one loaded after
+                  # another has served keeps an arena per session (backends/shared_arena.py)
+                  "shared_arena": rt.health()["shared_arena"],
                   **timed(lambda: rt(**REQUEST, seed=0), runs)}
         stages = []
         for _ in range(5):

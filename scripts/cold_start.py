@@ -86,8 +86,8 @@ FACTORY_VARIANTS = {
     # cuBLAS's own default workspace (the runtime asks for 4 MiB per handle since run I: CUBLAS_WORKSPACE_KIB)
     "cublas_default_ws": {"cublas_workspace_kib": None},
     # ONNX Runtime's memory pattern off (activations allocated tensor by tensor instead of one planned block per
-    # run) — the default on CUDA since run N; mem_pattern_on: the default before. (The shared-arena variants went
-    # with run BF: load refuses captured sessions on the shared arena on CUDA.)
+    # run) — the default on CUDA since run N; mem_pattern_on: the default before. (Every variant has the default's
+    # decode stage on the shared arena since run BN.)
     "nopattern": {"mem_pattern": False},
     "mem_pattern_on": {"mem_pattern": True},
     # every session's weights in allocations of their own (ONNX Runtime's default; the runtime's until packed weights)

@@ -42,9 +42,10 @@
 #   bash scripts/gpu_session.sh all-ownbuffers-full  # setup, fp16 export; the captured decode stage on the shared
 #                                          # arena with the runtime's own buffers at full size (run BJ's fix), peak memory,
 #                                          # bench alternating, then the benchmark with the peers (no fp32 row)
-#   bash scripts/gpu_session.sh all-decodearena-full  # setup, fp16 export; the decode stage captured on the shared
-#                                          # arena (load takes it since runs BL-BM): 8 two-runtime trials, peak memory,
-#                                          # bench alternating with the default, the load test with it; test_gpu.py
+#   bash scripts/gpu_session.sh all-defaultarena-full  # setup, fp16 export; the default since run BN (the decode
+#                                          # stage captured on the shared arena): test_gpu.py, a two-runtime check,
+#                                          # bench alternating with one arena per session, the benchmark with the peers,
+#                                          # the load test (run BN's 8 trials: all-decodearena-full at 86b6783)
 #   bash scripts/gpu_session.sh all-lmloop  # setup, fp16 export; meanwhile a tiny fp32 export and its vocoder failure
 #                                          # narrowed down; then GPT-2's passes on the device against on the host
 #                                          # (text_stage.py, bench alternating), the benchmark with the peers, peak
@@ -636,32 +637,29 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
         --out /tmp/logs/python/1 >> /tmp/logs/python.log 2>&1; \
       python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --decode-arena-uncaptured \
         --out /tmp/logs/decode-own > /tmp/logs/arenacheck-decode-own.log 2>&1; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_decode_arena_captured,\
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_own_arenas,\
 runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
       $OWN_BUFFERS_BENCH; \
       $BENCH_PEERS_FP16" ;;
-  decodearena-full)  # after the fp16 export started: the decode stage's captured sessions on the shared arena, which
-                    # load takes since runs BL-BM, before it becomes the default: tests/test_gpu.py while the export
-                    # runs; shared_arena_check.py --decode-arena, 8 processes (6 with two waveforms: the waveforms
-                    # matched to their runs alone, and CLAP's scores where the order changed); peak memory of the
-                    # default, the decode arena and B0; `bench` alternating the default and the decode arena (3 rounds
-                    # of 20 calls); the load test with the decode arena (placement: two runtimes at once)
-    mkdir -p /tmp/logs/decode /tmp/logs/load
+  defaultarena-full)  # after the fp16 export started: the default since run BN, the decode stage's captured sessions
+                     # on the shared arena: tests/test_gpu.py while the export runs; shared_arena_check.py at the
+                     # default (its first pair on the arena with two waveforms; the runtimes loaded after keep an
+                     # arena per session); `bench` alternating the default and one arena per session (2 rounds of 20
+                     # calls); the benchmark with the peers (no fp32 row); last, the load test at the default
+    mkdir -p /tmp/logs/check /tmp/logs/load
     in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
         > /tmp/logs/pytest-gpu.log 2>&1); \
       bash $SELF wait 16; \
-      for t in 1:2 2:2 3:2 4:2 5:2 6:2 7:1 8:1; do timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 \
-        --decode-arena --waveforms \${t#*:} --out /tmp/logs/decode/\${t%%:*} >> /tmp/logs/decode.log 2>&1; done; \
-      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_decode_arena_captured,b0 \
-        --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
-      for r in 1 2 3; do for v in default decodearena; do \
-        case \$v in default) o= ;; decodearena) o='--shared-arena vae_decoder,vocoder,clap_features,clap_audio' ;; esac; \
+      timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --out /tmp/logs/check > /tmp/logs/check.log 2>&1; \
+      for r in 1 2; do for v in default own; do \
+        case \$v in default) o= ;; own) o='--shared-arena none' ;; esac; \
         (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \$o \
           --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
-      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 \
-        --shared-arena vae_decoder,vocoder,clap_features,clap_audio --out /tmp/logs/load > /tmp/logs/load.log 2>&1" ;;
-  all-decodearena-full)  # setup, the fp16 export, decodearena-full
-    setup_export_then 16 decodearena-full ;;
+      $BENCH_PEERS_FP16; \
+      python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs/load \
+        > /tmp/logs/load.log 2>&1" ;;
+  all-defaultarena-full)  # setup, the fp16 export, defaultarena-full
+    setup_export_then 16 defaultarena-full ;;
   all-ownbuffers-full)  # setup, the fp16 export, ownbuffers-full
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena

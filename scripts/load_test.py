@@ -126,6 +126,8 @@ def placement(folder: str, device: str, shared_arena=None) -> dict:
     loops = (("", None), ("host_loop_", False))
     pairs = {label: [AudioLDM2Runtime.load(folder, device=device, device_loop=loop, shared_arena=shared_arena)
                      for _ in range(2)] for label, loop in loops}
+    # what each has on the shared arena (load's default on CUDA: the decode stage's, if nothing has served yet)
+    out["on_arena"] = {label: [rt.health()["shared_arena"] for rt in pair] for label, pair in pairs.items()}
     for label, _ in loops:
         a, b = pairs[label]
         call_a, call_b = (lambda: a("a dog", seed=1, **kwargs).audios), (lambda: b("rain", seed=2, **kwargs).audios)
@@ -160,8 +162,8 @@ def main() -> None:
     ap.add_argument("--shared-arena", nargs="?", const=True, default=None, type=shared_arena_value,
                     metavar="default|all|none|NAME,NAME...",
                     help="every runtime loaded with this shared_arena (load's; on CUDA captured sessions only "
-                         "among the decode stage's, docs/benchmarks.md runs BD-BM): all (the flag alone), none, "
-                         "component names, or load's default")
+                         "among the decode stage's, docs/benchmarks.md runs BD-BN): all (the flag alone), none, "
+                         "component names, or load's default (on CUDA the decode stage's)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from audioldm2_trt.runtime import AudioLDM2Runtime, MicroBatcher
@@ -171,6 +173,8 @@ def main() -> None:
     # loaded before the placement runtimes capture anything (a shared arena takes no session after a capture)
     rt = None if args.placement_only else AudioLDM2Runtime.load(args.artifacts, device=args.device,
                                                                 shared_arena=args.shared_arena)
+    if rt is not None:
+        res["on_arena"] = rt.health()["shared_arena"]
     if not args.skip_placement:
         try:
             res["placement"] = placement(args.artifacts, args.device + ":0" if args.device == "cuda" else args.device,

@@ -38,15 +38,15 @@ from gpu_memory import GpuMemory
 # until packed weights, ONNX Runtime's own); *_packed_all: every component that allows it (unet_variant.py's UNet);
 # runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
 # backends/weights_block.py).
-# runtime_decode_arena_captured: the decode stage captured on ONNX Runtime's shared arena, as from run BA to BF, with
-# the runtime's buffers in memory of its own since run BJ (load takes it on CUDA since runs BL-BM; other captured
-# sessions on the arena it refuses, backends/shared_arena.py).
+# runtime: the default, on CUDA the decode stage captured on ONNX Runtime's shared arena (as from run BA to BF, and
+# since run BN, with the runtime's buffers in memory of its own since run BJ); runtime_own_arenas: one arena per
+# session (the default from run BF to BN).
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
+        "runtime_own_arenas": {"shared_arena": False},
         # the decode stage uncaptured, on the shared arena (what run BA's arena saved, without captured graphs on it)
         # and off it (what running it uncaptured costs alone)
         "runtime_decode_arena_uncaptured": {"shared_arena": DECODE_STAGE, "cuda_graphs": captured_except(DECODE_STAGE)},
-        "runtime_decode_uncaptured": {"cuda_graphs": captured_except(DECODE_STAGE)},
-        "runtime_decode_arena_captured": {"shared_arena": DECODE_STAGE},
+        "runtime_decode_uncaptured": {"shared_arena": False, "cuda_graphs": captured_except(DECODE_STAGE)},
         "runtime_unpacked": {"packed_weights": False},
         "runtime_packed_all": {"packed_weights": True},
         "runtime_no_block": {"weights_block": False},

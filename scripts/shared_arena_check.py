@@ -2,30 +2,33 @@
 refused on CUDA for captured sessions outside the decode stage. One clean process:
 
     python scripts/shared_arena_check.py --artifacts /tmp/art-fp16 [--request tiny|full] [--out DIR]
-        [--decode-arena-uncaptured | --decode-arena [--waveforms N]] [--repeat N] [--python-buffers]
+        [--own-arenas | --decode-arena-uncaptured | --decode-arena [--waveforms N]] [--repeat N] [--python-buffers]
 
-Why (docs/benchmarks.md, runs BF-BJ): with the decode stage's captured sessions on ONNX Runtime's shared arena (the
+Why (docs/benchmarks.md, runs BF-BN): with the decode stage's captured sessions on ONNX Runtime's shared arena (the
 default from run BA to run BF), two runtimes of one process driven from two threads gave the later-loaded one (both,
 with two waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their runs alone in most trials, tiny and
-full-size exports — while with one arena per session (the default since) every trial matched. ``load`` refused
-captured sessions on the shared arena on CUDA from then. The cause was the runtime's bound buffers, which ONNX Runtime's
-Python allocator took from the arena (run BI); they are the runtime's own there since (run BJ, tiny export: 11 of 11
-right; runs BL-BM, full size, 6 processes: every waveform right — where two came back in the other order, CLAP's
-scores of the pair lay 1.2e-5 apart), and ``load`` takes the decode stage's captured sessions on the arena since.
-Checked here:
+full-size exports — while with one arena per session (the default from then to run BN) every trial matched. The cause
+was the runtime's bound buffers, which ONNX Runtime's Python allocator took from the arena (run BI); they are the
+runtime's own there since (run BJ, tiny export: 11 of 11 right; runs BL-BN, full size, 14 processes: every waveform
+right — where two came back in the other order, CLAP's scores of the pair lay 1e-5 to 3e-5 apart), and the decode
+stage's captured sessions are on the arena by default again since run BN. Checked here:
 
-1. ``two_runtimes``: two runtimes at the default from two threads, 4 requests each, one waveform; then
-   ``two_runtimes_two_waveforms`` (the ranking's sessions too): each result against the same runtime's run of that
-   request alone (rel-L2, worst of the 4), as ranked and with the waveforms matched to the run alone's (a ranking
-   that changed order is not wrong audio: ``together_vs_alone``);
+1. ``two_runtimes_two_waveforms`` (the ranking's sessions too), then ``two_runtimes`` (one waveform): two runtimes
+   from two threads, 4 requests each — each result against the same runtime's run of that request alone (rel-L2,
+   worst of the 4), as ranked and with the waveforms matched to the run alone's (a ranking that changed order is not
+   wrong audio: ``together_vs_alone``);
 2. ``one_runtime``: one runtime from two threads, 4 requests each, the same way;
 3. ``refused``: ``shared_arena=True`` and one captured component's name outside the decode stage, refused on CUDA.
 
+Each check's runtimes are loaded afresh, both before either serves, and ``on_arena`` records what each had on the
+shared arena (``health()``). At the default (no switch) on CUDA only the first check's pair has the decode stage
+there: runtimes loaded after a capture keep an arena per session (the default's fallback, checked by the others).
+``--own-arenas``: 1-2 with one arena per session (``shared_arena=False``).
 ``--decode-arena-uncaptured``: 1-2 with the decode stage's sessions run without CUDA graphs and on the shared arena
-(what ``load`` allows on CUDA: ``shared_arena=DECODE_STAGE, cuda_graphs=captured_except(DECODE_STAGE)``).
-``--decode-arena``: the decode stage's sessions captured on the arena (runs BF-BI's failure; checked in runs BJ-BM),
-only 1, once, with ``--waveforms`` (default 1) — once per process, as no session may join the arena after a capture
-(run it again for another trial).
+(``shared_arena=DECODE_STAGE, cuda_graphs=captured_except(DECODE_STAGE)``).
+``--decode-arena``: the decode stage's sessions captured on the arena, chosen explicitly (then a runtime loaded
+after a capture is an error, not a fallback), only 1's two runtimes, once, with ``--waveforms`` (default 1) — run it
+again for another trial.
 ``--python-buffers`` (diagnosis only): the runtime's bound buffers from ONNX Runtime's Python allocator, which takes
 them from the shared arena once it is registered (run BI: ``ortvalue_allocator_probe.py``) — what runs BA-BI did;
 by default, on a device whose arena is registered, they are the runtime's own (``backends/dlpack.py``).
@@ -45,7 +48,7 @@ from result_json import write_result
 REQUESTS = {"full": None,  # benchmark.REQUEST
             "tiny": dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
                          audio_length_in_s=2.0)}
-# the decode stage's sessions (on the arena with --decode-arena-uncaptured or --decode-arena; peak_memory.py's rows)
+# the decode stage's sessions (on the arena by default on CUDA, backends.ort.SHARED_ARENA_DEFAULT; peak_memory.py's rows)
 DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")
 SEEDS = ((0, 2, 3, 5), (7, 8, 9, 11))  # the two threads' requests
 
@@ -57,8 +60,9 @@ def main() -> None:
     ap.add_argument("--request", choices=list(REQUESTS), default="full")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--waveforms", type=int, default=1, help="with --decode-arena: waveforms per request")
+    ap.add_argument("--own-arenas", action="store_true", help="one arena per session (shared_arena=False)")
     ap.add_argument("--decode-arena", action="store_true",
-                    help="the decode stage's sessions captured on the shared arena, one trial")
+                    help="the decode stage's sessions captured on the shared arena, chosen explicitly: one trial")
     ap.add_argument("--decode-arena-uncaptured", action="store_true",
                     help="the decode stage's sessions uncaptured, on the shared arena")
     ap.add_argument("--python-buffers", action="store_true",
@@ -76,7 +80,9 @@ def main() -> None:
         from benchmark import REQUEST as request
     else:
         request = REQUESTS[args.request]
-    options = {}
+    if args.own_arenas + args.decode_arena + args.decode_arena_uncaptured > 1:
+        ap.error("choose one of --own-arenas, --decode-arena, --decode-arena-uncaptured")
+    options = {"shared_arena": False} if args.own_arenas else {}
     if args.python_buffers:
         shared_arena.OWN_BUFFERS = False
     if args.decode_arena or args.decode_arena_uncaptured:
@@ -87,24 +93,26 @@ def main() -> None:
         if not args.decode_arena:
             options["cuda_graphs"] = captured_except(DECODE_STAGE)
     load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731
+    chosen = options.get("shared_arena")
     result = {"artifacts": args.artifacts, "device": args.device, "request": args.request,
-              "shared_arena": list(options.get("shared_arena", ())),
+              "shared_arena": "default" if chosen is None else list(chosen or ()),
               "uncaptured": sorted(set(DECODE_STAGE) - set(options.get("cuda_graphs", DECODE_STAGE))), "runs": []}
     checks = ((f"two_runtimes_{args.waveforms}_waveforms", args.waveforms),) if args.decode_arena else (
-        ("two_runtimes", 1), ("two_runtimes_two_waveforms", 2))
+        ("two_runtimes_two_waveforms", 2), ("two_runtimes", 1))
+    on_arena = lambda runtimes: [rt.health()["shared_arena"] for rt in runtimes]  # noqa: E731
     for _ in range(1 if args.decode_arena else args.repeat):
         run = {}
         for label, waveforms in checks:
             runtimes = [load(), load()]  # both before any request
             try:
-                run[label] = together_vs_alone(runtimes, request, waveforms)
+                run[label] = {**together_vs_alone(runtimes, request, waveforms), "on_arena": on_arena(runtimes)}
             finally:
                 for rt in runtimes:
                     rt.close()
         if not args.decode_arena:
             rt = load()
             try:
-                run["one_runtime"] = together_vs_alone([rt, rt], request, 1)
+                run["one_runtime"] = {**together_vs_alone([rt, rt], request, 1), "on_arena": on_arena([rt])}
             finally:
                 rt.close()
         print(json.dumps(run), flush=True)

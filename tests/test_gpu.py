@@ -152,23 +152,33 @@ def test_the_weights_block_gives_the_same_audio_on_cuda(tiny_artifacts):
 
 @needs_cuda
 @needs_export
-@pytest.mark.parametrize("mode", ["default", "decode_arena_uncaptured"])
+@pytest.mark.parametrize("mode", ["default", "own_arenas", "decode_arena_uncaptured"])
 def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, tmp_path, mode):
-    """In a process of its own (scripts/shared_arena_check.py): two runtimes driven from two threads at once, one
-    waveform and two (the ranking's sessions), and one runtime from two threads, give each request the audio it gives
-    alone — at the default (one arena per session), and with the decode stage's sessions uncaptured on the shared
-    arena. Captured sessions outside the decode stage on the arena are refused (before the runtime's buffers were its
-    own there, with the decode stage's captured on it the later runtime of such a pair got wrong audio, rel-L2
-    0.14-0.8, runs BF-BI; with CLAP's text branch too, runs BD-BE)."""
-    extra = ["--decode-arena-uncaptured"] if mode != "default" else []
+    """In a process of its own (scripts/shared_arena_check.py): two runtimes driven from two threads at once, two
+    waveforms (the ranking's sessions) and one, and one runtime from two threads, give each request the audio it
+    gives alone — at the default (the decode stage's captured sessions on the shared arena for the first pair, loaded
+    before either served; the runtimes loaded after that keep an arena per session, the default's fallback), with one
+    arena per session, and with the decode stage's sessions uncaptured on the arena. Captured sessions outside the
+    decode stage on the arena are refused (before the runtime's buffers were its own there, with the decode stage's
+    captured on it the later runtime of such a pair got wrong audio, rel-L2 0.14-0.8, runs BF-BI; with CLAP's text
+    branch too, runs BD-BE)."""
+    extra = {"default": [], "own_arenas": ["--own-arenas"], "decode_arena_uncaptured": ["--decode-arena-uncaptured"]}
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shared_arena_check.py"), "--artifacts",
-                        str(tiny_artifacts), "--device", "cuda", "--request", "tiny", "--out", str(tmp_path), *extra],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT / "scripts")
+                        str(tiny_artifacts), "--device", "cuda", "--request", "tiny", "--out", str(tmp_path),
+                        *extra[mode]], capture_output=True, text=True, timeout=600, cwd=ROOT / "scripts")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "shared_arena_check.json").read_text())
-    on_arena = {"vae_decoder", "vocoder", "clap_features", "clap_audio"} if extra else set()
-    assert set(res["shared_arena"]) == on_arena and set(res["uncaptured"]) == on_arena
-    for label, check in res["runs"][0].items():
+    decode = sorted(["vae_decoder", "vocoder", "clap_features", "clap_audio"])
+    assert set(res["uncaptured"]) == (set(decode) if mode == "decode_arena_uncaptured" else set())
+    run = res["runs"][0]
+    on_arena = {label: check["on_arena"] for label, check in run.items()}
+    if mode == "default":  # the first pair on the arena; everything loaded after a capture off it
+        assert on_arena == {"two_runtimes_two_waveforms": [decode, decode], "two_runtimes": [[], []],
+                            "one_runtime": [[]]}, on_arena
+    else:
+        assert on_arena == {label: [decode if mode == "decode_arena_uncaptured" else []] * len(on)
+                            for label, on in on_arena.items()}, on_arena
+    for label, check in run.items():
         assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-5, (label, check)
         assert max(check["worst_rows_matched"]) < 1e-5 and check["order_differs"] == [], (label, check)
     for label, refusal in res["refused"].items():
@@ -181,17 +191,19 @@ def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, 
 def test_two_runtimes_with_the_decode_stage_captured_on_the_arena_give_their_audio_alone_on_cuda(tiny_artifacts,
                                                                                                   tmp_path):
     """In a process of its own (scripts/shared_arena_check.py --decode-arena): two runtimes with the decode stage's
-    captured sessions on the shared arena, loaded before either serves, driven from two threads at once with two
-    waveforms a request, give each request the waveforms it gives alone, in the same order. This is the choice that
-    gave wrong audio while the runtime's buffers came from the arena (runs BF-BI); with buffers of its own it gave
-    the right audio in runs BJ-BM."""
+    captured sessions on the shared arena, chosen explicitly, loaded before either serves, driven from two threads at
+    once with one waveform a request, give each request the waveform it gives alone. This is the choice that gave
+    wrong audio while the runtime's buffers came from the arena (runs BF-BI); with buffers of its own it gave the
+    right audio in runs BJ-BN, and it is the default since (the test above: two waveforms)."""
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shared_arena_check.py"), "--artifacts",
                         str(tiny_artifacts), "--device", "cuda", "--request", "tiny", "--decode-arena", "--waveforms",
-                        "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT / "scripts")
+                        "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT / "scripts")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "shared_arena_check.json").read_text())
-    assert set(res["shared_arena"]) == {"vae_decoder", "vocoder", "clap_features", "clap_audio"}
+    decode = sorted(["vae_decoder", "vocoder", "clap_features", "clap_audio"])
+    assert res["shared_arena"] == ["vae_decoder", "vocoder", "clap_features", "clap_audio"]
     assert res["uncaptured"] == [] and res["buffers"] == "own"
-    check = res["runs"][0]["two_runtimes_2_waveforms"]
+    check = res["runs"][0]["two_runtimes_1_waveforms"]
+    assert check["on_arena"] == [decode, decode], check
     assert check["errors"] == [] and max(check["worst_rows_matched"]) < 1e-5, check
     assert max(check["worst_against_alone"]) < 1e-5 and check["order_differs"] == [], check

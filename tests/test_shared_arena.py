@@ -42,15 +42,18 @@ def test_shared_arena_gives_the_default_runtimes_audio(tiny_artifacts, runtime):
     assert AudioLDM2Runtime.load(tiny_artifacts, shared_arena="vocoder").health()["shared_arena"] == ["vocoder"]
 
 
-def test_no_session_is_on_the_arena_by_default_and_names_pick_theirs(tiny_artifacts):
-    """Which sessions join the shared arena (the selection alone: this machine has no CUDA provider): none by default,
-    on CUDA as on the CPU (run BF: the decode stage's sessions on it by default gave wrong audio with two runtimes);
-    True every component; names those; unknown names are refused by load."""
+def test_the_decode_stage_is_on_the_arena_by_default_on_cuda_and_names_pick_theirs(tiny_artifacts):
+    """Which sessions join the shared arena (the selection alone: this machine has no CUDA provider): by default the
+    decode stage's with the default CUDA provider (run BN), none on the CPU or with providers given; True every
+    component; names those; unknown names are refused by load."""
+    from audioldm2_trt.runtime.backends.ort import default_shared_arena
     from audioldm2_trt.runtime.pipeline import SESSION_NAMES as every
 
     cuda = OrtSessionFactory.__new__(OrtSessionFactory)  # a CUDA factory's selection state, without CUDA
     cuda.device, cuda._default_cuda = Device.parse("cuda"), True
-    assert not any(cuda._arena_selector(None)(n) for n in every)
+    assert {n for n in every if cuda._arena_selector(default_shared_arena(True))(n)} == {
+        "vae_decoder", "vocoder", "clap_features", "clap_audio"}
+    assert default_shared_arena(False) is False  # the CPU, or providers given
     assert {n for n in every if cuda._arena_selector(True)(n)} == set(every)
     assert not any(cuda._arena_selector(False)(n) for n in every)
     assert {n for n in every if cuda._arena_selector(["vocoder", "unet"])(n)} == {"vocoder", "unet"}
@@ -84,7 +87,7 @@ def test_on_cuda_captured_sessions_may_share_the_arena_only_in_the_decode_stage(
     for graphs in ("auto", True, ["clap_text", "unet"]):
         with pytest.raises(InvalidRequestError, match=re.escape("shared_arena ['clap_text']: on CUDA only the decode "
                                                                 "stage's sessions may share the arena with CUDA graphs")
-                           + r".*runs BD-BI.*runs BJ-BM.*captured_except\(\['clap_text'\]\).*bench --uncaptured "
+                           + r".*runs BD-BI.*runs BJ-BN.*captured_except\(\['clap_text'\]\).*bench --uncaptured "
                              r"clap_text"):
             check(cuda, ["vocoder", "clap_text"], graphs)
     check(cuda, ["vocoder", "clap_text"], captured_except(["clap_text"]))  # clap_text uncaptured: allowed
@@ -155,6 +158,22 @@ def test_no_session_joins_the_arena_after_one_of_its_graphs_was_captured(tiny_ar
     with pytest.raises(BackendError, match=r"projection: cannot join the shared arena of cpu: a CUDA graph of a "
                                            r"session on it has been captured already.*shared_arena=False"):
         factory.create("projection", tiny_artifacts / "projection.onnx")
+
+
+def test_the_default_keeps_a_session_off_an_arena_captured_already(tiny_artifacts, monkeypatch):
+    """The default's side of rule 2: a runtime loaded at the default (on CUDA the decode stage on the arena) after
+    another of the process has served keeps an arena per session, and says so in its sessions' stats, where an
+    explicit choice raises (the test above). On the CPU the default is no arena, so the default's state is set by
+    hand on a factory with an arena; the session is made for real."""
+    factory = OrtSessionFactory("cpu", shared_arena=["projection"])
+    monkeypatch.setattr(factory, "_arena_chosen", False)  # as shared_arena=None resolves on CUDA
+    assert factory.on_shared_arena("projection") and not factory.on_shared_arena("vocoder")
+    joined = factory.create("projection", tiny_artifacts / "projection.onnx")
+    assert joined.stats.shared_arena
+    monkeypatch.setattr(factory.arena, "captured", True)
+    assert not factory.on_shared_arena("projection")
+    kept_out = factory.create("projection", tiny_artifacts / "projection.onnx")
+    assert not kept_out.stats.shared_arena
 
 
 def test_a_run_on_the_arena_waits_for_its_lock(tiny_artifacts, runtime):
@@ -310,6 +329,8 @@ def test_the_concurrency_check_script_on_the_cpu(tiny_artifacts, tmp_path):
     for label, check in res["runs"][0].items():
         assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-6, (label, check)
         assert max(check["worst_rows_matched"]) < 1e-6 and check["order_differs"] == [], (label, check)
+        # as each runtime's health() has it; on the CPU nothing is captured, so every check's runtimes join
+        assert all(on == ["clap_audio", "vae_decoder", "vocoder"] for on in check["on_arena"]), (label, check)
     assert res["refused"] == {"all": None, "one_name": None}
 
 

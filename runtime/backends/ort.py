@@ -66,11 +66,22 @@ PACKED_CONFIG = {"session.disable_prepacking": "1"}
 # one request's text stage can still overlap another's denoising on the GPU.
 LOOP_STREAMS = {"unet": "denoising", "unet_context": "denoising", "solver_step": "denoising",
                 "gpt2": "language_model", "lm_append": "language_model"}
-# On CUDA the shared arena (``shared_arena.py``) takes sessions that capture CUDA graphs only among these, the decode
-# stage's (``check_shared_arena_choice``), any session that captures none, and none by default. These are the ones
-# checked at full size since the runtime's bound buffers are its own there (runs BJ-BM); why the others stay refused,
-# and the history, is in ``shared_arena.py``'s docstring.
-CAPTURED_ON_ARENA_CHECKED = frozenset({"vae_decoder", "vocoder", "clap_features", "clap_audio"})
+# The decode stage's sessions: on the shared arena (``shared_arena.py``) by default with the default CUDA provider
+# (``SHARED_ARENA_DEFAULT``; within a request they run one after another, so sharing costs it nothing), and on CUDA
+# the only sessions that may be there with CUDA graphs (``check_shared_arena_choice``; any session that captures none
+# may be too): the ones checked at full size since the runtime's bound buffers are its own there (runs BJ-BN); why
+# the others stay refused, and the history, is in ``shared_arena.py``'s docstring.
+DECODE_STAGE = frozenset({"vae_decoder", "vocoder", "clap_features", "clap_audio"})
+CAPTURED_ON_ARENA_CHECKED = DECODE_STAGE
+SHARED_ARENA_DEFAULT = DECODE_STAGE
+
+
+def default_shared_arena(default_cuda: bool):
+    """``shared_arena=None`` resolved: ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the default CUDA provider
+    (``default_cuda``), else False (the CPU, or providers given: one arena per session)."""
+    return SHARED_ARENA_DEFAULT if default_cuda else False
+
+
 # ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
 # otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
 # time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
@@ -454,11 +465,13 @@ class OrtSessionFactory:
     sets it already (``limit_cublas_workspace``); None leaves cuBLAS's default.
     shared_arena (default providers only): the components whose sessions allocate their activations from the
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
-    (``shared_arena.py``) — None or False = none; True = every component; or a collection of names. On CUDA sessions
-    that capture CUDA graphs may be named only among the decode stage's (``check_shared_arena_choice``: other captured
-    ones gave wrong audio with two runtimes at once and are not checked since the fix, runs BD-BM;
-    ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis), any session that captures none; there its runs
-    take turns, each holding the arena's lock until its outputs are synchronised, so they are never queued on a loop
+    (``shared_arena.py``) — None = ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the default CUDA provider, none
+    elsewhere, and where it finds the arena captured already (another runtime of the process has served) those
+    sessions keep arenas of their own (logged), where a choice made explicitly raises; False = none; True = every
+    component; or a collection of names. On CUDA sessions that capture CUDA graphs may be named only among the decode
+    stage's (``check_shared_arena_choice``: other captured ones gave wrong audio with two runtimes at once and are not
+    checked since the fix, runs BD-BN; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis), any session that
+    captures none; there its runs take turns, each holding the arena's lock until its outputs are synchronised, so they are never queued on a loop
     stream, and no session may join the arena after one of its graphs was captured.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
     as one block) — None = off on CUDA, on on the CPU. Off, activations are allocated tensor by tensor, and the
@@ -552,6 +565,8 @@ class OrtSessionFactory:
         if isinstance(shared_arena, str):  # one component's name, as load takes it
             shared_arena = (shared_arena,)
         self.check_shared_arena_choice(self.device, shared_arena, cuda_graphs if use_graphs else False)
+        self._arena_chosen = shared_arena is not None  # chosen: joining a captured arena raises; the default keeps out
+        shared_arena = default_shared_arena(self._default_cuda) if shared_arena is None else shared_arena
         self._on_arena = self._arena_selector(shared_arena)
         self.arena = _shared_arena(ort, self.device) if shared_arena not in (None, False) else None
         self.mem_pattern = default_mem_pattern(self.device) if mem_pattern is None else mem_pattern
@@ -618,7 +633,7 @@ class OrtSessionFactory:
             return
         why = ("captured sessions on ONNX Runtime's shared arena gave two runtimes of one process driven at once "
                "wrong audio (docs/benchmarks.md, runs BD-BI); since the runtime's buffers are its own there, only "
-               f"the decode stage's ({', '.join(sorted(CAPTURED_ON_ARENA_CHECKED))}) are checked (runs BJ-BM)")
+               f"the decode stage's ({', '.join(sorted(CAPTURED_ON_ARENA_CHECKED))}) are checked (runs BJ-BN)")
         if shared_arena is True:  # every session: only the decode stage's may capture
             if cuda_graphs is True or cuda_graphs == "auto" or (cuda_graphs and set(
                     (cuda_graphs,) if isinstance(cuda_graphs, str) else cuda_graphs) - CAPTURED_ON_ARENA_CHECKED):
@@ -637,7 +652,7 @@ class OrtSessionFactory:
 
     def _arena_selector(self, shared_arena):
         """component name → whether its session is on the shared arena (see ``shared_arena`` above)."""
-        if shared_arena is None or shared_arena is False:
+        if shared_arena is False:
             return lambda name: False
         if shared_arena is True:
             return lambda name: True
@@ -646,7 +661,7 @@ class OrtSessionFactory:
 
     def on_shared_arena(self, name: str) -> bool:
         """Whether a session of ``name`` made now would be on the shared arena."""
-        return self.arena is not None and self._on_arena(name)
+        return self.arena is not None and self._on_arena(name) and not (self.arena.captured and not self._arena_chosen)
 
     def _block_selector(self, weights_block, nhwc_conv: frozenset):
         """component name → whether its weights go in a ``WeightsBlock`` (see ``weights_block`` above)."""
@@ -699,8 +714,13 @@ class OrtSessionFactory:
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                               "1024")
         arena = self.arena if self.arena is not None and self._on_arena(name) else None
+        if arena is not None and arena.captured and not self._arena_chosen:
+            log.info("%s: the shared arena of %s has captured graphs already (another runtime of the process has "
+                     "served); this session keeps an arena of its own (load(shared_arena=...) makes that an error)",
+                     name, self.device)
+            arena = None
         if arena is not None:
-            arena.check_can_join(name)  # raises once a graph on it was captured
+            arena.check_can_join(name)  # a choice made explicitly: raises once a graph on it was captured
         config = {**(SHARED_ARENA_CONFIG if arena is not None else {}), **(PACKED_CONFIG if packed else {}),
                   **self.session_config}
         for key, value in config.items():

@@ -1,9 +1,10 @@
-"""One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``load(shared_arena=...)``:
-``True`` every component's, or component names).
+"""One ONNX Runtime memory arena per device, shared by the sessions that ask for it (``load(shared_arena=...)``: by
+default on CUDA the decode stage's, ``backends.ort.SHARED_ARENA_DEFAULT``; ``True`` every component's, or component
+names).
 
-**On CUDA, sessions that capture CUDA graphs may share it only among the decode stage's, and none do by default**
-(``OrtSessionFactory.check_shared_arena_choice``, ``backends.ort.CAPTURED_ON_ARENA_CHECKED``): with the decode stage's
-captured sessions on it (the default from run BA), two runtimes of one process driven from two threads gave wrong
+**On CUDA, sessions that capture CUDA graphs may share it only among the decode stage's** (the default since run BN;
+``OrtSessionFactory.check_shared_arena_choice``, ``backends.ort.CAPTURED_ON_ARENA_CHECKED``): with the decode stage's
+captured sessions on it (the default from run BA to BF too), two runtimes of one process driven from two threads gave wrong
 audio, rel-L2 0.14-0.8 against their runs alone in most trials — the later-loaded runtime, and at full size with two
 waveforms both (runs BF-BI; one arena per session: every trial matched). The cause is mended (below) and the decode
 stage checked since at full size; other captured sessions are not (CLAP's text branch on it gave wrong audio before
@@ -28,11 +29,12 @@ trials, against 3 of 5 wrong with the buffers from the arena (``--python-buffers
 captured decode stage on the arena got its waveforms right (the one control with the buffers from the arena: a NaN in
 the UNet); where two waveforms came back in the other order, CLAP's scores of the pair lay 1.2e-5 apart, inside the
 fp16 run-to-run spread (docs/benchmarks.md). So ``load`` takes the decode stage's captured sessions on the arena on
-CUDA since; not yet by default (one arena per session), until that default is measured on the GPU. It takes back
-~140 MiB of peak memory (run BL: 3288 MiB at the default, 3150 with the decode stage captured on the arena, 3166
-uncaptured on it; B0 3126).
+CUDA since, and by default since run BN (one H200: 8 more processes, every waveform right, and tests/test_gpu.py with
+them). It takes back ~130 MiB of peak memory (run BN: 3282 MiB with one arena per session, 3150 with the decode stage
+on the arena; B0 3126; run BL: 3166 with it uncaptured on it). A runtime loaded at the default after another of the
+process has served keeps an arena per session (no session may join the arena after a capture: rule 2 below).
 
-By default every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
+Off the shared arena every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
 activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a shared
 arena (ONNX Runtime's environment allocator, ``session.use_env_allocators``) the components reuse the same blocks, as
 torch's caching allocator does for diffusers. On the H100 (docs/benchmarks.md, runs M–O) the fp16 runtime's first
