@@ -162,10 +162,10 @@ class AudioLDM2Runtime:
         (one arena per session); True = every component; or component names (a component with no session in this
         load — CLAP's features on the CPU, the ranking's with ``ranking=False`` — is left out).
         ``health()["shared_arena"]`` names those on it.
-        **On CUDA, sessions with CUDA graphs only among the decode stage's** (``CAPTURED_ON_ARENA_CHECKED``) — others only
-        uncaptured (``cuda_graphs=captured_except(names)``): captured sessions on it gave two runtimes of one process
-        driven at once wrong audio until the runtime's buffers were its own there, and only the decode stage's are
-        checked since (runs BD-BN, docs/benchmarks.md); other choices are an InvalidRequestError. Every runtime of the
+        **On CUDA, sessions with CUDA graphs only among the decode stage's** (``CAPTURED_ON_ARENA_CHECKED``), others
+        only uncaptured (``cuda_graphs=captured_except(names)``): captured sessions on it gave two runtimes of one
+        process driven at once wrong audio until the runtime's buffers were its own there, and only the decode stage's
+        are checked since (runs BD-BN, docs/benchmarks.md); other choices are an InvalidRequestError. Every runtime of the
         process that shares the arena by an explicit choice must be loaded before any of them serves (a session cannot
         join it after a capture: an error). On the CPU it is ordinary arena use.
         packed_weights (backend "ort", default CUDA provider): the components whose weights are placed in one device

@@ -48,7 +48,7 @@ from result_json import write_result
 REQUESTS = {"full": None,  # benchmark.REQUEST
             "tiny": dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
                          audio_length_in_s=2.0)}
-# the decode stage's sessions (on the arena by default on CUDA, backends.ort.SHARED_ARENA_DEFAULT; peak_memory.py's rows)
+# the decode stage's sessions (on the arena by default on CUDA: backends.ort.SHARED_ARENA_DEFAULT; peak_memory's rows)
 DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")
 SEEDS = ((0, 2, 3, 5), (7, 8, 9, 11))  # the two threads' requests
 
@@ -86,10 +86,9 @@ def main() -> None:
     if args.python_buffers:
         shared_arena.OWN_BUFFERS = False
     if args.decode_arena or args.decode_arena_uncaptured:
-        from audioldm2_trt.runtime.pipeline import captured_except, features_graph_on
+        from audioldm2_trt.runtime.pipeline import captured_except
 
-        graph = features_graph_on(Device.parse(args.device))  # (on the CPU the features are the host's: no session)
-        options["shared_arena"] = tuple(n for n in DECODE_STAGE if n != "clap_features" or graph)
+        options["shared_arena"] = DECODE_STAGE  # (load leaves out a name with no session: the CPU's features)
         if not args.decode_arena:
             options["cuda_graphs"] = captured_except(DECODE_STAGE)
     load = lambda: AudioLDM2Runtime.load(args.artifacts, device=args.device, **options)  # noqa: E731

@@ -324,12 +324,13 @@ def test_the_concurrency_check_script_on_the_cpu(tiny_artifacts, tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root / "scripts")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "shared_arena_check.json").read_text())
-    assert res["shared_arena"] == ["vae_decoder", "vocoder", "clap_audio"]  # no features session on the CPU
+    assert res["shared_arena"] == ["vae_decoder", "vocoder", "clap_features", "clap_audio"]  # the choice, as given
     assert set(res["runs"][0]) == {"two_runtimes", "two_runtimes_two_waveforms", "one_runtime"}
     for label, check in res["runs"][0].items():
         assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-6, (label, check)
         assert max(check["worst_rows_matched"]) < 1e-6 and check["order_differs"] == [], (label, check)
-        # as each runtime's health() has it; on the CPU nothing is captured, so every check's runtimes join
+        # as each runtime's health() has it (no features session on the CPU); nothing is captured on the CPU, so
+        # every check's runtimes join
         assert all(on == ["clap_audio", "vae_decoder", "vocoder"] for on in check["on_arena"]), (label, check)
     assert res["refused"] == {"all": None, "one_name": None}
 

@@ -471,8 +471,8 @@ class OrtSessionFactory:
     component; or a collection of names. On CUDA sessions that capture CUDA graphs may be named only among the decode
     stage's (``check_shared_arena_choice``: other captured ones gave wrong audio with two runtimes at once and are not
     checked since the fix, runs BD-BN; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis), any session that
-    captures none; there its runs take turns, each holding the arena's lock until its outputs are synchronised, so they are never queued on a loop
-    stream, and no session may join the arena after one of its graphs was captured.
+    captures none; there its runs take turns, each holding the arena's lock until its outputs are synchronised, so
+    they are never queued on a loop stream, and no session may join the arena after one of its graphs was captured.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
     as one block) — None = off on CUDA, on on the CPU. Off, activations are allocated tensor by tensor, and the
     arena reuses the blocks a run freed within that run: on the H100 the fp16 runtime's first call grew by 450 MiB
@@ -714,7 +714,7 @@ class OrtSessionFactory:
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                               "1024")
         arena = self.arena if self.arena is not None and self._on_arena(name) else None
-        if arena is not None and arena.captured and not self._arena_chosen:
+        if arena is not None and not self.on_shared_arena(name):  # the default, after another runtime's capture
             log.info("%s: the shared arena of %s has captured graphs already (another runtime of the process has "
                      "served); this session keeps an arena of its own (load(shared_arena=...) makes that an error)",
                      name, self.device)

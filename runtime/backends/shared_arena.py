@@ -3,14 +3,14 @@ default on CUDA the decode stage's, ``backends.ort.SHARED_ARENA_DEFAULT``; ``Tru
 names).
 
 **On CUDA, sessions that capture CUDA graphs may share it only among the decode stage's** (the default since run BN;
-``OrtSessionFactory.check_shared_arena_choice``, ``backends.ort.CAPTURED_ON_ARENA_CHECKED``): with the decode stage's
-captured sessions on it (the default from run BA to BF too), two runtimes of one process driven from two threads gave wrong
-audio, rel-L2 0.14-0.8 against their runs alone in most trials — the later-loaded runtime, and at full size with two
-waveforms both (runs BF-BI; one arena per session: every trial matched). The cause is mended (below) and the decode
-stage checked since at full size; other captured sessions are not (CLAP's text branch on it gave wrong audio before
-the fix, runs BD-BE), and stay refused. Sessions that capture no graph
-may share it. ``ALLOW_ON_CUDA`` lifts the rule for diagnosis only (``scripts/shared_arena_check.py``). On the CPU
-there are no captured graphs, and sharing is ordinary arena use.
+``OrtSessionFactory.check_shared_arena_choice``, ``backends.ort.CAPTURED_ON_ARENA_CHECKED``): with the decode
+stage's captured sessions on it (the default from run BA to BF too), two runtimes of one process driven from two
+threads gave wrong audio, rel-L2 0.14-0.8 against their runs alone in most trials — the later-loaded runtime, and at
+full size with two waveforms both (runs BF-BI; one arena per session: every trial matched). The cause is mended
+(below) and the decode stage checked since at full size; other captured sessions are not (CLAP's text branch on it
+gave wrong audio before the fix, runs BD-BE), and stay refused. Sessions that capture no graph may share it.
+``ALLOW_ON_CUDA`` lifts the rule for diagnosis only (``scripts/shared_arena_check.py``). On the CPU there are no
+captured graphs, the default is an arena per session, and sharing is ordinary arena use.
 
 **The cause (runs BI-BJ), and the fix.** Since onnxruntime 1.23 the Python bindings allocate
 ``OrtValue.ortvalue_from_numpy`` / ``ortvalue_from_shape_and_type`` on a device from an allocator registered in the
@@ -34,12 +34,12 @@ them). It takes back ~130 MiB of peak memory (run BN: 3282 MiB with one arena pe
 on the arena; B0 3126; run BL: 3166 with it uncaptured on it). A runtime loaded at the default after another of the
 process has served keeps an arena per session (no session may join the arena after a capture: rule 2 below).
 
-Off the shared arena every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that arena's
-activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a shared
-arena (ONNX Runtime's environment allocator, ``session.use_env_allocators``) the components reuse the same blocks, as
-torch's caching allocator does for diffusers. On the H100 (docs/benchmarks.md, runs M–O) the fp16 runtime's first
-call then grew by 308 MiB instead of 452 (diffusers: 388), its peak 3527 MiB instead of 3689, and 3697 instead of
-4119 once a two-waveform request had run too; the audio stayed within the fp16 UNet's run-to-run spread.
+Off the shared arena every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that
+arena's activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a
+shared arena (ONNX Runtime's environment allocator, ``session.use_env_allocators``) the components reuse the same
+blocks, as torch's caching allocator does for diffusers. On the H100 (docs/benchmarks.md, runs M–O) the fp16 runtime's
+first call then grew by 308 MiB instead of 452 (diffusers: 388), its peak 3527 MiB instead of 3689, and 3697 instead
+of 4119 once a two-waveform request had run too; the audio stayed within the fp16 UNet's run-to-run spread.
 
 What was meant to make that safe with CUDA graphs. A captured graph replays into the addresses its intermediates had
 when it was captured, and ONNX Runtime returns those blocks to the arena after the capture run; in a shared arena
