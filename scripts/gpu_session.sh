@@ -42,6 +42,10 @@
 #   bash scripts/gpu_session.sh all-ownbuffers-full  # setup, fp16 export; the captured decode stage on the shared
 #                                          # arena with the runtime's own buffers at full size (run BJ's fix), peak memory,
 #                                          # bench alternating, then the benchmark with the peers (no fp32 row)
+#   bash scripts/gpu_session.sh all-memline-full  # setup, fp16 export; the two cheapest memory savings left at the
+#                                          # default since run BN (256 KiB cuBLAS workspace; CLAP text and projection
+#                                          # uncaptured): peak memory against B0, bench alternating (batch 1 and 4),
+#                                          # then the 100-prompt fidelity and cold start in clean processes at the default
 #   bash scripts/gpu_session.sh all-defaultarena-full  # setup, fp16 export; the default since run BN (the decode
 #                                          # stage captured on the shared arena): test_gpu.py, a two-runtime check,
 #                                          # bench alternating with one arena per session, the benchmark with the peers,
@@ -658,6 +662,27 @@ runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1;
       $BENCH_PEERS_FP16; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs/load \
         > /tmp/logs/load.log 2>&1" ;;
+  memline-full)  # after the fp16 export started: tests/test_gpu.py while it runs; peak memory (fresh processes) of the
+                # default, the 256 KiB cuBLAS workspace, CLAP's text branch and the projection uncaptured, both, and B0;
+                # `bench` alternating the default, 256 KiB, and 256 KiB with the two uncaptured (3 rounds of 20 calls),
+                # then batch 4 (--waveforms 4) for the default and 256 KiB; the 100-prompt fidelity and cold start in
+                # clean processes at the default (what runs BN-BO left out)
+    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_ws256k,runtime_clap_proj_uncaptured,\
+runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      for r in 1 2 3; do for v in default ws256k both; do \
+        case \$v in default) e= ; o= ;; ws256k) e=:256:1 ; o= ;; both) e=:256:1 ; o='--uncaptured clap_text,projection' ;; esac; \
+        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
+          --device cuda --runs 20 \$o --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
+      for v in default ws256k; do case \$v in default) e= ;; ws256k) e=:256:1 ;; esac; \
+        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
+          --device cuda --runs 10 --waveforms 4 --json /tmp/logs/bench4-\$v.json > /tmp/logs/bench4-\$v.log 2>&1); done; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
+      $FIDELITY" ;;
+  all-memline-full)  # setup, the fp16 export, memline-full
+    setup_export_then 16 memline-full ;;
   all-defaultarena-full)  # setup, the fp16 export, defaultarena-full
     setup_export_then 16 defaultarena-full ;;
   all-ownbuffers-full)  # setup, the fp16 export, ownbuffers-full
