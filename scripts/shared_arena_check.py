@@ -9,8 +9,8 @@ default from run BA to run BF), two runtimes of one process driven from two thre
 with two waveforms at full size) wrong audio — rel-L2 0.14-0.8 against their runs alone in most trials, tiny and
 full-size exports — while with one arena per session (the default from then to run BN) every trial matched. The cause
 was the runtime's bound buffers, which ONNX Runtime's Python allocator took from the arena (run BI); they are the
-runtime's own there since (run BJ, tiny export: 11 of 11 right; runs BL-BN, full size, 14 processes: every waveform
-right — where two came back in the other order, CLAP's scores of the pair lay 1e-5 to 3e-5 apart), and the decode
+runtime's own there since (run BJ, tiny export: 11 of 11 right; runs BL-BO, full size, 15 processes: every waveform
+right — where two came back in the other order, CLAP's scores of the pair lay 5e-6 to 3.3e-5 apart), and the decode
 stage's captured sessions are on the arena by default again since run BN. Checked here:
 
 1. ``two_runtimes_two_waveforms`` (the ranking's sessions too), then ``two_runtimes`` (one waveform): two runtimes
