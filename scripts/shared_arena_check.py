@@ -42,14 +42,17 @@ import argparse
 import json
 import threading
 
+from audioldm2_trt.runtime.backends.ort import DECODE_STAGE as _DECODE_STAGE
+from audioldm2_trt.runtime.pipeline import SESSION_NAMES
 from device_loop_check import matched_order, rel_l2  # scripts/ is on the path of a script run from it
 from result_json import write_result
 
 REQUESTS = {"full": None,  # benchmark.REQUEST
             "tiny": dict(prompt="a dog barking in the rain", negative_prompt="noise", num_inference_steps=6,
                          audio_length_in_s=2.0)}
-# the decode stage's sessions (on the arena by default on CUDA: backends.ort.SHARED_ARENA_DEFAULT; peak_memory's rows)
-DECODE_STAGE = ("vae_decoder", "vocoder", "clap_features", "clap_audio")
+# the runtime's decode stage (on the arena by default on CUDA: backends.ort.SHARED_ARENA_DEFAULT), in pipeline order
+# for the results (peak_memory.py's rows take it too)
+DECODE_STAGE = tuple(n for n in SESSION_NAMES if n in _DECODE_STAGE)
 SEEDS = ((0, 2, 3, 5), (7, 8, 9, 11))  # the two threads' requests
 
 
