@@ -681,6 +681,22 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
           --device cuda --runs 10 --waveforms 4 --json /tmp/logs/bench4-\$v.json > /tmp/logs/bench4-\$v.log 2>&1); done; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
       $FIDELITY" ;;
+  memline-rest)  # after the fp16 export started: what run BP's machine took with it: batch 4 (--waveforms 4) for the
+                # default and for the 256 KiB workspace with CLAP's text branch and the projection uncaptured; `bench`
+                # round 3 of the 256 KiB workspace, of both savings and of the default; the cold start and the
+                # 100-prompt fidelity in clean processes at the default
+    in_background "bash $SELF wait 16; \
+      for v in default both; do case \$v in default) e= ; o= ;; both) e=:256:1 ; o='--uncaptured clap_text,projection' ;; esac; \
+        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
+          --device cuda --runs 10 --waveforms 4 \$o --json /tmp/logs/bench4-\$v.json > /tmp/logs/bench4-\$v.log 2>&1); done; \
+      for v in ws256k both default; do \
+        case \$v in default) e= ; o= ;; ws256k) e=:256:1 ; o= ;; both) e=:256:1 ; o='--uncaptured clap_text,projection' ;; esac; \
+        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
+          --device cuda --runs 20 \$o --json /tmp/logs/bench-\$v-3.json > /tmp/logs/bench-\$v-3.log 2>&1); done; \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
+      $FIDELITY" ;;
+  all-memline-rest)  # setup, the fp16 export, memline-rest
+    setup_export_then 16 memline-rest ;;
   all-memline-full)  # setup, the fp16 export, memline-full
     setup_export_then 16 memline-full ;;
   all-defaultarena-full)  # setup, the fp16 export, defaultarena-full
