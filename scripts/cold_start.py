@@ -83,7 +83,7 @@ VARIANT_EXTRAS = {
 # memory figures they are compared with): name → arguments.
 FACTORY_VARIANTS = {
     "no_graphs": {"cuda_graphs": False},  # no CUDA graph captured
-    # cuBLAS's own default workspace (the runtime asks for 4 MiB per handle since run I: CUBLAS_WORKSPACE_KIB)
+    # cuBLAS's own default workspace (the runtime asks for less per handle since run I: CUBLAS_WORKSPACE_KIB)
     "cublas_default_ws": {"cublas_workspace_kib": None},
     # ONNX Runtime's memory pattern off (activations allocated tensor by tensor instead of one planned block per
     # run) — the default on CUDA since run N; mem_pattern_on: the default before. (Every variant has the default's

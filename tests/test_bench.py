@@ -3,6 +3,7 @@ bad input refused before anything loads."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -150,9 +151,16 @@ def test_bench_uncaptured_takes_session_names(tiny_artifacts, capsys):
     """``--uncaptured`` names sessions to run without a CUDA graph; a name that is no session is refused, naming it,
     before any run. (On the CPU nothing is captured either way: this checks the option's path, not capture.)"""
     from audioldm2_trt.cli import main
+    from audioldm2_trt.runtime.cli import _uncaptured_value
 
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "1", "--steps", "2", "--seconds", "1.0",
                  "--uncaptured", "t5_encoder,nonsense"]) == 2
     assert "uncaptured names unknown components ['nonsense']" in capsys.readouterr().err
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "1", "--steps", "2", "--seconds", "1.0",
                  "--uncaptured", "clap_text,t5_encoder,projection"]) == 0
+    # "none": every session captured, CLAP's text branch and the projection too (the default leaves them out)
+    assert _uncaptured_value("none") == () and _uncaptured_value("clap_text, vocoder") == ("clap_text", "vocoder")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected component names, comma-separated, got ','"):
+        _uncaptured_value(",")
+    assert main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "1", "--steps", "2", "--seconds", "1.0",
+                 "--uncaptured", "none"]) == 0

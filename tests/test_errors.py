@@ -159,6 +159,9 @@ def test_graph_refusal_is_recognised_from_onnxruntimes_message():
     assert _is_graph_refusal(RuntimeError(seen))
     assert not _is_graph_refusal(RuntimeError("[ONNXRuntimeError] : 3 : NO_SUCHFILE : Load model failed"))
     assert _graph_selector("auto")("unet") and _graph_selector(True)("vae_decoder")
+    # "auto" leaves CLAP's text branch and the projection uncaptured (UNCAPTURED_BY_DEFAULT, run BP); True takes them
+    assert not _graph_selector("auto")("clap_text") and not _graph_selector("auto")("projection")
+    assert _graph_selector(True)("clap_text") and _graph_selector(("clap_text", "projection"))("projection")
     assert not _graph_selector(False)("unet") and not _graph_selector(["unet"])("gpt2")
 
 
@@ -186,7 +189,7 @@ def test_runtime_without_ranking_opens_no_clap_audio_and_refuses_several_wavefor
 
 
 def test_cublas_workspace_is_asked_for_unless_the_process_sets_it(monkeypatch, tiny_artifacts):
-    """CUBLAS_WORKSPACE_CONFIG: set to one 1 MiB buffer per handle when absent, an operator's value kept, nothing
+    """CUBLAS_WORKSPACE_CONFIG: set to one 256 KiB buffer per handle when absent, an operator's value kept, nothing
     touched on the CPU or with None, and a bad size named."""
     from audioldm2_trt.runtime.backends.ort import CUBLAS_WORKSPACE_KIB, limit_cublas_workspace
 
@@ -194,7 +197,7 @@ def test_cublas_workspace_is_asked_for_unless_the_process_sets_it(monkeypatch, t
     AudioLDM2Runtime.load(tiny_artifacts, device="cpu")  # no cuBLAS on the CPU: the environment is left alone
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert limit_cublas_workspace(None) is None
-    assert limit_cublas_workspace(CUBLAS_WORKSPACE_KIB) == ":1024:1"
+    assert limit_cublas_workspace(CUBLAS_WORKSPACE_KIB) == ":256:1"
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     assert limit_cublas_workspace(4096) == ":16:8"
     for bad in (0, -1, 2.5, True, "4096"):

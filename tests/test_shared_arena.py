@@ -84,13 +84,17 @@ def test_on_cuda_captured_sessions_may_share_the_arena_only_in_the_decode_stage(
         check(cuda, False, graphs)
         check(cuda, decode, graphs)  # the decode stage, captured or not
         check(cuda, "vocoder", graphs)
-    for graphs in ("auto", True, ["clap_text", "unet"]):
-        with pytest.raises(InvalidRequestError, match=re.escape("shared_arena ['clap_text']: on CUDA only the decode "
+    for graphs in ("auto", True, ["t5_encoder", "unet"]):
+        with pytest.raises(InvalidRequestError, match=re.escape("shared_arena ['t5_encoder']: on CUDA only the decode "
                                                                 "stage's sessions may share the arena with CUDA graphs")
-                           + r".*runs BD-BI.*runs BJ-BN.*captured_except\(\['clap_text'\]\).*bench --uncaptured "
-                             r"clap_text"):
+                           + r".*runs BD-BI.*runs BJ-BN.*captured_except\(\['t5_encoder'\]\).*bench --uncaptured "
+                             r"t5_encoder"):
+            check(cuda, ["vocoder", "t5_encoder"], graphs)
+    check(cuda, ["vocoder", "t5_encoder"], captured_except(["t5_encoder"]))  # t5_encoder uncaptured: allowed
+    for graphs in (True, captured_except(())):  # CLAP's text branch captured: refused
+        with pytest.raises(InvalidRequestError, match=re.escape("shared_arena ['clap_text']")):
             check(cuda, ["vocoder", "clap_text"], graphs)
-    check(cuda, ["vocoder", "clap_text"], captured_except(["clap_text"]))  # clap_text uncaptured: allowed
+    check(cuda, ["vocoder", "clap_text", "projection"], "auto")  # uncaptured by default: allowed
     for graphs in ("auto", True, captured_except(decode), ["vocoder", "unet"]):
         with pytest.raises(InvalidRequestError, match=re.escape("shared_arena=True on CUDA needs every session "
                                                                 "outside the decode stage uncaptured")):

@@ -38,8 +38,14 @@ GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 # on the H100 cost about 120 MiB per ONNX Runtime session (half at creation, half on the first run; the UNet about
 # 240): 5007 → 3863 MiB for the fp16 runtime after its first call with 4 MiB, with no slowdown measured
 # (cold_start.py, docs/benchmarks.md, runs I and J). 1 MiB (since runs BC–BD): 66 MiB less again over the runtime's
-# sessions, at the same speed and audio; 256 KiB saved 16–18 MiB more (docs/benchmarks.md).
-CUBLAS_WORKSPACE_KIB = 1024
+# sessions, at the same speed and audio; 256 KiB (since run BP): 16 MiB less again at the same speed (runs BD, BP).
+CUBLAS_WORKSPACE_KIB = 256
+# Sessions that cuda_graphs="auto" runs without a CUDA graph: CLAP's text branch and the projection run once per
+# request, so a graph saves them little (0.7-1.2 ms a request on the H200, run BP), and their captures grew the
+# runtime's peak by 32 MiB at its fourth request (runs BC-BD). With the 256 KiB cuBLAS workspace this puts the fp16
+# runtime's peak GPU memory under B0's: 3120 against 3126 MiB (run BP; 3150 with both captured and 1 MiB).
+# cuda_graphs=True, or names, captures them too.
+UNCAPTURED_BY_DEFAULT = frozenset({"clap_text", "projection"})
 DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
 _NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
 # ONNX Runtime runs each graph id a few times uncaptured (memory allocation) before it captures; runs of a shape
@@ -450,9 +456,10 @@ class OrtSessionFactory:
     an error, never a silent CPU run.
 
     cuda_graphs: capture a CUDA graph per shape key — "auto" (every component whose graph ONNX Runtime
-    accepts; a component it refuses, because some node of it runs on the CPU, runs on the GPU without a
-    graph, with a warning, and ``stats.graph_refused`` says why), True (every component; a refusal is an
-    error), False (none), or a collection of component names (those; a refusal is an error).
+    accepts but ``UNCAPTURED_BY_DEFAULT``'s, CLAP's text branch and the projection; a component it refuses, because
+    some node of it runs on the CPU, runs on the GPU without a graph, with a warning, and ``stats.graph_refused`` says
+    why), True (every component; a refusal is an error), False (none), or a collection of component names (those; a
+    refusal is an error).
     bind: use I/O binding on the CPU too (for tests; CUDA always binds). tf32: let the CUDA provider
     use TF32 tensor cores for fp32 MatMul/Conv (see ``cuda_provider_options``). graph_optimization: ONNX Runtime's
     optimisation level at session creation, one of ``GRAPH_OPTIMIZATION`` (for measurements: the artefacts are
@@ -916,7 +923,10 @@ def _is_graph_refusal(err: Exception) -> bool:
 
 
 def _graph_selector(cuda_graphs):
-    if cuda_graphs is True or cuda_graphs == "auto":
+    """component name → whether its session captures CUDA graphs (see ``OrtSessionFactory``'s ``cuda_graphs``)."""
+    if cuda_graphs == "auto":
+        return lambda name: name not in UNCAPTURED_BY_DEFAULT
+    if cuda_graphs is True:
         return lambda name: True
     if not cuda_graphs:
         return lambda name: False
