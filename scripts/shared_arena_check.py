@@ -121,7 +121,7 @@ def main() -> None:
         result["runs"].append(run)
     if not args.decode_arena:  # captured sessions outside the decode stage named for the arena: refused on CUDA
         refused = {}
-        for label, choice in (("all", True), ("one_name", "clap_text")):
+        for label, choice in (("all", True), ("one_name", "t5_encoder")):
             try:
                 AudioLDM2Runtime.load(args.artifacts, device=args.device, shared_arena=choice).close()
                 refused[label] = None
