@@ -46,6 +46,11 @@
 #                                          # default since run BN (256 KiB cuBLAS workspace; CLAP text and projection
 #                                          # uncaptured): peak memory against B0, bench alternating (batch 1 and 4),
 #                                          # then the 100-prompt fidelity and cold start in clean processes at the default
+#                                          # (run BP, as of 1bd5a4c: its "default" is the default of runs BN-BP)
+#   bash scripts/gpu_session.sh all-memline-rest  # setup, fp16 export; what run BP's lost machine left undone (run BQ)
+#   bash scripts/gpu_session.sh all-newdefault-full  # setup, fp16 export; the default since run BP against the one
+#                                          # before it: peak memory, bench alternating, batch 4, cold start, fidelity,
+#                                          # the benchmark with the peers
 #   bash scripts/gpu_session.sh all-defaultarena-full  # setup, fp16 export; the default since run BN (the decode
 #                                          # stage captured on the shared arena): test_gpu.py, a two-runtime check,
 #                                          # bench alternating with one arena per session, the benchmark with the peers,
@@ -681,6 +686,27 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
           --device cuda --runs 10 --waveforms 4 --json /tmp/logs/bench4-\$v.json > /tmp/logs/bench4-\$v.log 2>&1); done; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
       $FIDELITY" ;;
+  newdefault-full)  # after the fp16 export started: the default since run BP (CLAP's text branch and the projection
+                    # uncaptured, 256 KiB cuBLAS workspace) in its own right: tests/test_gpu.py while the export runs;
+                    # peak memory (fresh processes) of the default, the default of runs BN-BP and B0; `bench`
+                    # alternating the default and every session captured with 1 MiB (3 rounds of 20 calls); batch 4;
+                    # cold start in clean processes; the 100-prompt fidelity; last, the benchmark with the peers
+    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_bn_default,b0 --out /tmp/logs \
+        > /tmp/logs/peakmem.log 2>&1; \
+      for r in 1 2 3; do for v in default bn; do \
+        case \$v in default) e= ; o= ;; bn) e=:1024:1 ; o='--uncaptured none' ;; esac; \
+        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
+          --device cuda --runs 20 \$o --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
+      (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 10 --waveforms 4 \
+        --json /tmp/logs/bench4.json > /tmp/logs/bench4.log 2>&1); \
+      python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
+      $FIDELITY; \
+      $BENCH_PEERS_FP16" ;;
+  all-newdefault-full)  # setup, the fp16 export, newdefault-full
+    setup_export_then 16 newdefault-full ;;
   memline-rest)  # after the fp16 export started: what run BP's machine took with it: batch 4 (--waveforms 4) for the
                 # default and for the 256 KiB workspace with CLAP's text branch and the projection uncaptured; `bench`
                 # round 3 of the 256 KiB workspace, of both savings and of the default; the cold start and the

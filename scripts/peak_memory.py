@@ -39,9 +39,11 @@ from gpu_memory import GpuMemory
 # runtime_no_block: the UNet's and VAE decoder's weights one allocation each, ONNX Runtime's (the default before
 # backends/weights_block.py).
 # runtime: the default, on CUDA the decode stage captured on ONNX Runtime's shared arena (as from run BA to BF, and
-# since run BN, with the runtime's buffers in memory of its own since run BJ); runtime_own_arenas: one arena per
-# session (the default from run BF to BN).
+# since run BN, with the runtime's buffers in memory of its own since run BJ), and since run BP CLAP's text branch and
+# the projection uncaptured with a 256 KiB cuBLAS workspace; runtime_bn_default: every session captured with 1 MiB
+# (the default from run BN to BP); runtime_own_arenas: one arena per session (the default from run BF to BN).
 ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
+        "runtime_bn_default": {"cuda_graphs": captured_except(()), "cublas_workspace_kib": 1024},
         "runtime_own_arenas": {"shared_arena": False},
         # the decode stage uncaptured, on the shared arena (what run BA's arena saved, without captured graphs on it)
         # and off it (what running it uncaptured costs alone)
@@ -50,7 +52,7 @@ ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
         "runtime_unpacked": {"packed_weights": False},
         "runtime_packed_all": {"packed_weights": True},
         "runtime_no_block": {"weights_block": False},
-        # cuBLAS's workspace per handle (KiB; the default 1024 since run BD): run BA's default, and 256
+        # cuBLAS's workspace per handle (KiB; the default 1024 from run BD to BP, 256 since): run BA's default, and 256
         "runtime_ws4m": {"cublas_workspace_kib": 4096},
         "runtime_ws256k": {"cublas_workspace_kib": 256},
         # the loops each waited for: where the warm calls' growth comes from
@@ -63,7 +65,8 @@ ROWS = {"runtime": {}, "runtime_no_ranking": {"ranking": False},
         "runtime_clap_proj_uncaptured": {"cuda_graphs": captured_except(("clap_text", "projection"))},
         "runtime_text_uncaptured_ws256k": {"cuda_graphs": captured_except(TEXT_SESSIONS), "cublas_workspace_kib": 256},
         # CLAP's text branch and the projection uncaptured (−12 MiB, ~0.5 ms, run BF) with the 256 KiB workspace
-        # (−16 MiB, the same speed, run BD): the two cheapest of what is left between the default and B0
+        # (−16 MiB, the same speed, run BD): the two cheapest of what was left between the default and B0, together
+        # the default since run BP (3120 MiB against B0's 3126)
         "runtime_clap_proj_uncaptured_ws256k": {"cuda_graphs": captured_except(("clap_text", "projection")),
                                                 "cublas_workspace_kib": 256},
         "b0": None}
