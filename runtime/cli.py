@@ -63,7 +63,7 @@ def add_commands(sub) -> None:
     b.add_argument("--uncaptured", type=_uncaptured_value, default=None, metavar="none|NAME,NAME...",
                    help="sessions run without a CUDA graph, comma-separated (the others captured), or none (every "
                         "session captured); default: every session captured where ONNX Runtime accepts it but "
-                        "clap_text and projection, which run once per request (18 MiB less peak memory, ~1 ms)")
+                        "clap_text and projection, which run once per request (12-14 MiB less peak memory, ~1 ms)")
     b.add_argument("--provider-options", type=_json_object, default=None, metavar="JSON",
                    help='extra CUDA provider options per component over the defaults, e.g. '
                         '\'{"vocoder": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}\' (backend ort, CUDA)')

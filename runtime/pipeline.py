@@ -129,7 +129,7 @@ class AudioLDM2Runtime:
         execution providers to use instead of the device's default; threads: intra-op threads (0 = ORT default).
         cuda_graphs (CUDA only): capture one CUDA graph per component and input shape — "auto" (each
         component whose graph ONNX Runtime accepts, but CLAP's text branch and the projection, which run once per
-        request: ``backends.ort.UNCAPTURED_BY_DEFAULT``, ~1 ms a request for 18 MiB less peak memory, run BP; a
+        request: ``backends.ort.UNCAPTURED_BY_DEFAULT``, ~1 ms a request for 12-14 MiB less peak memory, run BP; a
         component ONNX Runtime refuses runs without a graph, with a warning, and ``health()`` names it), True (all, a
         refusal is an error), False, or the component names to capture (``SESSION_NAMES``; ``captured_except`` names
         the others, ``captured_except(())`` captures every one); max_graphs: shapes captured per component (later ones
