@@ -667,6 +667,19 @@ runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1;
       $BENCH_PEERS_FP16; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs/load \
         > /tmp/logs/load.log 2>&1" ;;
+  bench-as)  # bench-as VARIANT FILE [bench options...]: `audioldm2-trt bench` on the fp16 artefacts, on CUDA, in a
+             # process of its own, at one of the configurations below → /tmp/logs/FILE.json and FILE.log
+    variant=$2 file=$3
+    shift 3
+    case $variant in
+      default) workspace= options= ;;  # load's defaults
+      ws256k) workspace=:256:1 options= ;;  # the 256 KiB cuBLAS workspace (the default since run BP)
+      both) workspace=:256:1 options="--uncaptured clap_text,projection" ;;  # the default since run BP, by its options
+      bn) workspace=:1024:1 options="--uncaptured none" ;;  # the default of runs BN-BP: every session captured, 1 MiB
+      *) echo "bench-as: unknown variant $variant (default, ws256k, both, bn)" >&2; exit 2 ;;
+    esac
+    cd /tmp && env ${workspace:+CUBLAS_WORKSPACE_CONFIG=$workspace} python3 -m audioldm2_trt.cli bench \
+      --artifacts /tmp/art-fp16 --device cuda $options "$@" --json /tmp/logs/$file.json > /tmp/logs/$file.log 2>&1 ;;
   memline-full)  # after the fp16 export started: tests/test_gpu.py while it runs; peak memory (fresh processes) of the
                 # default, the 256 KiB cuBLAS workspace, CLAP's text branch and the projection uncaptured, both, and B0;
                 # `bench` alternating the default, 256 KiB, and 256 KiB with the two uncaptured (3 rounds of 20 calls),
@@ -677,13 +690,8 @@ runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1;
       bash $SELF wait 16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_ws256k,runtime_clap_proj_uncaptured,\
 runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
-      for r in 1 2 3; do for v in default ws256k both; do \
-        case \$v in default) e= ; o= ;; ws256k) e=:256:1 ; o= ;; both) e=:256:1 ; o='--uncaptured clap_text,projection' ;; esac; \
-        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
-          --device cuda --runs 20 \$o --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
-      for v in default ws256k; do case \$v in default) e= ;; ws256k) e=:256:1 ;; esac; \
-        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
-          --device cuda --runs 10 --waveforms 4 --json /tmp/logs/bench4-\$v.json > /tmp/logs/bench4-\$v.log 2>&1); done; \
+      for r in 1 2 3; do for v in default ws256k both; do bash $SELF bench-as \$v bench-\$v-\$r --runs 20; done; done; \
+      for v in default ws256k; do bash $SELF bench-as \$v bench4-\$v --runs 10 --waveforms 4; done; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
       $FIDELITY" ;;
   newdefault-full)  # after the fp16 export started: the default since run BP (CLAP's text branch and the projection
@@ -696,12 +704,8 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
       bash $SELF wait 16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_bn_default,b0 --out /tmp/logs \
         > /tmp/logs/peakmem.log 2>&1; \
-      for r in 1 2 3; do for v in default bn; do \
-        case \$v in default) e= ; o= ;; bn) e=:1024:1 ; o='--uncaptured none' ;; esac; \
-        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
-          --device cuda --runs 20 \$o --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done; \
-      (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 10 --waveforms 4 \
-        --json /tmp/logs/bench4.json > /tmp/logs/bench4.log 2>&1); \
+      for r in 1 2 3; do for v in default bn; do bash $SELF bench-as \$v bench-\$v-\$r --runs 20; done; done; \
+      bash $SELF bench-as default bench4 --runs 10 --waveforms 4; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
       $FIDELITY; \
       $BENCH_PEERS_FP16" ;;
@@ -712,13 +716,8 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
                 # round 3 of the 256 KiB workspace, of both savings and of the default; the cold start and the
                 # 100-prompt fidelity in clean processes at the default
     in_background "bash $SELF wait 16; \
-      for v in default both; do case \$v in default) e= ; o= ;; both) e=:256:1 ; o='--uncaptured clap_text,projection' ;; esac; \
-        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
-          --device cuda --runs 10 --waveforms 4 \$o --json /tmp/logs/bench4-\$v.json > /tmp/logs/bench4-\$v.log 2>&1); done; \
-      for v in ws256k both default; do \
-        case \$v in default) e= ; o= ;; ws256k) e=:256:1 ; o= ;; both) e=:256:1 ; o='--uncaptured clap_text,projection' ;; esac; \
-        (cd /tmp && env \${e:+CUBLAS_WORKSPACE_CONFIG=\$e} python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 \
-          --device cuda --runs 20 \$o --json /tmp/logs/bench-\$v-3.json > /tmp/logs/bench-\$v-3.log 2>&1); done; \
+      for v in default both; do bash $SELF bench-as \$v bench4-\$v --runs 10 --waveforms 4; done; \
+      for v in ws256k both default; do bash $SELF bench-as \$v bench-\$v-3 --runs 20; done; \
       python3 cold_start.py --artifacts /tmp/art-fp16 --variants default --repeat 2 --out /tmp/logs > /tmp/logs/cold.log 2>&1; \
       $FIDELITY" ;;
   all-memline-rest)  # setup, the fp16 export, memline-rest
