@@ -51,6 +51,8 @@
 #   bash scripts/gpu_session.sh all-newdefault-full  # setup, fp16 export; the default since run BP against the one
 #                                          # before it: peak memory, bench alternating, batch 4, cold start, fidelity,
 #                                          # the benchmark with the peers
+#   bash scripts/gpu_session.sh all-peers  # setup, fp16 export; only the benchmark with the peers (run BT: what run
+#                                          # BS's machine took with it)
 #   bash scripts/gpu_session.sh all-defaultarena-full  # setup, fp16 export; the default since run BN (the decode
 #                                          # stage captured on the shared arena): test_gpu.py, a two-runtime check,
 #                                          # bench alternating with one arena per session, the benchmark with the peers,
@@ -711,6 +713,11 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
       $BENCH_PEERS_FP16" ;;
   all-newdefault-full)  # setup, the fp16 export, newdefault-full
     setup_export_then 16 newdefault-full ;;
+  peers)  # after the fp16 export: only the benchmark with the peers (B0, B1, B2 and the runtime at its default in one
+         # process); what run BS's machine took with it
+    in_background "bash $SELF wait 16; $BENCH_PEERS_FP16" ;;
+  all-peers)  # setup, the fp16 export, peers
+    setup_export_then 16 peers ;;
   memline-rest)  # after the fp16 export started: what run BP's machine took with it: batch 4 (--waveforms 4) for the
                 # default and for the 256 KiB workspace with CLAP's text branch and the projection uncaptured; `bench`
                 # round 3 of the 256 KiB workspace, of both savings and of the default; the cold start and the
