@@ -57,8 +57,13 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
         t1 = time.perf_counter()
         rt(**REQUEST, seed=0)
         cold = load + time.perf_counter() - t1
-        refused = [n for n, c in rt.health()["components"].items() if c["graph_refused"]]
-        result = {"load_s": load, "cold_start_s": cold, "cuda_graphs": bool(cuda_graphs),
+        components = rt.health()["components"]
+        refused = [n for n, c in components.items() if c["graph_refused"]]
+        result = {"load_s": load, "cold_start_s": cold,
+                  # as asked: "auto" (the default: every session but backends.ort.UNCAPTURED_BY_DEFAULT), a bool or
+                  # the names; "uncaptured" says what ran without a graph after the cold call
+                  "cuda_graphs": cuda_graphs if isinstance(cuda_graphs, (bool, str)) else sorted(cuda_graphs),
+                  "uncaptured": sorted(n for n, c in components.items() if c["runs"] and not c["graphs"]),
                   "device_loop": rt._solver_step is not None,
                   "components_without_graphs": refused,  # ONNX Runtime refused their capture ("auto")
                   # on CUDA the default's decode stage, for the first runtime of the process only: one loaded after
@@ -192,7 +197,9 @@ def table(res: dict) -> str:
             rows.append(f"| this runtime, {label} | {r['median_s'] * 1e3:.0f} ms | {r['first_s']:.2f} s | "
                         f"text {s['text']:.1f} ms, UNet step {s['unet_step']:.1f} ms, VAE {s['vae']:.1f} ms, "
                         f"vocoder {s['vocoder']:.1f} ms, host glue {s['host_glue']:.1f} ms; cold start "
-                        f"{r['cold_start_s']:.1f} s; peak GPU memory +{r['peak_gpu_mib']:.0f} MiB |")
+                        f"{r['cold_start_s']:.1f} s; peak GPU memory +{r['peak_gpu_mib']:.0f} MiB"
+                        + (f"; without a CUDA graph: {', '.join(r['uncaptured'])}"
+                           if r.get("uncaptured") and r.get("cuda_graphs") is not False else "") + " |")
     return "\n".join(rows)
 
 
