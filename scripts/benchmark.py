@@ -61,9 +61,9 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
         refused = [n for n, c in components.items() if c["graph_refused"]]
         result = {"load_s": load, "cold_start_s": cold,
                   # as asked: "auto" (the default: every session but backends.ort.UNCAPTURED_BY_DEFAULT), a bool or
-                  # the names; "uncaptured" says what ran without a graph after the cold call
+                  # the names; "without_cuda_graphs" says what ran without one (as `audioldm2-trt bench` says it)
                   "cuda_graphs": cuda_graphs if isinstance(cuda_graphs, (bool, str)) else sorted(cuda_graphs),
-                  "uncaptured": sorted(n for n, c in components.items() if c["runs"] and not c["graphs"]),
+                  "without_cuda_graphs": sorted(n for n, c in components.items() if c["graphs"] == 0),
                   "device_loop": rt._solver_step is not None,
                   "components_without_graphs": refused,  # ONNX Runtime refused their capture ("auto")
                   # on CUDA the default's decode stage, for the first runtime of the process only: one loaded after
@@ -198,8 +198,8 @@ def table(res: dict) -> str:
                         f"text {s['text']:.1f} ms, UNet step {s['unet_step']:.1f} ms, VAE {s['vae']:.1f} ms, "
                         f"vocoder {s['vocoder']:.1f} ms, host glue {s['host_glue']:.1f} ms; cold start "
                         f"{r['cold_start_s']:.1f} s; peak GPU memory +{r['peak_gpu_mib']:.0f} MiB"
-                        + (f"; without a CUDA graph: {', '.join(r['uncaptured'])}"
-                           if r.get("uncaptured") and r.get("cuda_graphs") is not False else "") + " |")
+                        + (f"; without a CUDA graph: {', '.join(r['without_cuda_graphs'])}"
+                           if r.get("without_cuda_graphs") and r.get("cuda_graphs") is not False else "") + " |")
     return "\n".join(rows)
 
 
