@@ -41,6 +41,12 @@ class BenchRequest:
                     num_waveforms_per_prompt=self.waveforms, scheduler=self.scheduler, seed=self.seed)
 
 
+def sessions_without_cuda_graphs(health: dict) -> list[str]:
+    """The components that captured no CUDA graph, sorted, from ``AudioLDM2Runtime.health()`` (on CUDA: those
+    ``cuda_graphs`` left out, and any ONNX Runtime refused)."""
+    return sorted(name for name, c in health["components"].items() if c["graphs"] == 0)
+
+
 def stage_medians_ms(calls: list[dict]) -> dict[str, float]:
     """Median milliseconds per stage over calls, each a ``timings`` dict filled by ``AudioLDM2Runtime.__call__``:
     text, unet_step (over every step of every call), unet_total (the loop), vae, vocoder, ranking (when the calls
@@ -128,8 +134,7 @@ def bench(folder, device: str = "cpu", runs: int = 10, request: BenchRequest = B
                                     if c["weights_block"]},
               "shared_arena": health["shared_arena"],
               "cublas_workspace_config": health["cublas_workspace_config"],
-              "without_cuda_graphs": sorted(n for n, c in health["components"].items()
-                                            if rt.device.kind == "cuda" and c["graphs"] == 0),
+              "without_cuda_graphs": sessions_without_cuda_graphs(health) if rt.device.kind == "cuda" else [],
               "gpu_memory_mib": None}
     if memory is not None:
         base = memory.samples[0][1]

@@ -46,7 +46,7 @@ def timed(fn, runs: int) -> dict:
 def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=None, provider_options=None,
                   device_loop=None, packed_weights=None) -> dict:
     from audioldm2_trt.runtime import AudioLDM2Runtime
-    from audioldm2_trt.runtime.bench import stage_medians_ms
+    from audioldm2_trt.runtime.bench import sessions_without_cuda_graphs, stage_medians_ms
 
     with GpuMemory() as mem:
         t0 = time.perf_counter()
@@ -57,18 +57,18 @@ def bench_runtime(folder: str, runs: int, heavy: bool, cuda_graphs="auto", tf32=
         t1 = time.perf_counter()
         rt(**REQUEST, seed=0)
         cold = load + time.perf_counter() - t1
-        components = rt.health()["components"]
-        refused = [n for n, c in components.items() if c["graph_refused"]]
+        health = rt.health()
+        refused = [n for n, c in health["components"].items() if c["graph_refused"]]
         result = {"load_s": load, "cold_start_s": cold,
                   # as asked: "auto" (the default: every session but backends.ort.UNCAPTURED_BY_DEFAULT), a bool or
                   # the names; "without_cuda_graphs" says what ran without one (as `audioldm2-trt bench` says it)
                   "cuda_graphs": cuda_graphs if isinstance(cuda_graphs, (bool, str)) else sorted(cuda_graphs),
-                  "without_cuda_graphs": sorted(n for n, c in components.items() if c["graphs"] == 0),
+                  "without_cuda_graphs": sessions_without_cuda_graphs(health),
                   "device_loop": rt._solver_step is not None,
                   "components_without_graphs": refused,  # ONNX Runtime refused their capture ("auto")
                   # on CUDA the default's decode stage, for the first runtime of the process only: one loaded after
                   # another has served keeps an arena per session (backends/shared_arena.py)
-                  "shared_arena": rt.health()["shared_arena"],
+                  "shared_arena": health["shared_arena"],
                   **timed(lambda: rt(**REQUEST, seed=0), runs)}
         stages = []
         for _ in range(5):

@@ -76,6 +76,7 @@ def test_bench_one_waveform_has_no_ranking_stage(tiny_artifacts):
     assert "ranking" not in res["stages_ms"] and res["audio_s"] == 1.0
     assert res["gpu_memory_mib"] is None and "gpu_memory_error" not in res  # the CPU has no GPU memory to report
     assert (res["queued_steps"], res["lm_loop"]) == (None, "host")  # the CPU's default: both loops on the host
+    assert res["without_cuda_graphs"] == []  # only CUDA captures graphs: nothing to name on the CPU
 
 
 @needs_export

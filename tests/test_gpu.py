@@ -75,6 +75,7 @@ def test_clap_text_and_projection_run_uncaptured_by_default_with_the_captured_co
     BP: 12-14 MiB less peak memory for ~1 ms), the rest of the text stack captured; every session captured
     (``captured_except(())``) gives the same conditioning, bit for bit (fp32 tiny export: the same kernels)."""
     from audioldm2_trt.runtime import AudioLDM2Runtime
+    from audioldm2_trt.runtime.bench import sessions_without_cuda_graphs
     from audioldm2_trt.runtime.pipeline import captured_except
 
     rt = cuda_runtimes["default"]
@@ -91,6 +92,9 @@ def test_clap_text_and_projection_run_uncaptured_by_default_with_the_captured_co
     assert default["clap_text"]["graphs"] == default["projection"]["graphs"] == 0
     assert default["t5_encoder"]["graphs"] >= 1 and default["gpt2"]["graphs"] >= 1
     assert captured["clap_text"]["graphs"] >= 1 and captured["projection"]["graphs"] >= 1
+    # what `bench` and benchmark.py report as run without a graph
+    assert {"clap_text", "projection"} <= set(sessions_without_cuda_graphs({"components": default}))
+    assert not {"clap_text", "projection"} & set(sessions_without_cuda_graphs({"components": captured}))
 
 
 @needs_cuda
