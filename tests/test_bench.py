@@ -13,7 +13,7 @@ import time
 import pytest
 
 from audioldm2_trt.runtime.backends.nvml import GpuMemory
-from audioldm2_trt.runtime.bench import BenchRequest, bench, stage_medians_ms
+from audioldm2_trt.runtime.bench import BenchRequest, bench, sessions_without_cuda_graphs, stage_medians_ms
 
 from .conftest import needs_export
 
@@ -77,6 +77,26 @@ def test_bench_one_waveform_has_no_ranking_stage(tiny_artifacts):
     assert res["gpu_memory_mib"] is None and "gpu_memory_error" not in res  # the CPU has no GPU memory to report
     assert (res["queued_steps"], res["lm_loop"]) == (None, "host")  # the CPU's default: both loops on the host
     assert res["without_cuda_graphs"] == []  # only CUDA captures graphs: nothing to name on the CPU
+
+
+@needs_export
+def test_sessions_without_cuda_graphs_names_only_sessions_that_ran(tiny_artifacts):
+    """The helper behind ``without_cuda_graphs`` (``bench``, benchmark.py) lists the sessions that ran without a
+    graph; the ranking's sessions, which a one-waveform request never runs, are not among them until they run (run
+    BV's benchmark named them after one-waveform calls). The CPU captures nothing, so every session that ran is."""
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    rt = AudioLDM2Runtime.load(tiny_artifacts, device="cpu")
+    try:
+        rt(prompt="a dog barks", num_inference_steps=2, audio_length_in_s=1.0, seed=0)
+        ran = {name for name, c in rt.health()["components"].items() if c["runs"] > 0}
+        assert {"clap_text", "t5_encoder", "unet", "vae_decoder", "vocoder"} <= ran
+        assert "clap_audio" not in ran
+        assert sessions_without_cuda_graphs(rt.health()) == sorted(ran)
+        rt(prompt="a dog barks", num_inference_steps=2, audio_length_in_s=1.0, num_waveforms_per_prompt=2, seed=0)
+        assert "clap_audio" in sessions_without_cuda_graphs(rt.health())
+    finally:
+        rt.close()
 
 
 @needs_export

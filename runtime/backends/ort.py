@@ -158,6 +158,7 @@ class OrtSession:
         self.cuda_graphs = cuda_graphs
         self.max_graphs = max_graphs
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()  # stats.runs of the plain, unlocked path
         self._bound: dict[tuple, _Bound] = {}
         self._next_graph_id = 1  # 0 is reserved by ONNX Runtime
         cuda = device.kind == "cuda"
@@ -170,8 +171,11 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            if not self.bind and self._worker is None:
-                return dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
+            if not self.bind and self._worker is None:  # concurrent runs allowed: only the count is locked
+                outputs = dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
+                with self._count_lock:
+                    self.stats.runs += 1
+                return outputs
             with self._lock:  # taken by the caller, never by the worker (see ``held``)
                 if self._worker is not None:
                     return self._worker.submit(self._run_bound, feeds).result()
