@@ -121,7 +121,9 @@ def _session_only(rt, runs: int = 50) -> float:
     return statistics.median(times)
 
 
-def bench_diffusers(runs: int, skip: set[str]) -> dict:
+def bench_diffusers(runs: int, skip: set[str], results: dict, saved=lambda: None) -> None:
+    """B0, B1 and B2 into ``results`` (keys b0, b1, b2), ``saved()`` after each: a machine lost mid-run (runs BV-BW)
+    keeps the rows done."""
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
@@ -141,7 +143,6 @@ def bench_diffusers(runs: int, skip: set[str]) -> dict:
         torch.cuda.synchronize()
         return out
 
-    results = {}
     torch.cuda.reset_peak_memory_stats()
     with GpuMemory() as mem:
         results["b0"] = timed(call, runs)
@@ -150,9 +151,11 @@ def bench_diffusers(runs: int, skip: set[str]) -> dict:
     t0 = time.perf_counter()
     _ddim200(pipe)  # one call: 200 eager steps take seconds, and the machine's time is short
     results["b0"]["ddim200_s"] = time.perf_counter() - t0
+    saved()
     if "b1" not in skip:
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
         results["b1"] = timed(call, runs)
+        saved()
     if "b2" not in skip and "b1" not in skip:
         pipe.text_encoder.text_model = torch.compile(pipe.text_encoder.text_model)
         pipe.text_encoder_2 = torch.compile(pipe.text_encoder_2)
@@ -160,7 +163,7 @@ def bench_diffusers(runs: int, skip: set[str]) -> dict:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
         pipe.vocoder = torch.compile(pipe.vocoder)
         results["b2"] = timed(call, runs)
-    return results
+        saved()
 
 
 def _ddim200(pipe):
@@ -230,6 +233,11 @@ def main() -> None:
            "versions": {"onnxruntime": onnxruntime.__version__}, "request": REQUEST, "skipped": sorted(skip),
            "provider_options": args.provider_options, "packed_all": args.packed_all}
     cublas_env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+    def save() -> None:  # after every row: what a lost machine had done comes back (runs BV-BW)
+        Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
+        Path(args.out, "benchmark.md").write_text(table(res) + "\n")
+
     variants = (  # key, artefacts, cuda_graphs, heavy (DDIM-200, batch 4), tf32, provider_options, device_loop
         ("fp16", args.fp16, "auto", True, None, None, None), ("fp32", args.fp32, "auto", False, None, None, None),
         ("fp16_host_loop", args.fp16, "auto", True, None, None, False),
@@ -250,7 +258,7 @@ def main() -> None:
             except Exception as err:  # one configuration failing (a provider option cuDNN rejects) ends only its row
                 res[f"runtime_{key}"] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
                 print(key, "failed:", res[f"runtime_{key}"]["error"], flush=True)
-            Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
+            save()
     # The runtime set CUBLAS_WORKSPACE_CONFIG for its sessions (unless it was set when this ran): the peers run as
     # they do out of the box, with torch's own cuBLAS workspace.
     if cublas_env_before is None:
@@ -262,9 +270,9 @@ def main() -> None:
 
     res["versions"].update(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__)
     if "b0" not in skip:
-        res["diffusers"] = bench_diffusers(args.runs, skip)
-    Path(args.out, "benchmark.json").write_text(json.dumps(res, indent=1))
-    Path(args.out, "benchmark.md").write_text(table(res) + "\n")
+        res["diffusers"] = {}
+        bench_diffusers(args.runs, skip, res["diffusers"], save)
+    save()
     print(table(res))
 
 
