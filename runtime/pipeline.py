@@ -292,8 +292,9 @@ class AudioLDM2Runtime:
         (``lm_loop``) and are queued (``lm_queued``), whether ranking is loaded and where its features are computed ("graph" or "host"; None
         without ranking), the components on the device's shared arena (``shared_arena``, a sorted list), the
         CUBLAS_WORKSPACE_CONFIG in effect (CUDA), and per component how many times it ran (``runs``), how many
-        input shapes have buffers / CUDA graphs, whether its weights are packed in one allocation (``packed_weights``) and the bytes
-        of its weights in a block of the runtime's own (``weights_block``, 0 for none)."""
+        input shapes have buffers / CUDA graphs, whether its weights are packed in one allocation
+        (``packed_weights``) and the bytes of its weights in a block of the runtime's own (``weights_block``, 0 for
+        none)."""
         return {
             "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,

@@ -719,8 +719,8 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
   all-peers)  # setup, the fp16 export, peers
     setup_export_then 16 peers ;;
   fp32row)  # after the fp16 and fp32 exports: peak memory (fresh processes) of the default, the default without
-           # ranking and B0 (PEAKMEM=0: not); then the full benchmark with the peers and the fp32 row (B0, B1, B2, fp16 with its device
-           # loop and with the host loop, fp32), one process; what runs BS-BT left due
+           # ranking and B0 (PEAKMEM=0: not); then the full benchmark with the peers and the fp32 row (B0, B1, B2,
+           # fp16 with its device loop and with the host loop, fp32), one process; what runs BS-BT left due
     in_background "bash $SELF wait 16 32; \
       [ ${PEAKMEM:-1} = 1 ] && python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_no_ranking,b0 \
         --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
