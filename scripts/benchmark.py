@@ -121,7 +121,7 @@ def _session_only(rt, runs: int = 50) -> float:
     return statistics.median(times)
 
 
-def bench_diffusers(runs: int, skip: set[str], results: dict, saved=lambda: None) -> None:
+def bench_diffusers(runs: int, skip: set[str], results: dict, saved) -> None:
     """B0, B1 and B2 into ``results`` (keys b0, b1, b2), ``saved()`` after each: a machine lost mid-run (runs BV-BW)
     keeps the rows done."""
     import torch
