@@ -15,7 +15,8 @@ import numpy as np
 
 from ..runtime.artifacts import load_artifacts
 from ..runtime.backends.base import Device
-from ..runtime.backends.ort import OrtSessionFactory, default_tf32
+from ..runtime.backends.ort import OrtSessionFactory
+from ..runtime.backends.ort_options import default_tf32
 from ..runtime.denoising import ContextGraph
 from ..runtime.errors import ExportError
 from ..runtime.shapes import t5_bucket

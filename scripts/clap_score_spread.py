@@ -18,7 +18,6 @@ Writes clap_score_spread.json: per file, the two rows' scores and their gap, and
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np

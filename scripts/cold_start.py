@@ -128,7 +128,8 @@ def child(folder: str, variant: str, device: str, audio_file: str | None = None)
     t_import = time.perf_counter()
     from audioldm2_trt.runtime import AudioLDM2Runtime
     from audioldm2_trt.runtime.artifacts import load_artifacts
-    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory, default_tf32
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+    from audioldm2_trt.runtime.backends.ort_options import default_tf32
     from audioldm2_trt.runtime.pipeline import SOLVER_STEP_GRAPH
 
     imported = time.perf_counter() - t_import

@@ -34,7 +34,8 @@ from audioldm2_trt.export.validate import rel_l2
 
 from audioldm2_trt.runtime.backends.base import Device
 from audioldm2_trt.runtime.artifacts import load_artifacts
-from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, OrtSessionFactory, cuda_provider_options
+from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+from audioldm2_trt.runtime.backends.ort_options import COMPONENT_PROVIDER_OPTIONS, cuda_provider_options
 from audioldm2_trt.runtime.denoising import ContextGraph
 
 SECONDS = 10.24  # the benchmark's request length

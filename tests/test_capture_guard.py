@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from audioldm2_trt.runtime.backends import ort as ort_backend
+from audioldm2_trt.runtime.backends import ort_session
 from audioldm2_trt.runtime.backends.base import Device
 from audioldm2_trt.runtime.backends.capture_guard import CaptureGuard
 
@@ -111,14 +112,14 @@ def test_new_shape_keys_run_exclusively_until_captured_then_shared(tiny_artifact
     small = np.random.default_rng(0).standard_normal((1, shape[1], 8, shape[3]), dtype=np.float32)
     large = np.random.default_rng(1).standard_normal((1, shape[1], 16, shape[3]), dtype=np.float32)
     ref = session.run({"latents": small})["mel"].copy()
-    for _ in range(ort_backend.CAPTURE_RUNS + 2):
+    for _ in range(ort_session.CAPTURE_RUNS + 2):
         out = session.run({"latents": small})["mel"]
     np.testing.assert_array_equal(out, ref)  # same buffers, same answer, run after run
     # first call: new key (probe + first graph run); then runs until CAPTURE_RUNS; then shared
     small_log = guard.log[:]
     first_shared = small_log.index("shared")
     assert set(small_log[:first_shared]) == {"exclusive"} and set(small_log[first_shared:]) == {"shared"}
-    assert first_shared == ort_backend.CAPTURE_RUNS - 1  # _make_bound already ran the key once
+    assert first_shared == ort_session.CAPTURE_RUNS - 1  # _make_bound already ran the key once
     guard.log.clear()
     session.run({"latents": large})  # a new shape: exclusive again
     assert guard.log == ["exclusive"]
@@ -132,15 +133,15 @@ def test_new_shape_keys_run_exclusively_until_captured_then_shared(tiny_artifact
 def test_cuda_sessions_use_the_process_guard_and_cpu_sessions_none(tiny_artifacts):
     cpu = ort_backend.OrtSessionFactory("cpu").create("vocoder", tiny_artifacts / "vocoder.onnx")
     assert cpu._guard is None
-    fake_cuda = ort_backend.OrtSession("x", cpu._session, cpu._ort, Device.parse("cuda:1"), bind=True, cuda_graphs=True)
-    assert fake_cuda._guard is ort_backend.CUDA_CAPTURE_GUARD
+    fake_cuda = ort_session.OrtSession("x", cpu._session, cpu._ort, Device.parse("cuda:1"), bind=True, cuda_graphs=True)
+    assert fake_cuda._guard is ort_session.CUDA_CAPTURE_GUARD
 
 
 def test_cuda_session_calls_onnx_runtime_from_one_worker_thread_whoever_calls(tiny_artifacts):
     """ONNX Runtime's CUDA provider keeps graph state per thread: every run of a CUDA session must come from
     the same thread, never the caller's."""
     cpu = ort_backend.OrtSessionFactory("cpu").create("vocoder", tiny_artifacts / "vocoder.onnx")
-    session = ort_backend.OrtSession("vocoder", cpu._session, cpu._ort, Device.parse("cuda:0"), bind=True,
+    session = ort_session.OrtSession("vocoder", cpu._session, cpu._ort, Device.parse("cuda:0"), bind=True,
                                      cuda_graphs=True)
     seen, callers = set(), set()
 

@@ -209,7 +209,7 @@ def test_device_loop_counts_a_step_as_capturing_while_either_solver_binding_may_
     binding captured and the second not, the next steps must still go one at a time under the exclusive guard."""
     from types import SimpleNamespace
 
-    from audioldm2_trt.runtime.backends.ort import CAPTURE_RUNS
+    from audioldm2_trt.runtime.backends.ort_session import CAPTURE_RUNS
     from audioldm2_trt.runtime.denoising import DeviceStepper
 
     session = SimpleNamespace(may_capture=lambda bound: bound.runs < CAPTURE_RUNS)

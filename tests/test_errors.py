@@ -143,7 +143,7 @@ def test_non_finite_stage_is_named(runtime, monkeypatch):
 
 def test_cuda_provider_options_tf32_only_for_fp16_artifacts():
     from audioldm2_trt.runtime.backends.base import Device
-    from audioldm2_trt.runtime.backends.ort import cuda_provider_options
+    from audioldm2_trt.runtime.backends.ort_options import cuda_provider_options
 
     opts = cuda_provider_options(Device.parse("cuda:1"), tf32=False)
     assert opts["device_id"] == 1 and opts["use_tf32"] == 0 and opts["cudnn_conv1d_pad_to_nc1d"] == 1
@@ -191,7 +191,7 @@ def test_runtime_without_ranking_opens_no_clap_audio_and_refuses_several_wavefor
 def test_cublas_workspace_is_asked_for_unless_the_process_sets_it(monkeypatch, tiny_artifacts):
     """CUBLAS_WORKSPACE_CONFIG: set to one 256 KiB buffer per handle when absent, an operator's value kept, nothing
     touched on the CPU or with None, and a bad size named."""
-    from audioldm2_trt.runtime.backends.ort import CUBLAS_WORKSPACE_KIB, limit_cublas_workspace
+    from audioldm2_trt.runtime.backends.ort_options import CUBLAS_WORKSPACE_KIB, limit_cublas_workspace
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     AudioLDM2Runtime.load(tiny_artifacts, device="cpu")  # no cuBLAS on the CPU: the environment is left alone

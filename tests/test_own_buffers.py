@@ -95,11 +95,11 @@ def test_own_buffers_are_made_at_a_new_shape_only_never_per_request(tiny_artifac
     """One ``cuMemAlloc`` per buffer is cheap only if a warm request allocates none (a free can wait for the whole
     device): buffers are made with each new shape key — the first request, the first with two waveforms — and reused
     after."""
-    from audioldm2_trt.runtime.backends import ort as ort_backend
+    from audioldm2_trt.runtime.backends import ort_session
 
     made = []
-    original = ort_backend.own_value
-    monkeypatch.setattr(ort_backend, "own_value", lambda *a, **k: (made.append(a[1]), original(*a, **k))[1])
+    original = ort_session.own_value
+    monkeypatch.setattr(ort_session, "own_value", lambda *a, **k: (made.append(a[1]), original(*a, **k))[1])
     monkeypatch.setattr(shared_arena_module, "python_values_from_arena", lambda device: True)
     rt = AudioLDM2Runtime.load(tiny_artifacts, device_loop=True)
     counts = []

@@ -82,7 +82,7 @@ def test_without_a_driver_no_loop_stream_can_be_made():
 
 
 def test_provider_options_are_merged_per_component_and_checked():
-    from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, merge_component_options
+    from audioldm2_trt.runtime.backends.ort_options import COMPONENT_PROVIDER_OPTIONS, merge_component_options
     from audioldm2_trt.runtime.errors import BackendError
 
     merged = merge_component_options(COMPONENT_PROVIDER_OPTIONS, {"unet": {"sdpa_kernel": 0, "use_tf32": 0},
@@ -100,8 +100,8 @@ def test_provider_options_are_merged_per_component_and_checked():
 def test_per_component_defaults_follow_the_artefacts_precision():
     """The fp16 set was measured on fp16 artefacts; with fp32 ones (TF32 off) prefer_nhwc made the vocoder 3x slower,
     so fp32 artefacts get only their vocoder's heuristic convolution search (the exhaustive one failed captured)."""
-    from audioldm2_trt.runtime.backends.ort import (COMPONENT_PROVIDER_OPTIONS, FP32_COMPONENT_PROVIDER_OPTIONS,
-                                                    OrtSessionFactory)
+    from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+    from audioldm2_trt.runtime.backends.ort_options import COMPONENT_PROVIDER_OPTIONS, FP32_COMPONENT_PROVIDER_OPTIONS
 
     assert OrtSessionFactory("cpu", precision="fp16").component_options == COMPONENT_PROVIDER_OPTIONS
     assert OrtSessionFactory("cpu", precision="fp32").component_options == FP32_COMPONENT_PROVIDER_OPTIONS

@@ -16,7 +16,9 @@ import pytest
 
 from audioldm2_trt.runtime import AudioLDM2Runtime
 from audioldm2_trt.runtime.backends.base import Device
-from audioldm2_trt.runtime.backends.ort import OrtSession, OrtSessionFactory, default_mem_pattern
+from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+from audioldm2_trt.runtime.backends.ort_session import OrtSession
+from audioldm2_trt.runtime.backends.ort_options import default_mem_pattern
 from audioldm2_trt.runtime.backends.shared_arena import shared_arena
 from audioldm2_trt.runtime.errors import BackendError, InvalidRequestError
 
@@ -113,7 +115,7 @@ def test_a_session_on_the_arena_never_queues_its_runs(tiny_artifacts, monkeypatc
     run only off the arena; on it the run is waited for, so the arena's lock is never released while its graph may
     still run (another session would be handed the same blocks). The queueing itself is CUDA's, so here the session
     is a CPU one given a stand-in stream and a graph id, and ONNX Runtime's run options are read back."""
-    from audioldm2_trt.runtime.backends import ort as ort_backend
+    from audioldm2_trt.runtime.backends import ort_session
 
     factory = OrtSessionFactory("cpu", shared_arena=True)
     plain = factory.create("projection", tiny_artifacts / "projection.onnx")
@@ -127,13 +129,13 @@ def test_a_session_on_the_arena_never_queues_its_runs(tiny_artifacts, monkeypatc
         session = OrtSession("projection", plain._session, factory.ort, factory.device, bind=True, cuda_graphs=False,
                              arena=arena, stream=object())
         bound = session.private_buffers(feeds)
-        session.cuda_graphs, bound.graph_id, bound.runs = True, 7, ort_backend.CAPTURE_RUNS  # as if captured
+        session.cuda_graphs, bound.graph_id, bound.runs = True, 7, ort_session.CAPTURE_RUNS  # as if captured
         original = session._session
 
         class Spy:
             def run_with_iobinding(self, binding, ro):
                 try:
-                    seen.append(ro.get_run_config_entry(ort_backend.NO_WAIT_OPTION))
+                    seen.append(ro.get_run_config_entry(ort_session.NO_WAIT_OPTION))
                 except RuntimeError:  # the key not set
                     seen.append(None)
                 return original.run_with_iobinding(binding, ro)
@@ -258,7 +260,8 @@ def test_packed_weights_leave_out_nhwc_convolutions(tiny_artifacts):
     naming one is an error; the default is the text stack, the ranking components and a UNet without NhwcConv."""
     from audioldm2_trt.runtime.artifacts import COMPONENTS as every
     from audioldm2_trt.runtime.artifacts import Artifacts, load_artifacts
-    from audioldm2_trt.runtime.backends.ort import ASSUMED_NHWC, COMPONENT_PROVIDER_OPTIONS, PACKED_WEIGHTS
+    from audioldm2_trt.runtime.backends.ort import ASSUMED_NHWC, PACKED_WEIGHTS
+    from audioldm2_trt.runtime.backends.ort_options import COMPONENT_PROVIDER_OPTIONS
 
     art = load_artifacts(tiny_artifacts)
     assert art.nhwc_components == frozenset()  # fp32 artefacts: plain convolutions
@@ -294,8 +297,8 @@ def test_factory_for_artifacts_takes_their_precision_and_nhwc_components(tiny_ar
     """``OrtSessionFactory.for_artifacts`` (what load, validate and the scripts use) passes the folder's own precision
     and NhwcConv components, not the constructor's defaults (fp16, ``ASSUMED_NHWC``)."""
     from audioldm2_trt.runtime.artifacts import load_artifacts
-    from audioldm2_trt.runtime.backends.ort import (ASSUMED_NHWC, COMPONENT_PROVIDER_OPTIONS,
-                                                    FP32_COMPONENT_PROVIDER_OPTIONS)
+    from audioldm2_trt.runtime.backends.ort import ASSUMED_NHWC
+    from audioldm2_trt.runtime.backends.ort_options import COMPONENT_PROVIDER_OPTIONS, FP32_COMPONENT_PROVIDER_OPTIONS
 
     seen = []
     selector = OrtSessionFactory._packed_selector

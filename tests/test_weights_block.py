@@ -9,7 +9,8 @@ import pytest
 
 from audioldm2_trt.runtime import AudioLDM2Runtime
 from audioldm2_trt.runtime.backends.base import Device
-from audioldm2_trt.runtime.backends.ort import COMPONENT_PROVIDER_OPTIONS, OrtSessionFactory
+from audioldm2_trt.runtime.backends.ort import OrtSessionFactory
+from audioldm2_trt.runtime.backends.ort_options import COMPONENT_PROVIDER_OPTIONS
 from audioldm2_trt.runtime.backends.weights_block import ALIGNMENT, WeightsBlock, read_initializers
 from audioldm2_trt.runtime.errors import BackendError, InvalidRequestError
 

@@ -1,56 +1,36 @@
-"""ONNX Runtime backend: CPU or CUDA execution provider over the exported ONNX files.
-
-On CUDA every run goes through I/O binding: each distinct set of input shapes (a *shape key*) gets
-its own device buffers, allocated once, and — with CUDA graphs on — its own captured graph
-(``gpu_graph_id``). A run copies the inputs into that key's buffers, replays the graph, and copies
-the outputs back. ONNX Runtime does not check that a graph id is replayed with the shapes it was
-captured with; the key → id map here is what guarantees it.
-"""
+"""ONNX Runtime backend: ``OrtSessionFactory`` opens one session per component on one explicit device — CPU or
+CUDA execution provider (or ONNX Runtime's TensorRT provider) over the exported ONNX files — and decides for each
+what it runs with: provider options (``ort_options.py``), CUDA graphs, the shared arena, a loop stream, packed
+weights or a weights block. The sessions it returns (``ort_session.OrtSession``) run with I/O binding on CUDA."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
-
-import numpy as np
 
 from ..errors import BackendError, InvalidRequestError
 from .base import Device
 from .capture_guard import CUDA_CAPTURE_GUARD
 from .cuda_driver import CudaStream, caller_context_kept, cuda_device_count
+from .ort_options import (CUBLAS_WORKSPACE_KIB, GRAPH_OPTIMIZATION, cuda_provider_options, default_component_options,
+                          default_mem_pattern, limit_cublas_workspace, merge_component_options)
+from .ort_session import DEFAULT_MAX_GRAPHS, OrtSession
 from .shared_arena import SESSION_CONFIG as SHARED_ARENA_CONFIG
-from .shared_arena import SharedArena
 from . import shared_arena as _shared_arena_module
 from .shared_arena import shared_arena as _shared_arena
-from .dlpack import own_value
 from .weights_block import WeightsBlock
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
-GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-                      "all": "ORT_ENABLE_ALL"}
-# cuBLAS's workspace per handle, in KiB (CUBLAS_WORKSPACE_CONFIG=:1024:1, one 1 MiB buffer). cuBLAS's own default
-# on the H100 cost about 120 MiB per ONNX Runtime session (half at creation, half on the first run; the UNet about
-# 240): 5007 → 3863 MiB for the fp16 runtime after its first call with 4 MiB, with no slowdown measured
-# (cold_start.py, docs/benchmarks.md, runs I and J). 1 MiB (since runs BC–BD): 66 MiB less again over the runtime's
-# sessions, at the same speed and audio; 256 KiB (since run BP): 16 MiB less again at the same speed (runs BD, BP).
-CUBLAS_WORKSPACE_KIB = 256
 # Sessions that cuda_graphs="auto" runs without a CUDA graph: CLAP's text branch and the projection run once per
 # request, so a graph saves them little (0.7-1.2 ms a request on the H200, run BP), and their captures grew the
 # runtime's peak by 32 MiB at its fourth request (runs BC-BD). With the 256 KiB cuBLAS workspace this puts the fp16
 # runtime's peak GPU memory under B0's: 3120 against 3126 MiB (run BP; 3150 with both captured and 1 MiB).
 # cuda_graphs=True, or names, captures them too.
 UNCAPTURED_BY_DEFAULT = frozenset({"clap_text", "projection"})
-DEFAULT_MAX_GRAPHS = 16  # per component; shape keys beyond this run uncaptured (still bound on the device)
-_NO_GRAPH = -1  # ONNX Runtime's "no capture, no replay" graph id
-# ONNX Runtime runs each graph id a few times uncaptured (memory allocation) before it captures; runs of a shape
-# key below this count hold the process's capture guard exclusively (capture_guard.py), later ones share it.
-CAPTURE_RUNS = 4
 # Components whose weights a CUDA session places in one device block by default (OrtSessionFactory's packed_weights):
 # all but the VAE decoder and the vocoder, and the UNet only where it has no NHWC convolutions. Those need ONNX
 # Runtime's prepacking, which packing turns off: without it the fused UNet's NhwcConv nodes read their NHWC weights as
@@ -86,373 +66,6 @@ def default_shared_arena(default_cuda: bool):
     """``shared_arena=None`` resolved: ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the default CUDA provider
     (``default_cuda``), else False (the CPU, or providers given: one arena per session)."""
     return SHARED_ARENA_DEFAULT if default_cuda else False
-
-
-# ONNX Runtime's run option that leaves the stream running when a run returns (its replay of a captured graph
-# otherwise waits for the graph; measured on the H100 with onnxruntime-gpu 1.31.1: 0.025 against 1.9 ms of host
-# time for a 1.9 ms graph, scripts/stream_probe.py, docs/benchmarks.md)
-NO_WAIT_OPTION = "disable_synchronize_execution_providers"
-
-
-@dataclass
-class _Bound:
-    """Device buffers (and a graph id, or -1) for one shape key."""
-
-    binding: object
-    inputs: dict
-    outputs: dict
-    graph_id: int
-    runs: int = 0
-
-
-@dataclass
-class SessionStats:
-    graphs: int = 0
-    uncaptured_keys: int = 0
-    runs: int = 0
-    keys: list = field(default_factory=list)
-    graph_refused: str = ""  # why ONNX Runtime refused CUDA graph capture (cuda_graphs="auto"), else ""
-    packed_weights: bool = False  # its weights in one device block (OrtSessionFactory's packed_weights)
-    weights_block: int = 0  # bytes of its weights in a block of the runtime's own (OrtSessionFactory's weights_block)
-    shared_arena: bool = False  # its activations from the device's shared arena (OrtSessionFactory's shared_arena)
-
-
-def _shape_key(feeds: dict[str, np.ndarray]) -> tuple:
-    """What tells one set of input shapes (one set of device buffers, one CUDA graph) from another."""
-    return tuple(sorted((k, v.shape, v.dtype.str) for k, v in feeds.items()))
-
-
-class OrtSession:
-    """One ``onnxruntime.InferenceSession``; errors are re-raised naming the component and shapes.
-
-    ``run`` is thread-safe. CPU runs use ONNX Runtime's own thread-safe ``run``; bound runs share per-key
-    buffers, so they take this component's lock.
-
-    On CUDA every call into ONNX Runtime for this session happens on one worker thread of its own, whichever
-    thread calls ``run``: the CUDA provider keeps its CUDA-graph state (run counts, captured graphs) and its
-    stream per *thread*, so a session driven from many threads (a server's thread pool) would capture its
-    graphs again in every new thread, each capture while other threads run — which CUDA forbids (seen on
-    the H100, docs/benchmarks.md). The worker also leaves the caller's current CUDA device alone. Those runs
-    hold the process's ``CUDA_CAPTURE_GUARD`` too: exclusively while a shape key may still be captured,
-    shared afterwards, since another session's worker may capture at the same time.
-
-    arena: the shared arena this CUDA session allocates from (``shared_arena.py``), or None for its own arena. Each
-    run then also holds the arena's lock until its outputs are synchronised, and its first captured graph marks the
-    arena as captured.
-
-    stream: the ``CudaStream`` the session runs on where it was given one (``user_compute_stream``; the factory's
-    ``loop_stream``), else None (ONNX Runtime's own stream per session). Only then, and never on a shared arena,
-    may ``replay`` return before its graph has run (``wait=False``); the session releases the stream when it closes.
-    """
-
-    def __init__(self, name: str, session, ort, device: Device, bind: bool, cuda_graphs: bool,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS, arena: SharedArena | None = None,
-                 stream: CudaStream | None = None):
-        self.name = name
-        self._session = session
-        self._ort = ort
-        self.device = device
-        self.input_names = [i.name for i in session.get_inputs()]
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.bind = bind
-        self.cuda_graphs = cuda_graphs
-        self.max_graphs = max_graphs
-        self._lock = threading.Lock()
-        self._count_lock = threading.Lock()  # stats.runs of the plain, unlocked path
-        self._bound: dict[tuple, _Bound] = {}
-        self._next_graph_id = 1  # 0 is reserved by ONNX Runtime
-        cuda = device.kind == "cuda"
-        self._guard = CUDA_CAPTURE_GUARD if cuda else None
-        self._arena = arena
-        self.stream = stream
-        self.weights_block = None  # the WeightsBlock holding its weights (the factory sets it), closed after it
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}") if cuda else None
-        self.stats = SessionStats()
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            if not self.bind and self._worker is None:  # concurrent runs allowed: only the count is locked
-                outputs = dict(zip(self.output_names, self._session.run(self.output_names, feeds)))
-                with self._count_lock:
-                    self.stats.runs += 1
-                return outputs
-            with self._lock:  # taken by the caller, never by the worker (see ``held``)
-                if self._worker is not None:
-                    return self._worker.submit(self._run_bound, feeds).result()
-                return self._run_bound(feeds)
-        except BackendError:
-            raise
-        except Exception as err:  # onnxruntime raises its own exception types; name what failed
-            raise self._named(feeds, err) from err
-
-    def start(self, feeds: dict[str, np.ndarray]):
-        """``run(feeds)`` begun on this session's worker (CUDA), so that the caller can run another session while it
-        runs (on their own streams the two overlap on the GPU); returns a callable that waits for it and returns its
-        outputs (raising what ``run`` would). Without a worker it runs here, before returning. This session's lock is
-        held from here until the run has ended, as ``run`` holds it."""
-        if self._worker is None:
-            outputs = self.run(feeds)
-            return lambda: outputs
-        self._lock.acquire()
-        try:
-            pending = self._worker.submit(self._run_bound, feeds)
-        except BaseException:
-            self._lock.release()
-            raise
-        pending.add_done_callback(lambda _: self._lock.release())
-
-        def result() -> dict[str, np.ndarray]:
-            try:
-                return pending.result()
-            except BackendError:
-                raise
-            except Exception as err:
-                raise self._named(feeds, err) from err
-
-        return result
-
-    def _named(self, feeds: dict[str, np.ndarray], err: Exception) -> BackendError:
-        """The BackendError for ``err`` raised by ONNX Runtime in a run on ``feeds``, naming this component and them."""
-        shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in feeds.items()}
-        error = BackendError(f"{self.name} failed on inputs {shapes}"
-                             f"{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
-        error.component = self.name
-        return error
-
-    # -- a sequence of bound runs that keeps its data on the device (runtime/denoising.py) -------------
-    def held(self):
-        """This session's lock, for a caller that drives several ``call``s over one shape key's buffers (the
-        denoising loop): other threads' ``run``s wait until it is released. Not reentrant: no ``run`` inside."""
-        return self._lock
-
-    def call(self, fn, may_capture: bool = False, what: str = "a device-loop step"):
-        """``fn()`` on this session's worker thread (inline without one) under the process's capture guard —
-        exclusive where ``fn`` may capture a CUDA graph, shared otherwise; returns its result. The caller
-        holds ``held()``. An ONNX Runtime error comes back as BackendError naming this component and ``what``."""
-        def guarded():
-            with self._guarded(may_capture):
-                return fn()
-
-        try:
-            return guarded() if self._worker is None else self._worker.submit(guarded).result()
-        except BackendError:
-            raise
-        except Exception as err:
-            raise self.failure(what, err) from err
-
-    def failure(self, what: str, err: Exception) -> BackendError:
-        """The BackendError for ``err``, raised by ONNX Runtime while this session did ``what``."""
-        error = BackendError(f"{self.name} failed in {what}{' (CUDA graphs on)' if self.cuda_graphs else ''}: {err}")
-        error.component = self.name
-        return error
-
-    def key_buffers(self, feeds: dict[str, np.ndarray], bound_inputs: dict | None = None) -> "_Bound | None":
-        """(inside ``call``) The device buffers of this shape key, created (one uncaptured run) if new, with
-        ``feeds`` copied in; None for a key past ``max_graphs``, which has no buffers of its own.
-        ``bound_inputs``: OrtValues on this device bound as these inputs as they are, never copied (another session's
-        buffers: the UNet context graph's outputs, ``denoising.ContextGraph``); their shapes and types are part of the
-        key, and a key keeps the OrtValues it was made with: others for it are an error."""
-        if not self.bind:
-            raise BackendError(f"{self.name}: buffers kept on the device need I/O binding (CUDA, or bind=True)")
-        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-        bound_inputs = bound_inputs or {}
-        key = _shape_key(feeds) + tuple(sorted((k, tuple(v.shape()), v.data_type()) for k, v in bound_inputs.items()))
-        bound = self._key_bound(key, feeds, bound_inputs)
-        if bound is not None and any(bound.inputs[k] is not v for k, v in bound_inputs.items()):
-            raise BackendError(f"{self.name}: shape key {_shape_key(feeds)} is bound to other buffers than the ones "
-                               "given for its inputs " + ", ".join(sorted(bound_inputs)))
-        return bound
-
-    def private_buffers(self, feeds: dict[str, np.ndarray]) -> _Bound:
-        """(inside ``call``) Device buffers of ``feeds``' shapes that belong to the caller, not to a shape key of
-        ``run``: inputs copied in, outputs sized by one uncaptured run, a CUDA graph of their own where this session
-        captures (``replay(bound, updates)`` runs them, as a key's)."""
-        if not self.bind:
-            raise BackendError(f"{self.name}: buffers kept on the device need I/O binding (CUDA, or bind=True)")
-        return self._make_bound({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-
-    def replay(self, bound: _Bound, updates: dict[str, np.ndarray], wait: bool = True) -> bool:
-        """(inside ``call``, ``may_capture=may_capture(bound)``) copy ``updates`` into the key's input buffers
-        and run it — its CUDA graph when captured; the outputs stay in ``bound.outputs``.
-        ``wait=False``: return once the captured graph is queued on the session's ``stream``, without waiting for
-        it — only where the session has a stream and the graph is captured already (else this waits as ever).
-        The caller must then wait on an event recorded behind it (``stream.record`` / ``stream.wait``) before it
-        reads the outputs on the host or copies into the inputs. Returns whether it waited."""
-        for k, v in updates.items():
-            bound.inputs[k].update_inplace(np.ascontiguousarray(v))
-        return self._execute(bound, wait)
-
-    def may_capture(self, bound: _Bound) -> bool:
-        return self.cuda_graphs and bound.runs < CAPTURE_RUNS
-
-    def value(self, array: np.ndarray):
-        """(inside ``call``) An OrtValue on this session's device holding a copy of ``array``."""
-        return self._ortvalue(np.ascontiguousarray(array))
-
-    def graph_binding(self, inputs: dict, outputs: dict) -> _Bound:
-        """(inside ``call``) An I/O binding of these OrtValues (by input / output name, the caller's buffers: another
-        session's may be among them) with a CUDA graph of its own where this session captures: ``replay(bound, {})``
-        runs it, uncaptured for its first runs, captured within ``CAPTURE_RUNS`` (hold the guard exclusively while
-        ``may_capture``), replayed after. The OrtValues must outlive the binding and keep their addresses."""
-        binding = self._session.io_binding()
-        for k, v in inputs.items():
-            binding.bind_ortvalue_input(k, v)
-        for k, v in outputs.items():
-            binding.bind_ortvalue_output(k, v)
-        return _Bound(binding, dict(inputs), dict(outputs), self._new_graph_id())
-
-    def _new_graph_id(self) -> int:
-        """The next CUDA graph id of this session, or ``_NO_GRAPH`` where it captures none."""
-        if not self.cuda_graphs:
-            return _NO_GRAPH
-        self._next_graph_id += 1
-        self.stats.graphs += 1
-        return self._next_graph_id - 1
-
-    # -- bound runs ---------------------------------------------------------------------------------
-    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-        key = _shape_key(feeds)
-        bound = self._bound.get(key)
-        with self._guarded(self.cuda_graphs and (bound is None or self.may_capture(bound))):
-            return self._run_key(key, feeds)
-
-    @contextmanager
-    def _guarded(self, may_capture: bool):
-        """What a run holds: the capture guard on CUDA (exclusive where it may capture), then the shared arena's lock
-        where the session has one (runs on one arena never overlap)."""
-        guard = nullcontext() if self._guard is None else self._guard.exclusive() if may_capture else self._guard.shared()
-        with guard, self._arena.lock if self._arena is not None else nullcontext():
-            yield
-
-    def _key_bound(self, key: tuple, feeds: dict[str, np.ndarray], bound_inputs: dict | None = None) -> "_Bound | None":
-        """This key's buffers with ``feeds`` copied in, created (one uncaptured run) if new; None past ``max_graphs``."""
-        bound = self._bound.get(key)
-        if bound is None:
-            if len(self._bound) >= self.max_graphs:
-                return None
-            bound = self._bound[key] = self._make_bound(feeds, bound_inputs)
-            self.stats.keys.append({k: list(v.shape) for k, v in feeds.items()})
-        else:
-            for k, v in feeds.items():
-                bound.inputs[k].update_inplace(v)
-        return bound
-
-    def _run_key(self, key: tuple, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        bound = self._key_bound(key, feeds)
-        if bound is None:
-            return self._run_transient(feeds)
-        self._execute(bound)
-        # On the CPU an OrtValue's numpy() is a view of the bound buffer: copy before the next run.
-        copy = self.device.kind == "cpu"
-        return {k: np.array(v.numpy(), copy=True) if copy else v.numpy() for k, v in bound.outputs.items()}
-
-    def _run_options(self, graph_id: int):
-        ro = self._ort.RunOptions()
-        ro.add_run_config_entry("gpu_graph_id", str(graph_id))
-        return ro
-
-    def _execute(self, bound: _Bound, wait: bool = True) -> bool:
-        """Run ``bound``; returns whether it waited for the run (see ``replay``)."""
-        ro = self._run_options(bound.graph_id) if self.cuda_graphs else None
-        queue = (not wait and self.stream is not None and self._arena is None and bound.graph_id != _NO_GRAPH
-                 and not self.may_capture(bound))  # (on a shared arena a run ends before its lock is released)
-        if queue:
-            ro.add_run_config_entry(NO_WAIT_OPTION, "1")
-        self._session.run_with_iobinding(bound.binding, ro)
-        if not queue:
-            bound.binding.synchronize_outputs()
-        bound.runs += 1
-        self.stats.runs += 1
-        if self._arena is not None and ro is not None and bound.graph_id != _NO_GRAPH:
-            self._arena.captured = True  # (from its first graph run on: ONNX Runtime captures within CAPTURE_RUNS)
-        return not queue
-
-    def _own_buffers(self) -> bool:
-        """Whether this session's new buffers come from memory of the runtime's own (``dlpack.own_value``), not
-        from ONNX Runtime's Python allocator: where that allocator would take them from the shared arena."""
-        return _shared_arena_module.OWN_BUFFERS and _shared_arena_module.python_values_from_arena(self.device)
-
-    def _cuda_index(self) -> int | None:
-        return self.device.index if self.device.kind == "cuda" else None
-
-    def _ortvalue(self, array: np.ndarray):
-        """An OrtValue on this session's device holding a copy of ``array``."""
-        if self._own_buffers():
-            return own_value(self._ort, array.shape, array.dtype, self._cuda_index(), source=array)
-        if self.device.kind == "cpu":  # a CPU OrtValue wraps the array itself: never alias the caller's
-            array = array.copy()
-        return self._ort.OrtValue.ortvalue_from_numpy(array, self.device.kind, self.device.index)
-
-    def _empty_value(self, shape, dtype):
-        """An uninitialised OrtValue of ``shape`` and ``dtype`` on this session's device."""
-        if self._own_buffers():
-            return own_value(self._ort, shape, dtype, self._cuda_index())
-        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device.kind, self.device.index)
-
-    def _make_bound(self, feeds: dict[str, np.ndarray], bound_inputs: dict | None = None) -> _Bound:
-        """Device buffers for this key: inputs copied in (``bound_inputs`` bound as they are), outputs sized by one
-        uncaptured run."""
-        inputs = {**{k: self._ortvalue(v) for k, v in feeds.items()}, **(bound_inputs or {})}
-        probe = self._session.io_binding()
-        for k, v in inputs.items():
-            probe.bind_ortvalue_input(k, v)
-        for k in self.output_names:
-            probe.bind_output(k, self.device.kind, self.device.index)
-        self._session.run_with_iobinding(probe, self._run_options(_NO_GRAPH) if self.cuda_graphs else None)
-        probe.synchronize_outputs()
-        outputs = {}
-        for k, v in zip(self.output_names, probe.get_outputs()):
-            dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                     "tensor(int64)": np.int64, "tensor(int32)": np.int32}[v.data_type()]
-            outputs[k] = self._empty_value(v.shape(), dtype)
-        binding = self._session.io_binding()
-        for k, v in inputs.items():
-            binding.bind_ortvalue_input(k, v)
-        for k, v in outputs.items():
-            binding.bind_ortvalue_output(k, v)
-        bound = _Bound(binding, inputs, outputs, self._new_graph_id())
-        if self.cuda_graphs:
-            self._execute(bound)  # ONNX Runtime's regular run before capture; the next run captures
-        return bound
-
-    def _run_transient(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A key past ``max_graphs``: bound for this run only, never captured."""
-        self.stats.uncaptured_keys += 1
-        if self.stats.uncaptured_keys == 1:
-            log.info("%s: more than %d input shapes; further shapes run without a CUDA graph", self.name,
-                     self.max_graphs)
-        binding = self._session.io_binding()
-        for k, v in feeds.items():
-            binding.bind_ortvalue_input(k, self._ortvalue(v))
-        for k in self.output_names:
-            binding.bind_output(k, self.device.kind, self.device.index)
-        self._session.run_with_iobinding(binding, self._run_options(_NO_GRAPH) if self.cuda_graphs else None)
-        binding.synchronize_outputs()
-        self.stats.runs += 1
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
-
-    def close(self) -> None:
-        def release():
-            with self._guarded(False):
-                self._bound.clear()  # frees device buffers: not while another thread captures
-                self._session = None
-
-        if self._session is None:  # closed already
-            return
-        with self._lock:  # the caller takes the lock, never the worker (see ``held``)
-            if self._worker is None:
-                release()
-            else:
-                self._worker.submit(release).result()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-        if self.stream is not None:
-            self.stream, stream = None, self.stream
-            stream.release()  # after the session: ONNX Runtime never destroys a stream it was given
-        if self.weights_block is not None:
-            self.weights_block, block = None, self.weights_block
-            block.close()  # after the session: it read its weights from the block
 
 
 class OrtSessionFactory:
@@ -646,8 +259,8 @@ class OrtSessionFactory:
                "wrong audio (docs/benchmarks.md, runs BD-BI); since the runtime's buffers are its own there, only "
                f"the decode stage's ({', '.join(sorted(CAPTURED_ON_ARENA_CHECKED))}) are checked (runs BJ-BN)")
         if shared_arena is True:  # every session: only the decode stage's may capture
-            if cuda_graphs is True or cuda_graphs == "auto" or (cuda_graphs and set(
-                    (cuda_graphs,) if isinstance(cuda_graphs, str) else cuda_graphs) - CAPTURED_ON_ARENA_CHECKED):
+            captured = _captured_names(cuda_graphs)
+            if captured is None or captured - CAPTURED_ON_ARENA_CHECKED:
                 raise InvalidRequestError(f"shared_arena=True on CUDA needs every session outside the decode stage "
                                           f"uncaptured (cuda_graphs=False, or the decode stage's names only): {why}; "
                                           "or name the sessions to share it")
@@ -824,118 +437,29 @@ class OrtSessionFactory:
             return {name: f.result() for name, f in futures.items()}
 
 
-def limit_cublas_workspace(kib: int | None) -> str | None:
-    """Ask cuBLAS for one ``kib`` KiB workspace per handle (``CUBLAS_WORKSPACE_CONFIG=:kib:1``) unless the process
-    already sets CUBLAS_WORKSPACE_CONFIG — a value there is the operator's and is kept. Set this way before the
-    process's first CUDA session, as ``OrtSessionFactory`` does, it took effect (docs/benchmarks.md, run J); whether
-    cuBLAS honours it for handles made after it was first used in the process is not measured. It is process-wide: a
-    torch in the same process sizes its own cuBLAS workspace from it too. ``kib=None`` leaves the environment alone.
-    Returns the value in effect."""
-    if kib is not None:
-        if isinstance(kib, bool) or not isinstance(kib, int) or kib < 1:
-            raise BackendError(f"cublas_workspace_kib must be a positive integer (KiB) or None, got {kib!r}")
-        if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = f":{kib}:1"
-            log.info("CUBLAS_WORKSPACE_CONFIG=:%d:1 (one %d KiB cuBLAS workspace per handle)", kib, kib)
-    return os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-
-
-def cuda_provider_options(device: Device, tf32: bool) -> dict:
-    """Options of our default CUDA execution provider.
-
-    use_tf32: on only where the artefacts are fp16 anyway (their fp32-kept parts — T5, the projection, the
-    vocoder, CLAP's audio branch, and the VAE decoder with ``--fuse none`` — then run on TF32 tensor cores,
-    10-bit mantissa like fp16, fp32's exponent range, so T5 still does not overflow); off for fp32 artefacts, which are validated against fp32 PyTorch at 1e-4.
-    On the H100 the fp32 HiFi-GAN took 81 ms with TF32 off (docs/benchmarks.md); ort-cuda-facts.md
-    reads 13.3 ms with ONNX Runtime's default (TF32 on).
-    cudnn_conv1d_pad_to_nc1d: about 2x faster HiFi-GAN 1-D convolutions (ort-cuda-facts.md).
-    kSameAsRequested: the arena grows by what is asked, not to the next power of two (peak memory
-    +12 GiB with power-of-two growth on the H100, docs/benchmarks.md).
-    """
-    return {"device_id": device.index, "use_tf32": int(tf32), "cudnn_conv1d_pad_to_nc1d": 1,
-            "arena_extend_strategy": "kSameAsRequested"}
-
-
-# Per-component additions to the CUDA provider options (measured on the H100, docs/benchmarks.md, 2026-11-26).
-# They were measured on fp16 artefacts (TF32 on for their fp32 parts) and apply to those only: with fp32 artefacts
-# (TF32 off) prefer_nhwc made the fp32 vocoder 80 → 233 ms (15:21 UTC run), so fp32 artefacts get none of them
-# (their own are below).
-# unet sdpa_kernel = flash | memory-efficient | unfused (1|2|16), i.e. not cuDNN's flash attention, which ONNX
-#   Runtime prefers for fp16 on Hopper: the same step (7.06 vs 7.11 ms alone, 192 vs 192 ms end to end) and the same
-#   100-prompt fidelity (1.92e-3 both), but cuDNN builds its attention plans on the first run (UNet first run 4.1 s
-#   vs 1.4 s; cold start 16.1 vs 11.2 s, the latter measured second in its process).
-# unet, vae_decoder cudnn_conv_algo_search HEURISTIC: cuDNN's heuristics pick each convolution's algorithm instead of
-#   timing every candidate on first use (EXHAUSTIVE, ONNX Runtime's default). Clean-process cold start 9.4 / 10.1 s
-#   vs 11.5 / 12.1 s (first UNet step 0.6–0.8 vs 1.7–1.8 s, first VAE 0.16–0.19 vs 0.74–0.95 s), warm end to end
-#   184 / 185 vs 186 / 188 ms (scripts/cold_start.py, 15:21 UTC). The vocoder keeps EXHAUSTIVE: HEURISTIC fails on
-#   its dilated 1-D convolutions (CUDNN_FE HEURISTIC_QUERY_FAILED, 14:50 UTC).
-# vocoder prefer_nhwc: HiFi-GAN's 1-D convolutions without the NCHW↔NHWC transposes cuDNN inserts around them
-#   (fp16 9.1 → 7.5 ms, fp32 + TF32 13.4 → 10.7 ms).
-# clap_features use_tf32 0: its DFT is a 1024-tap convolution whose fp32 accuracy the log-mel needs (faint bins
-#   sit 100 dB under loud ones); without TF32 it is still a fraction of a millisecond.
-COMPONENT_PROVIDER_OPTIONS = {"unet": {"sdpa_kernel": 1 | 2 | 16, "cudnn_conv_algo_search": "HEURISTIC"},
-                              "vae_decoder": {"cudnn_conv_algo_search": "HEURISTIC"},
-                              "vocoder": {"prefer_nhwc": 1},
-                              "clap_features": {"use_tf32": 0}}
-
-
-# fp32 artefacts (TF32 off): the vocoder's convolution algorithms chosen by cuDNN's heuristics. With the exhaustive
-#   search (ONNX Runtime's default) the tiny fp32 export's vocoder, captured, failed with CUDA error 700 / 715 when its
-#   batch-1 graph was replayed after batch 4 and batch 2 had been searched and captured, with two or three vocoder
-#   sessions in the process (two runtimes); one session, the order 4, 2, 1, 4, no CUDA graphs and the heuristic search
-#   each passed (run AU, scripts/vocoder_shapes_check.py). With the heuristic search the failing script passes and the
-#   exhaustive one still fails in the same run; at full size neither failed, the fp32 export validates, and the
-#   vocoder takes 41 instead of 81 ms a request (run AV, docs/benchmarks.md). Why the exhaustive search fails is not
-#   known. (The fp16 vocoder keeps it: the heuristic query fails on its fp16 dilated convolutions, see above.)
-FP32_COMPONENT_PROVIDER_OPTIONS = {"vocoder": {"cudnn_conv_algo_search": "HEURISTIC"}}
-
-
-def default_component_options(precision: str) -> dict:
-    """The per-component defaults for artefacts of this precision: ``COMPONENT_PROVIDER_OPTIONS`` for fp16,
-    ``FP32_COMPONENT_PROVIDER_OPTIONS`` for fp32 (see above)."""
-    return COMPONENT_PROVIDER_OPTIONS if precision == "fp16" else FP32_COMPONENT_PROVIDER_OPTIONS
-
-
-def merge_component_options(defaults: dict, given: dict) -> dict:
-    """{component: {option: value}}: ``given`` over ``defaults``, option by option. Values must be str/int/float
-    (ONNX Runtime passes provider options as strings)."""
-    merged = {name: dict(opts) for name, opts in defaults.items()}
-    for name, opts in given.items():
-        if not isinstance(opts, dict):
-            raise BackendError(f"provider options for {name!r} must be a dict of option → value, got {opts!r}")
-        for key, value in opts.items():
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise BackendError(f"provider option {name}.{key} = {value!r}: use a str, int or float")
-        merged[name] = {**merged.get(name, {}), **opts}
-    return merged
-
-
-def default_mem_pattern(device: Device) -> bool:
-    """ONNX Runtime's memory pattern: off on CUDA (captured graphs do not allocate; the arena reuses blocks better
-    without it), on on the CPU (see ``OrtSessionFactory``)."""
-    return device.kind != "cuda"
-
-
-def default_tf32(precision: str) -> bool:
-    """TF32 for the fp32 parts of fp16 artefacts only (see ``cuda_provider_options``)."""
-    return precision == "fp16"
-
-
 def _is_graph_refusal(err: Exception) -> bool:
     """ONNX Runtime's session-creation error when a graph-capture session has nodes off the CUDA EP."""
     return "graph capture" in str(err)
+
+
+def _captured_names(cuda_graphs) -> frozenset | None:
+    """The component names a ``cuda_graphs`` choice captures where it lists them (none for False, the named ones for a
+    name or names); None where it captures every component but a few (True, "auto"), known or not."""
+    if cuda_graphs is True or cuda_graphs == "auto":
+        return None
+    if not cuda_graphs:
+        return frozenset()
+    return frozenset((cuda_graphs,) if isinstance(cuda_graphs, str) else cuda_graphs)
 
 
 def _graph_selector(cuda_graphs):
     """component name → whether its session captures CUDA graphs (see ``OrtSessionFactory``'s ``cuda_graphs``)."""
     if cuda_graphs == "auto":
         return lambda name: name not in UNCAPTURED_BY_DEFAULT
-    if cuda_graphs is True:
+    captured = _captured_names(cuda_graphs)
+    if captured is None:  # True
         return lambda name: True
-    if not cuda_graphs:
-        return lambda name: False
-    chosen = frozenset((cuda_graphs,) if isinstance(cuda_graphs, str) else cuda_graphs)  # one name, or names
-    return lambda name: name in chosen
+    return lambda name: name in captured
 
 
 def _check_gpu_index(ort, device: Device) -> None:
@@ -945,15 +469,3 @@ def _check_gpu_index(ort, device: Device) -> None:
     if count is not None and device.index >= count:
         raise BackendError(f"device {device} asked for, but this host has {count} CUDA GPU(s): "
                            f"{', '.join(f'cuda:{i}' for i in range(count)) or 'none'}")
-
-
-def ort_tensorrt_providers(folder: Path, device: Device, precision: str) -> list:
-    """ONNX Runtime's TensorRT provider over the artefacts' ONNX files, CUDA for what TensorRT does not take;
-    engines and timing cache kept in ``folder/ort_trt_cache``."""
-    cache = str(Path(folder) / "ort_trt_cache")
-    return [
-        ("TensorrtExecutionProvider", {"device_id": device.index, "trt_fp16_enable": precision == "fp16",
-                                       "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
-                                       "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}),
-        ("CUDAExecutionProvider", {"device_id": device.index, "use_tf32": 0, "cudnn_conv1d_pad_to_nc1d": 1}),
-    ]
