@@ -669,6 +669,28 @@ runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1;
       $BENCH_PEERS_FP16; \
       python3 load_test.py --artifacts /tmp/art-fp16 --device cuda --concurrency 1 16 --out /tmp/logs/load \
         > /tmp/logs/load.log 2>&1" ;;
+  gemm16)  # after the fp16 export, in the foreground: ONNX Runtime's fp16 GEMMs accumulating in fp16 (its test switch
+           # ORT_CUDA_GEMM_OPTIONS=1) against the default (fp32 accumulation): `bench` alternating, two rounds of 20
+           # calls, DDIM-200 once each, then the 100-prompt fidelity with it; results in /tmp/logs/gemm16
+    mkdir -p /tmp/logs/gemm16
+    cd /tmp
+    for i in 1 2; do
+      for v in default gemm16; do
+        env $([ $v = gemm16 ] && echo ORT_CUDA_GEMM_OPTIONS=1) python3 -m audioldm2_trt.cli bench \
+          --artifacts /tmp/art-fp16 --device cuda --runs 20 --json /tmp/logs/gemm16/bench-$v-$i.json \
+          > /tmp/logs/gemm16/bench-$v-$i.log 2>&1
+        echo "$v $i: $(grep -h 'end to end\|stages' /tmp/logs/gemm16/bench-$v-$i.log | tr '\n' ' ')"
+      done
+    done
+    for v in default gemm16; do
+      env $([ $v = gemm16 ] && echo ORT_CUDA_GEMM_OPTIONS=1) python3 -m audioldm2_trt.cli bench \
+        --artifacts /tmp/art-fp16 --device cuda --runs 3 --scheduler ddim --steps 200 \
+        --json /tmp/logs/gemm16/ddim200-$v.json > /tmp/logs/gemm16/ddim200-$v.log 2>&1
+      echo "$v DDIM-200: $(grep -h 'end to end' /tmp/logs/gemm16/ddim200-$v.log)"
+    done
+    cd "$ROOT/scripts" && ORT_CUDA_GEMM_OPTIONS=1 python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs/gemm16 \
+      > /tmp/logs/gemm16/fidelity.log 2>&1
+    tail -n 4 /tmp/logs/gemm16/fidelity.log ;;
   bench-as)  # bench-as VARIANT FILE [bench options...]: `audioldm2-trt bench` on the fp16 artefacts, on CUDA, in a
              # process of its own, at one of the configurations below → /tmp/logs/FILE.json and FILE.log
     variant=$2 file=$3
