@@ -690,7 +690,9 @@ runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1;
     done
     cd "$ROOT/scripts" && ORT_CUDA_GEMM_OPTIONS=1 python3 fidelity.py --fp16 /tmp/art-fp16 --out /tmp/logs/gemm16 \
       > /tmp/logs/gemm16/fidelity.log 2>&1
-    tail -n 4 /tmp/logs/gemm16/fidelity.log ;;
+    tail -n 4 /tmp/logs/gemm16/fidelity.log
+    # one file back: the device tool returns at most 8 files a call (run CC lost its DDIM-200 and fidelity files so)
+    [ -n "${OUT:-}" ] && tar -C /tmp/logs -czf "$OUT/gemm16.tgz" gemm16 ;;
   bench-as)  # bench-as VARIANT FILE [bench options...]: `audioldm2-trt bench` on the fp16 artefacts, on CUDA, in a
              # process of its own, at one of the configurations below → /tmp/logs/FILE.json and FILE.log
     variant=$2 file=$3
