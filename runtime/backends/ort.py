@@ -444,7 +444,8 @@ def _is_graph_refusal(err: Exception) -> bool:
 
 def _captured_names(cuda_graphs) -> frozenset | None:
     """The component names a ``cuda_graphs`` choice captures where it lists them (none for False, the named ones for a
-    name or names); None where it captures every component but a few (True, "auto"), known or not."""
+    name or names); None where it names none but captures components, known or not: every one (True), or every one
+    but ``UNCAPTURED_BY_DEFAULT``'s ("auto")."""
     if cuda_graphs is True or cuda_graphs == "auto":
         return None
     if not cuda_graphs:
