@@ -138,7 +138,8 @@ class AudioLDM2Runtime:
         tf32 (CUDA only): TF32 tensor cores for the fp32 parts; None = on for fp16 artefacts, off for fp32 ones.
         provider_options (default CUDA provider only): extra CUDA provider options per component, e.g.
         ``{"unet": {"sdpa_kernel": 0}}`` (ORT's own attention kernel choice), over the defaults in
-        ``backends.ort_options.COMPONENT_PROVIDER_OPTIONS`` (fp16 artefacts; fp32 ones: ``FP32_COMPONENT_PROVIDER_OPTIONS``).
+        ``backends.ort_options.COMPONENT_PROVIDER_OPTIONS`` (fp16 artefacts; fp32 ones:
+        ``FP32_COMPONENT_PROVIDER_OPTIONS``).
         device_loop (backend "ort"): keep the denoising loop's latents on the device, guidance and the solver
         update in a small ONNX graph (denoising.py); None = on CUDA with the default provider, off elsewhere;
         True on the CPU binds every session (for tests).
@@ -155,8 +156,8 @@ class AudioLDM2Runtime:
         prompt. ``ranking=False`` leaves those sessions out — for a server that asks for one waveform per prompt:
         less GPU memory and a shorter load — and a request for more than one waveform per prompt is then an error.
         cublas_workspace_kib (CUDA): cuBLAS's workspace per handle, 256 KiB by default, set through the process's
-        CUBLAS_WORKSPACE_CONFIG unless that is set already (``backends.ort_options.limit_cublas_workspace``): cuBLAS's own
-        default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
+        CUBLAS_WORKSPACE_CONFIG unless that is set already (``backends.ort_options.limit_cublas_workspace``): cuBLAS's
+        own default cost ~1.1 GiB over the runtime's sessions on the H100 for no speed; None keeps cuBLAS's default.
         shared_arena (backend "ort", default providers): the components whose sessions share one ONNX Runtime arena
         for their activations instead of one each (``backends/shared_arena.py``) — None = on CUDA the decode
         stage's (vae_decoder, vocoder, clap_features, clap_audio: ``backends.ort.SHARED_ARENA_DEFAULT``; about
