@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .backends import BACKENDS
 from .bench import BenchRequest
 from .schedulers import SCHEDULERS
 
@@ -27,6 +28,7 @@ def add_commands(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    _backend_argument(s)
     s.add_argument("--max-batch", type=int, default=8, help="most waveform rows per UNet batch")
     s.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
     s.add_argument("--max-seconds", type=float, default=30.0, help="longest audio a request may ask for")
@@ -49,7 +51,7 @@ def add_commands(sub) -> None:
     b.add_argument("--waveforms", type=int, default=BenchRequest.waveforms, help="waveforms per prompt, ranked by CLAP")
     b.add_argument("--scheduler", default=BenchRequest.scheduler, choices=SCHEDULERS)
     b.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    b.add_argument("--backend", default="ort", choices=["ort", "ort-trt", "trt"])
+    _backend_argument(b)
     b.add_argument("--queued-steps", choices=["on", "off"], default=None,
                    help="the denoising loop's steps queued one ahead on CUDA (on: the default where it applies) or "
                         "each waited for (off)")
@@ -87,6 +89,14 @@ def _generation_options(p) -> None:
     p.add_argument("--waveforms", type=int, default=1, help="waveforms per prompt, ranked by CLAP")
     p.add_argument("--scheduler", default=SCHEDULERS[0], choices=SCHEDULERS)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    _backend_argument(p)
+
+
+def _backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="ort", choices=BACKENDS,
+                        help="ort: ONNX Runtime, CPU or CUDA provider (default); ort-trt: ONNX Runtime's TensorRT "
+                             "provider over the same ONNX files (CUDA); trt: TensorRT engines from `audioldm2-trt "
+                             "build` (CUDA)")
 
 
 def _progress(total_label: str):
@@ -111,7 +121,8 @@ def _generate(args, folder) -> int:
     from .pipeline import AudioLDM2Runtime
 
     t0 = time.perf_counter()
-    rt = AudioLDM2Runtime.load(folder, device=args.device, ranking=args.waveforms > 1)  # CLAP audio ranks only
+    rt = AudioLDM2Runtime.load(folder, device=args.device, backend=args.backend,
+                               ranking=args.waveforms > 1)  # CLAP's audio branch only ranks
     t1 = time.perf_counter()
     out = rt(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
              guidance_scale=args.guidance, audio_length_in_s=args.seconds, num_waveforms_per_prompt=args.waveforms,
@@ -237,5 +248,5 @@ def run_serve(args) -> int:
         return 2
     serve(args.artifacts, args.host, args.port, args.device, args.max_batch, args.max_queue,
           ServerLimits(args.max_seconds, args.max_steps, 1 if args.no_ranking else 4, args.timeout),
-          ranking=not args.no_ranking, shared_arena=args.shared_arena)
+          ranking=not args.no_ranking, shared_arena=args.shared_arena, backend=args.backend)
     return 0

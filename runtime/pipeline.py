@@ -17,6 +17,7 @@ import numpy as np
 
 from .artifacts import COMPONENTS, RANKING_COMPONENTS, Artifacts, load_artifacts
 from .audio import ClapFeatures
+from .backends import BACKENDS
 from .backends.base import Device, queued_together
 from .backends.ort import OrtSessionFactory
 from .backends.ort_session import DEFAULT_MAX_GRAPHS
@@ -33,7 +34,6 @@ from .tokenization import TextTokenizer, tokenize_prompts
 
 log = logging.getLogger("audioldm2_trt.runtime")
 
-BACKENDS = ("ort", "ort-trt", "trt")
 UNET_CONTEXT = "unet_context"  # the session of the UNet's context graph (export/hoist_context.py), where it has one
 SOLVER_STEP_GRAPH = Path(__file__).resolve().parent / "graphs" / "solver_step.onnx"  # export/solver_graph.py
 LM_APPEND_GRAPH = Path(__file__).resolve().parent / "graphs" / "lm_append.onnx"  # export/lm_append_graph.py
@@ -81,8 +81,10 @@ def captured_except(uncaptured) -> tuple[str, ...]:
 
 
 class AudioLDM2Runtime:
-    def __init__(self, artifacts: Artifacts, sessions: dict, device: Device, solver_step=None, lm_append=None):
-        """sessions: one per component (``Session`` protocol); solver_step: an ONNX Runtime session of
+    def __init__(self, artifacts: Artifacts, sessions: dict, device: Device, solver_step=None, lm_append=None,
+                 backend: str = "ort"):
+        """sessions: one per component (``Session`` protocol), made by ``backend`` (``backends.BACKENDS``, what
+        ``health()`` reports); solver_step: an ONNX Runtime session of
         ``SOLVER_STEP_GRAPH`` on the UNet's device, bound like it, to keep the denoising loop on the device
         (``denoising.DeviceStepper``), or None for the loop on the host; lm_append: likewise a session of
         ``LM_APPEND_GRAPH`` beside a bound GPT-2 step graph, to keep GPT-2's passes on the device
@@ -90,6 +92,7 @@ class AudioLDM2Runtime:
         self.artifacts = artifacts
         self.constants = artifacts.constants
         self.device = device
+        self.backend = backend
         self.sample_rate = self.constants["sampling_rate"]
         self._sessions = sessions
         self._solver_step = solver_step
@@ -216,7 +219,7 @@ class AudioLDM2Runtime:
         if backend == "trt":
             from .backends.trt import load_engines
 
-            return cls(art, load_engines(art.folder, dev, names), dev)
+            return cls(art, load_engines(art.folder, dev, names), dev, backend=backend)
         if backend == "ort-trt":
             providers = ort_tensorrt_providers(art.folder, dev, art.precision)
         unknown = sorted(set(provider_options or {}) - set(files))
@@ -254,7 +257,7 @@ class AudioLDM2Runtime:
         sessions = factory.create_all(files)
         solver = factory.create("solver_step", SOLVER_STEP_GRAPH) if device_loop else None
         append = factory.create("lm_append", LM_APPEND_GRAPH) if lm_loop else None
-        return cls(art, sessions, factory.device, solver, append)
+        return cls(art, sessions, factory.device, solver, append, backend=backend)
 
     def warmup(self, lengths_s=(None,), batch_sizes=(1,), t5_buckets=(16,), steps: int = 2) -> float:
         """Run each (length, batch, T5 bucket) once so that buffers, cuDNN algorithms and CUDA graphs exist
@@ -289,7 +292,7 @@ class AudioLDM2Runtime:
         return " ".join(words)
 
     def health(self) -> dict:
-        """What a server's health check reports: device, precision, warm or not, whether the denoising loop
+        """What a server's health check reports: device, backend, precision, warm or not, whether the denoising loop
         runs on the device (``device_loop``) with its steps queued (``queued_steps``), whether GPT-2's passes do
         (``lm_loop``) and are queued (``lm_queued``), whether ranking is loaded and where its features are computed ("graph" or "host"; None
         without ranking), the components on the device's shared arena (``shared_arena``, a sorted list), the
@@ -298,7 +301,8 @@ class AudioLDM2Runtime:
         (``packed_weights``) and the bytes of its weights in a block of the runtime's own (``weights_block``, 0 for
         none)."""
         return {
-            "ok": bool(self._sessions), "device": str(self.device), "precision": self.artifacts.precision,
+            "ok": bool(self._sessions), "device": str(self.device), "backend": self.backend,
+            "precision": self.artifacts.precision,
             "warm": self._warm, "device_loop": self._solver_step is not None,
             "queued_steps": self._queued_steps(),
             "lm_loop": self._lm_loop is not None, "lm_queued": self._lm_loop is not None and self._lm_loop.queued,

@@ -27,6 +27,7 @@ import os
 from ray import serve
 
 from .audio import to_pcm16
+from .backends import BACKENDS
 from .errors import InvalidRequestError
 
 
@@ -36,13 +37,14 @@ class AudioLDM2Deployment:
     audio_pcm16_base64 (list, best first)}. HTTP (``POST /``) takes the same JSON."""
 
     def __init__(self, artifacts: str, device: str = "cpu", max_batch: int = 8, max_queue: int = 64,
-                 warmup: bool = True, threads: int = 0, ranking: bool = True):
+                 warmup: bool = True, threads: int = 0, ranking: bool = True, backend: str = "ort"):
         from .batching import MicroBatcher
         from .pipeline import AudioLDM2Runtime
         from .shapes import WARM_T5_BUCKETS, batch_buckets
 
         # ranking=False: one waveform per request, CLAP's audio branch not loaded (AudioLDM2Runtime.load)
-        self.runtime = AudioLDM2Runtime.load(artifacts, device=device, threads=threads, ranking=ranking)
+        self.runtime = AudioLDM2Runtime.load(artifacts, device=device, threads=threads, ranking=ranking,
+                                             backend=backend)
         if warmup:  # every batch bucket the micro-batcher can produce, before the replica takes traffic
             self.runtime.warmup(batch_sizes=batch_buckets(max_batch), t5_buckets=WARM_T5_BUCKETS)
         self.batcher = MicroBatcher(self.runtime, max_batch=max_batch, max_queue=max_queue)
@@ -77,18 +79,24 @@ class AudioLDM2Deployment:
 
 def build_app(artifacts: str, num_replicas: int = 1, device: str = "cpu", max_batch: int = 8,
               cpus_per_replica: float = 1.0, warmup: bool = True, threads: int = 0,
-              max_ongoing_requests: int | None = None, ranking: bool = True):
+              max_ongoing_requests: int | None = None, ranking: bool = True, backend: str = "ort"):
     """The bound application: ``num_replicas`` replicas, each with one GPU when ``device`` is CUDA, each
     holding at most ``max_ongoing_requests`` requests (default ``max_batch``: one batch's worth). ``ranking=False``:
-    one waveform per request, CLAP's audio branch not loaded."""
+    one waveform per request, CLAP's audio branch not loaded. ``backend``: ``AudioLDM2Runtime.load``'s, for every
+    replica (``backends.BACKENDS``; checked here, before any replica starts)."""
     max_ongoing_requests = max_batch if max_ongoing_requests is None else max_ongoing_requests
     if max_batch < 1 or max_ongoing_requests < 1:
         raise InvalidRequestError(f"max_batch={max_batch} and max_ongoing_requests={max_ongoing_requests} must be ≥ 1")
+    if backend not in BACKENDS:
+        raise InvalidRequestError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     gpus = 1 if device.startswith("cuda") else 0
+    if backend != "ort" and not gpus:
+        raise InvalidRequestError(f"backend {backend!r} runs on CUDA only; got device {device!r}")
     if gpus and device not in ("cuda", "cuda:0"):
         raise InvalidRequestError(f"device {device!r}: under Ray each replica sees its own GPU as cuda:0; "
                                   "pass device='cuda'")
     return AudioLDM2Deployment.options(
         num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_gpus": gpus, "num_cpus": cpus_per_replica},
-    ).bind(artifacts, device=device, max_batch=max_batch, warmup=warmup, threads=threads, ranking=ranking)
+    ).bind(artifacts, device=device, max_batch=max_batch, warmup=warmup, threads=threads, ranking=ranking,
+           backend=backend)

@@ -137,17 +137,19 @@ def create_app(batcher: MicroBatcher, limits: ServerLimits = ServerLimits(),
 
 def serve(artifacts: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", max_batch: int = 8,
           max_queue: int = 64, limits: ServerLimits = ServerLimits(), warmup_seconds: float | None = None,
-          ranking: bool = True, shared_arena=None) -> None:
+          ranking: bool = True, shared_arena=None, backend: str = "ort") -> None:
     """Load, warm up in the background, and serve until interrupted (``audioldm2-trt serve``). ``ranking=False``:
     CLAP's audio branch is not loaded, and ``limits.max_waveforms`` must be 1. ``shared_arena``: which components
-    share one ONNX Runtime arena (``AudioLDM2Runtime.load``'s: None = on CUDA the decode stage's)."""
+    share one ONNX Runtime arena (``AudioLDM2Runtime.load``'s: None = on CUDA the decode stage's). ``backend``:
+    ``AudioLDM2Runtime.load``'s (``backends.BACKENDS``)."""
     import uvicorn
 
     from .pipeline import AudioLDM2Runtime
 
     if not ranking and limits.max_waveforms != 1:
         raise ValueError(f"ranking=False serves one waveform per request; limits.max_waveforms is {limits.max_waveforms}")
-    runtime = AudioLDM2Runtime.load(artifacts, device=device, ranking=ranking, shared_arena=shared_arena)
+    runtime = AudioLDM2Runtime.load(artifacts, device=device, ranking=ranking, shared_arena=shared_arena,
+                                    backend=backend)
     batcher = MicroBatcher(runtime, max_batch=max_batch, max_queue=max_queue)
     # every batch bucket the micro-batcher can produce (shapes.batch_buckets) and the usual T5 buckets, before traffic
     warmup = {"lengths_s": (warmup_seconds,), "batch_sizes": batch_buckets(max_batch), "t5_buckets": WARM_T5_BUCKETS}

@@ -48,6 +48,7 @@ def test_demo_uses_a_cached_export(tiny_artifacts, tmp_path):
     (["--steps", "0"], r"num_inference_steps=0 is outside [1, 998]"),
     (["--seconds", "999"], "audio_length_in_s=999.0 is outside the supported range"),
     (["--device", "cuda:7x"], "device 'cuda:7x' is not one of"),
+    (["--backend", "trt"], "backend 'trt' runs on CUDA only; got device 'cpu'"),
 ])
 def test_generate_bad_input_is_one_line(tiny_artifacts, tmp_path, args, message):
     r = _cli("generate", "thunder", "--artifacts", str(tiny_artifacts), "-o", str(tmp_path / "z.wav"), *args)

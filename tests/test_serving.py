@@ -395,10 +395,11 @@ def test_server_without_ranking_refuses_several_waveforms(tiny_artifacts):
 
 
 @needs_server
-def test_serve_command_passes_shared_arena_to_the_runtime(tiny_artifacts, monkeypatch):
+def test_serve_command_passes_shared_arena_and_backend_to_the_runtime(tiny_artifacts, monkeypatch, capsys):
     """``audioldm2-trt serve --shared-arena`` loads the runtime with one arena for every component (health names
-    them); ``--shared-arena none`` with none; without the flag, load's default (on the CPU: none). uvicorn.run is
-    replaced by a call that checks the app's runtime and returns."""
+    them); ``--shared-arena none`` with none; without the flag, load's default (on the CPU: none). ``--backend``
+    goes to load too (health names the backend). uvicorn.run is replaced by a call that checks the app's runtime and
+    returns."""
     import uvicorn
 
     from audioldm2_trt.cli import main
@@ -419,9 +420,13 @@ def test_serve_command_passes_shared_arena_to_the_runtime(tiny_artifacts, monkey
         assert main(["serve", "--artifacts", str(tiny_artifacts), *flags]) == 0
         health = healths[-1]
         assert health["shared_arena"] == (sorted(health["components"]) if every else []), flags
-        assert len(health["components"]) >= 7
+        assert len(health["components"]) >= 7 and health["backend"] == "ort"
     assert main(["serve", "--artifacts", str(tiny_artifacts), "--shared-arena", "t5_encoder, projection"]) == 0
     assert healths[-1]["shared_arena"] == ["projection", "t5_encoder"]
+    # --backend reaches the runtime's load: TensorRT engines run on CUDA only, refused before anything serves
+    assert main(["serve", "--artifacts", str(tiny_artifacts), "--backend", "trt"]) == 2
+    assert "backend 'trt' runs on CUDA only; got device 'cpu'" in capsys.readouterr().err
+    assert len(healths) == 5
 
 
 # -- Ray Serve ---------------------------------------------------------------------------------------
@@ -437,6 +442,13 @@ def test_ray_replica_holds_one_batch_by_default_and_bad_bounds_are_refused(tiny_
         build_app(str(tiny_artifacts), max_ongoing_requests=0)
     with pytest.raises(InvalidRequestError, match="device 'cuda:1'"):
         build_app(str(tiny_artifacts), device="cuda:1")
+    # the backend goes to every replica's load; a wrong one is refused before any replica starts
+    trt_app = build_app(str(tiny_artifacts), device="cuda", backend="trt")
+    assert trt_app._bound_deployment.init_kwargs["backend"] == "trt"
+    with pytest.raises(InvalidRequestError, match="backend 'tensorrt' is not one of ort, ort-trt, trt"):
+        build_app(str(tiny_artifacts), backend="tensorrt")
+    with pytest.raises(InvalidRequestError, match="backend 'trt' runs on CUDA only; got device 'cpu'"):
+        build_app(str(tiny_artifacts), backend="trt")
 
 
 @pytest.mark.skipif(not _has("ray"), reason="needs the ray extra: pip install -e '.[ray]'")
