@@ -89,8 +89,15 @@ class MicroBatcher:
             cancel.set()
             raise TimeoutError(f"request not finished within {timeout} s; cancelled") from None
 
+    def __enter__(self) -> "MicroBatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Stop the worker; requests still queued fail with BackendError."""
+        """Stop the worker; requests still queued fail with BackendError, later ``submit`` calls raise it. The
+        runtime stays open (it is the caller's). ``with MicroBatcher(rt) as batcher:`` closes on leaving."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()

@@ -491,8 +491,15 @@ class AudioLDM2Runtime:
             except NonFiniteError as err:
                 results[k] = err
 
+    def __enter__(self) -> "AudioLDM2Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Release the sessions and their device buffers; the runtime cannot be used afterwards."""
+        """Release the sessions and their device buffers; the runtime cannot be used afterwards (a call raises
+        BackendError). Closing twice is harmless; ``with AudioLDM2Runtime.load(...) as rt:`` closes on leaving."""
         if self._unet_context is not None:
             self._unet_context.close()
         if self._lm_loop is not None:

@@ -188,6 +188,38 @@ def test_runtime_without_ranking_opens_no_clap_audio_and_refuses_several_wavefor
     assert rt.health()["warm"] and batches == [1, 2]
 
 
+def test_a_closed_runtime_refuses_calls_and_a_with_block_closes_it(tiny_artifacts, runtime):
+    """close() releases the sessions: a later call, prepare or warm-up raises BackendError (not a KeyError from
+    inside), health() reads not ok, and closing again is harmless. ``with`` closes on leaving, an error or not; a
+    runtime used in the block gives the same audio as one never closed."""
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0, seed=5)
+    with AudioLDM2Runtime.load(tiny_artifacts) as rt:
+        assert rt.health()["ok"]
+        np.testing.assert_array_equal(rt("rain", **kw).audios, runtime("rain", **kw).audios)
+    assert not rt.health()["ok"] and rt.health()["components"] == {}
+    for call in (lambda: rt("rain", **kw), lambda: rt.prepare("rain", **kw), lambda: rt.warmup(steps=1)):
+        with pytest.raises(BackendError, match="this runtime was closed; load the artefacts again"):
+            call()
+    rt.close()
+    with pytest.raises(RuntimeError, match="inside"):
+        with AudioLDM2Runtime.load(tiny_artifacts) as other:
+            raise RuntimeError("inside")
+    with pytest.raises(BackendError, match="was closed"):
+        other("rain", **kw)
+
+
+def test_a_closed_batcher_refuses_requests_and_leaves_the_runtime_open(runtime):
+    from audioldm2_trt.runtime.batching import MicroBatcher
+
+    kw = dict(num_inference_steps=2, audio_length_in_s=1.0, seed=5)
+    with MicroBatcher(runtime, max_batch=2) as batcher:
+        np.testing.assert_array_equal(batcher.generate("rain", timeout=120, **kw).audios, runtime("rain", **kw).audios)
+    with pytest.raises(BackendError, match="the batcher is closed"):
+        batcher.submit("rain", **kw)
+    assert runtime.health()["ok"]
+    batcher.close()  # again: harmless
+
+
 def test_cublas_workspace_is_asked_for_unless_the_process_sets_it(monkeypatch, tiny_artifacts):
     """CUBLAS_WORKSPACE_CONFIG: set to one 256 KiB buffer per handle when absent, an operator's value kept, nothing
     touched on the CPU or with None, and a bad size named."""
