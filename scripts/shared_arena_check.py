@@ -18,11 +18,17 @@ stage's captured sessions are on the arena by default again since run BN. Checke
    worst of the 4), as ranked and with the waveforms matched to the run alone's (a ranking that changed order is not
    wrong audio: ``together_vs_alone``);
 2. ``one_runtime``: one runtime from two threads, 4 requests each, the same way;
-3. ``refused``: ``shared_arena=True`` and one captured component's name outside the decode stage, refused on CUDA.
+3. ``loaded_after_a_capture``: a second runtime loaded while ``one_runtime``'s, which has served, is still open,
+   then the two from two threads;
+4. ``refused``: ``shared_arena=True`` and one captured component's name outside the decode stage, refused on CUDA.
 
-Each check's runtimes are loaded afresh, both before either serves, and ``on_arena`` records what each had on the
-shared arena (``health()``). At the default (no switch) on CUDA only the first check's pair has the decode stage
-there: runtimes loaded after a capture keep an arena per session (the default's fallback, checked by the others).
+Each check's runtimes are loaded afresh, both before either serves (but 3's second), and the check's runtimes are
+closed before the next check loads its own; ``on_arena`` records what each had on the shared arena (``health()``).
+At the default (no switch) on CUDA every check's runtimes have the decode stage there — those of a check loaded after
+the one before closed, whose captured graphs closed with it (``SharedArena.captured``) — but 3's second runtime:
+loaded while a runtime with captured sessions on the arena is open, it keeps an arena per session (the default's
+fallback). (Until run CD a runtime loaded after any capture in the process kept arenas of its own, so only the first
+check's pair was on the arena.)
 ``--own-arenas``: 1-2 with one arena per session (``shared_arena=False``).
 ``--decode-arena-uncaptured``: 1-2 with the decode stage's sessions run without CUDA graphs and on the shared arena
 (``shared_arena=DECODE_STAGE, cuda_graphs=captured_except(DECODE_STAGE)``).
@@ -115,6 +121,14 @@ def main() -> None:
             rt = load()
             try:
                 run["one_runtime"] = {**together_vs_alone([rt, rt], request, 1), "on_arena": on_arena([rt])}
+                # a runtime loaded while this one, which has served, is open: at the default it keeps an arena per
+                # session (its sessions may not join an arena with captured graphs); then the two at once
+                later = load()
+                try:
+                    run["loaded_after_a_capture"] = {**together_vs_alone([rt, later], request, 1),
+                                                     "on_arena": on_arena([rt, later])}
+                finally:
+                    later.close()
             finally:
                 rt.close()
         print(json.dumps(run), flush=True)

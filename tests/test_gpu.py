@@ -186,9 +186,10 @@ def test_the_weights_block_gives_the_same_audio_on_cuda(tiny_artifacts):
 def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, tmp_path, mode):
     """In a process of its own (scripts/shared_arena_check.py): two runtimes driven from two threads at once, two
     waveforms (the ranking's sessions) and one, and one runtime from two threads, give each request the audio it
-    gives alone — at the default (the decode stage's captured sessions on the shared arena for the first pair, loaded
-    before either served; the runtimes loaded after that keep an arena per session, the default's fallback), with one
-    arena per session, and with the decode stage's sessions uncaptured on the arena. Captured sessions outside the
+    gives alone — at the default (the decode stage's captured sessions on the shared arena, each check's runtimes
+    loaded before either served and after the check before closed its own; a runtime loaded while one that has
+    served is open keeps an arena per session, the default's fallback), with one arena per session, and with the
+    decode stage's sessions uncaptured on the arena. Captured sessions outside the
     decode stage on the arena are refused (before the runtime's buffers were its own there, with the decode stage's
     captured on it the later runtime of such a pair got wrong audio, rel-L2 0.14-0.8, runs BF-BI; with CLAP's text
     branch too, runs BD-BE)."""
@@ -202,9 +203,10 @@ def test_runtimes_driven_at_once_give_their_audio_alone_on_cuda(tiny_artifacts, 
     assert set(res["uncaptured"]) == (set(decode) if mode == "decode_arena_uncaptured" else set())
     run = res["runs"][0]
     on_arena = {label: check["on_arena"] for label, check in run.items()}
-    if mode == "default":  # the first pair on the arena; everything loaded after a capture off it
-        assert on_arena == {"two_runtimes_two_waveforms": [decode, decode], "two_runtimes": [[], []],
-                            "one_runtime": [[]]}, on_arena
+    if mode == "default":  # on the arena, each check's runtimes loaded after the last one's closed; off it, the
+        # runtime loaded while one that has served is open
+        assert on_arena == {"two_runtimes_two_waveforms": [decode, decode], "two_runtimes": [decode, decode],
+                            "one_runtime": [decode], "loaded_after_a_capture": [decode, []]}, on_arena
     else:
         assert on_arena == {label: [decode if mode == "decode_arena_uncaptured" else []] * len(on)
                             for label, on in on_arena.items()}, on_arena

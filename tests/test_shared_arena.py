@@ -122,7 +122,6 @@ def test_a_session_on_the_arena_never_queues_its_runs(tiny_artifacts, monkeypatc
     feeds = {i.name: np.ones([d if isinstance(d, int) else 2 for d in i.shape],
                              np.int64 if "int64" in i.type else np.float32) for i in plain._session.get_inputs()}
     seen = []
-    monkeypatch.setattr(factory.arena, "captured", False)  # a graph run marks the process's arena: restored after
     monkeypatch.setattr(OrtSession, "_run_options", lambda self, graph_id: factory.ort.RunOptions())
     waited = {}
     for arena in (None, factory.arena):
@@ -143,8 +142,11 @@ def test_a_session_on_the_arena_never_queues_its_runs(tiny_artifacts, monkeypatc
         session._session = Spy()
         waited[arena is not None] = session.replay(bound, {}, wait=False)
         session.stream = None  # a stand-in: nothing to release
+        assert factory.arena.captured is (arena is not None)  # a graph run on the arena marks it
+        session.close()  # ... until the session closes (the arena is the process's)
     assert waited == {False: False, True: True}
     assert seen == ["1", None]
+    assert not factory.arena.captured
 
 
 def test_shared_arena_is_refused_where_it_does_not_apply(tiny_artifacts):
@@ -155,31 +157,49 @@ def test_shared_arena_is_refused_where_it_does_not_apply(tiny_artifacts):
         OrtSessionFactory("cpu", providers=["CPUExecutionProvider"], shared_arena=True)
 
 
-def test_no_session_joins_the_arena_after_one_of_its_graphs_was_captured(tiny_artifacts, monkeypatch):
-    """Rule 2: a later session's long-lived buffers could land in a captured graph's memory."""
+def test_no_session_joins_the_arena_after_one_of_its_graphs_was_captured(tiny_artifacts):
+    """Rule 2: a later session's long-lived buffers could land in a captured graph's memory. The CPU captures no
+    graph, so a session on the arena is marked as on CUDA after its first graph run (``OrtSession._execute``)."""
     factory = OrtSessionFactory("cpu", shared_arena=True)
     assert factory.arena is shared_arena(factory.ort, Device.parse("cpu"))  # one arena per device and process
-    factory.create("projection", tiny_artifacts / "projection.onnx")  # joins before any capture
-    monkeypatch.setattr(factory.arena, "captured", True)
-    with pytest.raises(BackendError, match=r"projection: cannot join the shared arena of cpu: a CUDA graph of a "
-                                           r"session on it has been captured already.*shared_arena=False"):
-        factory.create("projection", tiny_artifacts / "projection.onnx")
+    plain = factory.create("projection", tiny_artifacts / "projection.onnx")  # joins before any capture
+    capturer = OrtSession("projection", plain._session, factory.ort, factory.device, bind=True, cuda_graphs=False,
+                          arena=factory.arena)  # as the factory makes it on CUDA
+    factory.arena.mark_captured(capturer)
+    try:
+        with pytest.raises(BackendError, match=r"projection: cannot join the shared arena of cpu: a CUDA graph of a "
+                                               r"session on it has been captured already.*shared_arena=False"):
+            factory.create("projection", tiny_artifacts / "projection.onnx")
+    finally:
+        capturer.close()
+    assert not factory.arena.captured  # closed, its graphs with it: a session may join again
+    assert factory.create("projection", tiny_artifacts / "projection.onnx").stats.shared_arena
 
 
 def test_the_default_keeps_a_session_off_an_arena_captured_already(tiny_artifacts, monkeypatch):
-    """The default's side of rule 2: a runtime loaded at the default (on CUDA the decode stage on the arena) after
-    another of the process has served keeps an arena per session, and says so in its sessions' stats, where an
-    explicit choice raises (the test above). On the CPU the default is no arena, so the default's state is set by
-    hand on a factory with an arena; the session is made for real."""
+    """The default's side of rule 2: a runtime loaded at the default (on CUDA the decode stage on the arena) while
+    another of the process that has served is open keeps an arena per session, and says so in its sessions' stats,
+    where an explicit choice raises (the test above); once that one has closed, the arena takes sessions again. On
+    the CPU the default is no arena, so the default's state is set by hand on a factory with an arena; the sessions
+    are made for real."""
     factory = OrtSessionFactory("cpu", shared_arena=["projection"])
     monkeypatch.setattr(factory, "_arena_chosen", False)  # as shared_arena=None resolves on CUDA
     assert factory.on_shared_arena("projection") and not factory.on_shared_arena("vocoder")
-    joined = factory.create("projection", tiny_artifacts / "projection.onnx")
-    assert joined.stats.shared_arena
-    monkeypatch.setattr(factory.arena, "captured", True)
-    assert not factory.on_shared_arena("projection")
-    kept_out = factory.create("projection", tiny_artifacts / "projection.onnx")
-    assert not kept_out.stats.shared_arena
+    plain = factory.create("projection", tiny_artifacts / "projection.onnx")
+    assert plain.stats.shared_arena
+    joined = OrtSession("projection", plain._session, factory.ort, factory.device, bind=True, cuda_graphs=False,
+                        arena=factory.arena)  # as the factory makes it on CUDA
+    factory.arena.mark_captured(joined)
+    try:
+        assert not factory.on_shared_arena("projection")
+        kept_out = factory.create("projection", tiny_artifacts / "projection.onnx")
+        assert not kept_out.stats.shared_arena
+        kept_out.close()  # a session off the arena closing changes nothing
+        assert factory.arena.captured and not factory.on_shared_arena("projection")
+    finally:
+        joined.close()
+    assert factory.on_shared_arena("projection")
+    assert factory.create("projection", tiny_artifacts / "projection.onnx").stats.shared_arena
 
 
 def test_a_run_on_the_arena_waits_for_its_lock(tiny_artifacts, runtime):
@@ -317,8 +337,8 @@ def test_factory_for_artifacts_takes_their_precision_and_nhwc_components(tiny_ar
 
 def test_the_concurrency_check_script_on_the_cpu(tiny_artifacts, tmp_path):
     """scripts/shared_arena_check.py (which tests/test_gpu.py runs on CUDA) on the CPU, with the decode stage's
-    sessions on the shared arena: two runtimes from two threads at once, one and two waveforms, and one runtime from
-    two threads give each request exactly what it gives alone (the CPU is deterministic here), and the CPU takes the
+    sessions on the shared arena: two runtimes from two threads at once, one and two waveforms, one runtime from two
+    threads, and a runtime with one loaded after it had served give each request exactly what it gives alone (the CPU is deterministic here), and the CPU takes the
     choices CUDA refuses."""
     import json
     import subprocess
@@ -332,7 +352,8 @@ def test_the_concurrency_check_script_on_the_cpu(tiny_artifacts, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "shared_arena_check.json").read_text())
     assert res["shared_arena"] == ["vae_decoder", "vocoder", "clap_features", "clap_audio"]  # the choice, as given
-    assert set(res["runs"][0]) == {"two_runtimes", "two_runtimes_two_waveforms", "one_runtime"}
+    assert set(res["runs"][0]) == {"two_runtimes", "two_runtimes_two_waveforms", "one_runtime",
+                                   "loaded_after_a_capture"}
     for label, check in res["runs"][0].items():
         assert check["errors"] == [] and max(check["worst_against_alone"]) < 1e-6, (label, check)
         assert max(check["worst_rows_matched"]) < 1e-6 and check["order_differs"] == [], (label, check)

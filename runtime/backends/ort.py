@@ -90,8 +90,8 @@ class OrtSessionFactory:
     shared_arena (default providers only): the components whose sessions allocate their activations from the
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
     (``shared_arena.py``) — None = ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the default CUDA provider, none
-    elsewhere, and where it finds the arena captured already (another runtime of the process has served) those
-    sessions keep arenas of their own (logged), where a choice made explicitly raises; False = none; True = every
+    elsewhere, and where it finds the arena captured already (another runtime of the process, still open, has
+    served) those sessions keep arenas of their own (logged), where a choice made explicitly raises; False = none; True = every
     component; or a collection of names. On CUDA sessions that capture CUDA graphs may be named only among the decode
     stage's (``check_shared_arena_choice``: other captured ones gave wrong audio with two runtimes at once and are not
     checked since the fix, runs BD-BN; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis), any session that
@@ -338,9 +338,10 @@ class OrtSessionFactory:
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                               "1024")
         arena = self.arena if self.arena is not None and self._on_arena(name) else None
-        if arena is not None and not self.on_shared_arena(name):  # the default, after another runtime's capture
-            log.info("%s: the shared arena of %s has captured graphs already (another runtime of the process has "
-                     "served); this session keeps an arena of its own (load(shared_arena=...) makes that an error)",
+        if arena is not None and not self.on_shared_arena(name):  # the default, after an open runtime's capture
+            log.info("%s: the shared arena of %s has captured graphs already (another runtime of the process, still "
+                     "open, has served); this session keeps an arena of its own (load(shared_arena=...) makes that an "
+                     "error)",
                      name, self.device)
             arena = None
         if arena is not None:

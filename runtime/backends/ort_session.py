@@ -86,7 +86,7 @@ class OrtSession:
 
     arena: the shared arena this CUDA session allocates from (``shared_arena.py``), or None for its own arena. Each
     run then also holds the arena's lock until its outputs are synchronised, and its first captured graph marks the
-    arena as captured.
+    arena as captured until the session closes.
 
     stream: the ``CudaStream`` the session runs on where it was given one (``user_compute_stream``; the factory's
     ``loop_stream``), else None (ONNX Runtime's own stream per session). Only then, and never on a shared arena,
@@ -313,7 +313,7 @@ class OrtSession:
         bound.runs += 1
         self.stats.runs += 1
         if self._arena is not None and ro is not None and bound.graph_id != _NO_GRAPH:
-            self._arena.captured = True  # (from its first graph run on: ONNX Runtime captures within CAPTURE_RUNS)
+            self._arena.mark_captured(self)  # (from its first graph run on: ONNX Runtime captures within CAPTURE_RUNS)
         return not queue
 
     def _own_buffers(self) -> bool:
@@ -385,6 +385,8 @@ class OrtSession:
             with self._guarded(False):
                 self._bound.clear()  # frees device buffers: not while another thread captures
                 self._session = None
+                if self._arena is not None:
+                    self._arena.release(self)  # its graphs are gone: sessions may join the arena again
 
         if self._session is None:  # closed already
             return

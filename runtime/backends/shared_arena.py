@@ -31,8 +31,12 @@ the UNet); where two waveforms came back in the other order, CLAP's scores of th
 fp16 run-to-run spread (docs/benchmarks.md). So ``load`` takes the decode stage's captured sessions on the arena on
 CUDA since, and by default since run BN (one H200: 8 more processes, every waveform right, and tests/test_gpu.py with
 them). It takes back ~130 MiB of peak memory (run BN: 3282 MiB with one arena per session, 3150 with the decode stage
-on the arena; B0 3126; run BL: 3166 with it uncaptured on it). A runtime loaded at the default after another of the
-process has served keeps an arena per session (no session may join the arena after a capture: rule 2 below).
+on the arena; B0 3126; run BL: 3166 with it uncaptured on it). A runtime loaded at the default while another of the
+process that has served is still open keeps an arena per session (no session may join the arena after a capture:
+rule 2 below); one loaded after every runtime with captured sessions on the arena has closed joins it again (their
+graphs closed with them), so that a process that closes a runtime and loads another reuses the arena's memory
+(``SharedArena.captured``; before, the later runtime kept arenas of its own beside the idle shared one: run CD,
+358 MiB more at every reload of the full-size fp16 artefacts, ``scripts/reload_memory.py``).
 
 Off the shared arena every ONNX Runtime session keeps an arena of its own, and on CUDA its captured graphs pin that
 arena's activation memory: after the first call the runtime's ten sessions hold ten separate activation pools. With a
@@ -83,11 +87,27 @@ SESSION_CONFIG = {"session.use_env_allocators": "1", "session.use_device_allocat
 
 @dataclass
 class SharedArena:
-    """The shared arena of one device: its run lock, and whether a graph of it has been captured."""
+    """The shared arena of one device: its run lock, and the open sessions on it that have captured a graph."""
 
     device: str
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    captured: bool = False
+    _capturers: set = field(default_factory=set, repr=False)  # id() of each open session whose graph ran on it
+
+    @property
+    def captured(self) -> bool:
+        """Whether a session on the arena that has captured a CUDA graph is still open. While one is, no session may
+        join (rule 2 above). Once every one has closed, their graphs are gone with them, nothing replays into the
+        arena's blocks, and sessions may join again: a runtime loaded after the one before it closed reuses the
+        arena's memory instead of growing arenas of its own beside it."""
+        return bool(self._capturers)
+
+    def mark_captured(self, session) -> None:
+        """``session`` (on this arena) has run a captured graph."""
+        self._capturers.add(id(session))
+
+    def release(self, session) -> None:
+        """``session`` has closed, its graphs with it."""
+        self._capturers.discard(id(session))
 
     def check_can_join(self, name: str) -> None:
         if self.captured:
