@@ -6,7 +6,10 @@ mode of AudioLDM 2's unfused CLAP) in numpy; ``tests/test_audio.py`` checks them
 
 from __future__ import annotations
 
+import io
+import wave
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -18,11 +21,21 @@ def to_pcm16(waveform: np.ndarray) -> np.ndarray:
     return np.round(np.clip(waveform, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
+def wav_bytes(pcm16: np.ndarray, sample_rate: int) -> bytes:
+    """int16 [samples] → the bytes of a mono 16-bit PCM WAV file (the standard library's ``wave``: no native
+    dependency)."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(int(sample_rate))
+        out.writeframes(np.asarray(pcm16, dtype="<i2").reshape(-1).tobytes())
+    return buf.getvalue()
+
+
 def write_wav(path, waveform: np.ndarray, sample_rate: int) -> None:
     """Write one mono waveform (float32 [samples]) as 16-bit PCM WAV."""
-    import soundfile
-
-    soundfile.write(str(path), to_pcm16(np.asarray(waveform).reshape(-1)), sample_rate, subtype="PCM_16")
+    Path(path).write_bytes(wav_bytes(to_pcm16(np.asarray(waveform).reshape(-1)), sample_rate))
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import logging
 import threading
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from .audio import to_pcm16
+from .audio import to_pcm16, wav_bytes
 from .batching import MicroBatcher
 from .errors import InvalidRequestError, NonFiniteError, QueueFullError, RequestCancelled
 from .shapes import WARM_T5_BUCKETS, batch_buckets
@@ -60,15 +59,6 @@ class GenerateBody(BaseModel):
 
 def _error(status: int, field: str | None, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": [{"loc": ["body", field] if field else [], "msg": message}]})
-
-
-def wav_bytes(pcm16, sample_rate: int) -> bytes:
-    """int16 [samples] → the bytes of a mono 16-bit WAV file."""
-    import soundfile
-
-    buf = io.BytesIO()
-    soundfile.write(buf, pcm16, sample_rate, subtype="PCM_16", format="WAV")
-    return buf.getvalue()
 
 
 def create_app(batcher: MicroBatcher, limits: ServerLimits = ServerLimits(),

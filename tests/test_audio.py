@@ -61,6 +61,11 @@ def test_pcm16_clips_before_scaling(tmp_path):
     data, rate = soundfile.read(tmp_path / "a.wav", dtype="int16")
     assert rate == 16000 and soundfile.info(tmp_path / "a.wav").subtype == "PCM_16"
     np.testing.assert_array_equal(data, to_pcm16(x))
+    noise = np.random.default_rng(0).uniform(-1.2, 1.2, 24001).astype(np.float32)  # odd length, clipped samples
+    write_wav(tmp_path / "b.wav", noise, 22050)
+    data, rate = soundfile.read(tmp_path / "b.wav", dtype="int16")
+    assert rate == 22050 and soundfile.info(tmp_path / "b.wav").channels == 1
+    np.testing.assert_array_equal(data, to_pcm16(noise))
 
 
 def test_ranking_features_in_threads_equal_the_serial_computation():

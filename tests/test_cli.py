@@ -61,3 +61,23 @@ def test_generate_bad_input_is_one_line(tiny_artifacts, tmp_path, args, message)
 def test_generate_missing_artifacts(tmp_path):
     r = _cli("generate", "thunder", "--artifacts", str(tmp_path / "none"))
     assert r.returncode == 2 and "does not exist; build one with: audioldm2-trt export" in r.stderr
+
+
+def test_generate_needs_no_native_audio_library(tiny_artifacts, tmp_path):
+    """The WAV is written with the standard library: with soundfile unimportable (the GPU machine of run CD had none,
+    and generate failed after the audio was made) the command still writes it, and libsndfile reads back the samples
+    of the same request written where soundfile is importable."""
+    soundfile = pytest.importorskip("soundfile")
+    args = ["generate", "thunder", "--artifacts", str(tiny_artifacts), "--steps", "2", "--seconds", "0.5",
+            "--seed", "1"]
+    code = ("import sys; sys.modules['soundfile'] = None\n"
+            "from audioldm2_trt.cli import main\n"
+            f"sys.exit(main({args + ['-o', str(tmp_path / 'without.wav')]!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _cli(*args, "-o", str(tmp_path / "with.wav")).returncode == 0
+    without, rate = soundfile.read(tmp_path / "without.wav", dtype="int16")
+    with_, _ = soundfile.read(tmp_path / "with.wav", dtype="int16")
+    assert rate == 16000 and soundfile.info(tmp_path / "without.wav").subtype == "PCM_16"
+    assert len(without) == 8000 and np.abs(without).max() > 0
+    np.testing.assert_array_equal(without, with_)
