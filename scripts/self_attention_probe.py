@@ -76,7 +76,8 @@ def build(variant: str, tokens: int, channels: int, layers: int, seed: int = 0):
     graph = helper.make_graph(nodes, f"self_attention_{variant}",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT16, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT16, shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9  # what ONNX Runtime 1.31 reads (a newer onnx writes IR 14 by default)
     return model
 

@@ -338,8 +338,8 @@ def test_factory_for_artifacts_takes_their_precision_and_nhwc_components(tiny_ar
 def test_the_concurrency_check_script_on_the_cpu(tiny_artifacts, tmp_path):
     """scripts/shared_arena_check.py (which tests/test_gpu.py runs on CUDA) on the CPU, with the decode stage's
     sessions on the shared arena: two runtimes from two threads at once, one and two waveforms, one runtime from two
-    threads, and a runtime with one loaded after it had served give each request exactly what it gives alone (the CPU is deterministic here), and the CPU takes the
-    choices CUDA refuses."""
+    threads, and a runtime with one loaded after it had served give each request exactly what it gives alone (the
+    CPU is deterministic here), and the CPU takes the choices CUDA refuses."""
     import json
     import subprocess
     import sys

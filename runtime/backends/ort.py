@@ -91,12 +91,13 @@ class OrtSessionFactory:
     device's one shared arena instead of an arena of their own, and their weights from the device allocator
     (``shared_arena.py``) — None = ``SHARED_ARENA_DEFAULT`` (the decode stage's) with the default CUDA provider, none
     elsewhere, and where it finds the arena captured already (another runtime of the process, still open, has
-    served) those sessions keep arenas of their own (logged), where a choice made explicitly raises; False = none; True = every
-    component; or a collection of names. On CUDA sessions that capture CUDA graphs may be named only among the decode
-    stage's (``check_shared_arena_choice``: other captured ones gave wrong audio with two runtimes at once and are not
-    checked since the fix, runs BD-BN; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis), any session that
-    captures none; there its runs take turns, each holding the arena's lock until its outputs are synchronised, so
-    they are never queued on a loop stream, and no session may join the arena after one of its graphs was captured.
+    served) those sessions keep arenas of their own (logged), where a choice made explicitly raises; False = none;
+    True = every component; or a collection of names. On CUDA sessions that capture CUDA graphs may be named only
+    among the decode stage's (``check_shared_arena_choice``: other captured ones gave wrong audio with two runtimes at
+    once and are not checked since the fix, runs BD-BN; ``shared_arena.ALLOW_ON_CUDA`` lifts that for diagnosis), any
+    session that captures none; there its runs take turns, each holding the arena's lock until its outputs are
+    synchronised, so they are never queued on a loop stream, and no session may join the arena while a session on it
+    that has captured a graph is open.
     mem_pattern: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: each run's activations planned
     as one block) — None = off on CUDA, on on the CPU. Off, activations are allocated tensor by tensor, and the
     arena reuses the blocks a run freed within that run: on the H100 the fp16 runtime's first call grew by 450 MiB
