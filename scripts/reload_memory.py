@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
-from pathlib import Path
 
 import numpy as np
+
+from result_json import write_result  # scripts/ is on the path of a script run from it
 
 PROMPT = "techno music with a strong upbeat tempo and high melodic riffs"
 
@@ -67,9 +67,7 @@ def main() -> None:
     result["growth_after_first_cycle_mib"] = {"loaded": cycles[-1]["loaded_mib"] - cycles[0]["loaded_mib"],
                                               "closed": cycles[-1]["closed_mib"] - cycles[0]["closed_mib"]}
     print("growth from the first cycle to the last:", result["growth_after_first_cycle_mib"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reload_memory.json").write_text(json.dumps(result, indent=1))
+    write_result(args.out, "reload_memory.json", result)
 
 
 if __name__ == "__main__":

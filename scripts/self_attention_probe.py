@@ -24,11 +24,11 @@ in the differences. Writes self_attention_probe.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
+
+from result_json import write_result  # scripts/ is on the path of a script run from it
 
 BATCH, HEADS = 2, 8
 # (tokens, channels) of the full-size UNet's self-attentions and how many of the 64 run at each, per step
@@ -155,9 +155,7 @@ def main() -> None:
     result["step_delta_us_vs_packed"] = {v: sum(r["step_delta_us_vs_packed"][v] for r in result["sizes"])
                                          for v in VARIANTS}
     print("per UNet step (64 self-attentions), µs against packed:", result["step_delta_us_vs_packed"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "self_attention_probe.json").write_text(json.dumps(result, indent=1))
+    write_result(args.out, "self_attention_probe.json", result)
 
 
 if __name__ == "__main__":
