@@ -17,7 +17,7 @@ import numpy as np
 
 from .artifacts import COMPONENTS, RANKING_COMPONENTS, Artifacts, load_artifacts
 from .audio import ClapFeatures
-from .backends import BACKENDS
+from .backends import check_backend
 from .backends.base import Device, queued_together
 from .backends.ort import OrtSessionFactory
 from .backends.ort_session import DEFAULT_MAX_GRAPHS
@@ -188,11 +188,7 @@ class AudioLDM2Runtime:
         the same ONNX files, engine cache in DIR/ort_trt_cache) or "trt" (engines from `audioldm2-trt build`).
         """
         art = load_artifacts(folder)
-        if backend not in BACKENDS:
-            raise InvalidRequestError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-        dev = Device.parse(device)
-        if backend != "ort" and dev.kind != "cuda":
-            raise InvalidRequestError(f"backend {backend!r} runs on CUDA only; got device {device!r}")
+        dev = check_backend(backend, device)
         if cuda_graphs != "auto":  # names outside SESSION_NAMES are an error, not sessions silently uncaptured
             cuda_graphs = _component_names("cuda_graphs", cuda_graphs, set(SESSION_NAMES))
         art.check_device(dev.kind)

@@ -27,7 +27,7 @@ import os
 from ray import serve
 
 from .audio import to_pcm16
-from .backends import BACKENDS
+from .backends import check_backend
 from .errors import InvalidRequestError
 
 
@@ -87,11 +87,7 @@ def build_app(artifacts: str, num_replicas: int = 1, device: str = "cpu", max_ba
     max_ongoing_requests = max_batch if max_ongoing_requests is None else max_ongoing_requests
     if max_batch < 1 or max_ongoing_requests < 1:
         raise InvalidRequestError(f"max_batch={max_batch} and max_ongoing_requests={max_ongoing_requests} must be ≥ 1")
-    if backend not in BACKENDS:
-        raise InvalidRequestError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    gpus = 1 if device.startswith("cuda") else 0
-    if backend != "ort" and not gpus:
-        raise InvalidRequestError(f"backend {backend!r} runs on CUDA only; got device {device!r}")
+    gpus = 1 if check_backend(backend, device).kind == "cuda" else 0
     if gpus and device not in ("cuda", "cuda:0"):
         raise InvalidRequestError(f"device {device!r}: under Ray each replica sees its own GPU as cuda:0; "
                                   "pass device='cuda'")
