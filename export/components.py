@@ -47,6 +47,9 @@ class Fp16Recipe:
     # hoist_context.py: the graph inputs that stay the same across the denoising steps; the work that depends on them
     # alone moves into a graph of its own (``<name>_context.onnx``), run once per request (cross-attention K/V unpacked)
     hoist_context: tuple[str, ...] = ()
+    # self_attention.py: attention written out as Reshape/Transpose/MatMul/Softmax (the export's own GPT-2 graph) fused
+    # as MultiHeadAttention with its additive bias, and a Gemm's bias moved into the SkipLayerNormalization after it
+    self_attention: bool = False
     reason: str = ""
 
 
@@ -205,7 +208,7 @@ def spec_of(name: str, gpt2_graph: str) -> ComponentSpec:
     """The spec an artefact's component was exported from (``gpt2_graph``: its ``Artifacts.gpt2_graph``)."""
     return GPT2_GRAPHS[gpt2_graph] if name == "gpt2" else BY_NAME[name]
 
-# Fused recipes: the default for fp16 exports of these two components (FUSED_RECIPES below).
+# Fused recipes: the default for fp16 exports of the components in FUSED_RECIPES (below).
 VAE_FUSED = Fp16Recipe(fusion="vae", fusion_options=(("enable_attention", False),),
                        reason="GroupNorm and NHWC convolution fused")
 
@@ -269,12 +272,22 @@ UNET_FUSED_NO_ATTENTION = Fp16Recipe(
     reason="GroupNorm, NHWC convolution and LayerNorm fused; attention left unfused",
 )
 
+# GPT-2 (either graph of GPT2_GRAPHS): ONNX Runtime's gpt2 fusions (each residual Add and the LayerNorm after it as one
+# SkipLayerNormalization, the feed-forward's bias and GELU as one FastGelu, the Conv1D Gemms before them as MatMuls
+# with the bias moved into the fused node), then the attention, which the optimizer does not match in the export's
+# own graph, as MultiHeadAttention (self_attention.py; its attention_bias is the graph's causal-and-padding bias).
+# The optimizer's own attention fusion stays off: it looks for transformers' GPT-2 attention with past state.
+GPT2_FUSED = Fp16Recipe(
+    fusion="gpt2", fusion_options=(("enable_attention", False),), self_attention=True,
+    reason="LayerNorm with the residual Add (SkipLayerNormalization), bias + GELU (FastGelu) and attention "
+           "(MultiHeadAttention with the causal-and-padding bias) fused")
+
 # ``export --precision fp16`` converts these components with their fused recipe by default (``--fuse none``: plain).
 # Measured on an H100 (docs/benchmarks.md, 2026-11-26): norm/conv fusions 273 ms end to end vs 339 ms plain in one run
 # (UNet step 12.2 vs 15.3 ms, VAE 3.7 vs 7.5 ms); attention fused as well: UNet session 7.09 vs 10.96 ms at the same
 # rel-L2 (3.83e-3 against fp32), 190 ms end to end; 100-prompt fidelity 1.77e-3 (diffusers fp16: 1.97e-3). The cost is
 # export time: the fused full-size export takes 320-420 s on the device vs 142-162 s.
-FUSED_RECIPES = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED}
+FUSED_RECIPES = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED, "gpt2": GPT2_FUSED}
 
 
 def pipeline_constants(pipe) -> dict:

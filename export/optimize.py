@@ -22,6 +22,7 @@ from .bias_split_gelu import fuse_bias_split_gelu
 from .components import Fp16Recipe
 from .fold_bias import fold_biases
 from .hoist_context import split_context, unpack_cross_kv
+from .self_attention import fuse_self_attention, gemm_bias_into_skip_layer_norm
 
 log = logging.getLogger("audioldm2_trt.export")
 
@@ -42,13 +43,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
         node.name = node.name or f"{node.op_type}_{i}"
     fused, folded, geglus = {}, {}, {}
     if recipe.fusion:
-        model = _fuse(model, recipe)
-        if recipe.bias_split_gelu:
-            geglus = fuse_bias_split_gelu(model.model, pad=recipe.pad_geglu)
-            log.info("%s: GEGLU tails fused as BiasSplitGelu: %s", recipe.fusion, geglus)
-        if recipe.fold_biases:
-            folded = fold_biases(model.model, recipe.fold_biases)
-            log.info("%s: biases folded into the node after them: %s", recipe.fusion, folded)
+        model, folded, geglus = fuse(model, recipe)
         fused = {op: n for op, n in _op_counts(model.model).items()
                  if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization", "BiasSplitGelu",
                            "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention")}
@@ -64,10 +59,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
                                    disable_shape_infer=True)
     _drop_duplicate_casts(model.model)
     model.topological_sort()  # keep_io_types appends its Cast nodes at the end
-    domains = {node.domain for node in model.model.graph.node} - {"", "ai.onnx"}
-    known = {o.domain for o in model.model.opset_import}
-    for domain in sorted(domains - known):  # fused contrib ops (GroupNorm, NhwcConv …) live in com.microsoft
-        model.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    _import_domains(model.model)
     context = write_context(model.model, path, recipe.hoist_context, save) if recipe.hoist_context else None
     if context is None:
         save(model.model, path)
@@ -76,6 +68,38 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
             **({"padded_geglus": geglus["padded"]} if geglus.get("padded") else {}),
             "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes),
             **({"fp16_nodes": recipe.fp16_nodes} if recipe.fp16_nodes else {})}
+
+
+def fuse(model, recipe: Fp16Recipe):
+    """Every fusion and rewrite of ``recipe`` on ``model`` (an ``onnxruntime.transformers`` ``OnnxModel`` of the fp32
+    graph): ONNX Runtime's optimizer, then our own passes. Returns (the fused OnnxModel, the biases moved, the GEGLUs
+    fused); the graph stays fp32 (``to_fp16`` converts it after)."""
+    folded, geglus = {}, {}
+    model = _fuse(model, recipe)
+    if recipe.bias_split_gelu:
+        geglus = fuse_bias_split_gelu(model.model, pad=recipe.pad_geglu)
+        log.info("%s: GEGLU tails fused as BiasSplitGelu: %s", recipe.fusion, geglus)
+    if recipe.fold_biases:
+        folded = fold_biases(model.model, recipe.fold_biases)
+        log.info("%s: biases folded into the node after them: %s", recipe.fusion, folded)
+    if recipe.self_attention:
+        attentions = fuse_self_attention(model.model)
+        folded = {**folded, "gemm_into_skip_layer_norm": gemm_bias_into_skip_layer_norm(model.model)}
+        model.prune_graph(allow_remove_graph_inputs=False)
+        log.info("%s: %d attentions fused as MultiHeadAttention, biases moved: %s", recipe.fusion, attentions, folded)
+    _import_domains(model.model)
+    return model, folded, geglus
+
+
+def _import_domains(model) -> None:
+    """Declare the opset of every domain ``model``'s nodes use (fused contrib ops — GroupNorm, NhwcConv,
+    MultiHeadAttention … — live in com.microsoft)."""
+    from onnx import helper
+
+    domains = {node.domain for node in model.graph.node} - {"", "ai.onnx"}
+    known = {o.domain for o in model.opset_import}
+    for domain in sorted(domains - known):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def write_context(model, path: Path, context_inputs, save) -> dict:

@@ -24,6 +24,8 @@
 #                                          # SkipLayerNormalization) against the UNet without it
 #   bash scripts/gpu_session.sh all-hoist  # the same for the UNet's context graph (hoist_context.py: the text-only
 #                                          # work once per request) against the UNet without it
+#   bash scripts/gpu_session.sh all-gpt2fuse  # the same for GPT-2's fusions (self_attention.py and the optimizer's
+#                                          # gpt2 fusions) against GPT-2 converted without fusion; GPT-2's kernels
 #   bash scripts/gpu_session.sh all-queued  # setup, fp16 export, validate, the denoising steps queued one ahead (the
 #                                          # default) against each waited for: bench alternating and DDIM-200, the
 #                                          # loop checks (queued = step by step, cancel mid-loop), fidelity, benchmark rows
@@ -135,11 +137,11 @@ in_background() {
   setsid bash -c "$1; touch /tmp/logs/done" &
   echo started
 }
-# The default fp16 export against a UNet variant ($1, one of unet_variant.py's), exported beside it while the export
-# runs: the default validated, `bench` alternating over three rounds and DDIM-200 for each, both UNets' kernels, the
-# default's 100-prompt fidelity, peak memory of both
+# The default fp16 export against a variant ($1, one of unet_variant.py's), exported beside it while the export
+# runs: the default validated, `bench` alternating over three rounds and DDIM-200 for each, both variants' kernels of
+# the components $2 (default unet), the default's 100-prompt fidelity, peak memory of both
 variant_ab() {
-  local v=$1
+  local v=$1 kcomp=${2:-unet}
   in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant $v \
       --out /tmp/art-$v > /tmp/logs/variant.log 2>&1; \
     bash $SELF wait 16; \
@@ -148,7 +150,7 @@ variant_ab() {
       --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
     for a in fp16 $v; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a --device cuda \
       --runs 3 --scheduler ddim --steps 200 --json /tmp/logs/ddim200-\$a.json > /tmp/logs/ddim200-\$a.log 2>&1); done; \
-    for a in fp16 $v; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components unet \
+    for a in fp16 $v; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components $kcomp \
       --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
     $FIDELITY; \
     for a in fp16 $v; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
@@ -482,6 +484,9 @@ case "$1" in
   hoist)  # the default (the UNet's text-only work in a context graph run once per request, hoist_context.py) against
           # unet_variant.py nohoist
     variant_ab nohoist ;;
+  gpt2fuse)  # the default (GPT-2 fused: SkipLayerNormalization, FastGelu, MultiHeadAttention; self_attention.py)
+             # against unet_variant.py gpt2_plain (GPT-2 converted without fusion, the default before)
+    variant_ab gpt2_plain gpt2 ;;
   queued)  # after the fp16 export: validate, then the steps queued one ahead (the default since) against each waited
            # for (--queued-steps off): bench alternating over three rounds of 20 calls, DDIM-200 (3 calls) each; the
            # loop checks (step_overhead: default vs step_by_step; device_loop_check: queued = step by step, the host
@@ -770,7 +775,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-gpt2fuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   profile)  # after the fp16 export: every component's kernels by category and name (profile_kernels.py, 40 listed)

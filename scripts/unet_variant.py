@@ -1,4 +1,4 @@
-"""A copy of an fp16 artefact folder with its UNet (or VAE decoder) fused another way — for measurements without a full
+"""A copy of an fp16 artefact folder with its UNet (or VAE decoder, or GPT-2) fused another way — for measurements without a full
 re-export.
 
     python scripts/unet_variant.py --artifacts /tmp/art-fp16 [--source random:audioldm2] --variant nchw --out /tmp/art-nchw
@@ -72,6 +72,8 @@ VARIANTS = {
                        "projections, packed, and the T5 mask's bias) at every step, the default of runs AL-AM, "
                        "measured against the context graph in run AN",
                        _replace("UNET_FUSED", " (no context graph)", hoist_context=())),
+    "gpt2_plain": Variant("gpt2", "GPT-2 converted without fusion (FP16_PLAIN): the default until GPT2_FUSED, measured "
+                          "against it in run CF", lambda c: c.FP16_PLAIN),
     "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
                         "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
                         _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),
@@ -140,7 +142,10 @@ def main() -> None:
         for f in base.iterdir():  # the variant's own files (its component's, and a context graph) are there already
             if f.is_file() and f.name not in (f"{name}.onnx", f"{name}.onnx.data", f"{name}_context.onnx", MANIFEST):
                 os.link(f, out / f.name)
-        manifest_out = {**manifest, "components": {**manifest["components"], name: entries[variant]}}
+        entry = entries[variant]
+        if "graph" in manifest["components"][name]:  # GPT-2: which of its two graphs (the variant exports the same)
+            entry = {**entry, "graph": manifest["components"][name]["graph"]}
+        manifest_out = {**manifest, "components": {**manifest["components"], name: entry}}
         manifest_out["content_hash"] = content_hash(manifest_out["components"], manifest_out["tokenizers"])
         (out / MANIFEST).write_text(json.dumps(manifest_out, indent=1))
         print(f"{variant}: {out} ready", flush=True)

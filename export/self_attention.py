@@ -1,0 +1,212 @@
+"""The text encoders' attention as ONNX Runtime's fused ``MultiHeadAttention``, and a Gemm's bias moved into the
+``SkipLayerNormalization`` after it.
+
+ONNX Runtime's transformer optimizer fuses GPT-2's layer norms and GELUs (``model_type="gpt2"``) but not the
+attention of AudioLDM 2's GPT-2 graph, which the export writes itself (``wrappers.Gpt2Step``: one additive
+causal-and-padding bias [B, 1, L, L] computed once, shared by every layer). Unfused, each layer's attention is a
+Split, three head transposes, two batched GEMMs, a scale, a bias Add, a softmax and a transpose back: 12 of GPT-2's
+24 kernels a layer (H100 profile, docs/results/kernels-2026-11-27-run-x.json), and the runtime runs the graph 8 times a
+request. ``fuse_self_attention`` replaces each
+
+    q, k, v [B, S, N·H] → Reshape [B, S, N, H] → Transpose (q, v: 0 2 1 3; k: 0 2 3 1)
+    Softmax(Add(MatMul(q', k') ÷ c, bias)) → MatMul(·, v') → Transpose 0 2 1 3 → Reshape [B, S, N·H]
+
+by ``MultiHeadAttention(q, k, v, attention_bias=bias, num_heads=N, scale=1/c)`` (``× c`` for a Mul: scale c), the
+same function (softmax(q·kᵀ·scale + bias)·v per head). On CUDA the fp16 node runs as one memory-efficient attention
+kernel (the bias needs S a multiple of 8, which the runtime's GPT-2 buffer is: ``shapes.lm_buffer``).
+
+``gemm_bias_into_skip_layer_norm``: GPT-2's attention output projection is ``Gemm(x, W, b)`` (transformers' Conv1D),
+which ONNX Runtime runs as a bias broadcast and a GEMM, and its sum goes, through Reshapes, only into the next
+``SkipLayerNormalization`` (``input + skip + bias``): with no bias of its own there, ``b`` moves into it and the Gemm
+becomes a MatMul.
+
+Both are exact in real arithmetic; tests/test_self_attention.py checks them on ONNX Runtime's CPU provider against
+the graph before, and ``audioldm2-trt validate --device cuda`` the fp16 GPT-2 against PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .graph_index import GraphIndex
+
+log = logging.getLogger("audioldm2_trt.export")
+
+MS_DOMAIN = "com.microsoft"
+_HEADS_FIRST = [0, 2, 1, 3]  # [B, S, N, H] ↔ [B, N, S, H]
+_KEY_TRANSPOSED = [0, 2, 3, 1]  # [B, S, N, H] → [B, N, H, S]
+
+
+def fuse_self_attention(model) -> int:
+    """Rewrite every attention of the module docstring's pattern in ``model`` (an ``onnx.ModelProto``, in place) as
+    one ``MultiHeadAttention``; returns how many. Nodes left without readers are not removed here (the caller prunes
+    the graph). An attention that differs anywhere from the pattern stays as it is."""
+    from onnx import helper
+
+    index = GraphIndex(model)
+    replaced, fused = {}, 0
+    for softmax in index.nodes:
+        if softmax.op_type != "Softmax" or _axis(softmax, default=-1) not in (-1, 3):
+            continue
+        match = _match(index, softmax)
+        if match is None:
+            continue
+        q, k, v, bias, heads, scale, out_reshape = match
+        attention = helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias], [out_reshape.output[0]],
+                                     name=f"{softmax.name}_MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads,
+                                     scale=scale)
+        replaced[id(out_reshape)] = attention
+        fused += 1
+    if fused:
+        nodes = [replaced.get(id(n), n) for n in model.graph.node]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        if MS_DOMAIN not in {o.domain for o in model.opset_import}:
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return fused
+
+
+def _match(index: GraphIndex, softmax):
+    """(q, k, v, bias, heads, scale, the output Reshape) of the attention around ``softmax``, or None."""
+    add = index.producer.get(softmax.input[0])
+    if add is None or add.op_type != "Add" or not index.only_reader(add.output[0], softmax):
+        return None
+    for scaled_name, bias in (add.input, add.input[::-1]):
+        scaled = index.producer.get(scaled_name)
+        if scaled is not None and scaled.op_type in ("Div", "Mul") and index.only_reader(scaled_name, add):
+            break
+    else:
+        return None
+    factor = index.constant(scaled.input[1])
+    scores = index.producer.get(scaled.input[0])
+    if (factor is None or factor.size != 1 or scores is None or scores.op_type != "MatMul"
+            or not index.only_reader(scores.output[0], scaled)):
+        return None
+    factor = float(np.asarray(factor).reshape(()))
+    scale = 1.0 / factor if scaled.op_type == "Div" else factor
+    q, q_heads = _heads(index, scores.input[0], scores, _HEADS_FIRST)
+    k, k_heads = _heads(index, scores.input[1], scores, _KEY_TRANSPOSED)
+    readers = index.readers.get(softmax.output[0], [])
+    if q is None or k is None or len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input[0] != softmax.output[0]:
+        return None
+    context = readers[0]
+    v, v_heads = _heads(index, context.input[1], context, _HEADS_FIRST)
+    back = _only_reader_of(index, context.output[0], "Transpose")
+    out = _only_reader_of(index, back.output[0], "Reshape") if back is not None else None
+    if (v is None or back is None or _perm(back) != _HEADS_FIRST or out is None or _rank(index, out) != 3
+            or not q_heads == k_heads == v_heads or not q_heads):
+        return None
+    return q, k, v, bias, q_heads, scale, out
+
+
+def _heads(index: GraphIndex, name: str, reader, perm):
+    """(x, N) if tensor ``name`` is Transpose(``perm``)(Reshape(x, [B, S, N, H])), each the only reader of its input
+    and N a constant of the Reshape's shape (an initializer, or the third piece of a Concat); (None, None) otherwise."""
+    transpose = index.producer.get(name)
+    if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != perm \
+            or not index.only_reader(name, reader):
+        return None, None
+    reshape = index.producer.get(transpose.input[0])
+    if reshape is None or reshape.op_type != "Reshape" or not index.only_reader(transpose.input[0], transpose):
+        return None, None
+    shape = index.constant(reshape.input[1])
+    if shape is not None:
+        heads = int(shape[2]) if shape.size == 4 and shape[2] > 0 else None
+    else:
+        concat = index.producer.get(reshape.input[1])
+        piece = index.constant(concat.input[2]) if concat is not None and concat.op_type == "Concat" \
+            and len(concat.input) == 4 else None
+        heads = int(piece.reshape(-1)[0]) if piece is not None and piece.size == 1 and piece.reshape(-1)[0] > 0 else None
+    return (reshape.input[0], heads) if heads else (None, None)
+
+
+def gemm_bias_into_skip_layer_norm(model) -> int:
+    """Move the bias of each ``Gemm(x, W, b)`` (alpha = beta = 1, no transposes, b [D]) whose output reaches, through
+    Reshapes keeping D the last axis, only a ``SkipLayerNormalization`` without a bias, into that node's bias input;
+    the Gemm becomes ``MatMul(x, W)``. ``model``: an ``onnx.ModelProto``, in place; returns how many moved."""
+    from onnx import helper
+
+    index = GraphIndex(model)
+    moved = 0
+    for gemm in index.nodes:
+        if gemm.op_type != "Gemm" or len(gemm.input) < 3 or not gemm.input[2]:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0) or attrs.get("transB", 0):
+            continue
+        weight, bias = index.initializer(gemm.input[1]), index.initializer(gemm.input[2])
+        if weight is None or bias is None or bias.shape != (weight.shape[1],):
+            continue
+        norm, tensor = None, gemm.output[0]
+        while norm is None:
+            readers = index.readers.get(tensor, [])
+            if len(readers) != 1 or tensor in index.outputs:
+                break
+            reader = readers[0]
+            if reader.op_type == "Reshape" and reader.input[0] == tensor and _keeps_last_axis(index, reader, bias.size):
+                tensor = reader.output[0]
+            elif reader.op_type == "SkipLayerNormalization" and tensor in reader.input[:2] \
+                    and (len(reader.input) < 5 or not reader.input[4]):
+                norm = reader
+            else:
+                break
+        if norm is None:
+            continue
+        inputs = list(norm.input) + [""] * (5 - len(norm.input))
+        inputs[4] = gemm.input[2]
+        del norm.input[:]
+        norm.input.extend(inputs)
+        matmul = helper.make_node("MatMul", list(gemm.input[:2]), list(gemm.output), name=f"{gemm.name}_MatMul")
+        gemm.CopyFrom(matmul)
+        moved += 1
+    return moved
+
+
+def _keeps_last_axis(index: GraphIndex, reshape, size: int) -> bool:
+    """The Reshape's target ends in ``size`` (a constant shape, or a Concat whose last piece is that constant)."""
+    shape = index.constant(reshape.input[1])
+    if shape is None:
+        concat = index.producer.get(reshape.input[1])
+        if concat is None or concat.op_type != "Concat":
+            return False
+        shape = index.constant(concat.input[-1])
+    return shape is not None and shape.size >= 1 and int(shape.reshape(-1)[-1]) == size
+
+
+def _rank(index: GraphIndex, reshape) -> int | None:
+    """How many axes the Reshape's target has (a constant shape, or a Concat of that many pieces of one each)."""
+    shape = index.constant(reshape.input[1])
+    if shape is not None:
+        return shape.size
+    concat = index.producer.get(reshape.input[1])
+    if concat is None or concat.op_type != "Concat":
+        return None
+    pieces = [index.constant(name) for name in concat.input]
+    return len(pieces) if all(p is None or p.size == 1 for p in pieces) else None
+
+
+def _only_reader_of(index: GraphIndex, name: str, op_type: str):
+    readers = index.readers.get(name, [])
+    if len(readers) == 1 and readers[0].op_type == op_type and name not in index.outputs:
+        return readers[0]
+    return None
+
+
+def _perm(node) -> list[int] | None:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == "perm":
+            return list(helper.get_attribute_value(a))
+    return None
+
+
+def _axis(node, default: int) -> int:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == "axis":
+            return int(helper.get_attribute_value(a))
+    return default
