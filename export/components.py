@@ -282,12 +282,27 @@ GPT2_FUSED = Fp16Recipe(
     reason="LayerNorm with the residual Add (SkipLayerNormalization), bias + GELU (FastGelu) and attention "
            "(MultiHeadAttention with the causal-and-padding bias) fused")
 
+# T5 (its mixed-precision recipe above): ONNX Runtime's t5 fusions, each residual Add and the RMS norm after it as one
+# SkipSimplifiedLayerNormalization and the gated feed-forward's tanh GELU as one FastGelu, all in the fp32 part (the
+# allow-list of fp16 nodes names MatMuls and the embedding, which the fusions leave as they are). The attention stays
+# unfused: its scores are fp32 here, where ONNX Runtime's fused kernels take fp16.
+T5_FUSED = dataclasses.replace(
+    BY_NAME["t5_encoder"].fp16, fusion="t5", fusion_options=(("enable_attention", False),),
+    reason=BY_NAME["t5_encoder"].fp16.reason + "; RMS norms with their residual Add and the GELU fused (fp32)")
+# CLAP's text branch (RoBERTa): ONNX Runtime's bert fusions, the residual Adds and LayerNorms as SkipLayerNormalization
+# and each feed-forward's bias and GELU as BiasGelu; attention unfused (its [B, 1, 1, L] padding bias needs expanding
+# over the queries for MultiHeadAttention, as the UNet's does: not done).
+CLAP_TEXT_FUSED = Fp16Recipe(
+    fusion="bert", fusion_options=(("enable_attention", False),),
+    reason="LayerNorm with the residual Add (SkipLayerNormalization) and bias + GELU (BiasGelu) fused")
+
 # ``export --precision fp16`` converts these components with their fused recipe by default (``--fuse none``: plain).
 # Measured on an H100 (docs/benchmarks.md, 2026-11-26): norm/conv fusions 273 ms end to end vs 339 ms plain in one run
 # (UNet step 12.2 vs 15.3 ms, VAE 3.7 vs 7.5 ms); attention fused as well: UNet session 7.09 vs 10.96 ms at the same
 # rel-L2 (3.83e-3 against fp32), 190 ms end to end; 100-prompt fidelity 1.77e-3 (diffusers fp16: 1.97e-3). The cost is
 # export time: the fused full-size export takes 320-420 s on the device vs 142-162 s.
-FUSED_RECIPES = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED, "gpt2": GPT2_FUSED}
+FUSED_RECIPES = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED, "gpt2": GPT2_FUSED, "t5_encoder": T5_FUSED,
+                 "clap_text": CLAP_TEXT_FUSED}
 
 
 def pipeline_constants(pipe) -> dict:

@@ -26,6 +26,7 @@
 #                                          # work once per request) against the UNet without it
 #   bash scripts/gpu_session.sh all-gpt2fuse  # the same for GPT-2's fusions (self_attention.py and the optimizer's
 #                                          # gpt2 fusions) against GPT-2 converted without fusion; GPT-2's kernels
+#   bash scripts/gpu_session.sh all-textfuse  # the same for T5's and CLAP text's fusions against each unfused
 #   bash scripts/gpu_session.sh all-queued  # setup, fp16 export, validate, the denoising steps queued one ahead (the
 #                                          # default) against each waited for: bench alternating and DDIM-200, the
 #                                          # loop checks (queued = step by step, cancel mid-loop), fidelity, benchmark rows
@@ -137,23 +138,24 @@ in_background() {
   setsid bash -c "$1; touch /tmp/logs/done" &
   echo started
 }
-# The default fp16 export against a variant ($1, one of unet_variant.py's), exported beside it while the export
-# runs: the default validated, `bench` alternating over three rounds and DDIM-200 for each, both variants' kernels of
-# the components $2 (default unet), the default's 100-prompt fidelity, peak memory of both
+# The default fp16 export against variants ($1: one or more of unet_variant.py's, space-separated), exported beside it
+# while the export runs: the default validated, `bench` alternating over three rounds and DDIM-200 for each, the
+# kernels of the components $2 (default unet) for each, the default's 100-prompt fidelity, peak memory of each
 variant_ab() {
-  local v=$1 kcomp=${2:-unet}
-  in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant $v \
-      --out /tmp/art-$v > /tmp/logs/variant.log 2>&1; \
+  local vs=$1 kcomp=${2:-unet} outs=""
+  for v in $vs; do outs="$outs /tmp/art-$v"; done
+  in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant $vs \
+      --out $outs > /tmp/logs/variant.log 2>&1; \
     bash $SELF wait 16; \
     $VALIDATE16; \
-    for r in 1 2 3; do for a in fp16 $v; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
+    for r in 1 2 3; do for a in fp16 $vs; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
       --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
-    for a in fp16 $v; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a --device cuda \
+    for a in fp16 $vs; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a --device cuda \
       --runs 3 --scheduler ddim --steps 200 --json /tmp/logs/ddim200-\$a.json > /tmp/logs/ddim200-\$a.log 2>&1); done; \
-    for a in fp16 $v; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components $kcomp \
+    for a in fp16 $vs; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components $kcomp \
       --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
     $FIDELITY; \
-    for a in fp16 $v; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
+    for a in fp16 $vs; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
       --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done"
 }
 # setup, then an fp16 export of the random config $1 into $2 in the foreground (log $3), timed from $t0
@@ -487,6 +489,9 @@ case "$1" in
   gpt2fuse)  # the default (GPT-2 fused: SkipLayerNormalization, FastGelu, MultiHeadAttention; self_attention.py)
              # against unet_variant.py gpt2_plain (GPT-2 converted without fusion, the default before)
     variant_ab gpt2_plain gpt2 ;;
+  textfuse)  # the default (T5 and CLAP's text branch fused too: T5_FUSED, CLAP_TEXT_FUSED) against each unfused
+             # (unet_variant.py t5_plain, clap_text_plain)
+    variant_ab "t5_plain clap_text_plain" t5_encoder,clap_text ;;
   queued)  # after the fp16 export: validate, then the steps queued one ahead (the default since) against each waited
            # for (--queued-steps off): bench alternating over three rounds of 20 calls, DDIM-200 (3 calls) each; the
            # loop checks (step_overhead: default vs step_by_step; device_loop_check: queued = step by step, the host
@@ -775,7 +780,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-gpt2fuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   profile)  # after the fp16 export: every component's kernels by category and name (profile_kernels.py, 40 listed)

@@ -74,6 +74,10 @@ VARIANTS = {
                        _replace("UNET_FUSED", " (no context graph)", hoist_context=())),
     "gpt2_plain": Variant("gpt2", "GPT-2 converted without fusion (FP16_PLAIN): the default until GPT2_FUSED, measured "
                           "against it in run CF", lambda c: c.FP16_PLAIN),
+    "t5_plain": Variant("t5_encoder", "T5 with its mixed-precision recipe and no fusion: the default until T5_FUSED, "
+                        "measured against it in run CG", lambda c: c.BY_NAME["t5_encoder"].fp16),
+    "clap_text_plain": Variant("clap_text", "CLAP's text branch converted without fusion (FP16_PLAIN): the default "
+                               "until CLAP_TEXT_FUSED, measured against it in run CG", lambda c: c.FP16_PLAIN),
     "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
                         "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
                         _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),

@@ -267,7 +267,7 @@ def test_large_component_is_saved_with_external_data(tiny_pipe, tmp_path, monkey
 
 @needs_export
 @pytest.mark.parametrize("fuse, precision, message", [
-    (("t5_encoder",), "fp16", "fused recipes exist for unet, vae_decoder, gpt2 only"),
+    (("vocoder",), "fp16", "fused recipes exist for unet, vae_decoder, gpt2, t5_encoder, clap_text only"),
     (("unet",), "fp32", "--fuse applies to --precision fp16"),
 ])
 def test_fuse_option_errors_name_the_problem(tmp_path, fuse, precision, message):
@@ -298,7 +298,7 @@ def test_unet_layout_errors_name_the_problem(tmp_path, fuse, layout, message):
 
 @needs_export
 @pytest.mark.parametrize("precision, fuse, expected", [
-    ("fp16", None, ("unet", "vae_decoder", "gpt2")),  # the fp16 default: every fused recipe
+    ("fp16", None, ("unet", "vae_decoder", "gpt2", "t5_encoder", "clap_text")),  # the fp16 default: every fused recipe
     ("fp16", (), ()),                         # --fuse none
     ("fp16", ("unet",), ("unet",)),
     ("fp32", None, ()),

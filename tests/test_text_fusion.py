@@ -1,8 +1,10 @@
-"""export/self_attention.py and the fused GPT-2 recipe: the fused graph computes what diffusers' own GPT-2 loop does.
+"""The text encoders' fused recipes (GPT2_FUSED with export/self_attention.py, T5_FUSED, CLAP_TEXT_FUSED): each fused
+graph computes what the graph before fusion, or diffusers' own GPT-2 loop, does.
 
-The fp16 GPT-2 runs on CUDA only (MultiHeadAttention in half precision); here the same fusions on the fp32 graph run on
-ONNX Runtime's CPU provider, whose MultiHeadAttention, SkipLayerNormalization and FastGelu take float. The fp16
-artefact is validated against PyTorch on the GPU (``audioldm2-trt validate --device cuda``).
+The fp16 graphs run on CUDA only (MultiHeadAttention in half precision); here the same fusions on the fp32 graphs run on
+ONNX Runtime's CPU provider, whose MultiHeadAttention, SkipLayerNormalization, SkipSimplifiedLayerNormalization,
+FastGelu and BiasGelu take float. The fp16 artefacts are validated against PyTorch on the GPU (``audioldm2-trt validate
+--device cuda``).
 """
 
 from __future__ import annotations
@@ -185,3 +187,39 @@ def test_gemm_bias_stays_where_the_projection_has_another_reader():
     feeds = _feeds()
     for got, ref in zip(_run(after, feeds), _run(before, feeds)):
         np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("name, fused_ops", [
+    ("t5_encoder", {"SkipSimplifiedLayerNormalization", "FastGelu"}),
+    ("clap_text", {"SkipLayerNormalization", "BiasGelu"}),
+])
+def test_fused_text_encoders_keep_their_outputs(tiny_pipe, tiny_artifacts, name, fused_ops):
+    """Fused as their recipes say (fp32 here), on token ids with padding: the same outputs as before fusion; T5's
+    allow-list of fp16 nodes still names the same nodes (the fusions leave its MatMuls and embedding alone)."""
+    import re
+
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from audioldm2_trt.export.components import FUSED_RECIPES
+    from audioldm2_trt.export.optimize import fuse
+
+    recipe = FUSED_RECIPES[name]
+    before = onnx.load(str(tiny_artifacts / f"{name}.onnx"))
+    # (no onnx.checker here: T5's SimplifiedLayerNormalization is ONNX Runtime's op in the default domain)
+    after, _, _ = fuse(OnnxModel(onnx.load(str(tiny_artifacts / f"{name}.onnx"))), recipe)
+    ops = {n.op_type for n in after.model.graph.node}
+    assert fused_ops <= ops and "MultiHeadAttention" not in ops
+    if recipe.fp16_nodes:
+        allowed = re.compile(recipe.fp16_nodes)
+        assert sorted(n.name for n in after.model.graph.node if allowed.search(n.name)) == \
+            sorted(n.name for n in before.graph.node if allowed.search(n.name))
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, 900, (2, 16)).astype(np.int64)
+    mask = np.ones((2, 16), np.int64)
+    mask[1, 9:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    ref = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(after.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
