@@ -60,18 +60,24 @@ def main() -> None:
     rt = AudioLDM2Runtime.load(args.artifacts, device=args.device, device_loop=False)
     feeds: dict = {}
     for name, session in rt._sessions.items():  # record each component's first real inputs
-        def recording(inputs, _run=session.run, _name=name):
-            if _name not in feeds:
-                feeds[_name] = {k: v.copy() for k, v in inputs.items()}
-            return _run(inputs)
-        session.run = recording
+        # run, and start (CLAP's text branch is started on its worker while T5 runs: conditioning.py)
+        for method in ("run", "start"):
+            if not hasattr(session, method):
+                continue
+
+            def recording(inputs, _call=getattr(session, method), _name=name):
+                if _name not in feeds:
+                    feeds[_name] = {k: v.copy() for k, v in inputs.items()}
+                return _call(inputs)
+            setattr(session, method, recording)
     rt("techno music with a strong upbeat tempo", negative_prompt="low quality, noisy", num_inference_steps=20,
        guidance_scale=3.5, audio_length_in_s=10.24, seed=0)
     # clap_audio runs only to rank several waveforms: its feeds come from a batch-4 request (the others' stay)
     rt("techno music with a strong upbeat tempo", num_inference_steps=2, audio_length_in_s=10.24, seed=0,
        num_waveforms_per_prompt=4)
     for session in rt._sessions.values():
-        del session.run  # back to the class's method
+        for method in ("run", "start"):
+            session.__dict__.pop(method, None)  # back to the class's method
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     report: dict = {"artifacts": args.artifacts, "device": args.device, "health": rt.health(), "components": {}}
     lines = []
