@@ -276,7 +276,8 @@ UNET_FUSED_NO_ATTENTION = Fp16Recipe(
 # SkipLayerNormalization, the feed-forward's bias and GELU as one FastGelu, the Conv1D Gemms before them as MatMuls
 # with the bias moved into the fused node), then the attention, which the optimizer does not match in the export's
 # own graph, as MultiHeadAttention (self_attention.py; its attention_bias is the graph's causal-and-padding bias).
-# The optimizer's own attention fusion stays off: it looks for transformers' GPT-2 attention with past state.
+# The optimizer's own attention fusion stays off: it looks for transformers' GPT-2 attention with past state. (It logs
+# "Please specify parameters of num_heads and hidden_size": those are for that attention fusion only.)
 GPT2_FUSED = Fp16Recipe(
     fusion="gpt2", fusion_options=(("enable_attention", False),), self_attention=True,
     reason="LayerNorm with the residual Add (SkipLayerNormalization), bias + GELU (FastGelu) and attention "

@@ -46,7 +46,8 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
         model, folded, geglus = fuse(model, recipe)
         fused = {op: n for op, n in _op_counts(model.model).items()
                  if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization", "BiasSplitGelu",
-                           "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention")}
+                           "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention",
+                           "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")}
     blocked_nodes = resize_parameter_nodes(model.model)
     if recipe.fp16_nodes:
         allowed = re.compile(recipe.fp16_nodes)

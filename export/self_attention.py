@@ -89,7 +89,8 @@ def _match(index: GraphIndex, softmax):
     q, q_heads = _heads(index, scores.input[0], scores, _HEADS_FIRST)
     k, k_heads = _heads(index, scores.input[1], scores, _KEY_TRANSPOSED)
     readers = index.readers.get(softmax.output[0], [])
-    if q is None or k is None or len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input[0] != softmax.output[0]:
+    if (q is None or k is None or len(readers) != 1 or readers[0].op_type != "MatMul"
+            or readers[0].input[0] != softmax.output[0]):
         return None
     context = readers[0]
     v, v_heads = _heads(index, context.input[1], context, _HEADS_FIRST)
@@ -118,7 +119,8 @@ def _heads(index: GraphIndex, name: str, reader, perm):
         concat = index.producer.get(reshape.input[1])
         piece = index.constant(concat.input[2]) if concat is not None and concat.op_type == "Concat" \
             and len(concat.input) == 4 else None
-        heads = int(piece.reshape(-1)[0]) if piece is not None and piece.size == 1 and piece.reshape(-1)[0] > 0 else None
+        count = int(piece.reshape(-1)[0]) if piece is not None and piece.size == 1 else 0
+        heads = count if count > 0 else None
     return (reshape.input[0], heads) if heads else (None, None)
 
 
@@ -134,7 +136,7 @@ def gemm_bias_into_skip_layer_norm(model) -> int:
         if gemm.op_type != "Gemm" or len(gemm.input) < 3 or not gemm.input[2]:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0) or attrs.get("transB", 0):
+        if (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0), attrs.get("transB", 0)) != (1, 1, 0, 0):
             continue
         weight, bias = index.initializer(gemm.input[1]), index.initializer(gemm.input[2])
         if weight is None or bias is None or bias.shape != (weight.shape[1],):

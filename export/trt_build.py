@@ -9,10 +9,10 @@ precision, profiles, TensorRT and CUDA versions, GPU name and compute capability
 key is unchanged is not rebuilt. A timing cache is kept in ``DIR/trt/timing.cache``.
 
 Precision: fp16 engines are built from **unfused fp16 artefacts** (``export --precision fp16 --fuse none``;
-the default fp16 export's UNet and VAE hold ONNX Runtime contrib ops that TensorRT does not parse, and the
-build refuses them) as *strongly typed* networks, so every tensor keeps the type the fp16 export gave it:
-T5, the projection, CLAP audio and (with ``--fuse none``) the VAE decoder stay fp32 (export/components.py
-says why for each), the rest runs fp16. This keeps one source
+the default fp16 export's UNet, VAE decoder and text encoders hold ONNX Runtime contrib ops that TensorRT does not
+parse, and the build refuses them) as *strongly typed* networks, so every tensor keeps the type the fp16 export gave
+it: T5's fp32 part, the projection and (with ``--fuse none``) the VAE decoder stay fp32 (export/components.py says
+why for each), the rest runs fp16. This keeps one source
 of truth for precision instead of re-deciding it with TensorRT layer constraints. fp32 engines are
 built from fp32 artefacts with no reduced-precision flag (TF32 disabled, as in the ORT backend).
 

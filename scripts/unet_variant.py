@@ -1,5 +1,5 @@
-"""A copy of an fp16 artefact folder with its UNet (or VAE decoder, or GPT-2) fused another way — for measurements without a full
-re-export.
+"""A copy of an fp16 artefact folder with its UNet (or VAE decoder, GPT-2, T5 or CLAP's text branch) fused another
+way — for measurements without a full re-export.
 
     python scripts/unet_variant.py --artifacts /tmp/art-fp16 [--source random:audioldm2] --variant nchw --out /tmp/art-nchw
 
