@@ -85,13 +85,6 @@ class _Graph(GraphIndex):
             return None
         return value.astype(np.float64)
 
-    @staticmethod
-    def attr(node, name: str, default):
-        """Attribute ``name`` of ``node`` (ONNX's own reading of it), or ``default`` where the node has none."""
-        from onnx.helper import get_attribute_value
-
-        return next((get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
     def is_skip_group_norm(self, node) -> bool:
         return node.op_type == "SkipGroupNorm" and node.domain == MS_DOMAIN and bool(self.attr(node, "channels_last", 1))
 

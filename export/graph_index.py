@@ -1,5 +1,5 @@
 """Who writes and who reads each tensor of an ONNX graph: the index the export's rewrite passes share
-(bias_split_gelu.py, fold_bias.py)."""
+(bias_split_gelu.py, fold_bias.py, self_attention.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ class GraphIndex:
     def only_reader(self, name: str, node) -> bool:
         """``node`` is the one reader of tensor ``name``, which is not a graph output."""
         return name not in self.outputs and [id(n) for n in self.readers.get(name, [])] == [id(node)]
+
+    @staticmethod
+    def attr(node, name: str, default):
+        """Attribute ``name`` of ``node`` (ONNX's own reading of it), or ``default`` where the node has none."""
+        from onnx.helper import get_attribute_value
+
+        return next((get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
     def initializer(self, name: str):
         """Initializer ``name`` as a numpy array, or None."""

@@ -59,8 +59,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     model.convert_float_to_float16(keep_io_types=True, op_block_list=op_block, node_block_list=blocked_nodes,
                                    disable_shape_infer=True)
     _drop_duplicate_casts(model.model)
-    model.topological_sort()  # keep_io_types appends its Cast nodes at the end
-    _import_domains(model.model)
+    model.topological_sort()  # keep_io_types appends its Cast nodes at the end (fuse declared the fused ops' domains)
     context = write_context(model.model, path, recipe.hoist_context, save) if recipe.hoist_context else None
     if context is None:
         save(model.model, path)

@@ -41,14 +41,15 @@ _KEY_TRANSPOSED = [0, 2, 3, 1]  # [B, S, N, H] → [B, N, H, S]
 
 def fuse_self_attention(model) -> int:
     """Rewrite every attention of the module docstring's pattern in ``model`` (an ``onnx.ModelProto``, in place) as
-    one ``MultiHeadAttention``; returns how many. Nodes left without readers are not removed here (the caller prunes
-    the graph). An attention that differs anywhere from the pattern stays as it is."""
+    one ``MultiHeadAttention``; returns how many. Nodes left without readers are not removed here, nor is the
+    com.microsoft opset declared (the caller, ``optimize.fuse``, prunes the graph and declares the domains its nodes
+    use). An attention that differs anywhere from the pattern stays as it is."""
     from onnx import helper
 
     index = GraphIndex(model)
     replaced, fused = {}, 0
     for softmax in index.nodes:
-        if softmax.op_type != "Softmax" or _axis(softmax, default=-1) not in (-1, 3):
+        if softmax.op_type != "Softmax" or index.attr(softmax, "axis", -1) not in (-1, 3):
             continue
         match = _match(index, softmax)
         if match is None:
@@ -63,8 +64,6 @@ def fuse_self_attention(model) -> int:
         nodes = [replaced.get(id(n), n) for n in model.graph.node]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        if MS_DOMAIN not in {o.domain for o in model.opset_import}:
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return fused
 
 
@@ -96,32 +95,25 @@ def _match(index: GraphIndex, softmax):
     v, v_heads = _heads(index, context.input[1], context, _HEADS_FIRST)
     back = _only_reader_of(index, context.output[0], "Transpose")
     out = _only_reader_of(index, back.output[0], "Reshape") if back is not None else None
-    if (v is None or back is None or _perm(back) != _HEADS_FIRST or out is None or _rank(index, out) != 3
-            or not q_heads == k_heads == v_heads or not q_heads):
+    if (v is None or back is None or index.attr(back, "perm", None) != _HEADS_FIRST or out is None
+            or len(_shape_pieces(index, out.input[1]) or ()) != 3 or not q_heads == k_heads == v_heads or not q_heads):
         return None
     return q, k, v, bias, q_heads, scale, out
 
 
 def _heads(index: GraphIndex, name: str, reader, perm):
     """(x, N) if tensor ``name`` is Transpose(``perm``)(Reshape(x, [B, S, N, H])), each the only reader of its input
-    and N a constant of the Reshape's shape (an initializer, or the third piece of a Concat); (None, None) otherwise."""
+    and N a constant of the Reshape's shape (``_shape_pieces``); (None, None) otherwise."""
     transpose = index.producer.get(name)
-    if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != perm \
+    if transpose is None or transpose.op_type != "Transpose" or index.attr(transpose, "perm", None) != perm \
             or not index.only_reader(name, reader):
         return None, None
     reshape = index.producer.get(transpose.input[0])
     if reshape is None or reshape.op_type != "Reshape" or not index.only_reader(transpose.input[0], transpose):
         return None, None
-    shape = index.constant(reshape.input[1])
-    if shape is not None:
-        heads = int(shape[2]) if shape.size == 4 and shape[2] > 0 else None
-    else:
-        concat = index.producer.get(reshape.input[1])
-        piece = index.constant(concat.input[2]) if concat is not None and concat.op_type == "Concat" \
-            and len(concat.input) == 4 else None
-        count = int(piece.reshape(-1)[0]) if piece is not None and piece.size == 1 else 0
-        heads = count if count > 0 else None
-    return (reshape.input[0], heads) if heads else (None, None)
+    pieces = _shape_pieces(index, reshape.input[1])
+    heads = pieces[2] if pieces is not None and len(pieces) == 4 else None
+    return (reshape.input[0], heads) if heads is not None and heads > 0 else (None, None)
 
 
 def gemm_bias_into_skip_layer_norm(model) -> int:
@@ -135,8 +127,8 @@ def gemm_bias_into_skip_layer_norm(model) -> int:
     for gemm in index.nodes:
         if gemm.op_type != "Gemm" or len(gemm.input) < 3 or not gemm.input[2]:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-        if (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0), attrs.get("transB", 0)) != (1, 1, 0, 0):
+        if tuple(index.attr(gemm, a, d) for a, d in (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0))) \
+                != (1, 1, 0, 0):
             continue
         weight, bias = index.initializer(gemm.input[1]), index.initializer(gemm.input[2])
         if weight is None or bias is None or bias.shape != (weight.shape[1],):
@@ -147,7 +139,8 @@ def gemm_bias_into_skip_layer_norm(model) -> int:
             if len(readers) != 1 or tensor in index.outputs:
                 break
             reader = readers[0]
-            if reader.op_type == "Reshape" and reader.input[0] == tensor and _keeps_last_axis(index, reader, bias.size):
+            target = _shape_pieces(index, reader.input[1]) if reader.op_type == "Reshape" else None
+            if target and reader.input[0] == tensor and target[-1] == bias.size:  # a Reshape keeping D the last axis
                 tensor = reader.output[0]
             elif reader.op_type == "SkipLayerNormalization" and tensor in reader.input[:2] \
                     and (len(reader.input) < 5 or not reader.input[4]):
@@ -166,27 +159,21 @@ def gemm_bias_into_skip_layer_norm(model) -> int:
     return moved
 
 
-def _keeps_last_axis(index: GraphIndex, reshape, size: int) -> bool:
-    """The Reshape's target ends in ``size`` (a constant shape, or a Concat whose last piece is that constant)."""
-    shape = index.constant(reshape.input[1])
-    if shape is None:
-        concat = index.producer.get(reshape.input[1])
-        if concat is None or concat.op_type != "Concat":
-            return False
-        shape = index.constant(concat.input[-1])
-    return shape is not None and shape.size >= 1 and int(shape.reshape(-1)[-1]) == size
-
-
-def _rank(index: GraphIndex, reshape) -> int | None:
-    """How many axes the Reshape's target has (a constant shape, or a Concat of that many pieces of one each)."""
-    shape = index.constant(reshape.input[1])
+def _shape_pieces(index: GraphIndex, name: str) -> list | None:
+    """The entries of the shape tensor ``name``, each an int where it is a constant, else None: a constant shape, or a
+    Concat of constants and of computed pieces taken as one entry each (the exporter's Unsqueeze of a gathered
+    dimension); None for any other shape."""
+    shape = index.constant(name)
     if shape is not None:
-        return shape.size
-    concat = index.producer.get(reshape.input[1])
+        return [int(x) for x in shape.reshape(-1)]
+    concat = index.producer.get(name)
     if concat is None or concat.op_type != "Concat":
         return None
-    pieces = [index.constant(name) for name in concat.input]
-    return len(pieces) if all(p is None or p.size == 1 for p in pieces) else None
+    pieces = []
+    for piece in concat.input:
+        value = index.constant(piece)
+        pieces += [None] if value is None else [int(x) for x in value.reshape(-1)]
+    return pieces
 
 
 def _only_reader_of(index: GraphIndex, name: str, op_type: str):
@@ -194,21 +181,3 @@ def _only_reader_of(index: GraphIndex, name: str, op_type: str):
     if len(readers) == 1 and readers[0].op_type == op_type and name not in index.outputs:
         return readers[0]
     return None
-
-
-def _perm(node) -> list[int] | None:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == "perm":
-            return list(helper.get_attribute_value(a))
-    return None
-
-
-def _axis(node, default: int) -> int:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == "axis":
-            return int(helper.get_attribute_value(a))
-    return default
