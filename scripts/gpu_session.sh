@@ -783,6 +783,17 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
   all-padgeglu|all-lnfold|all-hoist|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
+  loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,
+             # timed) on a tiny fp16 export while it runs, then on the full-size one, 20 requests each
+    in_background "(cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 \
+        --out /tmp/art-tiny16 --overwrite > /tmp/logs/export_tiny.log 2>&1) && \
+      python3 loop_start_probe.py --artifacts /tmp/art-tiny16 --requests 20 --out /tmp/logs/tiny \
+        > /tmp/logs/loopstart-tiny.log 2>&1; \
+      bash $SELF wait 16; \
+      python3 loop_start_probe.py --artifacts /tmp/art-fp16 --requests 20 --out /tmp/logs \
+        > /tmp/logs/loopstart.log 2>&1" ;;
+  all-loopstart)  # setup, the fp16 export, loopstart
+    setup_export_then 16 loopstart ;;
   profile)  # after the fp16 export: every component's kernels by category and name (profile_kernels.py, 40 listed)
     in_background "bash $SELF wait 16; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 \
