@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import settle, shared_stream
+from .backends.base import queued_together, settle, shared_stream
 from .errors import BackendError
 from .schedulers import Plan
 
@@ -172,6 +172,7 @@ class SolverBuffers:
     row_checks: list
     bindings: list
     events: list | None
+    loaded: object = None  # the plan whose tables the two tables hold (plans are shared: ``schedulers.Plans``)
 
     @classmethod
     def allocate(cls, solver, unet_key, rows: int, shape: tuple, capacity: int, stream=None) -> "SolverBuffers":
@@ -197,10 +198,14 @@ class SolverBuffers:
         return self.coefficient_table.shape()[0]
 
     def load_plan(self, plan: Plan, start: int, pair: int) -> None:
-        """(inside the UNet's ``call``, nothing queued) The plan's tables, step ``start`` as the counter of ``pair``
-        and its timestep as the UNet's."""
-        self.coefficient_table.update_inplace(plan.coefficient_table(self.capacity))
-        self.timestep_table.update_inplace(plan.timestep_table(self.capacity))
+        """(inside the UNet's ``call``, nothing queued) The plan's tables (copied in unless this plan's are there
+        already: the solver step only reads them), step ``start`` as the counter of ``pair`` and its timestep as the
+        UNet's."""
+        if self.loaded is not plan:
+            self.loaded = None  # until both tables are in
+            self.coefficient_table.update_inplace(plan.coefficient_table(self.capacity))
+            self.timestep_table.update_inplace(plan.timestep_table(self.capacity))
+            self.loaded = plan
         self.steps[pair].update_inplace(np.array([start], np.int64))
         self.unet_key.inputs["timestep"].update_inplace(np.array([plan.timesteps[start]], np.int64))
 
@@ -236,10 +241,13 @@ class ContextGraph:
         made = self.session.run({k: feeds[k] for k in self.inputs})
         return {**{k: v for k, v in feeds.items() if k in self.step_inputs}, **made}
 
-    def device_feeds(self, feeds: dict) -> "tuple[dict, dict] | None":
+    def device_feeds(self, feeds: dict, wait: bool = True) -> "tuple[dict, dict] | None":
         """(the conditioning feeds the step graph reads itself, the context graph's outputs as OrtValues on the device)
         after one run of the context graph into the buffers kept for these text shapes (a CUDA graph of their own);
-        None for a shape past ``max_shapes``. Call with the UNet's lock held: every loop of these shapes shares them."""
+        None for a shape past ``max_shapes``. Call with the UNet's lock held: every loop of these shapes shares them.
+        ``wait=False``: once its graph is captured, the run is only queued on the session's stream (``replay``), for
+        a caller whose every use of the outputs is queued behind it on that stream (the UNet's, ``queued_together``)
+        and who waits for that stream before these shapes' inputs are written again (the next loop's steps are)."""
         text = {k: np.ascontiguousarray(feeds[k]) for k in self.inputs}
         key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in text.items()))
         session = self.session
@@ -251,7 +259,7 @@ class ContextGraph:
                 bound = self._buffers[key] = session.call(lambda: session.private_buffers(text),
                                                           may_capture=session.cuda_graphs,
                                                           what=f"creating the buffers of shapes {_shapes(text)}")
-            session.call(lambda: session.replay(bound, text), may_capture=session.may_capture(bound),
+            session.call(lambda: session.replay(bound, text, wait=wait), may_capture=session.may_capture(bound),
                          what=f"the context graph on shapes {_shapes(text)}")
         return {k: v for k, v in feeds.items() if k in self.step_inputs}, bound.outputs
 
@@ -265,14 +273,21 @@ def unet_key_buffers(unet, feeds: dict, unet_inputs: dict, context: ContextGraph
     of the conditioning they replace; None where the UNet or the context graph has no buffers for these shapes
     (past ``max_graphs``)."""
     bound_inputs = {}
+    queued = context is not None and queued_together(context.session, unet)
     if context is not None:
-        made = context.device_feeds(feeds)
+        # queued: the context graph's run is not waited for (~0.3 ms of GPU at full size); the UNet's steps run
+        # behind it on the same stream while the host copies the loop's inputs in
+        made = context.device_feeds(feeds, wait=not queued)
         if made is None:
             return None
         feeds, bound_inputs = made
     first = {**feeds, **unet_inputs}
-    return unet.call(lambda: unet.key_buffers(first, bound_inputs), may_capture=unet.cuda_graphs,
-                     what=f"creating the buffers of shape key {_shapes(first)}")
+    try:
+        return unet.call(lambda: unet.key_buffers(first, bound_inputs), may_capture=unet.cuda_graphs,
+                         what=f"creating the buffers of shape key {_shapes(first)}")
+    except BaseException:
+        settle(shared_stream(context.session, unet) if queued else None)  # the context run out before a retry
+        raise
 
 
 class DeviceStepper:
@@ -317,8 +332,12 @@ class DeviceStepper:
             return
         self._current = 0  # which (x, prev_x0, step) triple holds the state now
         self._planned = None  # the plan whose tables are loaded
-        self._buffers = unet.call(lambda: self._load(cache, xp, prev, pad_rows(guidance, padded), capacity),
-                                  what="loading the solver step's buffers")
+        try:
+            self._buffers = unet.call(lambda: self._load(cache, xp, prev, pad_rows(guidance, padded), capacity),
+                                      what="loading the solver step's buffers")
+        except BaseException:
+            settle(getattr(unet, "stream", None))  # the context graph's run may still be queued (unet_key_buffers)
+            raise
 
     def _load(self, cache: dict, xp, prev, guidance, capacity: int) -> SolverBuffers:
         """This UNet key's solver buffers (made on first use) with the loop's starting state copied in."""

@@ -29,7 +29,7 @@ from .lm_loop import LmLoop
 from .ranking import rank_per_prompt
 from .requests import Request, build_request
 from .shapes import batch_bucket, t5_bucket
-from .schedulers import make_plan
+from .schedulers import Plans
 from .tokenization import TextTokenizer, tokenize_prompts
 
 log = logging.getLogger("audioldm2_trt.runtime")
@@ -117,6 +117,7 @@ class AudioLDM2Runtime:
         self._features_graph = sessions.get("clap_features") if features_graph_on(device) else None
         self.ranking = "clap_audio" in sessions  # load(ranking=False) leaves CLAP's audio branch out
         self._scheduler_config = artifacts.manifest["scheduler"]
+        self._plans = Plans(self._scheduler_config)
         self._warm = False
 
     @classmethod
@@ -401,7 +402,7 @@ class AudioLDM2Runtime:
         After each step, per live item: its clock and progress callback (on the UNet's worker thread with the
         device loop)."""
         first = items[0].req
-        plan = make_plan(first.scheduler, self._scheduler_config, first.steps)
+        plan = self._plans.get(first.scheduler, first.steps)
         x = {k: it.latents * np.float32(plan.init_noise_sigma) for k, it in enumerate(items)}
         prev: dict = {k: None for k in x}
         live = list(range(len(items)))

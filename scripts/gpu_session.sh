@@ -794,6 +794,22 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
         > /tmp/logs/loopstart.log 2>&1" ;;
   all-loopstart)  # setup, the fp16 export, loopstart
     setup_export_then 16 loopstart ;;
+  abloop)  # after the fp16 export started: tests/test_gpu.py while it runs; then loop_start_probe.py (20 requests)
+           # alternating an older runtime — a copy of runtime/ at ab_old/runtime, e.g. `git archive REV runtime | tar -x
+           # -C ab_old` (untracked) — and this one, 2 rounds, on the same artefacts
+    mkdir -p /tmp/pkg_old/audioldm2_trt
+    cp "$ROOT"/audioldm2_trt/*.py /tmp/pkg_old/audioldm2_trt/
+    ln -sfn "$ROOT/export" /tmp/pkg_old/audioldm2_trt/export
+    ln -sfn "$ROOT/ab_old/runtime" /tmp/pkg_old/audioldm2_trt/runtime
+    ln -sfn /tmp/pkg /tmp/pkg_new
+    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      bash $SELF wait 16; \
+      for r in 1 2; do for v in old new; do PYTHONPATH=/tmp/site:/tmp/pkg_\$v python3 loop_start_probe.py \
+        --artifacts /tmp/art-fp16 --requests 20 --out /tmp/logs/\$v-\$r > /tmp/logs/loopstart-\$v-\$r.log 2>&1; \
+      done; done" ;;
+  all-abloop)  # setup, the fp16 export, abloop
+    setup_export_then 16 abloop ;;
   profile)  # after the fp16 export: every component's kernels by category and name (profile_kernels.py, 40 listed)
     in_background "bash $SELF wait 16; \
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 \

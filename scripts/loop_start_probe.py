@@ -7,7 +7,7 @@ waveform, on the runtime's default path (the denoising loop on the device, steps
 ``bench`` reports the loop's total and the median step; on the H200 the total is ~3.3 ms more than 20 median steps
 (runs CG–CH). This patches the calls in between with a timestamp before and after each (same calls, same order, in
 this process only) and reports, per call and occurrence, the median start and end in ms after the text stage's mark,
-over ``--requests`` warm requests: the solver plan, the stepper's opening (the context graph's run, the UNet's
+over ``--requests`` warm requests: the solver plan (made, or since ``schedulers.Plans`` looked up), the stepper's opening (the context graph's run, the UNet's
 buffers, the solver's buffers and plan), each step's queueing and report (where steps are queued, a report waits for
 its step's GPU work), the state's read back, the VAE decoder's and the vocoder's runs. Writes loop_start_probe.json.
 """
@@ -28,13 +28,14 @@ PROMPT = "techno music with a strong upbeat tempo and high melodic riffs"
 
 def _targets():
     """(owner, attribute, label) of every call timed."""
-    from audioldm2_trt.runtime import denoising, lm_loop, pipeline
+    from audioldm2_trt.runtime import denoising, lm_loop, pipeline, schedulers
     from audioldm2_trt.runtime.backends import ort_session
 
     return [(lm_loop.LmLoop, "generate", "lm_loop.generate"),
             (pipeline, "_unet_conditioning", "unet_conditioning"),
             (ort_session.OrtSession, "start", "session.start"),
-            (pipeline, "make_plan", "make_plan"),
+            (pipeline, "make_plan", "make_plan"),  # before ``schedulers.Plans``
+            (getattr(schedulers, "Plans", None), "get", "plans.get"),
             (pipeline, "_read_back", "read_back"),
             (denoising.DeviceStepper, "open", "stepper.open"),
             (denoising.ContextGraph, "device_feeds", "context.device_feeds"),
@@ -53,6 +54,8 @@ def timed_calls(rows: list):
     """Each target call appends (label, session name or "", start, end) to ``rows``."""
     originals = []
     for owner, attr, label in _targets():
+        if not hasattr(owner, attr):  # an older runtime (A/B runs of two versions): that call is not timed
+            continue
         static = inspect.getattr_static(owner, attr)
         original = getattr(owner, attr)
         originals.append((owner, attr, static))

@@ -356,3 +356,39 @@ def test_queued_steps_where_they_cannot_apply_are_refused(tiny_artifacts):
     rt = AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True, queued_steps=False)
     assert rt.health()["device_loop"] is True and rt.health()["queued_steps"] is False
     rt.close()
+
+
+class _Recorded:
+    """A stand-in for an OrtValue that records what is copied into it."""
+
+    def __init__(self, shape):
+        self._shape, self.copies = shape, []
+
+    def shape(self):
+        return list(self._shape)
+
+    def update_inplace(self, array):
+        self.copies.append(np.array(array, copy=True))
+
+
+def test_solver_buffers_copy_a_plans_tables_only_when_another_plan_was_loaded():
+    """``SolverBuffers.load_plan``: the tables (which the solver step only reads) are copied in for a plan other
+    than the one they hold; the step counter and the UNet's timestep every time."""
+    from audioldm2_trt.runtime.denoising import SolverBuffers
+    from audioldm2_trt.runtime.schedulers import Plans
+
+    plans = Plans(_scheduler_config())
+    capacity = 1000
+    coefficients, timestep_table = _Recorded((capacity, 5)), _Recorded((capacity + 1,))
+    steps, timestep = [_Recorded((1,)), _Recorded((1,))], _Recorded((1,))
+    unet_key = type("Key", (), {"inputs": {"timestep": timestep}})()
+    buffers = SolverBuffers(unet_key, [], [], steps, None, coefficients, timestep_table, [], [], None)
+    dpm20, ddim7 = plans.get("dpmsolver++", 20), plans.get("ddim", 7)
+    for plan, start in ((dpm20, 0), (dpm20, 0), (ddim7, 0), (dpm20, 3)):
+        buffers.load_plan(plan, start, 0)
+    assert len(coefficients.copies) == len(timestep_table.copies) == 3  # dpm20, ddim7, dpm20 again
+    np.testing.assert_array_equal(coefficients.copies[-1], dpm20.coefficient_table(capacity))
+    np.testing.assert_array_equal(timestep_table.copies[1], ddim7.timestep_table(capacity))
+    assert [c.tolist() for c in steps[0].copies] == [[0], [0], [0], [3]]
+    assert [c.tolist() for c in timestep.copies] == [[int(p.timesteps[s])] for p, s in
+                                                     ((dpm20, 0), (dpm20, 0), (ddim7, 0), (dpm20, 3))]

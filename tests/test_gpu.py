@@ -239,3 +239,29 @@ def test_two_runtimes_with_the_decode_stage_captured_on_the_arena_give_their_aud
     assert check["on_arena"] == [decode, decode], check
     assert check["errors"] == [] and max(check["worst_rows_matched"]) < 1e-5, check
     assert max(check["worst_against_alone"]) < 1e-5 and check["order_differs"] == [], check
+
+
+@needs_cuda
+@needs_export
+def test_the_context_graph_queued_before_the_steps_gives_the_waited_loops_audio(tiny_artifacts, tmp_path):
+    """With the UNet cut in two (its context graph, as the fused fp16 export has it) and the loop queued, the context
+    graph's run is queued on the loop's stream without a wait (``unet_key_buffers``); the audio is the loop's where
+    every run is waited for (``queued_steps=False``), over requests of other text shapes and step counts, and the
+    first shapes again (their buffers, the plan's tables kept)."""
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    from .test_hoist_context import _hoisted_copy
+
+    folder = _hoisted_copy(tiny_artifacts, tmp_path / "hoisted")
+    queued = AudioLDM2Runtime.load(folder, device="cuda")
+    waited = AudioLDM2Runtime.load(folder, device="cuda", queued_steps=False)
+    calls = [REQUEST, dict(REQUEST, prompt="a bell rings three times in a very large and echoing stone hall"),
+             dict(REQUEST, num_inference_steps=4, scheduler="ddim"), REQUEST, REQUEST]
+    try:
+        assert queued.health()["queued_steps"] and "unet_context" in queued.health()["components"]
+        for call in calls:
+            a, b = queued(**call).audios, waited(**call).audios
+            assert np.isfinite(a).all() and rel_l2(a, b) < 1e-5  # fp32 tiny export: the same kernels
+    finally:
+        queued.close()
+        waited.close()

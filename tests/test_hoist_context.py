@@ -161,9 +161,9 @@ def test_the_runtime_gives_the_same_audio_through_the_context_graph(tiny_artifac
              dict(prompt="rain on a roof", seed=4, num_inference_steps=3)]  # the first shapes again: buffers reused
     context, runs = cut._unet_context, []
     for method in ("host_feeds", "device_feeds"):
-        def counted(feeds, _run=getattr(context, method), _method=method):
+        def counted(feeds, _run=getattr(context, method), _method=method, **options):
             runs.append(_method)
-            return _run(feeds)
+            return _run(feeds, **options)
         setattr(context, method, counted)
     for call in calls:
         np.testing.assert_allclose(cut(**call).audios, whole(**call).audios, rtol=0, atol=1e-6)

@@ -95,3 +95,23 @@ def test_plan_tables_hold_every_step_and_the_longest_plan_fits(kind):
     assert longest.coefficient_table(capacity).shape == (capacity, 5)
     with pytest.raises(ValueError, match="a plan of 7 steps does not fit a table of 6"):
         plan.timestep_table(6)
+
+
+def test_plans_are_made_once_per_kind_and_steps_shared_and_read_only():
+    """``Plans``: one plan object per (kind, steps) — what ``make_plan`` gives, its arrays read-only so that sharing
+    it between requests is safe — the least recently used dropped past ``size``."""
+    from audioldm2_trt.runtime.schedulers import Plans
+
+    cfg = _config()
+    plans = Plans(cfg, size=2)
+    first = plans.get("dpmsolver++", 20)
+    assert plans.get("dpmsolver++", 20) is first
+    fresh = make_plan("dpmsolver++", cfg, 20)
+    for name in ("timesteps", "alp_s", "sig_s", "cx", "c0", "c1"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(fresh, name))
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(first, name)[0] = 0
+    ddim = plans.get("ddim", 20)
+    assert ddim.kind == "ddim" and plans.get("dpmsolver++", 20) is first  # both kept; the DPM plan used last
+    plans.get("ddim", 7)  # a third: the least recently used (DDIM-20) goes
+    assert plans.get("dpmsolver++", 20) is first and plans.get("ddim", 20) is not ddim
