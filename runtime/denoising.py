@@ -172,7 +172,7 @@ class SolverBuffers:
     row_checks: list
     bindings: list
     events: list | None
-    loaded: object = None  # the plan whose tables the two tables hold (plans are shared: ``schedulers.Plans``)
+    loaded: object = None  # the plan whose coefficient and timestep tables are in (plans are shared: ``Plans``)
 
     @classmethod
     def allocate(cls, solver, unet_key, rows: int, shape: tuple, capacity: int, stream=None) -> "SolverBuffers":
@@ -331,7 +331,7 @@ class DeviceStepper:
         if self._bound is None:
             return
         self._current = 0  # which (x, prev_x0, step) triple holds the state now
-        self._planned = None  # the plan whose tables are loaded
+        self._planned = None  # the plan this loop started (its step counter set: ``SolverBuffers.load_plan``)
         try:
             self._buffers = unet.call(lambda: self._load(cache, xp, prev, pad_rows(guidance, padded), capacity),
                                       what="loading the solver step's buffers")
