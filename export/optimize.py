@@ -23,6 +23,7 @@ from .components import Fp16Recipe
 from .fold_bias import fold_biases
 from .hoist_context import split_context, unpack_cross_kv
 from .self_attention import fuse_self_attention, gemm_bias_into_skip_layer_norm
+from .sibling_gemms import merge_sibling_gemms
 
 log = logging.getLogger("audioldm2_trt.export")
 
@@ -41,9 +42,9 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
     model = OnnxModel(onnx.load(str(path)))
     for i, node in enumerate(model.model.graph.node):  # the converter's node block list works by name
         node.name = node.name or f"{node.op_type}_{i}"
-    fused, folded, geglus = {}, {}, {}
+    fused, folded, geglus, merged = {}, {}, {}, {}
     if recipe.fusion:
-        model, folded, geglus = fuse(model, recipe)
+        model, folded, geglus, merged = fuse(model, recipe)
         fused = {op: n for op, n in _op_counts(model.model).items()
                  if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization", "BiasSplitGelu",
                            "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention",
@@ -65,6 +66,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
         save(model.model, path)
     return {"fused": fused, **({"folded_biases": folded} if folded else {}),
             **({"context": context} if context else {}),
+            **({"merged_gemms": merged} if merged.get("groups") else {}),
             **({"padded_geglus": geglus["padded"]} if geglus.get("padded") else {}),
             "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes),
             **({"fp16_nodes": recipe.fp16_nodes} if recipe.fp16_nodes else {})}
@@ -73,8 +75,8 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
 def fuse(model, recipe: Fp16Recipe):
     """Every fusion and rewrite of ``recipe`` on ``model`` (an ``onnxruntime.transformers`` ``OnnxModel`` of the fp32
     graph): ONNX Runtime's optimizer, then our own passes. Returns (the fused OnnxModel, the biases moved, the GEGLUs
-    fused); the graph stays fp32 (``to_fp16`` converts it after)."""
-    folded, geglus = {}, {}
+    fused, the sibling GEMMs merged); the graph stays fp32 (``to_fp16`` converts it after)."""
+    folded, geglus, merged = {}, {}, {}
     model = _fuse(model, recipe)
     if recipe.bias_split_gelu:
         geglus = fuse_bias_split_gelu(model.model, pad=recipe.pad_geglu)
@@ -87,8 +89,11 @@ def fuse(model, recipe: Fp16Recipe):
         folded = {**folded, "gemm_into_skip_layer_norm": gemm_bias_into_skip_layer_norm(model.model)}
         model.prune_graph(allow_remove_graph_inputs=False)
         log.info("%s: %d attentions fused as MultiHeadAttention, biases moved: %s", recipe.fusion, attentions, folded)
+    if recipe.merge_sibling_gemms:  # after fold_biases, which moves those GEMMs' biases into the SkipGroupNorm after them
+        merged = merge_sibling_gemms(model.model)
+        log.info("%s: sibling GEMMs merged: %s", recipe.fusion, merged)
     _import_domains(model.model)
-    return model, folded, geglus
+    return model, folded, geglus, merged
 
 
 def _import_domains(model) -> None:

@@ -24,6 +24,8 @@
 #                                          # SkipLayerNormalization) against the UNet without it
 #   bash scripts/gpu_session.sh all-hoist  # the same for the UNet's context graph (hoist_context.py: the text-only
 #                                          # work once per request) against the UNet without it
+#   bash scripts/gpu_session.sh all-tembmerge  # the same for the ResNets' time-embedding projections as one GEMM per
+#                                          # width (sibling_gemms.py) against 22 GEMMs, with tests/test_gpu.py
 #   bash scripts/gpu_session.sh all-gpt2fuse  # the same for GPT-2's fusions (self_attention.py and the optimizer's
 #                                          # gpt2 fusions) against GPT-2 converted without fusion; GPT-2's kernels
 #   bash scripts/gpu_session.sh all-textfuse  # the same for T5's and CLAP text's fusions against each unfused
@@ -486,6 +488,25 @@ case "$1" in
   hoist)  # the default (the UNet's text-only work in a context graph run once per request, hoist_context.py) against
           # unet_variant.py nohoist
     variant_ab nohoist ;;
+  tembmerge)  # the default (the ResNets' time-embedding projections as one GEMM and a Split per width, sibling_gemms.py)
+              # against unet_variant.py nomerge (22 GEMMs, the default before), exported beside it: the default
+              # validated, `bench` alternating over three rounds, DDIM-200 each, both UNets' kernels,
+              # tests/test_gpu.py, the default's 100-prompt fidelity, peak memory of each (fresh processes)
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant nomerge \
+        --out /tmp/art-nomerge > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      $VALIDATE16; \
+      for r in 1 2 3; do for a in fp16 nomerge; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
+        --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
+      for a in fp16 nomerge; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a --device cuda \
+        --runs 3 --scheduler ddim --steps 200 --json /tmp/logs/ddim200-\$a.json > /tmp/logs/ddim200-\$a.log 2>&1); done; \
+      for a in fp16 nomerge; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components unet \
+        --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
+      (cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+        > /tmp/logs/pytest-gpu.log 2>&1); \
+      $FIDELITY; \
+      for a in fp16 nomerge; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
+        --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
   gpt2fuse)  # the default (GPT-2 fused: SkipLayerNormalization, FastGelu, MultiHeadAttention; self_attention.py)
              # against unet_variant.py gpt2_plain (GPT-2 converted without fusion, the default before)
     variant_ab gpt2_plain gpt2 ;;
@@ -780,7 +801,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,
@@ -815,6 +836,18 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
       python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 \
         --components unet,vocoder,vae_decoder,t5_encoder,gpt2,clap_text,clap_audio,clap_features \
         --out /tmp/logs > /tmp/logs/kernels.log 2>&1" ;;
+  profile-merge)  # after the fp16 export started: unet_variant.py nomerge beside it, then every component's kernels at
+                  # the default and the UNet's without sibling_gemms.py (the default before run CK)
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant nomerge \
+        --out /tmp/art-nomerge > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 \
+        --components unet,vocoder,vae_decoder,t5_encoder,gpt2,clap_text \
+        --out /tmp/logs/kernels-fp16 > /tmp/logs/kernels-fp16.log 2>&1; \
+      python3 profile_kernels.py --artifacts /tmp/art-nomerge --top 40 --components unet \
+        --out /tmp/logs/kernels-nomerge > /tmp/logs/kernels-nomerge.log 2>&1" ;;
+  all-profile-merge)  # setup, the fp16 export, profile-merge
+    setup_export_then 16 profile-merge ;;
   all-profile)  # setup, the fp16 export, profile
     setup_export_then "16" profile ;;
   collect)

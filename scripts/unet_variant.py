@@ -72,6 +72,9 @@ VARIANTS = {
                        "projections, packed, and the T5 mask's bias) at every step, the default of runs AL-AM, "
                        "measured against the context graph in run AN",
                        _replace("UNET_FUSED", " (no context graph)", hoist_context=())),
+    "nomerge": Variant("unet", "UNET_FUSED without sibling_gemms.py (the 22 ResNets' time-embedding projections as 22 "
+                       "GEMMs): the default of runs AN-CJ, measured against one GEMM per width in run CK",
+                       _replace("UNET_FUSED", " (time-embedding projections not merged)", merge_sibling_gemms=False)),
     "gpt2_plain": Variant("gpt2", "GPT-2 converted without fusion (FP16_PLAIN): the default until GPT2_FUSED, measured "
                           "against it in run CF", lambda c: c.FP16_PLAIN),
     "t5_plain": Variant("t5_encoder", "T5 with its mixed-precision recipe and no fusion: the default until T5_FUSED, "
