@@ -22,6 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 # Kernel name → what it does, first match wins (cuDNN's convolutions are implicit GEMMs: matched before GEMM; its
 # fused attention is named "…sdpa…flash_fprop…": matched before convolutions).
 # "elementwise" and "layout" are the glue a fusing compiler folds into the kernels around it.
@@ -70,13 +72,29 @@ def main() -> None:
                     feeds[_name] = {k: v.copy() for k, v in inputs.items()}
                 return _call(inputs)
             setattr(session, method, recording)
+    # With a context graph (the fused UNet's) the loop feeds the UNet from bound buffers (``unet_key_buffers``): record
+    # the conditioning the context graph is given and the per-step inputs the UNet's replays are given instead
+    context, unet = rt._unet_context, rt._sessions.get("unet")
+    if context is not None and unet is not None:
+        def conditioning(text, *a, _call=context.device_feeds, **k):
+            feeds.setdefault("unet_conditioning", {n: np.array(v) for n, v in text.items()})
+            return _call(text, *a, **k)
+
+        def step_inputs(bound, inputs, *a, _call=unet.replay, **k):
+            feeds.setdefault("unet_step", {n: np.array(v) for n, v in inputs.items()})
+            return _call(bound, inputs, *a, **k)
+        context.device_feeds, unet.replay = conditioning, step_inputs
     rt("techno music with a strong upbeat tempo", negative_prompt="low quality, noisy", num_inference_steps=20,
        guidance_scale=3.5, audio_length_in_s=10.24, seed=0)
+    if "unet" not in feeds and "unet_conditioning" in feeds:  # the step graph's inputs: the context graph's outputs
+        feeds["unet"] = {**context.host_feeds(feeds["unet_conditioning"]), **feeds["unet_step"]}
+    if context is not None:
+        context.__dict__.pop("device_feeds", None)
     # clap_audio runs only to rank several waveforms: its feeds come from a batch-4 request (the others' stay)
     rt("techno music with a strong upbeat tempo", num_inference_steps=2, audio_length_in_s=10.24, seed=0,
        num_waveforms_per_prompt=4)
     for session in rt._sessions.values():
-        for method in ("run", "start"):
+        for method in ("run", "start", "replay"):
             session.__dict__.pop(method, None)  # back to the class's method
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     report: dict = {"artifacts": args.artifacts, "device": args.device, "health": rt.health(), "components": {}}
