@@ -50,6 +50,9 @@ class Fp16Recipe:
     # self_attention.py: attention written out as Reshape/Transpose/MatMul/Softmax (the export's own GPT-2 graph) fused
     # as MultiHeadAttention with its additive bias, and a Gemm's bias moved into the SkipLayerNormalization after it
     self_attention: bool = False
+    # with self_attention: the softmax bias is a key-padding bias [B, 1, 1, L], expanded once over the queries for
+    # MultiHeadAttention (CLAP's RoBERTa; GPT-2's is [B, 1, L, L] already)
+    attention_bias_over_queries: bool = False
     # sibling_gemms.py: Gemm nodes that read one input, each with its own weight, as one Gemm and a Split
     merge_sibling_gemms: bool = False
     reason: str = ""
@@ -260,11 +263,12 @@ UNET_FUSED = Fp16Recipe(
 # with the shared arena, under diffusers' 3129), at a UNet step of 8.6 ms against 7.5 (200 vs 179 ms end to end): the
 # GroupNorms stay channels-last, with transposes around them, as ONNX Runtime's CUDA GroupNorm supports no other
 # layout ("only the channels_last layout is supported", run R).
-# Without fold_biases and pad_geglu: runs R and T measured this layout before either, and both were measured on NHWC
-# only; widened GEGLUs would also add their 40 MiB in full here, where the weights are packed to save memory.
+# Without fold_biases, pad_geglu and merge_sibling_gemms: runs R and T measured this layout before any of them, and
+# each was measured on NHWC only; widened GEGLUs would also add their 40 MiB in full here, where the weights are packed
+# to save memory.
 UNET_FUSED_NCHW = dataclasses.replace(
     UNET_FUSED, fusion_options=UNET_FUSED.fusion_options + (("enable_nhwc_conv", False),), fold_biases=(),
-    pad_geglu=False,
+    pad_geglu=False, merge_sibling_gemms=False,
     reason="GroupNorm, LayerNorm, attention (T5 mask kept as attention_bias) and the GEGLU tails the BiasSplitGelu "
            "kernel takes fused; convolutions NCHW (its weights can be packed); the text-only work in a context graph "
            "run once per request")
@@ -302,6 +306,14 @@ T5_FUSED = dataclasses.replace(
 CLAP_TEXT_FUSED = Fp16Recipe(
     fusion="bert", fusion_options=(("enable_attention", False),),
     reason="LayerNorm with the residual Add (SkipLayerNormalization) and bias + GELU (BiasGelu) fused")
+# Its attention as MultiHeadAttention too (self_attention.py, the padding bias expanded over the queries once): ONNX
+# Runtime's own bert attention fusion does not match this graph (its mask is a Where, not (1 - mask) × c). Not the
+# default: the branch runs uncaptured, so each kernel costs a launch on the critical path of the text stage (run CI:
+# the projection waits 1.75 ms for it after T5), and fewer kernels should shorten that; to be measured on the GPU
+# (unet_variant.py clap_attention, gpu_session.sh clapattn).
+CLAP_TEXT_ATTENTION = dataclasses.replace(
+    CLAP_TEXT_FUSED, self_attention=True, attention_bias_over_queries=True,
+    reason=CLAP_TEXT_FUSED.reason + "; attention as MultiHeadAttention (the padding bias expanded over the queries)")
 
 # ``export --precision fp16`` converts these components with their fused recipe by default (``--fuse none``: plain).
 # Measured on an H100 (docs/benchmarks.md, 2026-11-26): norm/conv fusions 273 ms end to end vs 339 ms plain in one run

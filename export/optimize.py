@@ -85,7 +85,7 @@ def fuse(model, recipe: Fp16Recipe):
         folded = fold_biases(model.model, recipe.fold_biases)
         log.info("%s: biases folded into the node after them: %s", recipe.fusion, folded)
     if recipe.self_attention:
-        attentions = fuse_self_attention(model.model)
+        attentions = fuse_self_attention(model.model, recipe.attention_bias_over_queries)
         folded = {**folded, "gemm_into_skip_layer_norm": gemm_bias_into_skip_layer_norm(model.model)}
         model.prune_graph(allow_remove_graph_inputs=False)
         log.info("%s: %d attentions fused as MultiHeadAttention, biases moved: %s", recipe.fusion, attentions, folded)

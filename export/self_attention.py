@@ -39,15 +39,20 @@ _HEADS_FIRST = [0, 2, 1, 3]  # [B, S, N, H] ↔ [B, N, S, H]
 _KEY_TRANSPOSED = [0, 2, 3, 1]  # [B, S, N, H] → [B, N, H, S]
 
 
-def fuse_self_attention(model) -> int:
+def fuse_self_attention(model, bias_over_queries: bool = False) -> int:
     """Rewrite every attention of the module docstring's pattern in ``model`` (an ``onnx.ModelProto``, in place) as
     one ``MultiHeadAttention``; returns how many. Nodes left without readers are not removed here, nor is the
     com.microsoft opset declared (the caller, ``optimize.fuse``, prunes the graph and declares the domains its nodes
-    use). An attention that differs anywhere from the pattern stays as it is."""
+    use). An attention that differs anywhere from the pattern stays as it is.
+
+    ``bias_over_queries``: the graph's softmax bias is a key-padding bias [B, 1, 1, L] (CLAP's RoBERTa), which
+    ``MultiHeadAttention`` does not broadcast over the queries: each bias tensor is expanded once to [B, 1, S, L]
+    (S read from the first attention's query) and that copy is shared by every attention that adds it."""
     from onnx import helper
 
     index = GraphIndex(model)
-    replaced, fused = {}, 0
+    replaced, expanded, fused = {}, {}, 0
+    added: dict[int, list] = {}  # id(a replaced node) → the nodes expanding a bias, written before it
     for softmax in index.nodes:
         if softmax.op_type != "Softmax" or index.attr(softmax, "axis", -1) not in (-1, 3):
             continue
@@ -55,16 +60,43 @@ def fuse_self_attention(model) -> int:
         if match is None:
             continue
         q, k, v, bias, heads, scale, out_reshape = match
+        if bias_over_queries:
+            if bias not in expanded:  # before this attention: its query and the bias exist there
+                expanded[bias] = f"{bias}_over_queries"
+                added[id(out_reshape)] = _expand_over_queries(bias, q, expanded[bias])
+            bias = expanded[bias]
         attention = helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias], [out_reshape.output[0]],
                                      name=f"{softmax.name}_MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads,
                                      scale=scale)
         replaced[id(out_reshape)] = attention
         fused += 1
     if fused:
-        nodes = [replaced.get(id(n), n) for n in model.graph.node]
+        nodes = [m for n in model.graph.node for m in added.get(id(n), []) + [replaced.get(id(n), n)]]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
+        if added:
+            model.graph.initializer.extend(_expand_initializers())
     return fused
+
+
+def _expand_initializers() -> list:
+    from onnx import TensorProto, helper
+
+    return [helper.make_tensor("self_attention_ones", TensorProto.INT64, [2], [1, 1]),
+            helper.make_tensor("self_attention_one", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("self_attention_seq_axis", TensorProto.INT64, [1], [1])]
+
+
+def _expand_over_queries(bias: str, query: str, out: str) -> list:
+    """Nodes writing ``out`` = ``bias`` [B, 1, 1, L] expanded to [B, 1, S, L], S the length of ``query`` [B, S, D]."""
+    from onnx import helper
+
+    return [helper.make_node("Shape", [query], [f"{out}_qshape"], name=f"{out}_Shape"),
+            helper.make_node("Gather", [f"{out}_qshape", "self_attention_seq_axis"], [f"{out}_qlen"], axis=0,
+                             name=f"{out}_Gather"),
+            helper.make_node("Concat", ["self_attention_ones", f"{out}_qlen", "self_attention_one"], [f"{out}_shape"],
+                             axis=0, name=f"{out}_Concat"),
+            helper.make_node("Expand", [bias, f"{out}_shape"], [out], name=f"{out}_Expand")]
 
 
 def _match(index: GraphIndex, softmax):
@@ -113,7 +145,27 @@ def _heads(index: GraphIndex, name: str, reader, perm):
         return None, None
     pieces = _shape_pieces(index, reshape.input[1])
     heads = pieces[2] if pieces is not None and len(pieces) == 4 else None
+    if heads == -1 and pieces[3] is not None and pieces[3] > 0:  # [B, S, -1, H] (transformers' RoBERTa): N = D / H
+        width = _width(index, reshape.input[0])
+        heads = width // pieces[3] if width is not None and width % pieces[3] == 0 else None
     return (reshape.input[0], heads) if heads is not None and heads > 0 else (None, None)
+
+
+def _width(index: GraphIndex, name: str) -> int | None:
+    """The last dimension of tensor ``name`` where it is a projection's: ``MatMul(x, W)`` with W a 2-D initializer,
+    or that plus a 1-D initializer bias (``Add``, either order); None otherwise."""
+    node = index.producer.get(name)
+    if node is not None and node.op_type == "Add":
+        for other, bias in (node.input, node.input[::-1]):
+            value = index.initializer(bias)
+            if value is not None and value.ndim == 1:
+                width = _width(index, other)
+                return width if width == value.size else None
+        return None
+    if node is not None and node.op_type == "MatMul":
+        weight = index.initializer(node.input[1])
+        return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
+    return None
 
 
 def gemm_bias_into_skip_layer_norm(model) -> int:

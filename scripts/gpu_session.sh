@@ -26,6 +26,9 @@
 #                                          # work once per request) against the UNet without it
 #   bash scripts/gpu_session.sh all-tembmerge  # the same for the ResNets' time-embedding projections as one GEMM per
 #                                          # width (sibling_gemms.py) against 22 GEMMs, with tests/test_gpu.py
+#   bash scripts/gpu_session.sh all-clapattn  # setup, fp16 export and CLAP's text branch with MultiHeadAttention
+#                                          # (not the default) beside it: validate, bench alternating, loop_start_probe,
+#                                          # its fidelity, peak memory of each
 #   bash scripts/gpu_session.sh all-gpt2fuse  # the same for GPT-2's fusions (self_attention.py and the optimizer's
 #                                          # gpt2 fusions) against GPT-2 converted without fusion; GPT-2's kernels
 #   bash scripts/gpu_session.sh all-textfuse  # the same for T5's and CLAP text's fusions against each unfused
@@ -507,6 +510,21 @@ case "$1" in
       $FIDELITY; \
       for a in fp16 nomerge; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
         --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
+  clapattn)  # CLAP's text branch with its attention as MultiHeadAttention (unet_variant.py clap_attention; not the
+             # default) against the default, exported beside it: the variant validated, `bench` alternating over three
+             # rounds, loop_start_probe.py on each (where the projection starts after T5), the variant's 100-prompt
+             # fidelity, peak memory of each (fresh processes)
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant clap_attention \
+        --out /tmp/art-clap_attention > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-clap_attention --device cuda > /tmp/logs/validate-clap.log 2>&1); \
+      for r in 1 2 3; do for a in fp16 clap_attention; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
+        --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
+      for a in fp16 clap_attention; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
+        --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done; \
+      python3 fidelity.py --fp16 /tmp/art-clap_attention --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      for a in fp16 clap_attention; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
+        --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
   gpt2fuse)  # the default (GPT-2 fused: SkipLayerNormalization, FastGelu, MultiHeadAttention; self_attention.py)
              # against unet_variant.py gpt2_plain (GPT-2 converted without fusion, the default before)
     variant_ab gpt2_plain gpt2 ;;
@@ -801,7 +819,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,

@@ -106,8 +106,9 @@ def test_per_component_defaults_follow_the_artefacts_precision():
     assert OrtSessionFactory("cpu", precision="fp16").component_options == COMPONENT_PROVIDER_OPTIONS
     assert OrtSessionFactory("cpu", precision="fp32").component_options == FP32_COMPONENT_PROVIDER_OPTIONS
     assert FP32_COMPONENT_PROVIDER_OPTIONS == {"vocoder": {"cudnn_conv_algo_search": "HEURISTIC"}}
-    assert set(COMPONENT_PROVIDER_OPTIONS) == {"unet", "vae_decoder", "gpt2", "vocoder", "clap_features"}
+    assert set(COMPONENT_PROVIDER_OPTIONS) == {"unet", "vae_decoder", "gpt2", "clap_text", "vocoder", "clap_features"}
     assert COMPONENT_PROVIDER_OPTIONS["gpt2"] == {"sdpa_kernel": 2 | 16}  # its attention has a bias: no flash, no cuDNN
+    assert COMPONENT_PROVIDER_OPTIONS["clap_text"] == {"sdpa_kernel": 2 | 16}  # likewise, where it is fused
     assert COMPONENT_PROVIDER_OPTIONS["clap_features"] == {"use_tf32": 0}  # the DFT needs fp32 accuracy
     assert "cudnn_conv_algo_search" not in COMPONENT_PROVIDER_OPTIONS["vocoder"]  # HEURISTIC fails on its convs
 

@@ -27,7 +27,7 @@ def _fused_fp32(path, out):
     from audioldm2_trt.export.components import GPT2_FUSED
     from audioldm2_trt.export.optimize import fuse
 
-    model, folded, _ = fuse(OnnxModel(onnx.load(str(path))), GPT2_FUSED)
+    model, folded, *_ = fuse(OnnxModel(onnx.load(str(path))), GPT2_FUSED)
     onnx.checker.check_model(model.model)
     onnx.save(model.model, str(out))
     return collections.Counter(n.op_type for n in model.model.graph.node), folded
@@ -208,7 +208,7 @@ def test_fused_text_encoders_keep_their_outputs(tiny_pipe, tiny_artifacts, name,
     recipe = FUSED_RECIPES[name]
     before = onnx.load(str(tiny_artifacts / f"{name}.onnx"))
     # (no onnx.checker here: T5's SimplifiedLayerNormalization is ONNX Runtime's op in the default domain)
-    after, _, _ = fuse(OnnxModel(onnx.load(str(tiny_artifacts / f"{name}.onnx"))), recipe)
+    after, *_ = fuse(OnnxModel(onnx.load(str(tiny_artifacts / f"{name}.onnx"))), recipe)
     ops = {n.op_type for n in after.model.graph.node}
     assert fused_ops <= ops and "MultiHeadAttention" not in ops
     if recipe.fp16_nodes:
@@ -219,6 +219,39 @@ def test_fused_text_encoders_keep_their_outputs(tiny_pipe, tiny_artifacts, name,
     ids = rng.integers(3, 900, (2, 16)).astype(np.int64)
     mask = np.ones((2, 16), np.int64)
     mask[1, 9:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    ref = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(after.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+
+
+@pytest.mark.parametrize("length, kept", [(16, 9), (11, 11)])
+def test_clap_attention_as_multihead_attention_keeps_its_outputs(tiny_artifacts, length, kept):
+    """CLAP_TEXT_ATTENTION (not the default yet): every layer's attention of CLAP's text branch becomes one
+    MultiHeadAttention (the head count read from the projection's width, as the graph reshapes to [B, S, -1, H]),
+    the padding bias is expanded over the queries once for all layers, and the outputs stay those of the unfused
+    graph, with and without padding in the batch."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from audioldm2_trt.export.components import CLAP_TEXT_ATTENTION
+    from audioldm2_trt.export.optimize import fuse
+
+    before = onnx.load(str(tiny_artifacts / "clap_text.onnx"))
+    layers = sum(n.op_type == "Softmax" for n in before.graph.node)
+    after, *_ = fuse(OnnxModel(onnx.load(str(tiny_artifacts / "clap_text.onnx"))), CLAP_TEXT_ATTENTION)
+    onnx.checker.check_model(after.model)
+    ops = collections.Counter(n.op_type for n in after.model.graph.node)
+    assert layers > 1 and ops["MultiHeadAttention"] == layers and ops["Softmax"] == 0
+    biases = {n.input[5] for n in after.model.graph.node if n.op_type == "MultiHeadAttention"}
+    assert len(biases) == 1 and next(iter(biases)).endswith("_over_queries")
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 900, (2, length)).astype(np.int64)
+    mask = np.ones((2, length), np.int64)
+    mask[1, kept:] = 0
     feeds = {"input_ids": ids, "attention_mask": mask}
     ref = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = ort.InferenceSession(after.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
