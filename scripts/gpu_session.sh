@@ -525,6 +525,17 @@ case "$1" in
       python3 fidelity.py --fp16 /tmp/art-clap_attention --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
       for a in fp16 clap_attention; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
         --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
+  clapattn-tiny)  # with little device time, in the foreground: setup, the tiny fp16 export, its CLAP text branch
+                  # with MultiHeadAttention (unet_variant.py clap_attention) validated against PyTorch on CUDA
+    bash "$SELF" setup || exit 1
+    cd "$ROOT/scripts" || exit 1
+    (cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 --out /tmp/art-tiny16 \
+      --overwrite > /tmp/logs/export_tiny.log 2>&1) || { tail -20 /tmp/logs/export_tiny.log; exit 1; }
+    python3 unet_variant.py --artifacts /tmp/art-tiny16 --variant clap_attention --out /tmp/art-tiny-clap \
+      > /tmp/logs/variant.log 2>&1 || { tail -20 /tmp/logs/variant.log; exit 1; }
+    (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-tiny-clap --device cuda --components clap_text > /tmp/logs/validate-tiny-clap.log 2>&1)
+    grep -E "clap_text|all " /tmp/logs/validate-tiny-clap.log
+    mkdir -p "$OUT" && cp /tmp/logs/validate-tiny-clap.log "$OUT"/ ;;
   gpt2fuse)  # the default (GPT-2 fused: SkipLayerNormalization, FastGelu, MultiHeadAttention; self_attention.py)
              # against unet_variant.py gpt2_plain (GPT-2 converted without fusion, the default before)
     variant_ab gpt2_plain gpt2 ;;
