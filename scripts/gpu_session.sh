@@ -134,6 +134,9 @@ OWN_BUFFERS_BENCH="for r in 1 2 3; do for v in default proj own; do \
     (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts \${ART:-/tmp/art-fp16} --device cuda --runs 20 \$o \
       --json /tmp/logs/bench-\$v-\$r.json > /tmp/logs/bench-\$v-\$r.log 2>&1); done; done"
 VALIDATE16="(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-fp16 --device cuda > /tmp/logs/validate16.log 2>&1)"
+# tests/test_gpu.py from the clone, the installed bundle first on the path
+TEST_GPU="(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
+  > /tmp/logs/pytest-gpu.log 2>&1)"
 # A mode's steps ($1: shell commands joined by "; ") in the background, run from scripts/; /tmp/logs/done once they
 # have ended (collect waits for it)
 in_background() {
@@ -145,9 +148,10 @@ in_background() {
 }
 # The default fp16 export against variants ($1: one or more of unet_variant.py's, space-separated), exported beside it
 # while the export runs: the default validated, `bench` alternating over three rounds and DDIM-200 for each, the
-# kernels of the components $2 (default unet) for each, the default's 100-prompt fidelity, peak memory of each
+# kernels of the components $2 (default unet) for each, the steps $3 if given, the default's 100-prompt fidelity, peak
+# memory of each
 variant_ab() {
-  local vs=$1 kcomp=${2:-unet} outs=""
+  local vs=$1 kcomp=${2:-unet} extra=${3:+$3; } outs=""
   for v in $vs; do outs="$outs /tmp/art-$v"; done
   in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant $vs \
       --out $outs > /tmp/logs/variant.log 2>&1; \
@@ -159,7 +163,7 @@ variant_ab() {
       --runs 3 --scheduler ddim --steps 200 --json /tmp/logs/ddim200-\$a.json > /tmp/logs/ddim200-\$a.log 2>&1); done; \
     for a in fp16 $vs; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components $kcomp \
       --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
-    $FIDELITY; \
+    $extra$FIDELITY; \
     for a in fp16 $vs; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
       --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done"
 }
@@ -492,24 +496,8 @@ case "$1" in
           # unet_variant.py nohoist
     variant_ab nohoist ;;
   tembmerge)  # the default (the ResNets' time-embedding projections as one GEMM and a Split per width, sibling_gemms.py)
-              # against unet_variant.py nomerge (22 GEMMs, the default before), exported beside it: the default
-              # validated, `bench` alternating over three rounds, DDIM-200 each, both UNets' kernels,
-              # tests/test_gpu.py, the default's 100-prompt fidelity, peak memory of each (fresh processes)
-    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant nomerge \
-        --out /tmp/art-nomerge > /tmp/logs/variant.log 2>&1; \
-      bash $SELF wait 16; \
-      $VALIDATE16; \
-      for r in 1 2 3; do for a in fp16 nomerge; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
-        --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
-      for a in fp16 nomerge; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a --device cuda \
-        --runs 3 --scheduler ddim --steps 200 --json /tmp/logs/ddim200-\$a.json > /tmp/logs/ddim200-\$a.log 2>&1); done; \
-      for a in fp16 nomerge; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components unet \
-        --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
-      (cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
-      $FIDELITY; \
-      for a in fp16 nomerge; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
-        --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
+              # against unet_variant.py nomerge (22 GEMMs, the default before), with tests/test_gpu.py
+    variant_ab nomerge unet "$TEST_GPU" ;;
   clapattn)  # CLAP's text branch with its attention as MultiHeadAttention (unet_variant.py clap_attention; not the
              # default) against the default, exported beside it: the variant validated, `bench` alternating over three
              # rounds, loop_start_probe.py on each (where the projection starts after T5), the variant's 100-prompt
@@ -647,8 +635,7 @@ case "$1" in
                # + projection uncaptured (3 rounds of 20 calls); validate; cold start; the full benchmark with the
                # peers and the fp32 row; fidelity. Audio outside /tmp/logs.
     mkdir -p /tmp/audio
-    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
+    in_background "$TEST_GPU; \
       bash $SELF wait 16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --audio-dir /tmp/audio --which runtime,runtime_text_uncaptured,\
 runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256k,b0 \
@@ -676,8 +663,7 @@ runtime_t5_uncaptured,runtime_clap_proj_uncaptured,runtime_text_uncaptured_ws256
             # (ortvalue_allocator_probe.py)
     mkdir -p /tmp/logs/load /tmp/logs/unsafe /tmp/logs/decode-arena
     in_background "python3 ortvalue_allocator_probe.py --out /tmp/logs > /tmp/logs/probe.log 2>&1; \
-      (cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
+      $TEST_GPU; \
       bash $SELF wait 16; \
       python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --out /tmp/logs > /tmp/logs/arenacheck.log 2>&1; \
       python3 shared_arena_check.py --artifacts /tmp/art-fp16 --repeat 2 --decode-arena-uncaptured \
@@ -699,8 +685,7 @@ runtime_decode_arena_uncaptured,runtime_decode_uncaptured,b0 --out /tmp/logs > /
                    # (2 repeats); peak memory of the default, the decode stage captured and uncaptured on the arena,
                    # and B0; tests/test_gpu.py while the export runs; last, the benchmark with the peers (no fp32)
     mkdir -p /tmp/logs/own /tmp/logs/python /tmp/logs/decode-own
-    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
+    in_background "$TEST_GPU; \
       bash $SELF wait 16; \
       for t in 1:2 2:2 3:2 4:1 5:1; do timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --decode-arena \
         --waveforms \${t#*:} --out /tmp/logs/own/\${t%%:*} >> /tmp/logs/own.log 2>&1; done; \
@@ -718,8 +703,7 @@ runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1;
                      # arena per session); `bench` alternating the default and one arena per session (2 rounds of 20
                      # calls); the benchmark with the peers (no fp32 row); last, the load test at the default
     mkdir -p /tmp/logs/check /tmp/logs/load
-    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
+    in_background "$TEST_GPU; \
       bash $SELF wait 16; \
       timeout 300 python3 shared_arena_check.py --artifacts /tmp/art-fp16 --out /tmp/logs/check > /tmp/logs/check.log 2>&1; \
       for r in 1 2; do for v in default own; do \
@@ -771,8 +755,7 @@ runtime_decode_arena_uncaptured,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1;
                 # `bench` alternating the default, 256 KiB, and 256 KiB with the two uncaptured (3 rounds of 20 calls),
                 # then batch 4 (--waveforms 4) for the default and 256 KiB; the 100-prompt fidelity and cold start in
                 # clean processes at the default (what runs BN-BO left out)
-    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
+    in_background "$TEST_GPU; \
       bash $SELF wait 16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_ws256k,runtime_clap_proj_uncaptured,\
 runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
@@ -785,8 +768,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
                     # peak memory (fresh processes) of the default, the default of runs BN-BP and B0; `bench`
                     # alternating the default and every session captured with 1 MiB (3 rounds of 20 calls); batch 4;
                     # cold start in clean processes; the 100-prompt fidelity; last, the benchmark with the peers
-    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
+    in_background "$TEST_GPU; \
       bash $SELF wait 16; \
       python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,runtime_bn_default,b0 --out /tmp/logs \
         > /tmp/logs/peakmem.log 2>&1; \
@@ -852,8 +834,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     ln -sfn "$ROOT/export" /tmp/pkg_old/audioldm2_trt/export
     ln -sfn "$ROOT/ab_old/runtime" /tmp/pkg_old/audioldm2_trt/runtime
     ln -sfn /tmp/pkg /tmp/pkg_new
-    in_background "(cd /tmp && python3 -m pytest --import-mode=append -p no:cacheprovider -q $ROOT/tests/test_gpu.py \
-        > /tmp/logs/pytest-gpu.log 2>&1); \
+    in_background "$TEST_GPU; \
       bash $SELF wait 16; \
       for r in 1 2; do for v in old new; do PYTHONPATH=/tmp/site:/tmp/pkg_\$v python3 loop_start_probe.py \
         --artifacts /tmp/art-fp16 --requests 20 --out /tmp/logs/\$v-\$r > /tmp/logs/loopstart-\$v-\$r.log 2>&1; \
