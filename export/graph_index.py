@@ -46,3 +46,13 @@ class GraphIndex:
         if node is not None and node.op_type == "Constant":
             return numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
         return None
+
+
+def drop_unread_initializers(model, names=None) -> None:
+    """Remove from ``model`` (an ``onnx.ModelProto``) the initializers that no node reads and no graph output names —
+    of ``names`` only, where given."""
+    read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in read or (names is not None and i.name not in names)]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)

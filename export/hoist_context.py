@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 
-from .graph_index import GraphIndex
+from .graph_index import GraphIndex, drop_unread_initializers
 
 KV_PACKED_RANK = 5  # MultiHeadAttention's packed K/V: [batch, kv_len, heads, 2, head_size]
 
@@ -81,7 +81,7 @@ def unpack_cross_kv(model) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         model.graph.initializer.extend(new_inits)
-        _drop_unread_initializers(model)
+        drop_unread_initializers(model)
     return changed
 
 
@@ -135,7 +135,7 @@ def split_context(model, context_inputs) -> tuple:
     del step.graph.input[:]
     step.graph.input.extend(copy.deepcopy(i) for i in kept_inputs)
     step.graph.input.extend(copy.deepcopy(shaped[name]) for name in frontier)
-    _drop_unread_initializers(step)
+    drop_unread_initializers(step)
     del step.graph.value_info[:]
     return step, context, frontier
 
@@ -212,11 +212,3 @@ def _topological(nodes: list) -> list:
             raise HoistError(f"the graph has a cycle through {[n.name for n in rest[:3]]}")
         pending = rest
     return out
-
-
-def _drop_unread_initializers(model) -> None:
-    read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
-    keep = [i for i in model.graph.initializer if i.name in read]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)

@@ -23,7 +23,7 @@ never edited.
 
 from __future__ import annotations
 
-from .graph_index import GraphIndex
+from .graph_index import GraphIndex, drop_unread_initializers
 
 # ONNX Runtime's CUDA Split passes up to 32 equal parts' pointers as a kernel argument (module docstring); larger
 # groups are merged 32 at a time.
@@ -79,7 +79,7 @@ def merge_sibling_gemms(model) -> dict[str, int]:
                 written.append(node)
         del model.graph.node[:]
         model.graph.node.extend(written)
-        _drop_unread_initializers(model, replaced)
+        drop_unread_initializers(model, replaced)
     return counts
 
 
@@ -100,11 +100,3 @@ def _sibling_key(graph: GraphIndex, node):
         if bias is None or list(bias.dims) != [width] or graph.attr(node, "beta", 1.0) != 1.0:
             return None
     return node.input[0], trans_b, has_bias, weight.data_type, width
-
-
-def _drop_unread_initializers(model, names: set[str]) -> None:
-    """Remove the initializers ``names`` that no node reads any more and that are not graph outputs."""
-    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    kept = [i for i in model.graph.initializer if i.name not in names or i.name in read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
