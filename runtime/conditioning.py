@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -90,11 +91,36 @@ def generate_lm_states(gpt2, inputs_embeds: np.ndarray, attention_mask: np.ndarr
     return x[:, length:length + new_tokens].copy()
 
 
+class Deferred:
+    """A computation run once, when first called or asked for its result: the host work a request can do while the
+    device runs its text stage (``encode_text``'s ``meanwhile``). Calling it never raises; ``result()`` gives the
+    value or raises what the computation raised."""
+
+    def __init__(self, compute: Callable[[], object]):
+        self._compute = compute
+        self._outcome: tuple | None = None
+
+    def __call__(self) -> None:
+        if self._outcome is None:
+            try:
+                self._outcome = (True, self._compute())
+            except Exception as err:  # kept for result(): raising inside GPT-2's call would blame GPT-2
+                self._outcome = (False, err)
+
+    def result(self):
+        self()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
 def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int, constants: dict, stepwise: bool,
-                lm_loop=None) -> Conditioning:
+                lm_loop=None, meanwhile: Deferred | None = None) -> Conditioning:
     """Run the four text components once over [negative; positive] rows (``constants``: the manifest's, for
     max_new_tokens and lm_max_positions). GPT-2's passes: ``lm_loop`` (``lm_loop.LmLoop``, the step graph's passes
-    on the device) where given and it has buffers for these shapes, else ``generate_lm_states``."""
+    on the device) where given and it has buffers for these shapes, else ``generate_lm_states``. ``meanwhile``:
+    called once — while the device runs GPT-2's queued passes where ``lm_loop`` queues them, else after them."""
     clap = _stack(tokens.clap, tokens.clap_negative, clap_pad_id)
     t5 = _stack(tokens.t5, tokens.t5_negative, 0)  # same width already: negatives take the positive length
     # CLAP and T5 do not depend on each other: CLAP runs on its session's worker while T5 runs (overlapping on the GPU)
@@ -108,9 +134,12 @@ def encode_text(sessions, tokens: PromptTokens, clap_pad_id: int, constants: dic
     })
     generated = None
     if lm_loop is not None and stepwise:
-        generated = lm_loop.generate(proj["inputs_embeds"], proj["attention_mask"], constants["max_new_tokens"])
+        generated = lm_loop.generate(proj["inputs_embeds"], proj["attention_mask"], constants["max_new_tokens"],
+                                     meanwhile)
     if generated is None:
         generated = generate_lm_states(sessions["gpt2"], proj["inputs_embeds"], proj["attention_mask"],
                                        constants["max_new_tokens"], stepwise, constants["lm_max_positions"])
+    if meanwhile is not None:
+        meanwhile()  # (done already where the passes were queued: a Deferred runs once)
     n_pos = tokens.clap.input_ids.shape[0]
     return Conditioning(check_finite("gpt2", generated), t5_states, t5.attention_mask, clap_embeds[-n_pos:])

@@ -20,6 +20,7 @@ GPT-2 session held (``OrtSession.held``): another thread's request would overwri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -85,9 +86,14 @@ class LmLoop:
         """Whether the passes are queued on one stream (GPT-2 and the append graph share one, both capture)."""
         return queued_together(self._gpt2, self._append)
 
-    def generate(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, new_tokens: int) -> np.ndarray | None:
+    def generate(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
+                 meanwhile: Callable[[], None] | None = None) -> np.ndarray | None:
         """float32 [R, N, D] generated states for inputs_embeds float32 [R, L, D] and attention_mask int64 [R, L];
-        None where this (rows, width) has no buffers (past ``max_shapes``)."""
+        None where this (rows, width) has no buffers (past ``max_shapes``), without calling ``meanwhile``.
+
+        meanwhile: host work called once while the device runs the passes, where they are queued (after the last is
+        queued, before waiting for them; elsewhere after they ran). It must not raise, nor take this runtime's
+        sessions: GPT-2 is held around it."""
         rows, length, dim = inputs_embeds.shape
         width = lm_buffer(length, new_tokens, self._max_positions)
         x = np.zeros((rows, width, dim), np.float32)
@@ -105,7 +111,7 @@ class LmLoop:
                     lambda: LmBuffers.allocate(gpt2, self._append, rows, width, dim, self._stream),
                     what=f"creating GPT-2's loop buffers of {rows} rows × {width} positions")
             capturing = self._may_capture(buffers)
-            final = gpt2.call(lambda: self._passes(buffers, x, mask, last, new_tokens, capturing),
+            final = gpt2.call(lambda: self._passes(buffers, x, mask, last, new_tokens, capturing, meanwhile),
                               may_capture=capturing, what=f"GPT-2's {new_tokens} passes on the device")
         return final[:, length:length + new_tokens]
 
@@ -113,9 +119,10 @@ class LmLoop:
         return any(self._gpt2.may_capture(b) for b in buffers.passes) or any(
             self._append.may_capture(b) for b in buffers.appends)
 
-    def _passes(self, buffers: LmBuffers, x, mask, last, new_tokens: int, capturing: bool) -> np.ndarray:
+    def _passes(self, buffers: LmBuffers, x, mask, last, new_tokens: int, capturing: bool, meanwhile) -> np.ndarray:
         """(inside GPT-2's ``call``) The state copied into triple 0, the passes queued (each waited for where
-        ``capturing`` or without a shared stream), then the final sequence buffer [R, W, D] copied back."""
+        ``capturing`` or without a shared stream), ``meanwhile`` called, then the final sequence buffer [R, W, D]
+        copied back."""
         buffers.embeds[0].update_inplace(x)
         buffers.masks[0].update_inplace(mask)
         buffers.lasts[0].update_inplace(last)
@@ -127,6 +134,9 @@ class LmLoop:
                 self._append.replay(buffers.appends[a], {}, wait=wait)
             if self._stream is not None:
                 self._stream.record(buffers.event)
+            if meanwhile is not None:
+                meanwhile()
+            if self._stream is not None:
                 self._stream.wait(buffers.event)
             return np.array(buffers.embeds[new_tokens % 2].numpy(), copy=True)
         except BaseException as err:

@@ -23,7 +23,7 @@ from .backends.ort import OrtSessionFactory
 from .backends.ort_session import DEFAULT_MAX_GRAPHS
 from .backends.ort_options import CUBLAS_WORKSPACE_KIB, default_tf32, ort_tensorrt_providers
 from .errors import BackendError, InvalidRequestError, NonFiniteError, RequestCancelled
-from .conditioning import Conditioning, check_finite, encode_text
+from .conditioning import Conditioning, Deferred, check_finite, encode_text
 from .denoising import ContextGraph, DeviceStepper, HostStepper, pad_rows
 from .lm_loop import LmLoop
 from .ranking import rank_per_prompt
@@ -361,14 +361,15 @@ class AudioLDM2Runtime:
             raise InvalidRequestError(f"num_waveforms_per_prompt={req.waveforms_per_prompt} needs CLAP ranking, and this "
                                       "runtime was loaded with ranking=False: the allowed value is 1 (or load with "
                                       "ranking=True)")
-        # 2. Prompt → conditioning (CLAP, T5, projection, GPT-2), negatives first under CFG.
+        # 2. Prompt → conditioning (CLAP, T5, projection, GPT-2), negatives first under CFG; 3. the initial latents,
+        # drawn on the host while the device runs GPT-2's passes (where they are queued: encode_text's meanwhile).
         tokens = tokenize_prompts(self._clap_tok, self._t5_tok, req.prompts, req.negative_prompts)
+        initial = Deferred(lambda: self._initial_latents(req))
         cond = encode_text(self._sessions, tokens, self._clap_tok.pad_token_id, self.constants,
-                           stepwise=self.artifacts.gpt2_graph == "step",
-                           lm_loop=self._lm_loop).repeat_rows(req.waveforms_per_prompt)
+                           stepwise=self.artifacts.gpt2_graph == "step", lm_loop=self._lm_loop,
+                           meanwhile=initial).repeat_rows(req.waveforms_per_prompt)
         clock.mark("text")
-        # 3. Initial latents.
-        latents, seed = self._initial_latents(req)
+        latents, seed = initial.result()
         return Prepared(req, cond, latents, seed, callback, cancel, clock)
 
     def run_batch(self, items: list["Prepared"]) -> list:

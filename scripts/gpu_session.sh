@@ -26,9 +26,12 @@
 #                                          # work once per request) against the UNet without it
 #   bash scripts/gpu_session.sh all-tembmerge  # the same for the ResNets' time-embedding projections as one GEMM per
 #                                          # width (sibling_gemms.py) against 22 GEMMs, with tests/test_gpu.py
-#   bash scripts/gpu_session.sh all-clapattn  # setup, fp16 export and CLAP's text branch with MultiHeadAttention
-#                                          # (not the default) beside it: validate, bench alternating, loop_start_probe,
-#                                          # its fidelity, peak memory of each
+#   bash scripts/gpu_session.sh all-clapattn  # setup, fp16 export (CLAP's text branch with MultiHeadAttention) and
+#                                          # that branch unfused beside it: validate, bench alternating, loop_start_probe,
+#                                          # the default's fidelity, peak memory of each
+#   bash scripts/gpu_session.sh all-latents  # setup, fp16 export (tests/test_gpu.py meanwhile); validate, the initial
+#                                          # latents drawn during GPT-2's passes against after the text stage
+#                                          # (loop_start_probe.py alternating), bench, every component's kernel profile
 #   bash scripts/gpu_session.sh all-gpt2fuse  # the same for GPT-2's fusions (self_attention.py and the optimizer's
 #                                          # gpt2 fusions) against GPT-2 converted without fusion; GPT-2's kernels
 #   bash scripts/gpu_session.sh all-textfuse  # the same for T5's and CLAP text's fusions against each unfused
@@ -498,32 +501,35 @@ case "$1" in
   tembmerge)  # the default (the ResNets' time-embedding projections as one GEMM and a Split per width, sibling_gemms.py)
               # against unet_variant.py nomerge (22 GEMMs, the default before), with tests/test_gpu.py
     variant_ab nomerge unet "$TEST_GPU" ;;
-  clapattn)  # CLAP's text branch with its attention as MultiHeadAttention (unet_variant.py clap_attention; not the
-             # default) against the default, exported beside it: the variant validated, `bench` alternating over three
-             # rounds, loop_start_probe.py on each (where the projection starts after T5), the variant's 100-prompt
-             # fidelity, peak memory of each (fresh processes)
-    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant clap_attention \
-        --out /tmp/art-clap_attention > /tmp/logs/variant.log 2>&1; \
+  clapattn)  # the default (CLAP's text branch with its attention as MultiHeadAttention, CLAP_TEXT_ATTENTION) against
+             # unet_variant.py clap_noattention (CLAP_TEXT_FUSED, the default before), exported beside it: validated,
+             # `bench` alternating over three rounds, loop_start_probe.py on each (where the projection starts after
+             # T5), the default's 100-prompt fidelity, peak memory of each (fresh processes). Run CN ran this A/B the
+             # other way round, at 9a6fd56 (the variant then was clap_attention, the default the unfused attention).
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant clap_noattention \
+        --out /tmp/art-clap_noattention > /tmp/logs/variant.log 2>&1; \
       bash $SELF wait 16; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-clap_attention --device cuda > /tmp/logs/validate-clap.log 2>&1); \
-      for r in 1 2 3; do for a in fp16 clap_attention; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
+      $VALIDATE16; \
+      for r in 1 2 3; do for a in fp16 clap_noattention; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
         --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
-      for a in fp16 clap_attention; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
+      for a in fp16 clap_noattention; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
         --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done; \
-      python3 fidelity.py --fp16 /tmp/art-clap_attention --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
-      for a in fp16 clap_attention; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
+      $FIDELITY; \
+      for a in fp16 clap_noattention; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
         --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
-  clapattn-tiny)  # with little device time, in the foreground: setup, the tiny fp16 export, its CLAP text branch
-                  # with MultiHeadAttention (unet_variant.py clap_attention) validated against PyTorch on CUDA
-    bash "$SELF" setup || exit 1
-    cd "$ROOT/scripts" || exit 1
-    (cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 --out /tmp/art-tiny16 \
-      --overwrite > /tmp/logs/export_tiny.log 2>&1) || { tail -20 /tmp/logs/export_tiny.log; exit 1; }
-    python3 unet_variant.py --artifacts /tmp/art-tiny16 --variant clap_attention --out /tmp/art-tiny-clap \
-      > /tmp/logs/variant.log 2>&1 || { tail -20 /tmp/logs/variant.log; exit 1; }
-    (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-tiny-clap --device cuda --components clap_text > /tmp/logs/validate-tiny-clap.log 2>&1)
-    grep -E "clap_text|all " /tmp/logs/validate-tiny-clap.log
-    mkdir -p "$OUT" && cp /tmp/logs/validate-tiny-clap.log "$OUT"/ ;;
+  latents)  # after the fp16 export started (the default since run CN: CLAP's attention as MultiHeadAttention):
+            # tests/test_gpu.py while it runs; then validate, loop_start_probe.py alternating over three rounds with
+            # the initial latents drawn while GPT-2's passes run (the default since run CO) and after the text stage
+            # (--latents-after-text, before), `bench` three rounds, the kernel profile of every component
+    in_background "$TEST_GPU; \
+      bash $SELF wait 16; \
+      $VALIDATE16; \
+      for r in 1 2 3; do for v in overlap after; do o=; [ \$v = after ] && o=--latents-after-text; \
+        python3 loop_start_probe.py --artifacts /tmp/art-fp16 --requests 20 \$o --out /tmp/logs/probe-\$v-\$r \
+          > /tmp/logs/probe-\$v-\$r.log 2>&1; done; done; \
+      for r in 1 2 3; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 20 \
+        --json /tmp/logs/bench-\$r.json > /tmp/logs/bench-\$r.log 2>&1); done; \
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 --out /tmp/logs/kernels > /tmp/logs/kernels.log 2>&1" ;;
   gpt2fuse)  # the default (GPT-2 fused: SkipLayerNormalization, FastGelu, MultiHeadAttention; self_attention.py)
              # against unet_variant.py gpt2_plain (GPT-2 converted without fusion, the default before)
     variant_ab gpt2_plain gpt2 ;;
@@ -812,7 +818,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,

@@ -81,10 +81,9 @@ VARIANTS = {
                         "measured against it in run CG", lambda c: c.BY_NAME["t5_encoder"].fp16),
     "clap_text_plain": Variant("clap_text", "CLAP's text branch converted without fusion (FP16_PLAIN): the default "
                                "until CLAP_TEXT_FUSED, measured against it in run CG", lambda c: c.FP16_PLAIN),
-    "clap_attention": Variant("clap_text", "CLAP_TEXT_ATTENTION: CLAP's text branch with its attention as "
-                              "MultiHeadAttention too (self_attention.py, the padding bias expanded over the queries), "
-                              "fewer launches for a branch that runs uncaptured; to be measured against the default",
-                              lambda c: c.CLAP_TEXT_ATTENTION),
+    "clap_noattention": Variant("clap_text", "CLAP_TEXT_FUSED: CLAP's text branch with its attention unfused (norms and "
+                                "GELUs fused), the default of runs CG-CM, measured against CLAP_TEXT_ATTENTION in run CN",
+                                lambda c: c.CLAP_TEXT_FUSED),
     "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
                         "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
                         _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),

@@ -67,7 +67,8 @@ def loop_runtime(tiny_artifacts):
 @pytest.mark.parametrize("queued", [False, True], ids=["each-run-waited", "queued-cpu-stand-in"])
 def test_device_passes_equal_the_host_loop_bit_for_bit(loop_runtime, queued):
     """Shapes in the order (2, 5), (4, 11), (2, 5): the second call of a shape reuses its buffers and graphs, and its
-    result must not carry anything of the calls before."""
+    result must not carry anything of the calls before. ``meanwhile`` is called once a call: where the passes are
+    queued, after the event behind the last is recorded and before it is waited for."""
     from audioldm2_trt.runtime.conditioning import generate_lm_states
     from audioldm2_trt.runtime.lm_loop import LmLoop
 
@@ -83,7 +84,9 @@ def test_device_passes_equal_the_host_loop_bit_for_bit(loop_runtime, queued):
         loop = LmLoop(gpt2, append, positions, max_shapes=4)
         for seed, (rows, length) in enumerate([(2, 5), (4, 11), (2, 5)]):
             x, mask = _projected(rows, length, dim, seed)
-            got = loop.generate(x, mask, new)
+            called = []
+            got = loop.generate(x, mask, new, meanwhile=lambda: called.append((stream.recorded, stream.waited)))
+            assert called == ([(seed + 1, seed)] if queued else [(0, 0)])
             want = generate_lm_states(gpt2, x, mask, new, True, positions)
             assert got.shape == (rows, new, dim)
             np.testing.assert_array_equal(got, want)
@@ -100,12 +103,16 @@ def test_shapes_past_max_shapes_are_left_to_the_host_loop(loop_runtime):
     dim, new = rt.constants["lm_dim"], rt.constants["max_new_tokens"]
     loop = LmLoop(rt._sessions["gpt2"], rt._lm_append, rt.constants["lm_max_positions"], max_shapes=1)
     assert loop.generate(*_projected(2, 5, dim, 0), new) is not None
-    assert loop.generate(*_projected(2, 30, dim, 1), new) is None  # a second (rows, width): no buffers
+    called = []
+    assert loop.generate(*_projected(2, 30, dim, 1), new, meanwhile=lambda: called.append(1)) is None  # a second
+    assert called == []  # (rows, width): no buffers, and the host work is left to the caller (encode_text)
     assert loop.generate(*_projected(2, 6, dim, 2), new) is not None  # the first width again (lm_buffer rounds to 16)
 
 
 @needs_export
 def test_requests_with_and_without_the_device_passes_get_the_same_conditioning(tiny_artifacts, loop_runtime):
+    """And the same initial latents, which the device passes' request draws while they run (``encode_text``'s
+    meanwhile): the seed's PCG64 draw either way."""
     from audioldm2_trt.runtime import AudioLDM2Runtime
 
     host = AudioLDM2Runtime.load(tiny_artifacts, device="cpu", device_loop=True, lm_loop=False)
@@ -113,9 +120,13 @@ def test_requests_with_and_without_the_device_passes_get_the_same_conditioning(t
         assert not host.health()["lm_loop"]
         kw = dict(prompt=["a dog barking", "rain on a tin roof at night"], negative_prompt="noise",
                   num_inference_steps=3, audio_length_in_s=2.0, seed=3)
-        a, b = loop_runtime.prepare(**kw).cond, host.prepare(**kw).cond
-        np.testing.assert_array_equal(a.generated, b.generated)
-        np.testing.assert_array_equal(a.t5, b.t5)
+        pa, pb = loop_runtime.prepare(**kw), host.prepare(**kw)
+        np.testing.assert_array_equal(pa.cond.generated, pb.cond.generated)
+        np.testing.assert_array_equal(pa.cond.t5, pb.cond.t5)
+        want = np.random.default_rng(3).standard_normal(pa.latents.shape, dtype=np.float32)
+        assert pa.latents.shape[0] == 2 and pa.seed == pb.seed == 3
+        np.testing.assert_array_equal(pa.latents, want)
+        np.testing.assert_array_equal(pb.latents, want)
     finally:
         host.close()
 
@@ -126,3 +137,27 @@ def test_lm_loop_where_it_cannot_apply_is_an_error(tiny_artifacts):
 
     with pytest.raises(InvalidRequestError, match="lm_loop needs the device loop"):
         AudioLDM2Runtime.load(tiny_artifacts, device="cpu", lm_loop=True)  # the CPU's default: the host loop
+
+
+def test_deferred_runs_once_and_keeps_its_error_for_result():
+    """encode_text's ``meanwhile``: called inside GPT-2's call, it must not raise there (that would blame GPT-2);
+    ``result()`` raises the computation's own error, and a second call does not compute again."""
+    from audioldm2_trt.runtime.conditioning import Deferred
+
+    runs = []
+    ok = Deferred(lambda: runs.append(1) or len(runs))
+    ok()
+    ok()
+    assert ok.result() == 1 and runs == [1]
+
+    def bad():
+        runs.append(2)
+        raise ValueError("latents of the wrong shape")
+
+    failing = Deferred(bad)
+    failing()  # does not raise
+    with pytest.raises(ValueError, match="wrong shape"):
+        failing.result()
+    with pytest.raises(ValueError, match="wrong shape"):
+        failing.result()
+    assert runs == [1, 2]

@@ -1,4 +1,4 @@
-"""The text encoders' fused recipes (GPT2_FUSED with export/self_attention.py, T5_FUSED, CLAP_TEXT_FUSED): each fused
+"""The text encoders' fused recipes (GPT2_FUSED with export/self_attention.py, T5_FUSED, CLAP_TEXT_ATTENTION): each fused
 graph computes what the graph before fusion, or diffusers' own GPT-2 loop, does.
 
 The fp16 graphs run on CUDA only (MultiHeadAttention in half precision); here the same fusions on the fp32 graphs run on
@@ -191,11 +191,12 @@ def test_gemm_bias_stays_where_the_projection_has_another_reader():
 
 @pytest.mark.parametrize("name, fused_ops", [
     ("t5_encoder", {"SkipSimplifiedLayerNormalization", "FastGelu"}),
-    ("clap_text", {"SkipLayerNormalization", "BiasGelu"}),
+    ("clap_text", {"SkipLayerNormalization", "BiasGelu", "MultiHeadAttention"}),
 ])
 def test_fused_text_encoders_keep_their_outputs(tiny_pipe, tiny_artifacts, name, fused_ops):
-    """Fused as their recipes say (fp32 here), on token ids with padding: the same outputs as before fusion; T5's
-    allow-list of fp16 nodes still names the same nodes (the fusions leave its MatMuls and embedding alone)."""
+    """Fused as their default recipes say (fp32 here), on token ids with padding: the same outputs as before fusion;
+    T5's attention stays unfused (its scores are fp32) and its allow-list of fp16 nodes still names the same nodes
+    (the fusions leave its MatMuls and embedding alone)."""
     import re
 
     import onnx
@@ -210,7 +211,7 @@ def test_fused_text_encoders_keep_their_outputs(tiny_pipe, tiny_artifacts, name,
     # (no onnx.checker here: T5's SimplifiedLayerNormalization is ONNX Runtime's op in the default domain)
     after, *_ = fuse(OnnxModel(onnx.load(str(tiny_artifacts / f"{name}.onnx"))), recipe)
     ops = {n.op_type for n in after.model.graph.node}
-    assert fused_ops <= ops and "MultiHeadAttention" not in ops
+    assert fused_ops <= ops and ("MultiHeadAttention" in ops) == ("MultiHeadAttention" in fused_ops)
     if recipe.fp16_nodes:
         allowed = re.compile(recipe.fp16_nodes)
         assert sorted(n.name for n in after.model.graph.node if allowed.search(n.name)) == \
@@ -227,7 +228,7 @@ def test_fused_text_encoders_keep_their_outputs(tiny_pipe, tiny_artifacts, name,
 
 @pytest.mark.parametrize("length, kept", [(16, 9), (11, 11)])
 def test_clap_attention_as_multihead_attention_keeps_its_outputs(tiny_artifacts, length, kept):
-    """CLAP_TEXT_ATTENTION (not the default yet): every layer's attention of CLAP's text branch becomes one
+    """CLAP_TEXT_ATTENTION (the default recipe since run CN): every layer's attention of CLAP's text branch becomes one
     MultiHeadAttention (the head count read from the projection's width, as the graph reshapes to [B, S, -1, H]),
     the padding bias is expanded over the queries once for all layers, and the outputs stay those of the unfused
     graph, with and without padding in the batch."""
@@ -237,9 +238,10 @@ def test_clap_attention_as_multihead_attention_keeps_its_outputs(tiny_artifacts,
     import onnxruntime as ort
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from audioldm2_trt.export.components import CLAP_TEXT_ATTENTION
+    from audioldm2_trt.export.components import CLAP_TEXT_ATTENTION, FUSED_RECIPES
     from audioldm2_trt.export.optimize import fuse
 
+    assert FUSED_RECIPES["clap_text"] is CLAP_TEXT_ATTENTION
     before = onnx.load(str(tiny_artifacts / "clap_text.onnx"))
     layers = sum(n.op_type == "Softmax" for n in before.graph.node)
     after, *_ = fuse(OnnxModel(onnx.load(str(tiny_artifacts / "clap_text.onnx"))), CLAP_TEXT_ATTENTION)
