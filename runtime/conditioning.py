@@ -28,25 +28,38 @@ class Conditioning:
     clap_text: np.ndarray
 
     def padded_t5(self, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """(t5 [R, length, D], t5_mask [R, length]) with zero rows / mask 0 appended."""
-        extra = length - self.t5.shape[1]
-        if extra < 0:
-            raise ValueError(f"cannot pad T5 states of length {self.t5.shape[1]} to {length}")
-        return (np.pad(self.t5, ((0, 0), (0, extra), (0, 0))), np.pad(self.t5_mask, ((0, 0), (0, extra))))
+        """(t5 [R, length, D], t5_mask [R, length]) with zero rows / mask 0 appended; this conditioning's own arrays
+        where they have that length already (read only, as every use of them is)."""
+        rows, have, dim = self.t5.shape
+        if length < have:
+            raise ValueError(f"cannot pad T5 states of length {have} to {length}")
+        if length == have:
+            return self.t5, self.t5_mask
+        t5 = np.zeros((rows, length, dim), self.t5.dtype)
+        t5[:, :have] = self.t5
+        mask = np.zeros((rows, length), self.t5_mask.dtype)
+        mask[:, :have] = self.t5_mask
+        return t5, mask
 
     def repeat_rows(self, n: int) -> "Conditioning":
-        """Each row n times in a row (prompt-major), as diffusers' ``repeat(1, n, 1).view`` does."""
+        """Each row n times in a row (prompt-major), as diffusers' ``repeat(1, n, 1).view`` does (itself for n = 1)."""
+        if n == 1:
+            return self
         rep = lambda a: np.repeat(a, n, axis=0)  # noqa: E731
         return Conditioning(rep(self.generated), rep(self.t5), rep(self.t5_mask), self.clap_text)
 
 
 def _stack(a: Tokens, b: Tokens | None, pad_id: int) -> Tokens:
+    """[b; a] (the negatives first), each padded at its end to the wider one's length: ids with ``pad_id``, mask 0."""
     if b is None:
         return a
     width = max(a.length, b.length)
-    pad = lambda t, v: np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=v)  # noqa: E731
-    return Tokens(np.concatenate([pad(b.input_ids, pad_id), pad(a.input_ids, pad_id)]),
-                  np.concatenate([pad(b.attention_mask, 0), pad(a.attention_mask, 0)]))
+    ids = np.full((len(b.input_ids) + len(a.input_ids), width), pad_id, a.input_ids.dtype)
+    mask = np.zeros(ids.shape, a.attention_mask.dtype)
+    for start, t in ((0, b), (len(b.input_ids), a)):
+        ids[start: start + len(t.input_ids), : t.length] = t.input_ids
+        mask[start: start + len(t.input_ids), : t.length] = t.attention_mask
+    return Tokens(ids, mask)
 
 
 def _started(session, feeds: dict):

@@ -546,9 +546,12 @@ def _read_back(stepper, live: list[int], x: dict, prev: dict) -> None:
 
 
 def _pad_halves(x: np.ndarray, rows: int, cfg: bool) -> np.ndarray:
-    """Conditioning rows laid out [negatives; positives] under CFG: pad each half to ``rows``."""
+    """Conditioning rows laid out [negatives; positives] under CFG: pad each half to ``rows`` (x itself where each
+    half has them)."""
     if not cfg:
         return pad_rows(x, rows)
+    if len(x) == 2 * rows:
+        return x
     neg, pos = np.split(x, 2)
     return np.concatenate([pad_rows(neg, rows), pad_rows(pos, rows)])
 
@@ -563,6 +566,8 @@ def _unet_conditioning(items: list[Prepared], t5_len: int) -> tuple[dict, np.nda
     cfg = items[0].req.do_cfg
 
     def rows(j: int) -> np.ndarray:
+        if len(parts) == 1:  # one item: its rows are in that order already (read only, as every use of them is)
+            return parts[0][j]
         if not cfg:
             return np.concatenate([p[j] for p in parts])
         return np.concatenate([p[j][: p[3]] for p in parts] + [p[j][p[3]:] for p in parts])

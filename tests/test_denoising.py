@@ -392,3 +392,64 @@ def test_solver_buffers_copy_a_plans_tables_only_when_another_plan_was_loaded():
     assert [c.tolist() for c in steps[0].copies] == [[0], [0], [0], [3]]
     assert [c.tolist() for c in timestep.copies] == [[int(p.timesteps[s])] for p, s in
                                                      ((dpm20, 0), (dpm20, 0), (ddim7, 0), (dpm20, 3))]
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+@pytest.mark.parametrize("lengths", [(20,), (32,), (20, 7)], ids=["one-padded", "one-unpadded", "two"])
+def test_unet_conditioning_rows_and_padding(cfg, lengths):
+    """The UNet's conditioning feeds for a batch of items, against the layout written out here: under CFG every
+    item's negative rows, then every item's positive rows (diffusers' order), T5 states zero-padded and their mask 0
+    up to the bucket, then each half repeated from its last row up to the batch bucket. One item whose T5 length is
+    the bucket's reads its own arrays (no copy), and nothing here writes to them."""
+    import types
+
+    from audioldm2_trt.runtime.conditioning import Conditioning
+    from audioldm2_trt.runtime.pipeline import _pad_halves, _unet_conditioning
+    from audioldm2_trt.runtime.shapes import batch_bucket, t5_bucket
+
+    rng = np.random.default_rng(len(lengths))
+    items, waves = [], [1, 2][: len(lengths)]
+    for length, n in zip(lengths, waves):
+        rows = n * (2 if cfg else 1)
+        mask = (rng.random((rows, length)) < 0.8).astype(np.int64)
+        cond = Conditioning(rng.standard_normal((rows, 8, 12), dtype=np.float32),
+                            rng.standard_normal((rows, length, 6), dtype=np.float32), mask, np.zeros((n, 4), np.float32))
+        req = types.SimpleNamespace(do_cfg=cfg, guidance_scale=2.0 + len(items))
+        items.append(types.SimpleNamespace(cond=cond, latents=np.zeros((n, 2, 4, 4), np.float32), req=req))
+    before = [(it.cond.generated.copy(), it.cond.t5.copy(), it.cond.t5_mask.copy()) for it in items]
+    bucket = t5_bucket(max(lengths))
+    feeds, guidance = _unet_conditioning(items, bucket)
+
+    def want(field: str) -> np.ndarray:
+        halves = []
+        for half in ([0, 1] if cfg else [None]):
+            rows = []
+            for it, n in zip(items, waves):
+                a = getattr(it.cond, field)
+                a = a if half is None else a[half * n: (half + 1) * n]
+                if field != "generated":  # T5 and its mask padded to the bucket with zeros
+                    a = np.pad(a, [(0, 0), (0, bucket - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+                rows.append(a)
+            halves.append(np.concatenate(rows))
+        return np.concatenate(halves)
+
+    for name, field in [("encoder_hidden_states", "generated"), ("encoder_hidden_states_1", "t5"),
+                        ("encoder_attention_mask_1", "t5_mask")]:
+        np.testing.assert_array_equal(feeds[name], want(field))
+        assert feeds[name].dtype == want(field).dtype
+    np.testing.assert_array_equal(guidance[:, 0, 0, 0], np.concatenate(
+        [np.full(n, it.req.guidance_scale, np.float32) for it, n in zip(items, waves)]))
+    if len(items) == 1 and lengths[0] == bucket:
+        assert feeds["encoder_hidden_states_1"] is items[0].cond.t5
+    padded = batch_bucket(len(guidance))
+    for name, x in feeds.items():
+        got = _pad_halves(x, padded, cfg)
+        halves = np.split(x, 2) if cfg else [x]
+        expect = np.concatenate([np.concatenate([h] + [h[-1:]] * (padded - len(h))) for h in halves])
+        np.testing.assert_array_equal(got, expect)
+        if len(x) == padded * (2 if cfg else 1):
+            assert got is x
+    for it, (g, t, m) in zip(items, before):
+        np.testing.assert_array_equal(it.cond.generated, g)
+        np.testing.assert_array_equal(it.cond.t5, t)
+        np.testing.assert_array_equal(it.cond.t5_mask, m)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from audioldm2_trt.runtime.tokenization import TextTokenizer, tokenize_prompts
 
@@ -53,3 +54,30 @@ def test_random_tokenizers_are_the_same_in_every_process():
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(3)}
     assert len(runs) == 1
+
+
+@pytest.mark.parametrize("widths", [(14, 6), (5, 9), (7, 7)])
+def test_prompts_and_negatives_stacked_negatives_first_and_padded(widths):
+    """encode_text's [negatives; prompts] token rows: each set padded at its end to the wider one's length (ids with
+    the pad id, mask 0), against np.pad; the inputs are left as they were."""
+    from audioldm2_trt.runtime.conditioning import _stack
+    from audioldm2_trt.runtime.tokenization import Tokens
+
+    rng = np.random.default_rng(sum(widths))
+    made = []
+    for rows, width in zip((2, 3), widths):
+        mask = np.ones((rows, width), np.int64)
+        mask[0, width // 2:] = 0
+        made.append(Tokens(rng.integers(3, 900, (rows, width)), mask))
+    a, b = made
+    copies = [t.input_ids.copy() for t in made]
+    got = _stack(a, b, pad_id=1)
+    width = max(widths)
+    pad = lambda x, v: np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=v)  # noqa: E731
+    np.testing.assert_array_equal(got.input_ids, np.concatenate([pad(b.input_ids, 1), pad(a.input_ids, 1)]))
+    np.testing.assert_array_equal(got.attention_mask, np.concatenate([pad(b.attention_mask, 0),
+                                                                      pad(a.attention_mask, 0)]))
+    assert got.input_ids.dtype == got.attention_mask.dtype == np.int64
+    for t, c in zip(made, copies):
+        np.testing.assert_array_equal(t.input_ids, c)
+    assert _stack(a, None, pad_id=1) is a
