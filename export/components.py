@@ -53,6 +53,13 @@ class Fp16Recipe:
     # with self_attention: the softmax bias is a key-padding bias [B, 1, 1, L], expanded once over the queries for
     # MultiHeadAttention (CLAP's RoBERTa; GPT-2's is [B, 1, L, L] already)
     attention_bias_over_queries: bool = False
+    # with self_attention: the q/k/v projections' bias Adds moved into MultiHeadAttention's bias input
+    # (self_attention.qkv_bias_into_attention)
+    attention_qkv_bias: bool = False
+    # the runtime pads this component's token rows to a multiple of this (pad id, mask 0; the manifest entry's
+    # "length_multiple"): ONNX Runtime's memory-efficient attention takes an attention bias only where the query length
+    # is a multiple of 8 in fp16, and runs the unfused attention (7 kernels a layer instead of ~2) otherwise
+    length_multiple: int = 1
     # sibling_gemms.py: Gemm nodes that read one input, each with its own weight, as one Gemm and a Split
     merge_sibling_gemms: bool = False
     reason: str = ""
@@ -313,6 +320,15 @@ CLAP_TEXT_FUSED = Fp16Recipe(
 CLAP_TEXT_ATTENTION = dataclasses.replace(
     CLAP_TEXT_FUSED, self_attention=True, attention_bias_over_queries=True,
     reason=CLAP_TEXT_FUSED.reason + "; attention as MultiHeadAttention (the padding bias expanded over the queries)")
+# Prepared, not the default, not measured at full size: the q/k/v bias Adds in MultiHeadAttention too, and the token
+# rows padded to a multiple of 8 so that the memory-efficient attention applies. In run CO's profile the default
+# branch ran, per layer, 3 bias Adds and the unfused attention (3 AddBiasTransposes, 2 GEMMs, a softmax, a
+# transpose) for a 9-token prompt: 84 of its 277 launches, on the text stage's critical path (the projection waits
+# 0.6 ms for CLAP after T5). unet_variant.py clap_mea, gpu_session.sh clapmea.
+CLAP_TEXT_MEA = dataclasses.replace(
+    CLAP_TEXT_ATTENTION, attention_qkv_bias=True, length_multiple=8,
+    reason=CLAP_TEXT_ATTENTION.reason + "; q/k/v biases in it, tokens padded to a multiple of 8 (memory-efficient "
+                                        "attention)")
 
 # ``export --precision fp16`` converts these components with their fused recipe by default (``--fuse none``: plain).
 # Measured on an H100 (docs/benchmarks.md, 2026-11-26): norm/conv fusions 273 ms end to end vs 339 ms plain in one run

@@ -174,6 +174,7 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
         "sha256": _sha256(path, folder / external if external else None),
         "bytes": path.stat().st_size + ((folder / external).stat().st_size if external else 0),
         **({"context": context} if context is not None else {}),
+        **({"length_multiple": recipe.length_multiple} if fp16 is not None and recipe.length_multiple != 1 else {}),
         **(module.manifest_extra() if hasattr(module, "manifest_extra") else {}),
     }
 

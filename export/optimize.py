@@ -22,7 +22,7 @@ from .bias_split_gelu import fuse_bias_split_gelu
 from .components import Fp16Recipe
 from .fold_bias import fold_biases
 from .hoist_context import split_context, unpack_cross_kv
-from .self_attention import fuse_self_attention, gemm_bias_into_skip_layer_norm
+from .self_attention import fuse_self_attention, gemm_bias_into_skip_layer_norm, qkv_bias_into_attention
 from .sibling_gemms import merge_sibling_gemms
 
 log = logging.getLogger("audioldm2_trt.export")
@@ -88,6 +88,9 @@ def fuse(model, recipe: Fp16Recipe):
         attentions = fuse_self_attention(model.model, recipe.attention_bias_over_queries)
         folded = {**folded, "gemm_into_skip_layer_norm": gemm_bias_into_skip_layer_norm(model.model)}
         model.prune_graph(allow_remove_graph_inputs=False)
+        if recipe.attention_qkv_bias:  # on the pruned graph: the replaced Reshapes no longer read the projections
+            folded["qkv_bias_into_attention"] = qkv_bias_into_attention(model.model)
+            model.prune_graph(allow_remove_graph_inputs=False)
         log.info("%s: %d attentions fused as MultiHeadAttention, biases moved: %s", recipe.fusion, attentions, folded)
     if recipe.merge_sibling_gemms:  # after fold_biases, which moves those GEMMs' biases into the SkipGroupNorm after them
         merged = merge_sibling_gemms(model.model)

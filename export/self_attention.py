@@ -171,6 +171,56 @@ def _width(index: GraphIndex, name: str) -> int | None:
     return None
 
 
+def qkv_bias_into_attention(model) -> int:
+    """Move the biases of each ``MultiHeadAttention``'s query, key and value projections into its ``bias`` input
+    (one [3·D] initializer, q's then k's then v's): where each of the three inputs is ``Add(MatMul(x, W), b)`` (either
+    order) with W a 2-D and b a 1-D initializer of W's width, read by that attention alone (or by ``Shape`` nodes too,
+    which then read the MatMul), and the node has no bias yet, the attention reads the MatMuls' outputs instead. ONNX Runtime adds the bias in the kernel that lays Q, K and
+    V out for the attention, so three Add kernels a layer go. ``model``: an ``onnx.ModelProto`` whose unread nodes are
+    pruned already (in place); returns how many attentions took their biases."""
+    from onnx import numpy_helper
+
+    index = GraphIndex(model)
+    moved = 0
+    for node in index.nodes:
+        if node.domain != MS_DOMAIN or node.op_type != "MultiHeadAttention" or len(node.input) < 3 \
+                or (len(node.input) > 3 and node.input[3]):
+            continue
+        found = [_projection_bias(index, name, node) for name in node.input[:3]]
+        if any(f is None for f in found) or len({b.dtype for _, b in found}) != 1:
+            continue
+        for name, (product, _) in zip(node.input[:3], found):  # Shape readers (bias_over_queries') read the MatMul
+            for shape in index.readers.get(name, []):
+                if shape is not node:
+                    shape.input[0] = product
+        bias_name = f"{node.name}_qkv_bias"
+        model.graph.initializer.append(numpy_helper.from_array(np.concatenate([b for _, b in found]), bias_name))
+        inputs = [product for product, _ in found] + [bias_name] + list(node.input[4:])
+        del node.input[:]
+        node.input.extend(inputs)
+        moved += 1
+    return moved
+
+
+def _projection_bias(index: GraphIndex, name: str, reader):
+    """(MatMul(x, W)'s output, b) where tensor ``name`` is ``Add(MatMul(x, W), b)`` read by ``reader`` and otherwise
+    only by ``Shape`` nodes (which read the same shape from the MatMul), W a 2-D and b a 1-D initializer of W's width;
+    None otherwise."""
+    add = index.producer.get(name)
+    readers = index.readers.get(name, [])
+    if add is None or add.op_type != "Add" or name in index.outputs or not any(r is reader for r in readers) \
+            or any(r is not reader and r.op_type != "Shape" for r in readers):
+        return None
+    for product, bias_name in (add.input, add.input[::-1]):
+        bias, matmul = index.initializer(bias_name), index.producer.get(product)
+        if bias is None or bias.ndim != 1 or matmul is None or matmul.op_type != "MatMul":
+            continue
+        weight = index.initializer(matmul.input[1])
+        if weight is not None and weight.ndim == 2 and weight.shape[1] == bias.size:
+            return product, bias
+    return None
+
+
 def gemm_bias_into_skip_layer_norm(model) -> int:
     """Move the bias of each ``Gemm(x, W, b)`` (alpha = beta = 1, no transposes, b [D]) whose output reaches, through
     Reshapes keeping D the last axis, only a ``SkipLayerNormalization`` without a bias, into that node's bias input;

@@ -88,9 +88,11 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None,
         module = spec.build(pipe, consts).eval()
         session = _session(factory, art, name)
         for i, shape in enumerate(shapes):
-            inputs = as_runtime_feeds(name, sample_inputs(spec, consts, shape, seed=100 + i))
+            inputs = as_runtime_feeds(name, sample_inputs(spec, consts, shape, seed=100 + i),
+                                      entry.get("length_multiple", 1))
             fed = SampleShape(shape.batch, inputs["encoder_hidden_states_1"].shape[1], shape.frames) \
-                if name == "unet" else shape  # the T5 length the UNet really saw
+                if name == "unet" else SampleShape(shape.batch, inputs["input_ids"].shape[1], shape.frames) \
+                if name == "clap_text" else shape  # the token count the component really saw
             with torch.no_grad():
                 ref = module(*inputs.values())
             ref = ref if isinstance(ref, tuple) else (ref,)
@@ -124,15 +126,22 @@ def _session(factory, art, name: str):
     return session if context is None else _ThroughContext(session, context)
 
 
-def as_runtime_feeds(component: str, inputs: dict) -> dict:
+def as_runtime_feeds(component: str, inputs: dict, length_multiple: int = 1) -> dict:
     """The inputs as the runtime feeds this component: for the UNet, T5 states [B, S, D] and mask [B, S]
-    padded with zeros to [B, t5_bucket(S), …] (``Conditioning.padded_t5``). Other components unchanged.
+    padded with zeros to [B, t5_bucket(S), …] (``Conditioning.padded_t5``); for CLAP's text branch with a
+    ``length_multiple`` (its manifest entry's), the tokens padded to a multiple of it with <pad> = 1 and mask 0, as
+    ``tokenization.TextTokenizer`` pads them (the reference then sees the same padded rows). Other components
+    unchanged.
 
     The runtime never gives the UNet another T5 length, and ONNX Runtime's memory-efficient attention (the
     UNet's masked T5 cross-attention under the default ``sdpa_kernel``) refuses unaligned ones (seen at 5 on
     the H100: "Attention::check_supported(p) was false")."""
     import torch
 
+    if component == "clap_text" and length_multiple > 1:
+        extra = -inputs["input_ids"].shape[1] % length_multiple
+        return {"input_ids": torch.nn.functional.pad(inputs["input_ids"], (0, extra), value=1),
+                "attention_mask": torch.nn.functional.pad(inputs["attention_mask"], (0, extra))}
     if component != "unet":
         return inputs
     states, mask = inputs["encoder_hidden_states_1"], inputs["encoder_attention_mask_1"]

@@ -32,10 +32,15 @@ class Tokens:
 
 
 class TextTokenizer:
-    """One tokenizer with its maximum length and pad id."""
+    """One tokenizer with its maximum length and pad id. ``length_multiple``: rows padded to the longest row are
+    padded further, to a multiple of it (not past ``model_max_length``), for an encoder whose fused attention needs
+    that (the manifest entry's "length_multiple", export/components.py ``Fp16Recipe``)."""
 
-    def __init__(self, path, model_max_length: int, pad_token_id: int, name: str):
+    def __init__(self, path, model_max_length: int, pad_token_id: int, name: str, length_multiple: int = 1):
+        if length_multiple < 1:
+            raise ValueError(f"{name}: length_multiple must be ≥ 1, got {length_multiple}")
         self.name = name
+        self.length_multiple = length_multiple
         self.tok = Tokenizer.from_file(str(path))
         self.tok.no_truncation()
         self.tok.no_padding()
@@ -46,7 +51,7 @@ class TextTokenizer:
     def encode(self, texts: list[str], max_length: int | None = None, pad_to: int | None = None,
                warn: bool = True) -> Tokens:
         """Truncate each text to ``max_length`` tokens (special tokens included), then pad to
-        ``pad_to`` or to the longest row."""
+        ``pad_to`` or to the longest row (rounded up to ``length_multiple``)."""
         max_length = max_length or self.model_max_length
         rows = []
         for text in texts:
@@ -57,13 +62,18 @@ class TextTokenizer:
                     log.warning("%s: prompt truncated to %d tokens; removed: %r", self.name, max_length, removed)
                 enc.truncate(max_length - self.n_special)
             rows.append(self.tok.post_process(enc).ids)
-        width = pad_to or max(len(r) for r in rows)
+        width = pad_to or self._padded_width(max(len(r) for r in rows))
         ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
         return Tokens(ids, mask)
+
+
+    def _padded_width(self, longest: int) -> int:
+        rounded = -(-longest // self.length_multiple) * self.length_multiple
+        return rounded if rounded <= self.model_max_length else longest
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@
 #   bash scripts/gpu_session.sh all-clapattn  # setup, fp16 export (CLAP's text branch with MultiHeadAttention) and
 #                                          # that branch unfused beside it: validate, bench alternating, loop_start_probe,
 #                                          # the default's fidelity, peak memory of each
+#   bash scripts/gpu_session.sh all-clapmea  # setup, fp16 export and CLAP's text branch as CLAP_TEXT_MEA (q/k/v
+#                                          # biases in the attention, tokens padded to 8s; not the default) beside it:
+#                                          # validate, bench alternating, probe, CLAP's kernels, fidelity, peak memory
 #   bash scripts/gpu_session.sh all-latents  # setup, fp16 export (tests/test_gpu.py meanwhile); validate, the initial
 #                                          # latents drawn during GPT-2's passes against after the text stage
 #                                          # (loop_start_probe.py alternating), bench, every component's kernel profile
@@ -517,6 +520,36 @@ case "$1" in
       $FIDELITY; \
       for a in fp16 clap_noattention; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
         --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
+  clapmea)  # after the fp16 export started: CLAP_TEXT_MEA (unet_variant.py clap_mea: q/k/v biases in the attention,
+            # tokens padded to a multiple of 8 for the memory-efficient attention; not the default) against the
+            # default, exported beside it: validated, `bench` alternating over three rounds, loop_start_probe.py on
+            # each (where the projection starts after T5), CLAP's kernels, its 100-prompt fidelity, peak memory of each
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant clap_mea \
+        --out /tmp/art-clap_mea > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-clap_mea --device cuda > /tmp/logs/validate-mea.log 2>&1); \
+      for r in 1 2 3; do for a in fp16 clap_mea; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
+        --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
+      for a in fp16 clap_mea; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
+        --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; \
+        python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components clap_text,t5_encoder \
+        --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
+      python3 fidelity.py --fp16 /tmp/art-clap_mea --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
+      for a in fp16 clap_mea; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
+        --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
+  clapmea-tiny)  # with little device time, in the foreground: setup, the tiny fp16 export and its CLAP text branch as
+                 # CLAP_TEXT_MEA (unet_variant.py clap_mea) validated against PyTorch on CUDA; CLAP's kernels of both
+    bash "$SELF" setup || exit 1
+    cd "$ROOT/scripts" || exit 1
+    (cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 --out /tmp/art-tiny16 \
+      --overwrite > /tmp/logs/export_tiny.log 2>&1) || { tail -20 /tmp/logs/export_tiny.log; exit 1; }
+    python3 unet_variant.py --artifacts /tmp/art-tiny16 --variant clap_mea --out /tmp/art-tiny-mea \
+      > /tmp/logs/variant.log 2>&1 || { tail -20 /tmp/logs/variant.log; exit 1; }
+    (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-tiny-mea --device cuda --components clap_text > /tmp/logs/validate-tiny-mea.log 2>&1)
+    grep -E "clap_text|all " /tmp/logs/validate-tiny-mea.log
+    for a in tiny16 tiny-mea; do python3 profile_kernels.py --artifacts /tmp/art-$a --runs 5 --top 25 --components clap_text \
+      --out /tmp/logs/kernels-$a > /tmp/logs/kernels-$a.log 2>&1; grep -A1 "^==" /tmp/logs/kernels-$a/kernels.txt | cut -c1-200; done
+    mkdir -p "$OUT" && cp -r /tmp/logs/validate-tiny-mea.log /tmp/logs/variant.log /tmp/logs/kernels-tiny16 /tmp/logs/kernels-tiny-mea "$OUT"/ ;;
   latents)  # after the fp16 export started (the default since run CN: CLAP's attention as MultiHeadAttention):
             # tests/test_gpu.py while it runs; then validate, loop_start_probe.py alternating over three rounds with
             # the initial latents drawn while GPT-2's passes run (the default since run CO) and after the text stage
@@ -818,7 +851,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-clapmea|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,

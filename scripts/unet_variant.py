@@ -84,6 +84,10 @@ VARIANTS = {
     "clap_noattention": Variant("clap_text", "CLAP_TEXT_FUSED: CLAP's text branch with its attention unfused (norms and "
                                 "GELUs fused), the default of runs CG-CM, measured against CLAP_TEXT_ATTENTION in run CN",
                                 lambda c: c.CLAP_TEXT_FUSED),
+    "clap_mea": Variant("clap_text", "CLAP_TEXT_MEA: CLAP_TEXT_ATTENTION with each attention's q/k/v biases in its "
+                        "bias input and the token rows padded to a multiple of 8 (the entry's length_multiple), so "
+                        "that ONNX Runtime's memory-efficient attention takes the padding bias; not measured at full "
+                        "size yet", lambda c: c.CLAP_TEXT_MEA),
     "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
                         "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
                         _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),

@@ -62,6 +62,27 @@ def test_validation_feeds_the_unet_its_t5_bucket_as_the_runtime_does(tiny_pipe, 
     assert as_runtime_feeds("t5_encoder", t5) is t5
 
 
+def test_validation_pads_clap_tokens_to_the_entry_length_multiple(tiny_pipe, tiny_artifacts):
+    """An fp16 CLAP text entry with a "length_multiple" (``CLAP_TEXT_MEA``) is validated on the token rows the
+    runtime gives it: padded with <pad> = 1 and mask 0 to that multiple; CLAP's output is the same either way."""
+    import torch
+
+    from audioldm2_trt.export.components import BY_NAME, SampleShape, sample_inputs
+    from audioldm2_trt.export.validate import as_runtime_feeds
+
+    consts = load_artifacts(tiny_artifacts).constants
+    raw = sample_inputs(BY_NAME["clap_text"], consts, SampleShape(batch=3, seq=5, frames=16), seed=2)
+    assert as_runtime_feeds("clap_text", raw) is raw
+    fed = as_runtime_feeds("clap_text", raw, 8)
+    ids, mask = fed["input_ids"], fed["attention_mask"]
+    assert ids.shape == mask.shape == (3, 8)
+    assert torch.equal(ids[:, :5], raw["input_ids"]) and (ids[:, 5:] == 1).all()
+    assert torch.equal(mask[:, :5], raw["attention_mask"]) and not mask[:, 5:].any()
+    clap = BY_NAME["clap_text"].build(tiny_pipe, consts).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clap(*fed.values()), clap(*raw.values()), rtol=1e-5, atol=1e-6)
+
+
 def test_manifest_records_what_the_runtime_needs(tiny_artifacts):
     art = load_artifacts(tiny_artifacts)
     m = art.manifest

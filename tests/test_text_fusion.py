@@ -226,30 +226,45 @@ def test_fused_text_encoders_keep_their_outputs(tiny_pipe, tiny_artifacts, name,
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
 
 
+@pytest.mark.parametrize("recipe_name", ["CLAP_TEXT_ATTENTION", "CLAP_TEXT_MEA"])
 @pytest.mark.parametrize("length, kept", [(16, 9), (11, 11)])
-def test_clap_attention_as_multihead_attention_keeps_its_outputs(tiny_artifacts, length, kept):
+def test_clap_attention_as_multihead_attention_keeps_its_outputs(tiny_artifacts, length, kept, recipe_name):
     """CLAP_TEXT_ATTENTION (the default recipe since run CN): every layer's attention of CLAP's text branch becomes one
     MultiHeadAttention (the head count read from the projection's width, as the graph reshapes to [B, S, -1, H]),
     the padding bias is expanded over the queries once for all layers, and the outputs stay those of the unfused
-    graph, with and without padding in the batch."""
+    graph, with and without padding in the batch. ``CLAP_TEXT_MEA`` (not the default) moves each attention's q/k/v
+    bias Adds into its bias input too: no Add is left between those projections and the attention."""
     import collections
 
     import onnx
     import onnxruntime as ort
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from audioldm2_trt.export.components import CLAP_TEXT_ATTENTION, FUSED_RECIPES
+    from audioldm2_trt.export import components
     from audioldm2_trt.export.optimize import fuse
 
-    assert FUSED_RECIPES["clap_text"] is CLAP_TEXT_ATTENTION
+    assert components.FUSED_RECIPES["clap_text"] is components.CLAP_TEXT_ATTENTION
+    recipe = getattr(components, recipe_name)
     before = onnx.load(str(tiny_artifacts / "clap_text.onnx"))
     layers = sum(n.op_type == "Softmax" for n in before.graph.node)
-    after, *_ = fuse(OnnxModel(onnx.load(str(tiny_artifacts / "clap_text.onnx"))), CLAP_TEXT_ATTENTION)
+    after, folded, *_ = fuse(OnnxModel(onnx.load(str(tiny_artifacts / "clap_text.onnx"))), recipe)
     onnx.checker.check_model(after.model)
     ops = collections.Counter(n.op_type for n in after.model.graph.node)
     assert layers > 1 and ops["MultiHeadAttention"] == layers and ops["Softmax"] == 0
-    biases = {n.input[5] for n in after.model.graph.node if n.op_type == "MultiHeadAttention"}
+    attentions = [n for n in after.model.graph.node if n.op_type == "MultiHeadAttention"]
+    biases = {n.input[5] for n in attentions}
     assert len(biases) == 1 and next(iter(biases)).endswith("_over_queries")
+    producers = {o: n for n in after.model.graph.node for o in n.output}
+    if recipe.attention_qkv_bias:
+        assert folded["qkv_bias_into_attention"] == layers
+        inits = {i.name: i for i in after.model.graph.initializer}
+        for n in attentions:
+            assert [producers[x].op_type for x in n.input[:3]] == ["MatMul"] * 3
+            widths = [inits[producers[x].input[1]].dims[1] for x in n.input[:3]]
+            assert list(inits[n.input[3]].dims) == [sum(widths)]
+    else:
+        assert all(n.input[3] == "" for n in attentions)
+        assert all(producers[x].op_type == "Add" for n in attentions for x in n.input[:3])
     rng = np.random.default_rng(3)
     ids = rng.integers(3, 900, (2, length)).astype(np.int64)
     mask = np.ones((2, length), np.int64)

@@ -81,3 +81,53 @@ def test_prompts_and_negatives_stacked_negatives_first_and_padded(widths):
     for t, c in zip(made, copies):
         np.testing.assert_array_equal(t.input_ids, c)
     assert _stack(a, None, pad_id=1) is a
+
+
+def test_length_multiple_pads_rows_up_to_it_but_not_past_the_model_length(tiny_artifacts):
+    """``TextTokenizer(length_multiple=8)`` (a CLAP entry's "length_multiple"): the longest row rounded up to a
+    multiple of 8 with <pad> and mask 0; a row near ``model_max_length`` is not padded past it."""
+    clap, _ = _ours(tiny_artifacts)
+    padded = TextTokenizer(tiny_artifacts / "tokenizer_clap.json", 77, 1, "CLAP", length_multiple=8)
+    for texts in (["a dog"], ["a dog barking at the mailman", "rain"]):
+        plain, got = clap.encode(texts), padded.encode(texts)
+        assert got.length == -(-plain.length // 8) * 8 > 0
+        np.testing.assert_array_equal(got.input_ids[:, : plain.length], plain.input_ids)
+        np.testing.assert_array_equal(got.attention_mask[:, : plain.length], plain.attention_mask)
+        assert (got.input_ids[:, plain.length:] == 1).all() and not got.attention_mask[:, plain.length:].any()
+    long = " ".join(["word"] * 200)
+    assert padded.encode([long], warn=False).length == clap.encode([long], warn=False).length == 77
+    with pytest.raises(ValueError, match="length_multiple must be ≥ 1, got 0"):
+        TextTokenizer(tiny_artifacts / "tokenizer_clap.json", 77, 1, "CLAP", length_multiple=0)
+
+
+def test_runtime_pads_clap_tokens_as_its_manifest_entry_says_and_gets_the_same_embeddings(tiny_artifacts, tmp_path,
+                                                                                           runtime):
+    """A folder whose clap_text entry has "length_multiple": 8 (as ``CLAP_TEXT_MEA`` exports write it): the runtime
+    pads CLAP's token rows to 16 for a 9- or 10-token prompt, and CLAP's embeddings and the conditioning stay those of
+    the unpadded rows (padding is masked)."""
+    import json
+    import os
+
+    from audioldm2_trt.export.onnx_export import content_hash
+    from audioldm2_trt.runtime import AudioLDM2Runtime
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for f in tiny_artifacts.iterdir():
+        if f.is_file() and f.name != "manifest.json":
+            os.link(f, folder / f.name)
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    manifest["components"]["clap_text"]["length_multiple"] = 8
+    manifest["content_hash"] = content_hash(manifest["components"], manifest["tokenizers"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    padded = AudioLDM2Runtime.load(folder, device="cpu")
+    try:
+        assert padded._clap_tok.length_multiple == 8 and runtime._clap_tok.length_multiple == 1
+        kw = dict(prompt="a dog barking at the mailman", negative_prompt="noise", num_inference_steps=2, seed=1,
+                  audio_length_in_s=2.0)
+        assert padded._clap_tok.encode([kw["prompt"]]).length == 16 != runtime._clap_tok.encode([kw["prompt"]]).length
+        a, b = padded.prepare(**kw).cond, runtime.prepare(**kw).cond
+        np.testing.assert_allclose(a.clap_text, b.clap_text, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.generated, b.generated, rtol=1e-4, atol=1e-5)
+    finally:
+        padded.close()
