@@ -62,6 +62,9 @@ class Fp16Recipe:
     length_multiple: int = 1
     # sibling_gemms.py: Gemm nodes that read one input, each with its own weight, as one Gemm and a Split
     merge_sibling_gemms: bool = False
+    # conv_bias.py: each convolution's bias as an Add after it, kept apart by the session (the entry's
+    # "disabled_optimizers": ONNX Runtime's ConvAddFusion would fold it back)
+    conv_bias_as_add: bool = False
     reason: str = ""
 
 
@@ -320,6 +323,12 @@ CLAP_TEXT_FUSED = Fp16Recipe(
 CLAP_TEXT_ATTENTION = dataclasses.replace(
     CLAP_TEXT_FUSED, self_attention=True, attention_bias_over_queries=True,
     reason=CLAP_TEXT_FUSED.reason + "; attention as MultiHeadAttention (the padding bias expanded over the queries)")
+# Prepared, not the default, not measured on the GPU: the vocoder with its 97 convolution biases as Add nodes (ONNX
+# Runtime's own broadcast Add instead of cuDNN's ~12 µs bias op after each convolution; export/conv_bias.py).
+# unet_variant.py voc_bias_add, gpu_session.sh vocbias.
+VOCODER_BIAS_ADD = dataclasses.replace(
+    BY_NAME["vocoder"].fp16, conv_bias_as_add=True,
+    reason=BY_NAME["vocoder"].fp16.reason + "; convolution biases as Add nodes (ConvAddFusion off for the session)")
 # Prepared, not the default, not measured at full size: the q/k/v bias Adds in MultiHeadAttention too, and the token
 # rows padded to a multiple of 8 so that the memory-efficient attention applies. In run CO's profile the default
 # branch ran, per layer, 3 bias Adds and the unfused attention (3 AddBiasTransposes, 2 GEMMs, a softmax, a

@@ -23,6 +23,7 @@ from ..runtime.artifacts import FORMAT_VERSION, MANIFEST, TOKENIZER_FILES
 from ..runtime.errors import ExportError
 from .components import (BY_NAME, FUSED_RECIPES, GPT2_GRAPHS, UNET_LAYOUTS, SampleShape, feature_extractor_config,
                          pipeline_constants, sample_inputs)
+from .conv_bias import DISABLED_OPTIMIZERS
 from .fold_shapes import fold_static_shapes
 from .sources import Source, load_pipeline
 
@@ -175,6 +176,8 @@ def export_component(pipe, consts: dict, name: str, folder: Path, precision: str
         "bytes": path.stat().st_size + ((folder / external).stat().st_size if external else 0),
         **({"context": context} if context is not None else {}),
         **({"length_multiple": recipe.length_multiple} if fp16 is not None and recipe.length_multiple != 1 else {}),
+        **({"disabled_optimizers": list(DISABLED_OPTIMIZERS)} if fp16 is not None and fp16.get("conv_biases_as_add")
+           else {}),
         **(module.manifest_extra() if hasattr(module, "manifest_extra") else {}),
     }
 

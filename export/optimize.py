@@ -22,6 +22,7 @@ from .bias_split_gelu import fuse_bias_split_gelu
 from .components import Fp16Recipe
 from .fold_bias import fold_biases
 from .hoist_context import split_context, unpack_cross_kv
+from .conv_bias import conv_bias_as_add
 from .self_attention import fuse_self_attention, gemm_bias_into_skip_layer_norm, qkv_bias_into_attention
 from .sibling_gemms import merge_sibling_gemms
 
@@ -49,6 +50,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
                  if op in ("GroupNorm", "NhwcConv", "BiasGelu", "FastGelu", "LayerNormalization", "BiasSplitGelu",
                            "SkipLayerNormalization", "BiasAdd", "SkipGroupNorm", "MultiHeadAttention", "Attention",
                            "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")}
+    conv_biases = conv_bias_as_add(model.model) if recipe.conv_bias_as_add else 0
     blocked_nodes = resize_parameter_nodes(model.model)
     if recipe.fp16_nodes:
         allowed = re.compile(recipe.fp16_nodes)
@@ -68,6 +70,7 @@ def to_fp16(path: Path, recipe: Fp16Recipe, save) -> dict:
             **({"context": context} if context else {}),
             **({"merged_gemms": merged} if merged.get("groups") else {}),
             **({"padded_geglus": geglus["padded"]} if geglus.get("padded") else {}),
+            **({"conv_biases_as_add": conv_biases} if conv_biases else {}),
             "fp32_ops": list(recipe.fp32_ops), "fp32_nodes": len(blocked_nodes),
             **({"fp16_nodes": recipe.fp16_nodes} if recipe.fp16_nodes else {})}
 

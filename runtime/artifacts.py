@@ -72,6 +72,20 @@ class Artifacts:
         return components_of(self.manifest)
 
     @property
+    def disabled_optimizers(self) -> dict[str, tuple[str, ...]]:
+        """Component → the ONNX Runtime graph rewrites its session must not apply, as its entry records them (a
+        vocoder exported with its convolution biases as Add nodes: export/conv_bias.py)."""
+        out = {}
+        for name, entry in self.manifest["components"].items():
+            rules = entry.get("disabled_optimizers") or ()
+            if not (isinstance(rules, (list, tuple)) and all(isinstance(r, str) and r for r in rules)):
+                raise ArtifactError(f"{self.folder}: {name}'s disabled_optimizers must be a list of rewrite names, "
+                                    f"got {rules!r}; {rebuild_hint(self.folder, self.manifest.get('source'))}")
+            if rules:
+                out[name] = tuple(rules)
+        return out
+
+    @property
     def nhwc_components(self) -> frozenset[str]:
         """Components whose fp16 recipe fused NHWC convolutions (NhwcConv): ONNX Runtime learns that their weights
         are NHWC already only while prepacking, so their sessions cannot pack weights (``backends.ort``)."""

@@ -32,6 +32,8 @@
 #   bash scripts/gpu_session.sh all-clapmea  # setup, fp16 export and CLAP's text branch as CLAP_TEXT_MEA (q/k/v
 #                                          # biases in the attention, tokens padded to 8s; not the default) beside it:
 #                                          # validate, bench alternating, probe, CLAP's kernels, fidelity, peak memory
+#   bash scripts/gpu_session.sh all-vocbias  # the same for the vocoder's convolution biases as Add nodes (conv_bias.py)
+#                                          # against cuDNN's bias op in each convolution
 #   bash scripts/gpu_session.sh all-latents  # setup, fp16 export (tests/test_gpu.py meanwhile); validate, the initial
 #                                          # latents drawn during GPT-2's passes against after the text stage
 #                                          # (loop_start_probe.py alternating), bench, every component's kernel profile
@@ -550,6 +552,9 @@ case "$1" in
     for a in tiny16 tiny-mea; do python3 profile_kernels.py --artifacts /tmp/art-$a --runs 5 --top 25 --components clap_text \
       --out /tmp/logs/kernels-$a > /tmp/logs/kernels-$a.log 2>&1; grep -A1 "^==" /tmp/logs/kernels-$a/kernels.txt | cut -c1-200; done
     mkdir -p "$OUT" && cp -r /tmp/logs/validate-tiny-mea.log /tmp/logs/variant.log /tmp/logs/kernels-tiny16 /tmp/logs/kernels-tiny-mea "$OUT"/ ;;
+  vocbias)  # after the fp16 export started: the vocoder with its convolution biases as Add nodes (unet_variant.py
+            # voc_bias_add, VOCODER_BIAS_ADD; not the default) against the default, with tests/test_gpu.py
+    variant_ab voc_bias_add vocoder "$TEST_GPU" ;;
   latents)  # after the fp16 export started (the default since run CN: CLAP's attention as MultiHeadAttention):
             # tests/test_gpu.py while it runs; then validate, loop_start_probe.py alternating over three rounds with
             # the initial latents drawn while GPT-2's passes run (the default since run CO) and after the text stage
@@ -851,7 +856,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-clapmea|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-clapmea|all-vocbias|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,

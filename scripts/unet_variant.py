@@ -88,6 +88,9 @@ VARIANTS = {
                         "bias input and the token rows padded to a multiple of 8 (the entry's length_multiple), so "
                         "that ONNX Runtime's memory-efficient attention takes the padding bias; not measured at full "
                         "size yet", lambda c: c.CLAP_TEXT_MEA),
+    "voc_bias_add": Variant("vocoder", "VOCODER_BIAS_ADD: the vocoder with its convolution biases as Add nodes "
+                            "(export/conv_bias.py; the session keeps ONNX Runtime's ConvAddFusion off); not measured "
+                            "yet", lambda c: c.VOCODER_BIAS_ADD),
     "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
                         "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
                         _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),

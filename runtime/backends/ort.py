@@ -45,6 +45,8 @@ PACKED_WEIGHTS = frozenset({"clap_text", "t5_encoder", "projection", "gpt2", "un
 # default fp16 export are assumed to: a UNet packed by mistake fails at its first run.
 ASSUMED_NHWC = frozenset({"unet", "vae_decoder"})
 PACKED_CONFIG = {"session.disable_prepacking": "1"}
+# ONNX Runtime's session config key naming graph rewrites not to apply (";"-separated): ``disabled_optimizers``
+DISABLE_OPTIMIZERS_KEY = "optimization.disable_specified_optimizers"
 # The sessions of the two loops, which a CUDA factory puts on one stream of its own per loop (``loop_stream``): the
 # denoising loop's UNet reads what its context graph wrote and the solver step what the UNet wrote, and GPT-2's pass
 # reads the sequence its append graph wrote, in stream order, so a step or pass can be queued behind the one before
@@ -132,6 +134,10 @@ class OrtSessionFactory:
     (``OrtSession.replay(wait=False)``) — None = on wherever it applies, False = off (each session on ONNX Runtime's
     own stream, every run waited for), True = on, and an error where it does not apply; or the loops to give one
     (``{"denoising"}``).
+    disabled_optimizers: component name → the ONNX Runtime graph rewrites its session must not apply
+    (``optimization.disable_specified_optimizers``), as its manifest entry records them (``for_artifacts``:
+    ``Artifacts.disabled_optimizers``; a vocoder exported with its convolution biases as Add nodes keeps them apart
+    from the convolutions this way: export/conv_bias.py).
     """
 
     def __init__(self, device: str | Device = "cpu", providers: list | None = None, threads: int = 0,
@@ -140,7 +146,7 @@ class OrtSessionFactory:
                  optimized_cache: str | Path | None = None, precision: str = "fp16", session_config: dict | None = None,
                  cublas_workspace_kib: int | None = CUBLAS_WORKSPACE_KIB, shared_arena=None,
                  mem_pattern: bool | None = None, packed_weights=None, needs_prepacking=None,
-                 weights_block=None, loop_stream: bool | None = None):
+                 weights_block=None, loop_stream: bool | None = None, disabled_optimizers: dict | None = None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -154,6 +160,7 @@ class OrtSessionFactory:
             raise BackendError(f"precision {precision!r} is not one of fp16, fp32")
         self.optimized_cache = Path(optimized_cache) if optimized_cache is not None else None
         self.session_config = dict(session_config or {})
+        self.disabled_optimizers = {name: tuple(rules) for name, rules in (disabled_optimizers or {}).items()}
         available = ort.get_available_providers()
         custom = providers is not None
         if providers is None:
@@ -220,7 +227,8 @@ class OrtSessionFactory:
     def for_artifacts(cls, art, device: str | Device = "cpu", **options) -> "OrtSessionFactory":
         """A factory for the sessions of an export folder (``Artifacts``): its precision, and its NHWC components
         left unpacked (``Artifacts.nhwc_components``); ``options`` as for the constructor."""
-        return cls(device, precision=art.precision, needs_prepacking=art.nhwc_components, **options)
+        return cls(device, precision=art.precision, needs_prepacking=art.nhwc_components,
+                   disabled_optimizers=art.disabled_optimizers, **options)
 
     @property
     def _prefer_nhwc(self) -> frozenset:
@@ -349,6 +357,9 @@ class OrtSessionFactory:
             arena.check_can_join(name)  # a choice made explicitly: raises once a graph on it was captured
         config = {**(SHARED_ARENA_CONFIG if arena is not None else {}), **(PACKED_CONFIG if packed else {}),
                   **self.session_config}
+        if self.disabled_optimizers.get(name):  # with any the caller's session_config disables
+            given = [r for r in str(config.get(DISABLE_OPTIMIZERS_KEY, "")).split(";") if r]
+            config[DISABLE_OPTIMIZERS_KEY] = ";".join(dict.fromkeys(given + list(self.disabled_optimizers[name])))
         for key, value in config.items():
             opts.add_session_config_entry(key, str(value))
         block = None

@@ -1,0 +1,138 @@
+"""export/conv_bias.py: each convolution's bias as an Add node after it, kept apart by the session — the same outputs
+as the graph before (ONNX Runtime's CPU provider), the Add still there after ONNX Runtime's optimizer only where the
+session disables ConvAddFusion, and the manifest entry and the runtime's session factory carrying that choice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from audioldm2_trt.runtime.errors import ArtifactError
+
+from .conftest import _has, needs_export
+
+pytestmark = pytest.mark.skipif(not _has("onnx"), reason="needs onnx (the export extra)")
+
+
+def _conv_graph():
+    """x [1, 3, 16] → Conv (bias) → LeakyRelu → Conv (dilated, bias) → + x' (a residual), and a bias-less Conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             [("w1", (4, 3, 3)), ("b1", (4,)), ("w2", (4, 4, 3)), ("b2", (4,)), ("w3", (4, 3, 1))]]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1], name="conv1"),
+             helper.make_node("LeakyRelu", ["c1"], ["r"], alpha=0.1),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["c2"], pads=[2, 2], dilations=[2], name="conv2"),
+             helper.make_node("Conv", ["x", "w3"], ["c3"], name="conv3"),
+             helper.make_node("Add", ["c2", "c3"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model, x, disabled=None, optimized=None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if disabled:
+        opts.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(disabled))
+    if optimized:
+        opts.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+
+
+def test_biases_become_adds_with_the_same_outputs_kept_apart_only_with_conv_add_fusion_off(tmp_path):
+    import copy
+
+    import onnx
+
+    from audioldm2_trt.export.conv_bias import DISABLED_OPTIMIZERS, conv_bias_as_add
+
+    before = _conv_graph()
+    after = copy.deepcopy(before)
+    assert conv_bias_as_add(after) == 2
+    onnx.checker.check_model(after)
+    ops = [n.op_type for n in after.graph.node]
+    assert ops == ["Conv", "Add", "LeakyRelu", "Conv", "Add", "Conv", "Add"]
+    inits = {i.name: list(i.dims) for i in after.graph.initializer}
+    assert "b1" not in inits and "b2" not in inits and inits["b1_over_1d"] == [4, 1]
+    x = np.random.default_rng(1).standard_normal((1, 3, 16)).astype(np.float32)
+    ref = _run(before, x)
+    np.testing.assert_allclose(_run(after, x, DISABLED_OPTIMIZERS), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(after, x), ref, rtol=1e-5, atol=1e-6)
+    kept, folded = tmp_path / "kept.onnx", tmp_path / "folded.onnx"
+    _run(after, x, DISABLED_OPTIMIZERS, optimized=kept)
+    _run(after, x, optimized=folded)
+    count = lambda path: sum(n.op_type == "Add" for n in onnx.load(str(path)).graph.node)  # noqa: E731
+    assert count(kept) == 3 and count(folded) == 1  # ONNX Runtime folds them back unless told not to
+    assert conv_bias_as_add(after) == 0  # nothing left to move
+
+
+@needs_export
+def test_tiny_vocoder_with_its_biases_as_adds_gives_the_same_waveform(tiny_artifacts, tmp_path):
+    import onnx
+
+    from audioldm2_trt.export.conv_bias import DISABLED_OPTIMIZERS, conv_bias_as_add
+
+    before = onnx.load(str(tiny_artifacts / "vocoder.onnx"))
+    with_bias = sum(n.op_type == "Conv" and len(n.input) > 2 and bool(n.input[2]) for n in before.graph.node)
+    after = onnx.load(str(tiny_artifacts / "vocoder.onnx"))
+    assert with_bias > 3 and conv_bias_as_add(after) == with_bias
+    import onnxruntime as ort
+
+    mel = np.random.default_rng(2).standard_normal((1, 1, 32, 64)).astype(np.float32)
+    ref = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"mel": mel})
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(DISABLED_OPTIMIZERS))
+    got = ort.InferenceSession(after.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
+        None, {"mel": mel})
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-6)
+
+
+@needs_export
+def test_export_records_the_rewrites_to_keep_off_and_the_session_factory_passes_them(tiny_pipe, tmp_path):
+    from audioldm2_trt.export.components import VOCODER_BIAS_ADD, pipeline_constants
+    from audioldm2_trt.export.onnx_export import export_component
+    from audioldm2_trt.runtime.backends.ort import DISABLE_OPTIMIZERS_KEY, OrtSessionFactory
+
+    entry = export_component(tiny_pipe, pipeline_constants(tiny_pipe), "vocoder", tmp_path, "fp16",
+                             recipe=VOCODER_BIAS_ADD)
+    assert entry["disabled_optimizers"] == ["ConvAddFusion"] and entry["fp16"]["conv_biases_as_add"] > 3
+    (tmp_path / "plain").mkdir()
+    plain = export_component(tiny_pipe, pipeline_constants(tiny_pipe), "vocoder", tmp_path / "plain", "fp16")
+    assert "disabled_optimizers" not in plain and "conv_biases_as_add" not in plain["fp16"]
+
+    # the factory's session options, per component (an fp32 graph: the CPU provider runs it): the entry's rewrites
+    # joined to those the caller's session_config disables, for that component only
+    seen = []
+    factory = OrtSessionFactory("cpu", precision="fp32", disabled_optimizers={"m": ("ConvAddFusion",)},
+                                session_config={DISABLE_OPTIMIZERS_KEY: "NopElimination"})
+    real = factory.ort.InferenceSession
+
+    def spy(path, sess_options=None, providers=None):
+        seen.append(sess_options.get_session_config_entry(DISABLE_OPTIMIZERS_KEY))
+        return real(path, sess_options=sess_options, providers=providers)
+
+    factory.ort = type("OrtSpy", (), {"InferenceSession": staticmethod(spy), "SessionOptions": factory.ort.SessionOptions,
+                                      "GraphOptimizationLevel": factory.ort.GraphOptimizationLevel})()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_conv_graph().SerializeToString())
+    factory.create("m", path)
+    factory.create("other", path)
+    assert seen == ["NopElimination;ConvAddFusion", "NopElimination"]
+
+
+def test_manifest_disabled_optimizers_of_the_wrong_kind_is_an_artifact_error(tmp_path):
+    from audioldm2_trt.runtime.artifacts import Artifacts
+
+    manifest = {"source": {"kind": "random", "config": "tiny"},
+                "components": {"vocoder": {"disabled_optimizers": "ConvAddFusion"}, "unet": {}}}
+    with pytest.raises(ArtifactError, match="vocoder's disabled_optimizers must be a list of rewrite names, got "
+                                            "'ConvAddFusion'"):
+        Artifacts(tmp_path, manifest).disabled_optimizers
+    manifest["components"]["vocoder"]["disabled_optimizers"] = ["ConvAddFusion"]
+    assert Artifacts(tmp_path, json.loads(json.dumps(manifest))).disabled_optimizers == {"vocoder": ("ConvAddFusion",)}
