@@ -34,6 +34,8 @@
 #                                          # validate, bench alternating, probe, CLAP's kernels, fidelity, peak memory
 #   bash scripts/gpu_session.sh all-vocbias  # the same for the vocoder's convolution biases as Add nodes (conv_bias.py)
 #                                          # against cuDNN's bias op in each convolution
+#   bash scripts/gpu_session.sh all-textvoc  # setup, fp16 export; clap_mea and voc_bias_add beside it (both not the
+#                                          # default): validated, bench alternating, probe, kernels, fidelity, peak
 #   bash scripts/gpu_session.sh all-latents  # setup, fp16 export (tests/test_gpu.py meanwhile); validate, the initial
 #                                          # latents drawn during GPT-2's passes against after the text stage
 #                                          # (loop_start_probe.py alternating), bench, every component's kernel profile
@@ -555,6 +557,29 @@ case "$1" in
   vocbias)  # after the fp16 export started: the vocoder with its convolution biases as Add nodes (unet_variant.py
             # voc_bias_add, VOCODER_BIAS_ADD; not the default) against the default, with tests/test_gpu.py
     variant_ab voc_bias_add vocoder "$TEST_GPU" ;;
+  textvoc)  # after the fp16 export started: the two variants prepared in session 42 against the default, exported
+            # beside it (unet_variant.py clap_mea voc_bias_add): each validated on its component, `bench` alternating
+            # the three over three rounds, loop_start_probe.py on the default and clap_mea, the changed component's
+            # kernels in each, each variant's 100-prompt fidelity, peak memory of the three (the host-side
+            # conditioning of 19f5bbd shows in the default's probe: unet_conditioning)
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 \
+        --variant clap_mea voc_bias_add --out /tmp/art-clap_mea /tmp/art-voc_bias_add > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-clap_mea --device cuda --components clap_text \
+        > /tmp/logs/validate-clap_mea.log 2>&1); \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-voc_bias_add --device cuda --components vocoder \
+        > /tmp/logs/validate-voc_bias_add.log 2>&1); \
+      for r in 1 2 3; do for a in fp16 clap_mea voc_bias_add; do (cd /tmp && python3 -m audioldm2_trt.cli bench \
+        --artifacts /tmp/art-\$a --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); \
+        done; done; \
+      for a in fp16 clap_mea; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
+        --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done; \
+      for a in fp16 clap_mea voc_bias_add; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 \
+        --components clap_text,vocoder --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
+      for a in clap_mea voc_bias_add; do mkdir -p /tmp/logs/fidelity-\$a; python3 fidelity.py --fp16 /tmp/art-\$a \
+        --out /tmp/logs/fidelity-\$a > /tmp/logs/fidelity-\$a.log 2>&1; done; \
+      for a in fp16 clap_mea voc_bias_add; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a \
+        --which runtime --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
   latents)  # after the fp16 export started (the default since run CN: CLAP's attention as MultiHeadAttention):
             # tests/test_gpu.py while it runs; then validate, loop_start_probe.py alternating over three rounds with
             # the initial latents drawn while GPT-2's passes run (the default since run CO) and after the text stage
@@ -856,7 +881,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-clapmea|all-vocbias|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-clapmea|all-vocbias|all-textvoc|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,
