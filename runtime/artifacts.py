@@ -85,6 +85,15 @@ class Artifacts:
                 out[name] = tuple(rules)
         return out
 
+    def length_multiple(self, name: str) -> int:
+        """The multiple component ``name``'s token rows are padded to (its entry's "length_multiple"; 1 without one:
+        the rows as long as the longest prompt)."""
+        value = self.manifest["components"][name].get("length_multiple", 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArtifactError(f"{self.folder}: {name}'s length_multiple must be an integer ≥ 1, got {value!r}; "
+                                f"{rebuild_hint(self.folder, self.manifest.get('source'))}")
+        return value
+
     @property
     def nhwc_components(self) -> frozenset[str]:
         """Components whose fp16 recipe fused NHWC convolutions (NhwcConv): ONNX Runtime learns that their weights

@@ -111,7 +111,7 @@ class AudioLDM2Runtime:
         toks = artifacts.manifest["tokenizers"]
         self._clap_tok = TextTokenizer(artifacts.tokenizer_file("clap"), toks["clap"]["model_max_length"],
                                        toks["clap"]["pad_token_id"], "CLAP",
-                                       artifacts.manifest["components"]["clap_text"].get("length_multiple", 1))
+                                       artifacts.length_multiple("clap_text"))
         self._t5_tok = TextTokenizer(artifacts.tokenizer_file("t5"), toks["t5"]["model_max_length"],
                                      toks["t5"]["pad_token_id"], "T5")
         self._clap_features = ClapFeatures.from_config(artifacts.manifest["feature_extractor"])

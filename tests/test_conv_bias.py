@@ -126,7 +126,8 @@ def test_export_records_the_rewrites_to_keep_off_and_the_session_factory_passes_
     assert seen == ["NopElimination;ConvAddFusion", "NopElimination"]
 
 
-def test_manifest_disabled_optimizers_of_the_wrong_kind_is_an_artifact_error(tmp_path):
+def test_manifest_entries_of_the_wrong_kind_are_artifact_errors(tmp_path):
+    """disabled_optimizers (this module's) and length_multiple (CLAP_TEXT_MEA's) as the runtime reads them."""
     from audioldm2_trt.runtime.artifacts import Artifacts
 
     manifest = {"source": {"kind": "random", "config": "tiny"},
@@ -136,3 +137,10 @@ def test_manifest_disabled_optimizers_of_the_wrong_kind_is_an_artifact_error(tmp
         Artifacts(tmp_path, manifest).disabled_optimizers
     manifest["components"]["vocoder"]["disabled_optimizers"] = ["ConvAddFusion"]
     assert Artifacts(tmp_path, json.loads(json.dumps(manifest))).disabled_optimizers == {"vocoder": ("ConvAddFusion",)}
+    assert Artifacts(tmp_path, manifest).length_multiple("unet") == 1
+    for bad in ("8", 0, True, 2.0):
+        manifest["components"]["unet"]["length_multiple"] = bad
+        with pytest.raises(ArtifactError, match=f"unet's length_multiple must be an integer ≥ 1, got {bad!r}"):
+            Artifacts(tmp_path, manifest).length_multiple("unet")
+    manifest["components"]["unet"]["length_multiple"] = 8
+    assert Artifacts(tmp_path, manifest).length_multiple("unet") == 8
