@@ -557,7 +557,7 @@ case "$1" in
   vocbias)  # after the fp16 export started: the vocoder with its convolution biases as Add nodes (unet_variant.py
             # voc_bias_add, VOCODER_BIAS_ADD; not the default) against the default, with tests/test_gpu.py
     variant_ab voc_bias_add vocoder "$TEST_GPU" ;;
-  textvoc)  # after the fp16 export started: the two variants prepared in session 42 against the default, exported
+  textvoc)  # after the fp16 export started: the two variants prepared after run CO against the default, exported
             # beside it (unet_variant.py clap_mea voc_bias_add): each validated on its component, `bench` alternating
             # the three over three rounds, loop_start_probe.py on the default and clap_mea, the changed component's
             # kernels in each, each variant's 100-prompt fidelity, peak memory of the three (the host-side
