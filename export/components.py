@@ -333,7 +333,7 @@ VOCODER_BIAS_ADD = dataclasses.replace(
 # rows padded to a multiple of 8 so that the memory-efficient attention applies. In run CO's profile the default
 # branch ran, per layer, 3 bias Adds and the unfused attention (3 AddBiasTransposes, 2 GEMMs, a softmax, a
 # transpose) for a 9-token prompt: 84 of its 277 launches, on the text stage's critical path (the projection waits
-# 0.6 ms for CLAP after T5). unet_variant.py clap_mea, gpu_session.sh clapmea.
+# 0.6 ms for CLAP after T5). unet_variant.py clap_mea, gpu_session.sh textvoc.
 CLAP_TEXT_MEA = dataclasses.replace(
     CLAP_TEXT_ATTENTION, attention_qkv_bias=True, length_multiple=8,
     reason=CLAP_TEXT_ATTENTION.reason + "; q/k/v biases in it, tokens padded to a multiple of 8 (memory-efficient "

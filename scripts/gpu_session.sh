@@ -29,11 +29,8 @@
 #   bash scripts/gpu_session.sh all-clapattn  # setup, fp16 export (CLAP's text branch with MultiHeadAttention) and
 #                                          # that branch unfused beside it: validate, bench alternating, loop_start_probe,
 #                                          # the default's fidelity, peak memory of each
-#   bash scripts/gpu_session.sh all-clapmea  # setup, fp16 export and CLAP's text branch as CLAP_TEXT_MEA (q/k/v
-#                                          # biases in the attention, tokens padded to 8s; not the default) beside it:
-#                                          # validate, bench alternating, probe, CLAP's kernels, fidelity, peak memory
-#   bash scripts/gpu_session.sh all-vocbias  # the same for the vocoder's convolution biases as Add nodes (conv_bias.py)
-#                                          # against cuDNN's bias op in each convolution
+#   bash scripts/gpu_session.sh all-vocbias  # the same as all-tembmerge for the vocoder's convolution biases as Add
+#                                          # nodes (conv_bias.py) against cuDNN's bias op in each convolution
 #   bash scripts/gpu_session.sh all-textvoc  # setup, fp16 export; clap_mea and voc_bias_add beside it (both not the
 #                                          # default): validated, bench alternating, probe, kernels, fidelity, peak
 #   bash scripts/gpu_session.sh all-latents  # setup, fp16 export (tests/test_gpu.py meanwhile); validate, the initial
@@ -524,23 +521,6 @@ case "$1" in
       $FIDELITY; \
       for a in fp16 clap_noattention; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
         --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
-  clapmea)  # after the fp16 export started: CLAP_TEXT_MEA (unet_variant.py clap_mea: q/k/v biases in the attention,
-            # tokens padded to a multiple of 8 for the memory-efficient attention; not the default) against the
-            # default, exported beside it: validated, `bench` alternating over three rounds, loop_start_probe.py on
-            # each (where the projection starts after T5), CLAP's kernels, its 100-prompt fidelity, peak memory of each
-    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant clap_mea \
-        --out /tmp/art-clap_mea > /tmp/logs/variant.log 2>&1; \
-      bash $SELF wait 16; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-clap_mea --device cuda > /tmp/logs/validate-mea.log 2>&1); \
-      for r in 1 2 3; do for a in fp16 clap_mea; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
-        --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
-      for a in fp16 clap_mea; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
-        --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; \
-        python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 --components clap_text,t5_encoder \
-        --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
-      python3 fidelity.py --fp16 /tmp/art-clap_mea --out /tmp/logs > /tmp/logs/fidelity.log 2>&1; \
-      for a in fp16 clap_mea; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
-        --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
   clapmea-tiny)  # with little device time, in the foreground: setup, the tiny fp16 export and its CLAP text branch as
                  # CLAP_TEXT_MEA (unet_variant.py clap_mea) validated against PyTorch on CUDA; CLAP's kernels of both
     bash "$SELF" setup || exit 1
@@ -881,7 +861,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-clapmea|all-vocbias|all-textvoc|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-vocbias|all-textvoc|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,
