@@ -156,28 +156,41 @@ def _heads(index: GraphIndex, name: str, reader, perm):
 
 def _width(index: GraphIndex, name: str) -> int | None:
     """The last dimension of tensor ``name`` where it is a projection's: ``MatMul(x, W)`` with W a 2-D initializer,
-    or that plus a 1-D initializer bias (``Add``, either order); None otherwise."""
+    or that plus a 1-D initializer bias (``_biased_projection``); None otherwise."""
+    biased = _biased_projection(index, name)
+    if biased is not None:
+        return int(biased[1].size)
     node = index.producer.get(name)
-    if node is not None and node.op_type == "Add":
-        for other, bias in (node.input, node.input[::-1]):
-            value = index.initializer(bias)
-            if value is not None and value.ndim == 1:
-                width = _width(index, other)
-                return width if width == value.size else None
-        return None
     if node is not None and node.op_type == "MatMul":
         weight = index.initializer(node.input[1])
         return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
     return None
 
 
+def _biased_projection(index: GraphIndex, name: str):
+    """(MatMul(x, W)'s output, b) where tensor ``name`` is ``Add(MatMul(x, W), b)`` (either order), W a 2-D and b a
+    1-D initializer of W's width; None otherwise."""
+    add = index.producer.get(name)
+    if add is None or add.op_type != "Add":
+        return None
+    for product, bias_name in (add.input, add.input[::-1]):
+        bias, matmul = index.initializer(bias_name), index.producer.get(product)
+        if bias is None or bias.ndim != 1 or matmul is None or matmul.op_type != "MatMul":
+            continue
+        weight = index.initializer(matmul.input[1])
+        if weight is not None and weight.ndim == 2 and weight.shape[1] == bias.size:
+            return product, bias
+    return None
+
+
 def qkv_bias_into_attention(model) -> int:
     """Move the biases of each ``MultiHeadAttention``'s query, key and value projections into its ``bias`` input
-    (one [3·D] initializer, q's then k's then v's): where each of the three inputs is ``Add(MatMul(x, W), b)`` (either
-    order) with W a 2-D and b a 1-D initializer of W's width, read by that attention alone (or by ``Shape`` nodes too,
-    which then read the MatMul), and the node has no bias yet, the attention reads the MatMuls' outputs instead. ONNX Runtime adds the bias in the kernel that lays Q, K and
-    V out for the attention, so three Add kernels a layer go. ``model``: an ``onnx.ModelProto`` whose unread nodes are
-    pruned already (in place); returns how many attentions took their biases."""
+    (one [3·D] initializer, q's then k's then v's): where each of the three inputs is a ``_biased_projection``, read
+    by that attention alone (or by ``Shape`` nodes too,
+    which then read the MatMul), and the node has no bias yet, the attention reads the MatMuls' outputs instead. ONNX
+    Runtime adds the bias in the kernel that lays Q, K and V out for the attention, so three Add kernels a layer go.
+    ``model``: an ``onnx.ModelProto`` whose unread nodes are pruned already (in place); returns how many attentions
+    took their biases."""
     from onnx import numpy_helper
 
     index = GraphIndex(model)
@@ -203,22 +216,13 @@ def qkv_bias_into_attention(model) -> int:
 
 
 def _projection_bias(index: GraphIndex, name: str, reader):
-    """(MatMul(x, W)'s output, b) where tensor ``name`` is ``Add(MatMul(x, W), b)`` read by ``reader`` and otherwise
-    only by ``Shape`` nodes (which read the same shape from the MatMul), W a 2-D and b a 1-D initializer of W's width;
-    None otherwise."""
-    add = index.producer.get(name)
+    """``_biased_projection(name)`` where tensor ``name`` is read by ``reader`` and otherwise only by ``Shape`` nodes
+    (which read the same shape from the MatMul), and is no graph output; None otherwise."""
     readers = index.readers.get(name, [])
-    if add is None or add.op_type != "Add" or name in index.outputs or not any(r is reader for r in readers) \
+    if name in index.outputs or not any(r is reader for r in readers) \
             or any(r is not reader and r.op_type != "Shape" for r in readers):
         return None
-    for product, bias_name in (add.input, add.input[::-1]):
-        bias, matmul = index.initializer(bias_name), index.producer.get(product)
-        if bias is None or bias.ndim != 1 or matmul is None or matmul.op_type != "MatMul":
-            continue
-        weight = index.initializer(matmul.input[1])
-        if weight is not None and weight.ndim == 2 and weight.shape[1] == bias.size:
-            return product, bias
-    return None
+    return _biased_projection(index, name)
 
 
 def gemm_bias_into_skip_layer_norm(model) -> int:

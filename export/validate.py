@@ -89,10 +89,9 @@ def validate(folder, device: str = "cpu", shapes=VALIDATION_SHAPES, pipe=None,
         session = _session(factory, art, name)
         for i, shape in enumerate(shapes):
             inputs = as_runtime_feeds(name, sample_inputs(spec, consts, shape, seed=100 + i),
-                                      entry.get("length_multiple", 1))
-            fed = SampleShape(shape.batch, inputs["encoder_hidden_states_1"].shape[1], shape.frames) \
-                if name == "unet" else SampleShape(shape.batch, inputs["input_ids"].shape[1], shape.frames) \
-                if name == "clap_text" else shape  # the token count the component really saw
+                                      art.length_multiple(name))
+            padded = {"unet": "encoder_hidden_states_1", "clap_text": "input_ids"}.get(name)  # as_runtime_feeds pads
+            fed = SampleShape(shape.batch, inputs[padded].shape[1], shape.frames) if padded else shape  # as fed
             with torch.no_grad():
                 ref = module(*inputs.values())
             ref = ref if isinstance(ref, tuple) else (ref,)
