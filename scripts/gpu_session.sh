@@ -26,9 +26,8 @@
 #                                          # work once per request) against the UNet without it
 #   bash scripts/gpu_session.sh all-tembmerge  # the same for the ResNets' time-embedding projections as one GEMM per
 #                                          # width (sibling_gemms.py) against 22 GEMMs, with tests/test_gpu.py
-#   bash scripts/gpu_session.sh all-clapattn  # setup, fp16 export (CLAP's text branch with MultiHeadAttention) and
-#                                          # that branch unfused beside it: validate, bench alternating, loop_start_probe,
-#                                          # the default's fidelity, peak memory of each
+#   bash scripts/gpu_session.sh all-clapattn  # the same for CLAP's text branch with MultiHeadAttention (the default)
+#                                          # against it unfused, with loop_start_probe.py on each
 #   bash scripts/gpu_session.sh all-vocbias  # the same as all-tembmerge for the vocoder's convolution biases as Add
 #                                          # nodes (conv_bias.py) against cuDNN's bias op in each convolution
 #   bash scripts/gpu_session.sh all-textvoc  # setup, fp16 export; clap_mea and voc_bias_add beside it (both not the
@@ -506,21 +505,11 @@ case "$1" in
               # against unet_variant.py nomerge (22 GEMMs, the default before), with tests/test_gpu.py
     variant_ab nomerge unet "$TEST_GPU" ;;
   clapattn)  # the default (CLAP's text branch with its attention as MultiHeadAttention, CLAP_TEXT_ATTENTION) against
-             # unet_variant.py clap_noattention (CLAP_TEXT_FUSED, the default before), exported beside it: validated,
-             # `bench` alternating over three rounds, loop_start_probe.py on each (where the projection starts after
-             # T5), the default's 100-prompt fidelity, peak memory of each (fresh processes). Run CN ran this A/B the
-             # other way round, at 9a6fd56 (the variant then was clap_attention, the default the unfused attention).
-    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 --variant clap_noattention \
-        --out /tmp/art-clap_noattention > /tmp/logs/variant.log 2>&1; \
-      bash $SELF wait 16; \
-      $VALIDATE16; \
-      for r in 1 2 3; do for a in fp16 clap_noattention; do (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-\$a \
-        --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); done; done; \
-      for a in fp16 clap_noattention; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
-        --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done; \
-      $FIDELITY; \
-      for a in fp16 clap_noattention; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
-        --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
+             # unet_variant.py clap_noattention (CLAP_TEXT_FUSED, the default before), with loop_start_probe.py on each
+             # (where the projection starts after T5). Run CN ran this A/B the other way round, at 9a6fd56 (the variant
+             # then was clap_attention, the default the unfused attention; no DDIM-200 or kernel profile then).
+    variant_ab clap_noattention clap_text "for a in fp16 clap_noattention; do python3 loop_start_probe.py \
+      --artifacts /tmp/art-\$a --requests 20 --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done" ;;
   clapmea-tiny)  # with little device time, in the foreground: setup, the tiny fp16 export and its CLAP text branch as
                  # CLAP_TEXT_MEA (unet_variant.py clap_mea) validated against PyTorch on CUDA; CLAP's kernels of both
     bash "$SELF" setup || exit 1
