@@ -32,6 +32,7 @@
 #                                          # nodes (conv_bias.py) against cuDNN's bias op in each convolution
 #   bash scripts/gpu_session.sh all-textvoc  # setup, fp16 export; clap_mea and voc_bias_add beside it (both not the
 #                                          # default): validated, bench alternating, probe, kernels, fidelity, peak
+#   bash scripts/gpu_session.sh all-textvoc-rest  # the same, less what run CQ's lost machine had returned
 #   bash scripts/gpu_session.sh all-latents  # setup, fp16 export (tests/test_gpu.py meanwhile); validate, the initial
 #                                          # latents drawn during GPT-2's passes against after the text stage
 #                                          # (loop_start_probe.py alternating), bench, every component's kernel profile
@@ -549,6 +550,31 @@ case "$1" in
         --out /tmp/logs/fidelity-\$a > /tmp/logs/fidelity-\$a.log 2>&1; done; \
       for a in fp16 clap_mea voc_bias_add; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a \
         --which runtime --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
+  textvoc-rest)  # after the fp16 export started: what run CQ's lost machine left of textvoc (its `bench` rounds 1-2
+                 # of the three and validate of both variants came back), most needed first: the vocoder's kernels
+                 # and peak memory with its biases as Adds and at the default, that variant's fidelity, the probe
+                 # on the default and clap_mea, CLAP's kernels in clap_mea, `bench` round 3 of both variants,
+                 # clap_mea's fidelity and peak memory
+    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 \
+        --variant clap_mea voc_bias_add --out /tmp/art-clap_mea /tmp/art-voc_bias_add > /tmp/logs/variant.log 2>&1; \
+      bash $SELF wait 16; \
+      for a in voc_bias_add fp16; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 \
+        --components clap_text,vocoder --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; \
+        mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
+        --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done; \
+      mkdir -p /tmp/logs/fidelity-voc_bias_add; python3 fidelity.py --fp16 /tmp/art-voc_bias_add \
+        --out /tmp/logs/fidelity-voc_bias_add > /tmp/logs/fidelity-voc_bias_add.log 2>&1; \
+      for a in fp16 clap_mea; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
+        --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done; \
+      python3 profile_kernels.py --artifacts /tmp/art-clap_mea --top 40 --components clap_text \
+        --out /tmp/logs/kernels-clap_mea > /tmp/logs/kernels-clap_mea.log 2>&1; \
+      for a in clap_mea voc_bias_add fp16; do (cd /tmp && python3 -m audioldm2_trt.cli bench \
+        --artifacts /tmp/art-\$a --device cuda --runs 20 --json /tmp/logs/bench-\$a-3.json > /tmp/logs/bench-\$a-3.log 2>&1); \
+        done; \
+      mkdir -p /tmp/logs/fidelity-clap_mea; python3 fidelity.py --fp16 /tmp/art-clap_mea \
+        --out /tmp/logs/fidelity-clap_mea > /tmp/logs/fidelity-clap_mea.log 2>&1; \
+      mkdir -p /tmp/logs/peak-clap_mea; python3 peak_memory.py --artifacts /tmp/art-clap_mea --which runtime \
+        --out /tmp/logs/peak-clap_mea > /tmp/logs/peak-clap_mea.log 2>&1" ;;
   latents)  # after the fp16 export started (the default since run CN: CLAP's attention as MultiHeadAttention):
             # tests/test_gpu.py while it runs; then validate, loop_start_probe.py alternating over three rounds with
             # the initial latents drawn while GPT-2's passes run (the default since run CO) and after the text stage
@@ -850,7 +876,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-vocbias|all-textvoc|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-vocbias|all-textvoc|all-textvoc-rest|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,
