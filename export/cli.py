@@ -21,12 +21,12 @@ def add_commands(sub) -> None:
                    help="fp16: fuse with ONNX Runtime's optimizer, then convert (per-component recipes)")
     p.add_argument("--fuse", default=None, metavar="NAMES",
                    help="with --precision fp16: comma-separated components (unet, vae_decoder, gpt2, t5_encoder, "
-                        "clap_text) to convert with ONNX Runtime's fusions (GroupNorm, NHWC conv, LayerNorm, attention "
-                        "with the T5 mask kept; the UNet's GEGLU tails as BiasSplitGelu where it fits and, in the nhwc "
-                        "layout, its biases folded into the node after them; the text encoders' norms and GELUs, and "
-                        "GPT-2's attention), or 'none' (needed for TensorRT builds); default for fp16: all five "
-                        "(unet and vae_decoder: 190 vs 339 ms end to end on an H100; the text encoders: 145 vs 142 ms "
-                        "on an H200; same fidelity)")
+                        "clap_text, vocoder) to convert with ONNX Runtime's fusions (GroupNorm, NHWC conv, LayerNorm, "
+                        "attention with the T5 mask kept; the UNet's GEGLU tails as BiasSplitGelu where it fits and, in "
+                        "the nhwc layout, its biases folded into the node after them; the text encoders' norms and "
+                        "GELUs, and GPT-2's and CLAP's attention; the vocoder's convolution biases as Adds), or 'none' "
+                        "(needed for TensorRT builds); default for fp16: all six (unet and vae_decoder: 190 vs 339 ms "
+                        "end to end on an H100; the text encoders: 145 vs 142 ms on an H200; same fidelity)")
     p.add_argument("--unet-layout", default="nhwc", choices=["nhwc", "nchw"],
                    help="with the fused UNet: nhwc (the fastest) or nchw, whose weights the runtime can place in one "
                         "allocation: ~100 MiB less GPU memory, 12 %% slower end to end on an H100")

@@ -316,36 +316,39 @@ T5_FUSED = dataclasses.replace(
 CLAP_TEXT_FUSED = Fp16Recipe(
     fusion="bert", fusion_options=(("enable_attention", False),),
     reason="LayerNorm with the residual Add (SkipLayerNormalization) and bias + GELU (BiasGelu) fused")
-# The default since run CN: its attention as MultiHeadAttention too (self_attention.py, the [B, 1, 1, L] padding bias
+# The default of runs CN–CR: its attention as MultiHeadAttention too (self_attention.py, the [B, 1, 1, L] padding bias
 # expanded over the queries once for all layers). The branch runs uncaptured on the text stage's critical path, so its
 # time is its launches: H200, run CN (docs/benchmarks.md), the projection waits 0.6 instead of 1.4 ms for it after T5,
 # `bench` 139.6 against 140.3 ms (three alternating rounds each), same validation, fidelity and peak memory.
 CLAP_TEXT_ATTENTION = dataclasses.replace(
     CLAP_TEXT_FUSED, self_attention=True, attention_bias_over_queries=True,
     reason=CLAP_TEXT_FUSED.reason + "; attention as MultiHeadAttention (the padding bias expanded over the queries)")
-# Prepared, not the default, not measured on the GPU: the vocoder with its 97 convolution biases as Add nodes (ONNX
-# Runtime's own broadcast Add instead of cuDNN's ~12 µs bias op after each convolution; export/conv_bias.py).
-# unet_variant.py voc_bias_add, gpu_session.sh vocbias.
-VOCODER_BIAS_ADD = dataclasses.replace(
-    BY_NAME["vocoder"].fp16, conv_bias_as_add=True,
-    reason=BY_NAME["vocoder"].fp16.reason + "; convolution biases as Add nodes (ConvAddFusion off for the session)")
-# Prepared, not the default, not measured at full size: the q/k/v bias Adds in MultiHeadAttention too, and the token
-# rows padded to a multiple of 8 so that the memory-efficient attention applies. In run CO's profile the default
-# branch ran, per layer, 3 bias Adds and the unfused attention (3 AddBiasTransposes, 2 GEMMs, a softmax, a
-# transpose) for a 9-token prompt: 84 of its 277 launches, on the text stage's critical path (the projection waits
-# 0.6 ms for CLAP after T5). unet_variant.py clap_mea, gpu_session.sh textvoc.
+# The default since run CR: the q/k/v bias Adds in MultiHeadAttention too, and the token rows padded to a multiple of
+# 8 so that ONNX Runtime's memory-efficient attention applies (without it each layer ran 3 bias Adds and the unfused
+# attention, 7 kernels, for a 9-token prompt). H200, runs CQ–CR: CLAP's kernels 0.53 ms in 205 launches against 0.61
+# in 277 (its 16-token rows against 9), the projection waits 0.3 instead of 0.7 ms for it after T5, the text stage
+# 10.0 against 10.3 ms (`bench`, three rounds each), the same validation, 100-prompt fidelity and peak memory.
 CLAP_TEXT_MEA = dataclasses.replace(
     CLAP_TEXT_ATTENTION, attention_qkv_bias=True, length_multiple=8,
     reason=CLAP_TEXT_ATTENTION.reason + "; q/k/v biases in it, tokens padded to a multiple of 8 (memory-efficient "
                                         "attention)")
+# The default since run CR: the vocoder with its 97 convolution biases as Add nodes (ONNX Runtime's own broadcast Add
+# instead of cuDNN's ~12 µs bias op after each convolution; export/conv_bias.py; the manifest entry's
+# "disabled_optimizers" keeps ConvAddFusion from folding them back). H200, runs CQ–CR: the vocoder's kernels 6.97
+# against 7.16 ms, its stage in `bench` 7.73–7.79 against 7.89–7.97 ms (three rounds each), the same validation,
+# 100-prompt fidelity and peak memory.
+VOCODER_BIAS_ADD = dataclasses.replace(
+    BY_NAME["vocoder"].fp16, conv_bias_as_add=True,
+    reason=BY_NAME["vocoder"].fp16.reason + "; convolution biases as Add nodes (ConvAddFusion off for the session)")
 
 # ``export --precision fp16`` converts these components with their fused recipe by default (``--fuse none``: plain).
 # Measured on an H100 (docs/benchmarks.md, 2026-11-26): norm/conv fusions 273 ms end to end vs 339 ms plain in one run
 # (UNet step 12.2 vs 15.3 ms, VAE 3.7 vs 7.5 ms); attention fused as well: UNet session 7.09 vs 10.96 ms at the same
 # rel-L2 (3.83e-3 against fp32), 190 ms end to end; 100-prompt fidelity 1.77e-3 (diffusers fp16: 1.97e-3). The cost is
-# export time: the fused full-size export takes 320-420 s on the device vs 142-162 s.
+# export time: the fused full-size export takes 320-420 s on the device vs 142-162 s. The vocoder's entry rewrites rather
+# than fuses (its convolution biases as Adds); it is here so that ``--fuse`` names it like the others.
 FUSED_RECIPES = {"unet": UNET_FUSED, "vae_decoder": VAE_FUSED, "gpt2": GPT2_FUSED, "t5_encoder": T5_FUSED,
-                 "clap_text": CLAP_TEXT_ATTENTION}
+                 "clap_text": CLAP_TEXT_MEA, "vocoder": VOCODER_BIAS_ADD}
 
 
 def pipeline_constants(pipe) -> dict:

@@ -79,7 +79,7 @@ def export(source: Source, out: str | Path, overwrite: bool = False, pipe=None, 
     """Export every component of ``source``'s pipeline (or of ``pipe``, already loaded from it) into ``out``.
 
     precision "fp16" exports fp32, then fuses and converts each component by its ``Fp16Recipe``; the
-    components named by ``fused_components(precision, fuse)`` (fp16 default: the UNet and VAE decoder) are
+    components named by ``fused_components(precision, fuse)`` (fp16 default: every one in ``FUSED_RECIPES``) are
     converted with their fused recipe instead. ``fuse=()`` converts every component without fusion.
     ``gpt2_graph``: "step" or "unrolled" (``components.GPT2_GRAPHS``). ``unet_layout``: the fused UNet's convolutions,
     "nhwc" (the fastest) or "nchw" (its weights can then be packed by the runtime: ``components.UNET_FUSED_NCHW``).

@@ -14,9 +14,10 @@ request. ``fuse_self_attention`` replaces each
 by ``MultiHeadAttention(q, k, v, attention_bias=bias, num_heads=N, scale=1/c)`` (``× c`` for a Mul: scale c), the
 same function (softmax(q·kᵀ·scale + bias)·v per head). CLAP's text branch (transformers' RoBERTa) has the same
 pattern with N written as −1 (read here from the projection's width) and a [B, 1, 1, L] padding bias, which
-``bias_over_queries`` expands to [B, 1, S, L] once (``CLAP_TEXT_ATTENTION``, the default since run CN). On CUDA GPT-2's
-fp16 node runs as one memory-efficient attention kernel (the bias needs S a multiple of 8, which the runtime's GPT-2
-buffer is: ``shapes.lm_buffer``; CLAP's token count is the prompt's own, so its kernel is not known before a run).
+``bias_over_queries`` expands to [B, 1, S, L] once (``CLAP_TEXT_ATTENTION``, run CN). On CUDA GPT-2's fp16 node runs
+as one memory-efficient attention kernel (the bias needs S a multiple of 8, which the runtime's GPT-2 buffer is:
+``shapes.lm_buffer``); CLAP's rows are padded to such a length by the runtime since ``CLAP_TEXT_MEA`` (the default
+since run CR, its manifest entry's ``length_multiple``).
 
 ``gemm_bias_into_skip_layer_norm``: GPT-2's attention output projection is ``Gemm(x, W, b)`` (transformers' Conv1D),
 which ONNX Runtime runs as a bias broadcast and a GEMM, and its sum goes, through Reshapes, only into the next

@@ -28,11 +28,8 @@
 #                                          # width (sibling_gemms.py) against 22 GEMMs, with tests/test_gpu.py
 #   bash scripts/gpu_session.sh all-clapattn  # the same for CLAP's text branch with MultiHeadAttention (the default)
 #                                          # against it unfused, with loop_start_probe.py on each
-#   bash scripts/gpu_session.sh all-vocbias  # the same as all-tembmerge for the vocoder's convolution biases as Add
-#                                          # nodes (conv_bias.py) against cuDNN's bias op in each convolution
-#   bash scripts/gpu_session.sh all-textvoc  # setup, fp16 export; clap_mea and voc_bias_add beside it (both not the
-#                                          # default): validated, bench alternating, probe, kernels, fidelity, peak
-#   bash scripts/gpu_session.sh all-textvoc-rest  # the same, less what run CQ's lost machine had returned
+#   bash scripts/gpu_session.sh all-textvoc  # the same for CLAP_TEXT_MEA and VOCODER_BIAS_ADD (the default since run
+#                                          # CR) against the recipes before them, with loop_start_probe.py
 #   bash scripts/gpu_session.sh all-latents  # setup, fp16 export (tests/test_gpu.py meanwhile); validate, the initial
 #                                          # latents drawn during GPT-2's passes against after the text stage
 #                                          # (loop_start_probe.py alternating), bench, every component's kernel profile
@@ -505,76 +502,17 @@ case "$1" in
   tembmerge)  # the default (the ResNets' time-embedding projections as one GEMM and a Split per width, sibling_gemms.py)
               # against unet_variant.py nomerge (22 GEMMs, the default before), with tests/test_gpu.py
     variant_ab nomerge unet "$TEST_GPU" ;;
-  clapattn)  # the default (CLAP's text branch with its attention as MultiHeadAttention, CLAP_TEXT_ATTENTION) against
+  clapattn)  # CLAP's text branch with its attention as MultiHeadAttention (the default, CLAP_TEXT_MEA since run CR) against
              # unet_variant.py clap_noattention (CLAP_TEXT_FUSED, the default before), with loop_start_probe.py on each
              # (where the projection starts after T5). Run CN ran this A/B the other way round, at 9a6fd56 (the variant
              # then was clap_attention, the default the unfused attention; no DDIM-200 or kernel profile then).
     variant_ab clap_noattention clap_text "for a in fp16 clap_noattention; do python3 loop_start_probe.py \
       --artifacts /tmp/art-\$a --requests 20 --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done" ;;
-  clapmea-tiny)  # with little device time, in the foreground: setup, the tiny fp16 export and its CLAP text branch as
-                 # CLAP_TEXT_MEA (unet_variant.py clap_mea) validated against PyTorch on CUDA; CLAP's kernels of both
-    bash "$SELF" setup || exit 1
-    cd "$ROOT/scripts" || exit 1
-    (cd /tmp && python3 -m audioldm2_trt.cli export --random-weights tiny --precision fp16 --out /tmp/art-tiny16 \
-      --overwrite > /tmp/logs/export_tiny.log 2>&1) || { tail -20 /tmp/logs/export_tiny.log; exit 1; }
-    python3 unet_variant.py --artifacts /tmp/art-tiny16 --variant clap_mea --out /tmp/art-tiny-mea \
-      > /tmp/logs/variant.log 2>&1 || { tail -20 /tmp/logs/variant.log; exit 1; }
-    (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-tiny-mea --device cuda --components clap_text > /tmp/logs/validate-tiny-mea.log 2>&1)
-    grep -E "clap_text|all " /tmp/logs/validate-tiny-mea.log
-    for a in tiny16 tiny-mea; do python3 profile_kernels.py --artifacts /tmp/art-$a --runs 5 --top 25 --components clap_text \
-      --out /tmp/logs/kernels-$a > /tmp/logs/kernels-$a.log 2>&1; grep -A1 "^==" /tmp/logs/kernels-$a/kernels.txt | cut -c1-200; done
-    mkdir -p "$OUT" && cp -r /tmp/logs/validate-tiny-mea.log /tmp/logs/variant.log /tmp/logs/kernels-tiny16 /tmp/logs/kernels-tiny-mea "$OUT"/ ;;
-  vocbias)  # after the fp16 export started: the vocoder with its convolution biases as Add nodes (unet_variant.py
-            # voc_bias_add, VOCODER_BIAS_ADD; not the default) against the default, with tests/test_gpu.py
-    variant_ab voc_bias_add vocoder "$TEST_GPU" ;;
-  textvoc)  # after the fp16 export started: the two variants prepared after run CO against the default, exported
-            # beside it (unet_variant.py clap_mea voc_bias_add): each validated on its component, `bench` alternating
-            # the three over three rounds, loop_start_probe.py on the default and clap_mea, the changed component's
-            # kernels in each, each variant's 100-prompt fidelity, peak memory of the three (the host-side
-            # conditioning of 19f5bbd shows in the default's probe: unet_conditioning)
-    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 \
-        --variant clap_mea voc_bias_add --out /tmp/art-clap_mea /tmp/art-voc_bias_add > /tmp/logs/variant.log 2>&1; \
-      bash $SELF wait 16; \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-clap_mea --device cuda --components clap_text \
-        > /tmp/logs/validate-clap_mea.log 2>&1); \
-      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-voc_bias_add --device cuda --components vocoder \
-        > /tmp/logs/validate-voc_bias_add.log 2>&1); \
-      for r in 1 2 3; do for a in fp16 clap_mea voc_bias_add; do (cd /tmp && python3 -m audioldm2_trt.cli bench \
-        --artifacts /tmp/art-\$a --device cuda --runs 20 --json /tmp/logs/bench-\$a-\$r.json > /tmp/logs/bench-\$a-\$r.log 2>&1); \
-        done; done; \
-      for a in fp16 clap_mea; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
-        --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done; \
-      for a in fp16 clap_mea voc_bias_add; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 \
-        --components clap_text,vocoder --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; done; \
-      for a in clap_mea voc_bias_add; do mkdir -p /tmp/logs/fidelity-\$a; python3 fidelity.py --fp16 /tmp/art-\$a \
-        --out /tmp/logs/fidelity-\$a > /tmp/logs/fidelity-\$a.log 2>&1; done; \
-      for a in fp16 clap_mea voc_bias_add; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a \
-        --which runtime --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done" ;;
-  textvoc-rest)  # after the fp16 export started: what run CQ's lost machine left of textvoc (its `bench` rounds 1-2
-                 # of the three and validate of both variants came back), most needed first: the vocoder's kernels
-                 # and peak memory with its biases as Adds and at the default, that variant's fidelity, the probe
-                 # on the default and clap_mea, CLAP's kernels in clap_mea, `bench` round 3 of both variants,
-                 # clap_mea's fidelity and peak memory
-    in_background "python3 unet_variant.py --artifacts /tmp/art-fp16 --source random:audioldm2 \
-        --variant clap_mea voc_bias_add --out /tmp/art-clap_mea /tmp/art-voc_bias_add > /tmp/logs/variant.log 2>&1; \
-      bash $SELF wait 16; \
-      for a in voc_bias_add fp16; do python3 profile_kernels.py --artifacts /tmp/art-\$a --top 40 \
-        --components clap_text,vocoder --out /tmp/logs/kernels-\$a > /tmp/logs/kernels-\$a.log 2>&1; \
-        mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
-        --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done; \
-      mkdir -p /tmp/logs/fidelity-voc_bias_add; python3 fidelity.py --fp16 /tmp/art-voc_bias_add \
-        --out /tmp/logs/fidelity-voc_bias_add > /tmp/logs/fidelity-voc_bias_add.log 2>&1; \
-      for a in fp16 clap_mea; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
-        --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done; \
-      python3 profile_kernels.py --artifacts /tmp/art-clap_mea --top 40 --components clap_text \
-        --out /tmp/logs/kernels-clap_mea > /tmp/logs/kernels-clap_mea.log 2>&1; \
-      for a in clap_mea voc_bias_add fp16; do (cd /tmp && python3 -m audioldm2_trt.cli bench \
-        --artifacts /tmp/art-\$a --device cuda --runs 20 --json /tmp/logs/bench-\$a-3.json > /tmp/logs/bench-\$a-3.log 2>&1); \
-        done; \
-      mkdir -p /tmp/logs/fidelity-clap_mea; python3 fidelity.py --fp16 /tmp/art-clap_mea \
-        --out /tmp/logs/fidelity-clap_mea > /tmp/logs/fidelity-clap_mea.log 2>&1; \
-      mkdir -p /tmp/logs/peak-clap_mea; python3 peak_memory.py --artifacts /tmp/art-clap_mea --which runtime \
-        --out /tmp/logs/peak-clap_mea > /tmp/logs/peak-clap_mea.log 2>&1" ;;
+  textvoc)  # the default (CLAP_TEXT_MEA, VOCODER_BIAS_ADD since run CR) against unet_variant.py clap_nomea and
+            # voc_cudnn_bias (the recipes before), with loop_start_probe.py on the default and clap_nomea. Runs CQ-CR
+            # measured this A/B the other way round, with modes of their own (textvoc and textvoc-rest at f846d77)
+    variant_ab "clap_nomea voc_cudnn_bias" clap_text,vocoder "for a in fp16 clap_nomea; do python3 loop_start_probe.py \
+      --artifacts /tmp/art-\$a --requests 20 --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done" ;;
   latents)  # after the fp16 export started (the default since run CN: CLAP's attention as MultiHeadAttention):
             # tests/test_gpu.py while it runs; then validate, loop_start_probe.py alternating over three rounds with
             # the initial latents drawn while GPT-2's passes run (the default since run CO) and after the text stage
@@ -876,7 +814,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-vocbias|all-textvoc|all-textvoc-rest|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-textvoc|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,

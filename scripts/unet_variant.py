@@ -1,5 +1,5 @@
-"""A copy of an fp16 artefact folder with its UNet (or VAE decoder, GPT-2, T5 or CLAP's text branch) fused another
-way — for measurements without a full re-export.
+"""A copy of an fp16 artefact folder with its UNet (or VAE decoder, GPT-2, T5, CLAP's text branch or vocoder) fused
+another way — for measurements without a full re-export.
 
     python scripts/unet_variant.py --artifacts /tmp/art-fp16 [--source random:audioldm2] --variant nchw --out /tmp/art-nchw
 
@@ -84,13 +84,13 @@ VARIANTS = {
     "clap_noattention": Variant("clap_text", "CLAP_TEXT_FUSED: CLAP's text branch with its attention unfused (norms and "
                                 "GELUs fused), the default of runs CG-CM, measured against CLAP_TEXT_ATTENTION in run CN",
                                 lambda c: c.CLAP_TEXT_FUSED),
-    "clap_mea": Variant("clap_text", "CLAP_TEXT_MEA: CLAP_TEXT_ATTENTION with each attention's q/k/v biases in its "
-                        "bias input and the token rows padded to a multiple of 8 (the entry's length_multiple), so "
-                        "that ONNX Runtime's memory-efficient attention takes the padding bias; not measured at full "
-                        "size yet", lambda c: c.CLAP_TEXT_MEA),
-    "voc_bias_add": Variant("vocoder", "VOCODER_BIAS_ADD: the vocoder with its convolution biases as Add nodes "
-                            "(export/conv_bias.py; the session keeps ONNX Runtime's ConvAddFusion off); not measured "
-                            "yet", lambda c: c.VOCODER_BIAS_ADD),
+    "clap_nomea": Variant("clap_text", "CLAP_TEXT_ATTENTION: CLAP's text branch with its attention as "
+                          "MultiHeadAttention, the q/k/v bias Adds before it and the tokens unpadded (the unfused "
+                          "attention kernels run): the default of runs CN-CR, measured against CLAP_TEXT_MEA in runs "
+                          "CQ-CR", lambda c: c.CLAP_TEXT_ATTENTION),
+    "voc_cudnn_bias": Variant("vocoder", "the vocoder's mixed-precision recipe with each convolution's bias in the "
+                              "convolution (cuDNN's bias op): the default until VOCODER_BIAS_ADD, measured against it "
+                              "in runs CQ-CR", lambda c: c.BY_NAME["vocoder"].fp16),
     "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
                         "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
                         _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),

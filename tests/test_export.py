@@ -288,7 +288,8 @@ def test_large_component_is_saved_with_external_data(tiny_pipe, tmp_path, monkey
 
 @needs_export
 @pytest.mark.parametrize("fuse, precision, message", [
-    (("vocoder",), "fp16", "fused recipes exist for unet, vae_decoder, gpt2, t5_encoder, clap_text only"),
+    (("projection",), "fp16",
+     "--fuse projection: fused recipes exist for unet, vae_decoder, gpt2, t5_encoder, clap_text, vocoder only"),
     (("unet",), "fp32", "--fuse applies to --precision fp16"),
 ])
 def test_fuse_option_errors_name_the_problem(tmp_path, fuse, precision, message):
@@ -319,7 +320,7 @@ def test_unet_layout_errors_name_the_problem(tmp_path, fuse, layout, message):
 
 @needs_export
 @pytest.mark.parametrize("precision, fuse, expected", [
-    ("fp16", None, ("unet", "vae_decoder", "gpt2", "t5_encoder", "clap_text")),  # the fp16 default: every fused recipe
+    ("fp16", None, ("unet", "vae_decoder", "gpt2", "t5_encoder", "clap_text", "vocoder")),  # fp16: every fused recipe
     ("fp16", (), ()),                         # --fuse none
     ("fp16", ("unet",), ("unet",)),
     ("fp32", None, ()),

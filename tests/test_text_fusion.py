@@ -1,4 +1,4 @@
-"""The text encoders' fused recipes (GPT2_FUSED with export/self_attention.py, T5_FUSED, CLAP_TEXT_ATTENTION): each fused
+"""The text encoders' fused recipes (GPT2_FUSED with export/self_attention.py, T5_FUSED, CLAP_TEXT_MEA): each fused
 graph computes what the graph before fusion, or diffusers' own GPT-2 loop, does.
 
 The fp16 graphs run on CUDA only (MultiHeadAttention in half precision); here the same fusions on the fp32 graphs run on
@@ -229,10 +229,10 @@ def test_fused_text_encoders_keep_their_outputs(tiny_pipe, tiny_artifacts, name,
 @pytest.mark.parametrize("recipe_name", ["CLAP_TEXT_ATTENTION", "CLAP_TEXT_MEA"])
 @pytest.mark.parametrize("length, kept", [(16, 9), (11, 11)])
 def test_clap_attention_as_multihead_attention_keeps_its_outputs(tiny_artifacts, length, kept, recipe_name):
-    """CLAP_TEXT_ATTENTION (the default recipe since run CN): every layer's attention of CLAP's text branch becomes one
+    """CLAP_TEXT_ATTENTION (the default recipe of runs CN-CR): every layer's attention of CLAP's text branch becomes one
     MultiHeadAttention (the head count read from the projection's width, as the graph reshapes to [B, S, -1, H]),
     the padding bias is expanded over the queries once for all layers, and the outputs stay those of the unfused
-    graph, with and without padding in the batch. ``CLAP_TEXT_MEA`` (not the default) moves each attention's q/k/v
+    graph, with and without padding in the batch. ``CLAP_TEXT_MEA`` (the default since run CR) moves each attention's q/k/v
     bias Adds into its bias input too: no Add is left between those projections and the attention."""
     import collections
 
@@ -243,7 +243,7 @@ def test_clap_attention_as_multihead_attention_keeps_its_outputs(tiny_artifacts,
     from audioldm2_trt.export import components
     from audioldm2_trt.export.optimize import fuse
 
-    assert components.FUSED_RECIPES["clap_text"] is components.CLAP_TEXT_ATTENTION
+    assert components.FUSED_RECIPES["clap_text"] is components.CLAP_TEXT_MEA
     recipe = getattr(components, recipe_name)
     before = onnx.load(str(tiny_artifacts / "clap_text.onnx"))
     layers = sum(n.op_type == "Softmax" for n in before.graph.node)

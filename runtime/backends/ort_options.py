@@ -74,9 +74,9 @@ def cuda_provider_options(device: Device, tf32: bool) -> dict:
 #   causal-and-padding mask), which flash attention does not take; without the option ONNX Runtime would try cuDNN's
 #   flash attention first on Hopper, which builds its plans on the first run (the UNet's cold start, above).
 # clap_text sdpa_kernel 2|16, for the same reason, where its attention is MultiHeadAttention (export recipe
-#   CLAP_TEXT_ATTENTION, the default since run CN; artefacts exported before have no attention node there, and the
-#   option changes nothing for them): uncaptured and fed the prompt's own token count, it would otherwise build
-#   cuDNN plans for each new length.
+#   CLAP_TEXT_ATTENTION since run CN, CLAP_TEXT_MEA since run CR; artefacts exported before have no attention node
+#   there, and the option changes nothing for them): uncaptured and fed the prompt's own token count (rounded up to a
+#   multiple of 8 since run CR), it would otherwise build cuDNN plans for each new length.
 # clap_features use_tf32 0: its DFT is a 1024-tap convolution whose fp32 accuracy the log-mel needs (faint bins
 #   sit 100 dB under loud ones); without TF32 it is still a fraction of a millisecond.
 COMPONENT_PROVIDER_OPTIONS = {"unet": {"sdpa_kernel": 1 | 2 | 16, "cudnn_conv_algo_search": "HEURISTIC"},
