@@ -4,7 +4,8 @@ ONNX Runtime's CUDA ``Conv`` adds its bias with a cuDNN tensor op of its own aft
 vocoder those adds are 96 of its 416 kernels, ~12 µs each on the H200 (run CO's profile: 1.17 ms of 7.14), where
 ONNX Runtime's own broadcast ``Add`` over a tensor of that size reads and writes at bandwidth (~8 µs: the vocoder's
 residual ``Add`` s of the same tensors take 7.6 µs). ``conv_bias_as_add`` rewrites each ``Conv(x, W, b)`` as
-``Add(Conv(x, W), b')``, b' the bias shaped [M, 1, …] to broadcast over the spatial axes: the same sums.
+``Add(Conv(x, W), b')``, b' the bias shaped [M, 1, …] to broadcast over the spatial axes: the same sums
+(``ConvTranspose`` likewise: ONNX Runtime adds its bias with the same cuDNN op).
 
 ONNX Runtime folds such an ``Add`` back into the convolution at session creation (its ``ConvAddFusion`` rewrite),
 unless the session disables that rewrite: the export records ``DISABLED_OPTIMIZERS`` in the component's manifest
@@ -16,35 +17,59 @@ from __future__ import annotations
 DISABLED_OPTIMIZERS = ("ConvAddFusion",)
 
 
+_CONVOLUTIONS = ("Conv", "ConvTranspose")
+
+
+def _initializer_behind(name: str, inits: dict, producer: dict):
+    """The initializer tensor ``name`` is, itself or through ``Identity`` nodes, or None. (The TorchScript exporter
+    writes equal initializers once and the others as an Identity of it: the random-weight vocoder's zero biases.)"""
+    while name not in inits:
+        node = producer.get(name)
+        if node is None or node.op_type != "Identity":
+            return None
+        name = node.input[0]
+    return inits[name]
+
+
 def conv_bias_as_add(model) -> int:
-    """Rewrite every ``Conv`` of ``model`` (an ``onnx.ModelProto``, in place) whose bias is a 1-D initializer as the
-    convolution without it and an ``Add`` of that bias, reshaped to [M, 1, …] (one 1 per spatial axis of the weight);
-    the Add writes the Conv's old output, so readers are unchanged. Returns how many."""
+    """Rewrite every ``Conv`` and ``ConvTranspose`` of ``model`` (an ``onnx.ModelProto``, in place) whose weight and
+    1-D bias are initializers (directly or through Identity nodes) as the convolution without its bias and an ``Add``
+    of that bias, reshaped to [M, 1, …] (one 1 per spatial axis of the weight); the Add writes the convolution's old
+    output, so readers are unchanged. Identity nodes and initializers read by nothing afterwards are removed. Returns
+    how many convolutions were rewritten."""
     from onnx import helper, numpy_helper
 
     from .graph_index import drop_unread_initializers
 
     inits = {i.name: i for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
     nodes, added, replaced, moved = [], [], set(), 0
     for node in model.graph.node:
         nodes.append(node)
-        if node.op_type != "Conv" or len(node.input) < 3 or node.input[2] not in inits or node.input[1] not in inits:
+        if node.op_type not in _CONVOLUTIONS or len(node.input) < 3 or not node.input[2]:
             continue
-        bias = numpy_helper.to_array(inits[node.input[2]])
-        spatial = len(inits[node.input[1]].dims) - 2
+        bias_init = _initializer_behind(node.input[2], inits, producer)
+        weight = _initializer_behind(node.input[1], inits, producer)
+        if bias_init is None or weight is None:
+            continue
+        bias = numpy_helper.to_array(bias_init)
+        spatial = len(weight.dims) - 2
         if bias.ndim != 1 or spatial < 1:
             continue
-        out, name = node.output[0], node.input[2]
-        shaped = f"{name}_over_{spatial}d"
+        out = node.output[0]
+        shaped = f"{bias_init.name}_over_{spatial}d"
         if shaped not in inits:
             inits[shaped] = numpy_helper.from_array(bias.reshape(bias.shape + (1,) * spatial), shaped)
             added.append(inits[shaped])
-        replaced.add(name)
+        replaced.update((node.input[2], bias_init.name))
         del node.input[2:]
         node.output[0] = f"{out}_without_bias"
         nodes.append(helper.make_node("Add", [node.output[0], shaped], [out], name=f"{node.name or out}_bias"))
         moved += 1
     if moved:
+        read = {x for n in nodes for x in n.input} | {o.name for o in model.graph.output}
+        unread = {name for name in replaced if name not in read}
+        nodes = [n for n in nodes if not (n.op_type == "Identity" and n.output[0] in unread)]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         model.graph.initializer.extend(added)

@@ -72,6 +72,41 @@ def test_biases_become_adds_with_the_same_outputs_kept_apart_only_with_conv_add_
     assert conv_bias_as_add(after) == 0  # nothing left to move
 
 
+def test_biases_behind_identity_nodes_and_transposed_convolutions_become_adds_too():
+    """The TorchScript exporter writes equal initializers once and the others as an Identity of it (the random-weight
+    full-size vocoder: 54 of its zero biases, which the first version of the rewrite skipped — run CR's profile kept
+    59 cuDNN bias ops); a ``ConvTranspose`` (the vocoder's upsampling) has its bias added by the same cuDNN op."""
+    import copy
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from audioldm2_trt.export.conv_bias import DISABLED_OPTIMIZERS, conv_bias_as_add
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             [("w1", (4, 3, 3)), ("w2", (4, 4, 3)), ("b", (4,)), ("wt", (4, 2, 4)), ("bt", (2,))]]
+    nodes = [helper.make_node("Identity", ["b"], ["b_shared"]),
+             helper.make_node("Conv", ["x", "w1", "b"], ["c1"], pads=[1, 1]),
+             helper.make_node("LeakyRelu", ["c1"], ["r"], alpha=0.1),
+             helper.make_node("Conv", ["r", "w2", "b_shared"], ["c2"], pads=[1, 1]),
+             helper.make_node("ConvTranspose", ["c2", "wt", "bt"], ["y"], strides=[2], pads=[1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 32])], inits)
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    after = copy.deepcopy(before)
+    assert conv_bias_as_add(after) == 3
+    onnx.checker.check_model(after)
+    assert [n.op_type for n in after.graph.node] == ["Conv", "Add", "LeakyRelu", "Conv", "Add", "ConvTranspose", "Add"]
+    assert all(len(n.input) == 2 for n in after.graph.node if n.op_type in ("Conv", "ConvTranspose"))
+    inits_after = {i.name: list(i.dims) for i in after.graph.initializer}
+    assert inits_after["b_over_1d"] == [4, 1] and inits_after["bt_over_1d"] == [2, 1]
+    assert "b" not in inits_after and "bt" not in inits_after
+    assert [n.input[1] for n in after.graph.node if n.op_type == "Add"][:2] == ["b_over_1d", "b_over_1d"]
+    x = rng.standard_normal((1, 3, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(after, x, DISABLED_OPTIMIZERS), _run(before, x), rtol=1e-5, atol=1e-6)
+
+
 @needs_export
 def test_tiny_vocoder_with_its_biases_as_adds_gives_the_same_waveform(tiny_artifacts, tmp_path):
     import onnx
@@ -79,9 +114,11 @@ def test_tiny_vocoder_with_its_biases_as_adds_gives_the_same_waveform(tiny_artif
     from audioldm2_trt.export.conv_bias import DISABLED_OPTIMIZERS, conv_bias_as_add
 
     before = onnx.load(str(tiny_artifacts / "vocoder.onnx"))
-    with_bias = sum(n.op_type == "Conv" and len(n.input) > 2 and bool(n.input[2]) for n in before.graph.node)
+    convolutions = ("Conv", "ConvTranspose")
+    with_bias = sum(n.op_type in convolutions and len(n.input) > 2 and bool(n.input[2]) for n in before.graph.node)
     after = onnx.load(str(tiny_artifacts / "vocoder.onnx"))
     assert with_bias > 3 and conv_bias_as_add(after) == with_bias
+    assert not [n.name for n in after.graph.node if n.op_type in convolutions and len(n.input) > 2]
     import onnxruntime as ort
 
     mel = np.random.default_rng(2).standard_normal((1, 1, 32, 64)).astype(np.float32)
