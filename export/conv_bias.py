@@ -14,21 +14,21 @@ entry and the runtime's session factory passes them (``optimization.disable_spec
 
 from __future__ import annotations
 
+from .graph_index import GraphIndex, drop_unread_initializers
+
 DISABLED_OPTIMIZERS = ("ConvAddFusion",)
+_CONVOLUTIONS = ("Conv", "ConvTranspose")  # ONNX Runtime's CUDA kernels of both add their bias with cuDNN's op
 
 
-_CONVOLUTIONS = ("Conv", "ConvTranspose")
-
-
-def _initializer_behind(name: str, inits: dict, producer: dict):
+def _initializer_behind(index: GraphIndex, name: str):
     """The initializer tensor ``name`` is, itself or through ``Identity`` nodes, or None. (The TorchScript exporter
     writes equal initializers once and the others as an Identity of it: the random-weight vocoder's zero biases.)"""
-    while name not in inits:
-        node = producer.get(name)
+    while name not in index.inits:
+        node = index.producer.get(name)
         if node is None or node.op_type != "Identity":
             return None
         name = node.input[0]
-    return inits[name]
+    return index.inits[name]
 
 
 def conv_bias_as_add(model) -> int:
@@ -39,17 +39,15 @@ def conv_bias_as_add(model) -> int:
     how many convolutions were rewritten."""
     from onnx import helper, numpy_helper
 
-    from .graph_index import drop_unread_initializers
-
-    inits = {i.name: i for i in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
+    index = GraphIndex(model)
+    inits = index.inits
     nodes, added, replaced, moved = [], [], set(), 0
-    for node in model.graph.node:
+    for node in index.nodes:
         nodes.append(node)
         if node.op_type not in _CONVOLUTIONS or len(node.input) < 3 or not node.input[2]:
             continue
-        bias_init = _initializer_behind(node.input[2], inits, producer)
-        weight = _initializer_behind(node.input[1], inits, producer)
+        bias_init = _initializer_behind(index, node.input[2])
+        weight = _initializer_behind(index, node.input[1])
         if bias_init is None or weight is None:
             continue
         bias = numpy_helper.to_array(bias_init)
