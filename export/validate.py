@@ -175,8 +175,8 @@ def validate_trt(folder, device: str = "cuda") -> list[ComponentCheck]:
         spec = spec_of(name, art.gpt2_graph)
         session = factory.create(name, art.component_file(name))
         for i, shape in enumerate(shapes):
-            feeds = {k: v.numpy() for k, v in as_runtime_feeds(name, sample_inputs(spec, art.constants, shape,
-                                                                                  seed=200 + i)).items()}
+            raw = sample_inputs(spec, art.constants, shape, seed=200 + i)
+            feeds = {k: v.numpy() for k, v in as_runtime_feeds(name, raw, art.length_multiple(name)).items()}
             ref, got = session.run(feeds), engines[name].run(feeds)
             for out in spec.outputs:
                 r, g = ref[out.name], got[out.name]
