@@ -187,11 +187,10 @@ def _biased_projection(index: GraphIndex, name: str):
 def qkv_bias_into_attention(model) -> int:
     """Move the biases of each ``MultiHeadAttention``'s query, key and value projections into its ``bias`` input
     (one [3·D] initializer, q's then k's then v's): where each of the three inputs is a ``_biased_projection``, read
-    by that attention alone (or by ``Shape`` nodes too,
-    which then read the MatMul), and the node has no bias yet, the attention reads the MatMuls' outputs instead. ONNX
-    Runtime adds the bias in the kernel that lays Q, K and V out for the attention, so three Add kernels a layer go.
-    ``model``: an ``onnx.ModelProto`` whose unread nodes are pruned already (in place); returns how many attentions
-    took their biases."""
+    by that attention alone (or by ``Shape`` nodes too, which then read the MatMul), and the node has no bias yet, the
+    attention reads the MatMuls' outputs instead. ONNX Runtime adds the bias in the kernel that lays Q, K and V out
+    for the attention, so three Add kernels a layer go. ``model``: an ``onnx.ModelProto`` whose unread nodes are
+    pruned already (in place); returns how many attentions took their biases."""
     from onnx import numpy_helper
 
     index = GraphIndex(model)

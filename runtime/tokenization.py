@@ -70,8 +70,9 @@ class TextTokenizer:
             mask[i, : len(r)] = 1
         return Tokens(ids, mask)
 
-
     def _padded_width(self, longest: int) -> int:
+        """The width of rows whose longest has ``longest`` tokens: rounded up to ``length_multiple``, unless that
+        would pass ``model_max_length``."""
         rounded = -(-longest // self.length_multiple) * self.length_multiple
         return rounded if rounded <= self.model_max_length else longest
 
