@@ -33,16 +33,21 @@ def _conv_graph():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _run(model, x, disabled=None, optimized=None):
+def _run(model, x, disabled=None, optimized=None, feed="x", extended_only=False):
+    """``model``'s first output for ``x`` (as input ``feed``) on ONNX Runtime's CPU provider, the rewrites
+    ``disabled`` off, its optimized graph written to ``optimized``; ``extended_only``: no layout-level rewrites (the
+    CPU provider's NCHWc pass would fuse Adds back into their convolutions)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if extended_only:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if disabled:
         opts.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(disabled))
     if optimized:
         opts.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]
+        None, {feed: x})[0]
 
 
 def test_biases_become_adds_with_the_same_outputs_kept_apart_only_with_conv_add_fusion_off(tmp_path):
@@ -119,15 +124,10 @@ def test_tiny_vocoder_with_its_biases_as_adds_gives_the_same_waveform(tiny_artif
     after = onnx.load(str(tiny_artifacts / "vocoder.onnx"))
     assert with_bias > 3 and conv_bias_as_add(after) == with_bias
     assert not [n.name for n in after.graph.node if n.op_type in convolutions and len(n.input) > 2]
-    import onnxruntime as ort
 
     mel = np.random.default_rng(2).standard_normal((1, 1, 32, 64)).astype(np.float32)
-    ref = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"mel": mel})
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(DISABLED_OPTIMIZERS))
-    got = ort.InferenceSession(after.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-        None, {"mel": mel})
-    np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_run(after, mel, DISABLED_OPTIMIZERS, feed="mel"), _run(before, mel, feed="mel"),
+                               rtol=1e-4, atol=1e-6)
 
 
 class _WithVocoder:
@@ -148,7 +148,6 @@ def test_full_size_vocoder_has_every_bias_moved_and_the_same_waveform(tiny_pipe,
     rewrite's first version), no Identity is left, and its waveform is the one of the export without the rewrite
     (ONNX Runtime's CPU provider, fp16 graphs)."""
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
@@ -186,26 +185,15 @@ def test_full_size_vocoder_has_every_bias_moved_and_the_same_waveform(tiny_pipe,
     assert not [n.name for n in adds.graph.node if n.op_type == "Identity"]
 
     mel = np.random.default_rng(4).standard_normal((1, 1, 16, consts["mel_bins"])).astype(np.float32)
-
-    def run(model, disabled=()):
-        opts = ort.SessionOptions()
-        # (the CPU provider's NCHWc layout pass, at the default level, would fuse the Adds back into its convolutions)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        if disabled:
-            opts.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(disabled))
-        opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        out = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-            None, {"mel": mel})
-        return out, onnx.load(str(tmp_path / "optimized.onnx"))
-
-    ref, _ = run(plain)
-    got, optimized = run(adds, DISABLED_OPTIMIZERS)
+    ref = _run(plain, mel, feed="mel", extended_only=True)
+    got = _run(adds, mel, DISABLED_OPTIMIZERS, optimized=tmp_path / "optimized.onnx", feed="mel", extended_only=True)
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     assert not [n.name for n in optimized.graph.node if n.op_type in convolutions and len(n.input) > 2]
     moved = [numpy_helper.to_array(i) for i in adds.graph.initializer if i.name.endswith("_over_1d")]
     assert moved and all(np.abs(v).max() > 0.01 for v in moved)  # biases that change the waveform
     # the CPU provider runs these fp16 graphs in fp32 (its inserted Casts), the Add right after each convolution
-    err = np.linalg.norm(got[0] - ref[0]) / np.linalg.norm(ref[0])
-    assert np.isfinite(got[0]).all() and err < 1e-5
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert np.isfinite(got).all() and err < 1e-5
 
 
 @needs_export
