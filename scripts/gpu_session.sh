@@ -171,6 +171,11 @@ variant_ab() {
     for a in fp16 $vs; do mkdir -p /tmp/logs/peak-\$a; python3 peak_memory.py --artifacts /tmp/art-\$a --which runtime \
       --out /tmp/logs/peak-\$a > /tmp/logs/peak-\$a.log 2>&1; done"
 }
+# the steps (for variant_ab's $3) running loop_start_probe.py, 20 requests, on the artefacts /tmp/art-NAME of each NAME
+probe_steps() {
+  echo "for a in $*; do python3 loop_start_probe.py --artifacts /tmp/art-\$a --requests 20 \
+    --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done"
+}
 # setup, then an fp16 export of the random config $1 into $2 in the foreground (log $3), timed from $t0
 setup_export_foreground() {
   bash "$SELF" setup || exit 1
@@ -506,13 +511,11 @@ case "$1" in
              # unet_variant.py clap_noattention (CLAP_TEXT_FUSED, the default before), with loop_start_probe.py on each
              # (where the projection starts after T5). Run CN ran this A/B the other way round, at 9a6fd56 (the variant
              # then was clap_attention, the default the unfused attention; no DDIM-200 or kernel profile then).
-    variant_ab clap_noattention clap_text "for a in fp16 clap_noattention; do python3 loop_start_probe.py \
-      --artifacts /tmp/art-\$a --requests 20 --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done" ;;
+    variant_ab clap_noattention clap_text "$(probe_steps fp16 clap_noattention)" ;;
   textvoc)  # the default (CLAP_TEXT_MEA, VOCODER_BIAS_ADD since run CR) against unet_variant.py clap_nomea and
             # voc_cudnn_bias (the recipes before), with loop_start_probe.py on the default and clap_nomea. Runs CQ-CR
             # measured this A/B the other way round, with modes of their own (textvoc and textvoc-rest at f846d77)
-    variant_ab "clap_nomea voc_cudnn_bias" clap_text,vocoder "for a in fp16 clap_nomea; do python3 loop_start_probe.py \
-      --artifacts /tmp/art-\$a --requests 20 --out /tmp/logs/probe-\$a > /tmp/logs/probe-\$a.log 2>&1; done" ;;
+    variant_ab "clap_nomea voc_cudnn_bias" clap_text,vocoder "$(probe_steps fp16 clap_nomea)" ;;
   latents)  # after the fp16 export started (the default since run CN: CLAP's attention as MultiHeadAttention):
             # tests/test_gpu.py while it runs; then validate, loop_start_probe.py alternating over three rounds with
             # the initial latents drawn while GPT-2's passes run (the default since run CO) and after the text stage
