@@ -63,6 +63,10 @@
 #   bash scripts/gpu_session.sh all-newdefault-full  # setup, fp16 export; the default since run BP against the one
 #                                          # before it: peak memory, bench alternating, batch 4, cold start, fidelity,
 #                                          # the benchmark with the peers
+#   bash scripts/gpu_session.sh all-current  # setup, fp16 + fp32 exports; the issue's whole table at the current
+#                                          # default: validate, bench (batch 1, DDIM-200, batch 4), the decode stage's
+#                                          # overhead, kernels, peak memory against B0, the peers and the fp32 row in one
+#                                          # process, fidelity
 #   bash scripts/gpu_session.sh all-peers  # setup, fp16 export; only the benchmark with the peers (run BT: what run
 #                                          # BS's machine took with it)
 #   bash scripts/gpu_session.sh all-defaultarena-full  # setup, fp16 export; the default since run BN (the decode
@@ -798,6 +802,28 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
       $BENCH_WITH_PEERS" ;;
   all-fp32row)  # setup, the fp16 and fp32 exports, fp32row
     setup_export_then "16 32" fp32row ;;
+  current)  # after the fp16 and fp32 exports started: the issue's whole table at the current default. tests/test_gpu.py
+           # while they run; then validate, `bench` (20 warm calls), DDIM-200, batch 4, decode_overhead.py, the
+           # kernels of the vocoder, CLAP's text branch and the VAE decoder, loop_start_probe.py, peak memory of the
+           # runtime and B0 (fresh processes); after the fp32 export the benchmark with the peers and the fp32 row in
+           # one process; the 100-prompt fidelity last
+    in_background "$TEST_GPU; \
+      bash $SELF wait 16; \
+      $VALIDATE16; \
+      $BENCH_CLI; \
+      $BENCH_CLI_DDIM200; \
+      (cd /tmp && python3 -m audioldm2_trt.cli bench --artifacts /tmp/art-fp16 --device cuda --runs 10 --waveforms 4 \
+        --json /tmp/logs/bench-cli-batch4.json > /tmp/logs/bench-cli-batch4.log 2>&1); \
+      python3 decode_overhead.py --artifacts /tmp/art-fp16 --out /tmp/logs > /tmp/logs/decode.log 2>&1; \
+      python3 profile_kernels.py --artifacts /tmp/art-fp16 --top 40 --components vocoder,clap_text,vae_decoder \
+        --out /tmp/logs/kernels > /tmp/logs/kernels.log 2>&1; \
+      $(probe_steps fp16); \
+      python3 peak_memory.py --artifacts /tmp/art-fp16 --which runtime,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2>&1; \
+      bash $SELF wait 32; \
+      $BENCH_WITH_PEERS; \
+      $FIDELITY" ;;
+  all-current)  # setup, the fp16 and fp32 exports, current
+    setup_export_then "16 32" current ;;
   memline-rest)  # after the fp16 export started: what run BP's machine took with it: batch 4 (--waveforms 4) for the
                 # default and for the 256 KiB workspace with CLAP's text branch and the projection uncaptured; `bench`
                 # round 3 of the 256 KiB workspace, of both savings and of the default; the cold start and the
