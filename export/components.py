@@ -335,9 +335,9 @@ CLAP_TEXT_MEA = dataclasses.replace(
 # The default since run CR: the vocoder with its 97 convolution biases as Add nodes (ONNX Runtime's own broadcast Add
 # instead of cuDNN's ~12 µs bias op after each convolution; export/conv_bias.py; the manifest entry's
 # "disabled_optimizers" keeps ConvAddFusion from folding them back). H200, runs CQ–CR, with 38 of the 97 moved (the
-# rewrite then missed biases behind Identity nodes and the transposed convolutions' — all 97 since, not yet on the
-# GPU): the vocoder's kernels 6.97 against 7.16 ms, its stage in `bench` 7.73–7.79 against 7.89–7.97 ms (three rounds
-# each), the same validation, 100-prompt fidelity and peak memory.
+# rewrite then missed biases behind Identity nodes and the transposed convolutions'): the vocoder's kernels 6.97
+# against 7.16 ms, its stage in `bench` 7.73–7.79 against 7.89–7.97 ms (three rounds each), the same validation,
+# 100-prompt fidelity and peak memory. All 97 (run CS, another H200): 6.71 ms of kernels, its stage 7.52–7.60 ms.
 VOCODER_BIAS_ADD = dataclasses.replace(
     BY_NAME["vocoder"].fp16, conv_bias_as_add=True,
     reason=BY_NAME["vocoder"].fp16.reason + "; convolution biases as Add nodes (ConvAddFusion off for the session)")
