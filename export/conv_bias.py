@@ -5,7 +5,9 @@ vocoder those adds are 96 of its 416 kernels, ~12 µs each on the H200 (run CO's
 ONNX Runtime's own broadcast ``Add`` over a tensor of that size reads and writes at bandwidth (~8 µs: the vocoder's
 residual ``Add`` s of the same tensors take 7.6 µs). ``conv_bias_as_add`` rewrites each ``Conv(x, W, b)`` as
 ``Add(Conv(x, W), b')``, b' the bias shaped [M, 1, …] to broadcast over the spatial axes: the same sums
-(``ConvTranspose`` likewise: ONNX Runtime adds its bias with the same cuDNN op).
+(``ConvTranspose`` likewise: ONNX Runtime adds its bias with the same cuDNN op). ONNX Runtime's ``NhwcConv``
+(com.microsoft: the fused UNet's and VAE decoder's channels-last convolutions) adds its bias with that op too; its
+output is [N, H, W, M], so its Add reads the bias as it is, [M], over the last axis.
 
 ONNX Runtime folds such an ``Add`` back into the convolution at session creation (its ``ConvAddFusion`` rewrite),
 unless the session disables that rewrite: the export records ``DISABLED_OPTIMIZERS`` in the component's manifest
@@ -17,7 +19,8 @@ from __future__ import annotations
 from .graph_index import GraphIndex, drop_unread_initializers
 
 DISABLED_OPTIMIZERS = ("ConvAddFusion",)
-_CONVOLUTIONS = ("Conv", "ConvTranspose")  # ONNX Runtime's CUDA kernels of both add their bias with cuDNN's op
+# ONNX Runtime's CUDA kernels of these add their bias with cuDNN's op: op type → whether the output is channels-last
+_CONVOLUTIONS = {("", "Conv"): False, ("", "ConvTranspose"): False, ("com.microsoft", "NhwcConv"): True}
 
 
 def _initializer_behind(index: GraphIndex, name: str):
@@ -32,10 +35,11 @@ def _initializer_behind(index: GraphIndex, name: str):
 
 
 def conv_bias_as_add(model) -> int:
-    """Rewrite every ``Conv`` and ``ConvTranspose`` of ``model`` (an ``onnx.ModelProto``, in place) whose weight and
-    1-D bias are initializers (directly or through Identity nodes) as the convolution without its bias and an ``Add``
-    of that bias, reshaped to [M, 1, …] (one 1 per spatial axis of the weight); the Add writes the convolution's old
-    output, so readers are unchanged. Identity nodes and initializers read by nothing afterwards are removed. Returns
+    """Rewrite every ``Conv``, ``ConvTranspose`` and ``NhwcConv`` of ``model`` (an ``onnx.ModelProto``, in place) whose
+    weight and 1-D bias are initializers (directly or through Identity nodes) as the convolution without its bias and
+    an ``Add`` of that bias, reshaped to [M, 1, …] (one 1 per spatial axis of the weight; [M] as it is after an
+    ``NhwcConv``, whose output is channels-last); the Add writes the convolution's old output, so readers are
+    unchanged. Identity nodes and initializers read by nothing afterwards are removed. Returns
     how many convolutions were rewritten."""
     from onnx import helper, numpy_helper
 
@@ -44,7 +48,8 @@ def conv_bias_as_add(model) -> int:
     nodes, added, replaced, moved = [], [], set(), 0
     for node in index.nodes:
         nodes.append(node)
-        if node.op_type not in _CONVOLUTIONS or len(node.input) < 3 or not node.input[2]:
+        channels_last = _CONVOLUTIONS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+        if channels_last is None or len(node.input) < 3 or not node.input[2]:
             continue
         bias_init = _initializer_behind(index, node.input[2])
         weight = _initializer_behind(index, node.input[1])
@@ -55,9 +60,10 @@ def conv_bias_as_add(model) -> int:
         if bias.ndim != 1 or spatial < 1:
             continue
         out = node.output[0]
-        shaped = f"{bias_init.name}_over_{spatial}d"
+        shaped = f"{bias_init.name}_last_axis" if channels_last else f"{bias_init.name}_over_{spatial}d"
         if shaped not in inits:
-            inits[shaped] = numpy_helper.from_array(bias.reshape(bias.shape + (1,) * spatial), shaped)
+            over = bias if channels_last else bias.reshape(bias.shape + (1,) * spatial)
+            inits[shaped] = numpy_helper.from_array(over, shaped)
             added.append(inits[shaped])
         replaced.update((node.input[2], bias_init.name))
         del node.input[2:]
