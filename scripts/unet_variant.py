@@ -91,6 +91,12 @@ VARIANTS = {
     "voc_cudnn_bias": Variant("vocoder", "the vocoder's mixed-precision recipe with each convolution's bias in the "
                               "convolution (cuDNN's bias op): the default until VOCODER_BIAS_ADD, measured against it "
                               "in runs CQ-CR", lambda c: c.BY_NAME["vocoder"].fp16),
+    "vae_bias_add": Variant("vae_decoder", "VAE_FUSED with its convolution biases as Add nodes (conv_bias.py, NhwcConv "
+                            "included): its 28 cuDNN bias ops (15.3 µs each, run CS's profile) as ONNX Runtime's Add; "
+                            "scripts/conv_bias_probe.py on one H200 (run CT): the VAE's graph 2.78 → 2.57 ms, not yet "
+                            "measured in the pipeline",
+                            _replace("VAE_FUSED", "; convolution biases as Add nodes (ConvAddFusion off for the session)",
+                                     conv_bias_as_add=True)),
     "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
                         "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
                         _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),
