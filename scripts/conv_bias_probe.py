@@ -23,25 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def median_ms(values) -> float:
-    return float(np.median(values) * 1e3)
-
-
-def replay_times(session, runs: int) -> list[float]:
-    """The session's one shape key's graph replayed back to back, each waited for, on its worker."""
-    bound = max(session._bound.values(), key=lambda b: b.runs)
-
-    def replay():
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session._execute(bound)
-            times.append(time.perf_counter() - start)
-        return times
-
-    with session.held():
-        return session.call(replay, what="replays alone")
+from decode_overhead import median_ms, replay_times  # scripts/decode_overhead.py: a session's graph replayed alone
 
 
 def main() -> None:
