@@ -115,15 +115,16 @@ def main() -> None:
                 walls.append(time.perf_counter() - t0)
         kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         kernels.sort(key=lambda e: e.device_time_total, reverse=True)
-        on_device = [e for e in kernels if category(e.key) != IO]
-        io = [e for e in kernels if category(e.key) == IO]
+        categories = {e.key: category(e.key) for e in kernels}
+        on_device = [e for e in kernels if categories[e.key] != IO]
+        io = [e for e in kernels if categories[e.key] == IO]
         gpu_us = sum(e.device_time_total for e in on_device) / args.runs
         row = {"wall_ms": statistics.median(walls) * 1e3, "kernel_ms_per_run": gpu_us / 1e3,
                "kernels_per_run": sum(e.count for e in on_device) / args.runs,
                "io_us_per_run": sum(e.device_time_total for e in io) / args.runs,
                "io_copies_per_run": sum(e.count for e in io) / args.runs,
                "inputs": {k: list(v.shape) for k, v in inputs.items()},
-               "all": [{"kernel": e.key[:160], "category": category(e.key), "count_per_run": e.count / args.runs,
+               "all": [{"kernel": e.key[:160], "category": categories[e.key], "count_per_run": e.count / args.runs,
                         "us_per_run": e.device_time_total / args.runs} for e in kernels]}
         by_category: dict = {}
         for k in row["all"]:
