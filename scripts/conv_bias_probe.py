@@ -18,12 +18,11 @@ import argparse
 import dataclasses
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from decode_overhead import median_ms, replay_times  # scripts/decode_overhead.py: a session's graph replayed alone
+from decode_overhead import median_ms, replay_times, run_times  # scripts/decode_overhead.py: a session's timings
 
 
 def main() -> None:
@@ -75,12 +74,7 @@ def main() -> None:
                 "finite": bool(np.isfinite(got).all())}
         for _ in range(2):  # rounds, interleaved; the second reported
             for label, session in sessions.items():
-                runs = []
-                for _ in range(args.runs):
-                    start = time.perf_counter()
-                    session.run(feeds)
-                    runs.append(time.perf_counter() - start)
-                report["recipes"][label].update(run_ms=median_ms(runs),
+                report["recipes"][label].update(run_ms=median_ms(run_times(session, feeds, args.runs)),
                                                 replay_ms=median_ms(replay_times(session, args.runs)),
                                                 cuda_graphs=session.cuda_graphs)
         for session in sessions.values():
