@@ -30,8 +30,9 @@
 #                                          # against it unfused, with loop_start_probe.py on each
 #   bash scripts/gpu_session.sh all-textvoc  # the same for CLAP_TEXT_MEA and VOCODER_BIAS_ADD (the default since run
 #                                          # CR) against the recipes before them, with loop_start_probe.py
-#   bash scripts/gpu_session.sh all-vaebias  # the same for the VAE decoder's convolution biases as Adds
-#                                          # (unet_variant.py vae_bias_add), with the variant validated and its fidelity
+#   bash scripts/gpu_session.sh all-biasadds  # the same for the VAE decoder's and the UNet's remaining convolution
+#                                          # biases as Adds (unet_variant.py vae_bias_add, unet_bias_add), each variant
+#                                          # validated on its component, with its fidelity
 #   bash scripts/gpu_session.sh all-latents  # setup, fp16 export (tests/test_gpu.py meanwhile); validate, the initial
 #                                          # latents drawn during GPT-2's passes against after the text stage
 #                                          # (loop_start_probe.py alternating), bench, every component's kernel profile
@@ -522,13 +523,15 @@ case "$1" in
             # voc_cudnn_bias (the recipes before), with loop_start_probe.py on the default and clap_nomea. Runs CQ-CR
             # measured this A/B the other way round, with modes of their own (textvoc and textvoc-rest at f846d77)
     variant_ab "clap_nomea voc_cudnn_bias" clap_text,vocoder "$(probe_steps fp16 clap_nomea)" ;;
-  vaebias)  # the default against unet_variant.py vae_bias_add (the VAE decoder's convolution biases as Add nodes,
-            # NhwcConv included; run CT's conv_bias_probe.py: its graph 0.21 ms shorter), with the variant's VAE
-            # validated and its 100-prompt fidelity (the VAE's error sits closest to diffusers fp16's: run AD's fold)
-    variant_ab vae_bias_add vae_decoder "(cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-vae_bias_add \
-      --device cuda --components vae_decoder > /tmp/logs/validate-vae_bias_add.log 2>&1); \
-      mkdir -p /tmp/logs/fidelity-vae_bias_add; python3 fidelity.py --fp16 /tmp/art-vae_bias_add \
-      --out /tmp/logs/fidelity-vae_bias_add > /tmp/logs/fidelity-vae_bias_add.log 2>&1" ;;
+  biasadds)  # the default against unet_variant.py vae_bias_add (the VAE decoder's convolution biases as Add nodes,
+             # NhwcConv included; run CT's conv_bias_probe.py: its graph 0.21 ms shorter) and unet_bias_add (the UNet's
+             # 14 biases fold_bias.py leaves, likewise), each variant validated on its component and its 100-prompt
+             # fidelity after the default's (the VAE's error sits closest to diffusers fp16's: run AD's fold)
+    variant_ab "vae_bias_add unet_bias_add" vae_decoder,unet "for v in vae_bias_add:vae_decoder unet_bias_add:unet; do \
+      (cd /tmp && python3 -m audioldm2_trt.cli validate /tmp/art-\${v%%:*} --device cuda --components \${v#*:} \
+        > /tmp/logs/validate-\${v%%:*}.log 2>&1); done; \
+      for v in vae_bias_add unet_bias_add; do mkdir -p /tmp/logs/fidelity-\$v; python3 fidelity.py --fp16 /tmp/art-\$v \
+        --out /tmp/logs/fidelity-\$v > /tmp/logs/fidelity-\$v.log 2>&1; done" ;;
   latents)  # after the fp16 export started (the default since run CN: CLAP's attention as MultiHeadAttention):
             # tests/test_gpu.py while it runs; then validate, loop_start_probe.py alternating over three rounds with
             # the initial latents drawn while GPT-2's passes run (the default since run CO) and after the text stage
@@ -852,7 +855,7 @@ runtime_clap_proj_uncaptured_ws256k,b0 --out /tmp/logs > /tmp/logs/peakmem.log 2
     setup_export_then 16 ownbuffers-full ;;
   all-noarena)  # setup, the fp16 export, noarena
     setup_export_then 16 noarena ;;
-  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-textvoc|all-vaebias|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
+  all-padgeglu|all-lnfold|all-hoist|all-tembmerge|all-clapattn|all-textvoc|all-biasadds|all-latents|all-gpt2fuse|all-textfuse|all-queued|all-lmloop|all-textpar)  # setup, the fp16 export and the mode at once
     bash "$SELF" setup || exit 1
     bash "$SELF" export 16 && bash "$SELF" "${1#all-}" ;;
   loopstart)  # after the fp16 export started: loop_start_probe.py (the calls between the text stage and the waveform,

@@ -97,6 +97,11 @@ VARIANTS = {
                             "measured in the pipeline",
                             _replace("VAE_FUSED", "; convolution biases as Add nodes (ConvAddFusion off for the session)",
                                      conv_bias_as_add=True)),
+    "unet_bias_add": Variant("unet", "UNET_FUSED with the convolution biases fold_bias.py leaves (14 NhwcConvs whose "
+                             "output feeds no SkipGroupNorm: cuDNN's bias op, 4.4 µs each in run CO's profile) as Add "
+                             "nodes; not measured",
+                             _replace("UNET_FUSED", "; the convolution biases left as Add nodes (ConvAddFusion off)",
+                                      conv_bias_as_add=True)),
     "vae_fold": Variant("vae_decoder", "the VAE decoder with fold_biases (VAE_FUSED does not fold): what run AD "
                         "measured and turned down, its 100-prompt error worse than diffusers fp16's at the max",
                         _replace("VAE_FUSED", "; biases folded", fold_biases=_FOLDS)),
