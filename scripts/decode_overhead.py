@@ -54,29 +54,25 @@ def request_feeds(rt) -> dict:
     return feeds
 
 
-def run_times(session, feeds: dict, runs: int) -> list[float]:
+def durations(call, runs: int) -> list[float]:
+    """Seconds each of ``runs`` calls of ``call()`` took, back to back."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run(feeds)
+        call()
         times.append(time.perf_counter() - start)
     return times
+
+
+def run_times(session, feeds: dict, runs: int) -> list[float]:
+    return durations(lambda: session.run(feeds), runs)
 
 
 def replay_times(session, runs: int) -> list[float]:
     """The most-run shape key's graph replayed back to back, each waited for, on the session's worker."""
     bound = max(session._bound.values(), key=lambda b: b.runs)
-
-    def replay():
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session._execute(bound)
-            times.append(time.perf_counter() - start)
-        return times
-
     with session.held():
-        return session.call(replay, what="replays alone")
+        return session.call(lambda: durations(lambda: session._execute(bound), runs), what="replays alone")
 
 
 def main() -> None:

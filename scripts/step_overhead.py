@@ -29,12 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from audioldm2_trt.runtime.artifacts import COMPONENTS
+from decode_overhead import median_ms, replay_times  # scripts/decode_overhead.py: a session's timings
 
 PROMPT = "a dog barking in the rain"
-
-
-def median_ms(values) -> float:
-    return float(np.median(values) * 1e3)
 
 
 @contextmanager
@@ -77,19 +74,7 @@ def loop_parts(timings: dict) -> dict:
 
 def unet_replay_alone(rt, runs: int) -> float:
     """The UNet's captured graph of the request's shape key, replayed back to back through its own binding."""
-    unet = rt._sessions["unet"]
-    bound = max(unet._bound.values(), key=lambda b: b.runs)
-
-    def replay():
-        times = []
-        for _ in range(runs):
-            s = time.perf_counter()
-            unet._execute(bound)
-            times.append(time.perf_counter() - s)
-        return times
-
-    with unet.held():
-        return median_ms(unet.call(replay))
+    return median_ms(replay_times(rt._sessions["unet"], runs))
 
 
 def solver_alone(rt, folder_graph: Path, device_index: int, runs: int) -> dict:
